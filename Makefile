@@ -1,0 +1,47 @@
+# FedDLR — two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU wheel of torch; a GPU site overrides it, e.g. `make install TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DATA ?= data/demo
+DEMO_OUT  ?= runs/demo
+
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: install dev demo test lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# pyradiomics 3.1.0 on PyPI has broken metadata; building 3.0.1 from source without build
+# isolation (numpy, setuptools, versioneer and wheel already present) works with numpy 2.
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "numpy>=2" setuptools versioneer wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PY) -c "import radiomics" 2>/dev/null || $(PIP) install -q --no-build-isolation "pyradiomics==3.0.1"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/feddlr simulate --sites 3 --patients 40 --seed 7 --out $(DEMO_DATA)
+	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT)
+
+test: dev
+	$(VENV)/bin/python -m pytest -q tests
+
+lint: dev
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs data/demo

@@ -1,0 +1,164 @@
+"""The egress guard: the one choke point every reply of a site passes before it leaves.
+
+Handlers return `Statistic`s; the guard applies the site's own privacy policy to each,
+drops (and reports) what the policy refuses, flattens the rest into the wire payload and
+appends a record of the outgoing message to `<site>/audit/egress.jsonl`. Nothing the
+server sends can lower the policy: the guard never reads the query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.policy import PrivacyPolicy
+from shared.schema import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_REFUSED,
+    Payload,
+    Value,
+    split_payload,
+)
+
+SUPPRESSED = -1  # a small count replaced before release (small-cell suppression)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One named statistic a handler wants to send.
+
+    `n` is the number of patients it is computed over (None for facts that are not computed
+    from patients, e.g. software versions); `counts` names the entries that are count
+    tables, to which the cell rule applies.
+    """
+
+    name: str
+    values: dict[str, Value]
+    n: int | None
+    counts: tuple[str, ...] = ()
+
+
+@dataclass
+class EgressGuard:
+    site_id: str
+    policy: PrivacyPolicy
+    patient_ids: frozenset[str]
+    audit_path: Path
+    _id_pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False)
+
+    def release(self, action: str, run_id: str, statistics: Iterable[Statistic]) -> Payload:
+        """Check each statistic against the policy; return what may leave, audited."""
+        payload: Payload = {}
+        refused: dict[str, str] = {}
+        for stat in statistics:
+            reason = self._violation(stat)
+            if reason is None:
+                payload.update({f"{stat.name}.{k}": v for k, v in stat.values.items()})
+            else:
+                refused[stat.name] = reason
+        leaked = self._patient_level(payload)
+        if leaked:
+            return self.refuse(action, run_id, leaked)
+        payload["status"] = STATUS_OK
+        for name, reason in refused.items():
+            payload[f"refused.{name}"] = reason
+        self._audit(action, run_id, payload, refused)
+        return payload
+
+    def refuse(self, action: str, run_id: str, reason: str) -> Payload:
+        """A whole-message refusal by the site's policy."""
+        return self._fail(action, run_id, STATUS_REFUSED, reason)
+
+    def fail(self, action: str, run_id: str, reason: str) -> Payload:
+        """The site could not serve the query (bad data, unknown action, an error)."""
+        return self._fail(action, run_id, STATUS_FAILED, reason)
+
+    def scrub(self, text: str) -> str:
+        """Replace every patient id in a free-text reason by `<patient>`."""
+        pattern = self._ids()
+        return pattern.sub("<patient>", text) if pattern else text
+
+    def _fail(self, action: str, run_id: str, status: str, reason: str) -> Payload:
+        payload: Payload = {"status": status, "reason": self.scrub(reason)[:2000]}
+        self._audit(action, run_id, payload, {})
+        return payload
+
+    def _violation(self, stat: Statistic) -> str | None:
+        if stat.n is not None and stat.n < self.policy.min_patients:
+            return f"computed over fewer than min_patients ({self.policy.min_patients}) patients"
+        for key in stat.counts:
+            cells = np.asarray(stat.values[key])
+            small = (cells > 0) & (cells < self.policy.min_cell_count)
+            if np.any(small) or np.any(cells < SUPPRESSED):
+                return (f"count table '{key}' has a non-zero cell below "
+                        f"min_cell_count ({self.policy.min_cell_count})")
+        return None
+
+    def _patient_level(self, payload: Payload) -> str | None:
+        pattern = self._ids()
+        if pattern is None:
+            return None
+        for key, value in payload.items():
+            texts = [key, *_strings(value)]
+            if any(pattern.search(t) for t in texts):
+                return "reply would carry a patient identifier"
+        return None
+
+    def _ids(self) -> re.Pattern[str] | None:
+        if self._id_pattern is None and self.patient_ids:
+            ids = sorted(self.patient_ids, key=len, reverse=True)
+            self._id_pattern = re.compile(
+                r"(?<![\w-])(" + "|".join(re.escape(i) for i in ids) + r")(?![\w-])"
+            )
+        return self._id_pattern
+
+    def _audit(self, action: str, run_id: str, payload: Payload, refused: dict[str, str]) -> None:
+        arrays, config = split_payload(payload)
+        blob = _canonical_bytes(arrays, config)
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_id": run_id,
+            "site_id": self.site_id,
+            "message_type": f"query.{action}",
+            "status": payload.get("status"),
+            "keys": sorted(payload),
+            "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                       for k, v in arrays.items()},
+            "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "refused": refused,
+        }
+        self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.audit_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def suppress_small(count: int, policy: PrivacyPolicy) -> int:
+    """A count as it may be released: 1 … min_cell_count−1 become SUPPRESSED."""
+    return SUPPRESSED if 0 < count < policy.min_cell_count else int(count)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def _canonical_bytes(arrays: dict[str, np.ndarray], config: dict[str, Any]) -> bytes:
+    """What the audit hashes: the config as sorted JSON, then each array's raw bytes by key."""
+    parts = [json.dumps(config, sort_keys=True, default=str).encode()]
+    for key in sorted(arrays):
+        parts.append(key.encode())
+        parts.append(np.ascontiguousarray(arrays[key]).tobytes())
+    return b"".join(parts)

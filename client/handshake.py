@@ -1,0 +1,65 @@
+"""Handshake: who the site is and how many patients it can serve, with small cells hidden."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from client.guard import Statistic, suppress_small
+from client.session import SiteSession
+from shared.schema import SCHEMA_VERSION, Payload
+
+
+def handshake(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Identity, roles, versions and suppressed counts.
+
+    Crosses the wire: site id, roles, time unit, software and schema versions, a hash of the
+    site's files (provenance), and counts of included/excluded patients and of each label,
+    each count in 1 … min_cell_count−1 replaced by −1 (small-cell suppression).
+    """
+    site, policy = session.site, session.site.config.privacy
+    labels = session.labels()
+    label_counts = np.array([suppress_small(int(np.sum(labels == g)), policy) for g in (0, 1)])
+    identity = {
+        "site_id": site.config.site_id,
+        "roles": list(site.config.roles),
+        "time_unit": site.config.time_unit,
+        "schema_version": SCHEMA_VERSION,
+        "feddlr_version": _version("feddlr"),
+        "flwr_version": _version("flwr"),
+        "data_sha256": data_hash(site.root),
+    }
+    counts = {
+        "n_patients": np.array([suppress_small(len(site.clinical), policy)], dtype=np.int64),
+        "n_excluded": np.array([suppress_small(len(site.excluded), policy)], dtype=np.int64),
+        "label_counts": label_counts.astype(np.int64),
+    }
+    return [
+        Statistic("site", identity, n=None),
+        Statistic("counts", counts, n=None, counts=tuple(counts)),
+    ]
+
+
+def data_hash(root: Path) -> str:
+    """sha256 over the site's tabular files and image file names, sizes and mtimes."""
+    digest = hashlib.sha256()
+    for name in ("clinical.csv", "features.csv", "predictions.csv", "site.yaml"):
+        path = root / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    images = root / "images"
+    if images.is_dir():
+        for path in sorted(p for p in images.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}:{stat.st_size}".encode())
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"

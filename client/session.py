@@ -1,0 +1,74 @@
+"""A site's state while it serves a run: its loaded folder and its egress guard.
+
+Loading is cached per (folder, task) in the ClientApp process, so a stage with several
+rounds reads the folder once. Reasons that name patients are written only to the site's
+own log, `<site>/audit/site.log`; the server is told counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from client.guard import EgressGuard
+from client.site import Site, load_site
+from shared.labels import task_label
+
+AUDIT_DIR = "audit"
+EGRESS_LOG = "egress.jsonl"
+SITE_LOG = "site.log"
+
+
+@dataclass
+class SiteSession:
+    site: Site
+    guard: EgressGuard
+    task: str
+
+    @property
+    def site_id(self) -> str:
+        return self.site.config.site_id
+
+    def labels(self) -> np.ndarray:
+        """The task label (0/1) of every included patient, in `site.clinical` order."""
+        rows = self.site.clinical
+        label = rows["label"] if "label" in rows else [None] * len(rows)
+        return np.array(
+            [task_label(self.task, ihc, ish, lab) for ihc, ish, lab in
+             zip(rows.get("her2_ihc", label), rows.get("her2_ish", label), label, strict=True)],
+            dtype=np.int64,
+        )
+
+
+@lru_cache(maxsize=8)
+def open_session(root: str, task: str) -> SiteSession:
+    """Load the site folder for `task` and build its guard (cached per process)."""
+    site = load_site(Path(root), task=task, needs=("clinical",))
+    patient_ids = frozenset(map(str, site.clinical.index)) | frozenset(site.excluded)
+    audit = Path(root) / AUDIT_DIR
+    guard = EgressGuard(site.config.site_id, site.config.privacy, patient_ids, audit / EGRESS_LOG)
+    _log_exclusions(site, audit / SITE_LOG)
+    return SiteSession(site=site, guard=guard, task=task)
+
+
+def _log_exclusions(site: Site, path: Path) -> None:
+    """Write every exclusion, with its patient, to the site's own log (never sent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"feddlr.site.{site.config.site_id}")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("loaded %s: %d patients included, %d excluded",
+                    site.root, len(site.clinical), len(site.excluded))
+        for patient, reason in sorted(site.excluded.items()):
+            logger.warning("excluded patient %s: %s", patient, reason)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,30 @@
+"""Progress lines a person can follow: stage, round, and which sites replied how."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+
+log = logging.getLogger("feddlr")
+
+
+def configure_logging() -> None:
+    """Log `feddlr` progress to stdout (streamed by `flwr run --stream`)."""
+    if not any(getattr(h, "_feddlr", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("feddlr %(asctime)s %(message)s", "%H:%M:%S"))
+        handler._feddlr = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def report_round(stage: str, round_no: int, rounds: int, replies: Mapping[str, object]) -> None:
+    parts = []
+    for site, reply in sorted(replies.items()):
+        status = getattr(reply, "status", "?")
+        reason = getattr(reply, "reason", None)
+        parts.append(f"{site} {status}" + (f" ({reason})" if reason and status != "ok" else ""))
+    log.info("[%s] round %d/%d: %d sites replied: %s", stage, round_no, rounds,
+             len(replies), ", ".join(parts) or "none")

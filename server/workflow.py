@@ -1,0 +1,164 @@
+"""The study workflow: connect the sites, run the selected stages in order, write outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.cohort import run_cohort
+from server.progress import report_round
+from server.report import write_report
+from server.transport import Reply, Transport
+from shared import schema
+from shared.config import IMPLEMENTED_STAGES, STAGES, StudyConfig
+
+log = logging.getLogger("feddlr")
+
+STAGE_RUNNERS = {"cohort": run_cohort}
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on (e.g. fewer usable sites than `min-sites`)."""
+
+
+def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> dict[str, Any]:
+    """Run every selected stage and write results.json and report.html to `config.out_dir`."""
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"run": {"run_id": run_id, "started": _now(),
+                                       "schema_version": schema.SCHEMA_VERSION,
+                                       "config": config.as_dict(), "stages": {}}}
+    try:
+        sites = connect(transport, config, results)
+        for stage in [s for s in STAGES if s in config.stages]:
+            results["run"]["stages"][stage] = _run_stage(stage, transport, config, sites, results)
+    finally:
+        results["run"]["finished"] = _now()
+        results["provenance"] = provenance(config, results)
+        write_results(results, out / "results.json")
+        write_report(results, out)
+        log.info("wrote %s and %s", out / "results.json", out / "report.html")
+    return results
+
+
+def connect(transport: Transport, config: StudyConfig, results: dict[str, Any]) -> list[str]:
+    """Handshake; refuse sites on another schema major version; enforce min-sites."""
+    replies = transport.handshake({"task": config.task})
+    report_round("handshake", 1, 1, replies)
+    rows = [_site_row(site_id, reply) for site_id, reply in sorted(replies.items())]
+    results["run"]["sites"] = rows
+    usable = [row["site_id"] for row in rows if row["status"] == schema.STATUS_OK]
+    if len(usable) < config.min_sites:
+        raise StudyError(f"only {len(usable)} usable site(s), min-sites is {config.min_sites}: "
+                         + "; ".join(f"{r['site_id']}: {r['reason']}" for r in rows
+                                     if r["status"] != schema.STATUS_OK))
+    return usable
+
+
+def _site_row(site_id: str, reply: Reply) -> dict[str, Any]:
+    p = reply.payload
+    row: dict[str, Any] = {
+        "site_id": site_id,
+        "roles": list(p.get("site.roles", [])),
+        "n_patients": _count(p.get("counts.n_patients")),
+        "n_excluded": _count(p.get("counts.n_excluded")),
+        "label_counts": [_count(c) for c in p.get("counts.label_counts", [])],
+        "status": reply.status,
+        "reason": reply.reason,
+        "schema_version": p.get("site.schema_version"),
+        "feddlr_version": p.get("site.feddlr_version"),
+        "data_sha256": p.get("site.data_sha256"),
+    }
+    version = row["schema_version"]
+    if reply.ok and (version is None or not schema.compatible(str(version))):
+        row["status"] = schema.STATUS_REFUSED
+        row["reason"] = (f"message schema {version} is incompatible with the server's "
+                         f"{schema.SCHEMA_VERSION} (major versions differ); upgrade the site")
+    if row["n_excluded"] is not None and row["n_excluded"] > 0:
+        log.info("%s: %d patient(s) excluded (reasons in the site's audit/site.log)",
+                 site_id, row["n_excluded"])
+    return row
+
+
+def _count(value: Any) -> int | None:
+    """A released count; None where it was suppressed (−1) or not sent."""
+    if value is None:
+        return None
+    count = int(np.asarray(value).reshape(-1)[0])
+    return None if count < 0 else count
+
+
+def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: list[str],
+               results: dict[str, Any]) -> dict[str, Any]:
+    if stage not in IMPLEMENTED_STAGES:
+        log.info("[%s] skipped: not implemented in this version", stage)
+        return {"status": "skipped", "reason": "stage not implemented in this version"}
+    log.info("[%s] started with %d sites", stage, len(sites))
+    started = time.monotonic()
+    results[stage] = STAGE_RUNNERS[stage](transport, config, sites)
+    _mark_sites(results, stage)
+    log.info("[%s] done in %.1fs", stage, time.monotonic() - started)
+    return {"status": "ok", "seconds": round(time.monotonic() - started, 3)}
+
+
+def _mark_sites(results: dict[str, Any], stage: str) -> None:
+    """Carry a site's failure or refusal in a stage into `run.sites[]`."""
+    stage_sites = results[stage].get("sites", {})
+    for row in results["run"]["sites"]:
+        info = stage_sites.get(row["site_id"])
+        if info and info.get("status") not in (None, schema.STATUS_OK) and row["status"] == "ok":
+            row["status"] = info["status"]
+            row["reason"] = f"{stage}: {info.get('reason')}"
+
+
+def provenance(config: StudyConfig, results: dict[str, Any]) -> dict[str, Any]:
+    packages = ["feddlr", "flwr", "numpy", "scipy", "scikit-learn", "lifelines", "torch",
+                "monai", "pyradiomics", "SimpleITK"]
+    return {
+        "config": config.as_dict(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: _version(p) for p in packages},
+        "site_data_sha256": {r["site_id"]: r.get("data_sha256")
+                             for r in results["run"].get("sites", [])},
+    }
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """Strict JSON: numpy values become plain ones, NaN and infinities become null."""
+    path.write_text(json.dumps(plain(results), indent=2, allow_nan=False) + "\n",
+                    encoding="utf-8")
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,54 @@
+"""The hospital's privacy policy (site.yaml `privacy:`), as a validated value object.
+
+The policy is owned by the site and enforced in its ClientApp before any reply leaves;
+nothing the server sends can lower it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class PolicyError(ValueError):
+    """A site.yaml privacy block that cannot be used."""
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    min_patients: int = 10
+    min_cell_count: int = 3
+    time_bin: float = 30
+    allow_event_queries: bool = False
+    max_feature_ratio: float = 0.33
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any] | None) -> PrivacyPolicy:
+        """Build from the `privacy:` mapping; unknown keys and bad values raise PolicyError."""
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise PolicyError(f"unknown privacy key(s) {unknown}; known: {sorted(known)}")
+        policy = cls(**raw)
+        policy.validate()
+        return policy
+
+    def validate(self) -> None:
+        checks = [
+            (isinstance(self.min_patients, int) and self.min_patients >= 1,
+             "min_patients must be an integer >= 1"),
+            (isinstance(self.min_cell_count, int) and self.min_cell_count >= 1,
+             "min_cell_count must be an integer >= 1"),
+            (_is_number(self.time_bin) and self.time_bin >= 0, "time_bin must be a number >= 0"),
+            (isinstance(self.allow_event_queries, bool), "allow_event_queries must be true/false"),
+            (_is_number(self.max_feature_ratio) and self.max_feature_ratio > 0,
+             "max_feature_ratio must be a number > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PolicyError(message)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,93 @@
+"""What crosses the wire: message actions, payload layout and the schema version.
+
+A query or reply is a flat mapping `key -> value` where a value is a numpy array (sent in
+the message's ArrayRecord) or a scalar, string or list of scalars/strings (sent in its
+ConfigRecord). Keys are dotted: `<statistic>.<field>` (e.g. `moments.age.sum`).
+Replies also carry `status` (`ok` | `refused` | `failed`) and, when not ok, `reason`.
+
+This module is pure: the two-line wrapping into Flower records lives in the apps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = "1.0"
+ARRAYS = "arrays"  # name of the ArrayRecord in every message
+CONFIG = "config"  # name of the ConfigRecord in every message
+
+# Query actions (Flower message type `query.<action>`), one per site-side handler.
+HANDSHAKE = "handshake"
+COHORT_SUMS = "cohort_sums"
+COHORT_SQUARES = "cohort_squares"
+ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES)
+
+STATUS_OK = "ok"
+STATUS_REFUSED = "refused"
+STATUS_FAILED = "failed"
+STATUS_DROPPED = "dropped"  # set by the server when a site does not answer in time
+
+Scalar = int | float | str | bool
+Value = np.ndarray | Scalar | list[int] | list[float] | list[str]
+Payload = dict[str, Value]
+
+
+class SchemaError(ValueError):
+    """A message that does not follow this schema."""
+
+
+def schema_major(version: str) -> int:
+    try:
+        return int(str(version).split(".", 1)[0])
+    except ValueError as err:
+        raise SchemaError(f"unreadable schema version {version!r}") from err
+
+
+def compatible(site_version: str, server_version: str = SCHEMA_VERSION) -> bool:
+    """Sites and server talk when their schema major versions agree."""
+    return schema_major(site_version) == schema_major(server_version)
+
+
+def split_payload(payload: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Split a payload into (arrays, config) — the ArrayRecord and ConfigRecord contents."""
+    arrays: dict[str, np.ndarray] = {}
+    config: dict[str, Any] = {}
+    for key, value in payload.items():
+        if not isinstance(key, str) or not key:
+            raise SchemaError(f"payload key {key!r} is not a non-empty string")
+        if isinstance(value, np.ndarray):
+            arrays[key] = np.ascontiguousarray(value)
+        elif isinstance(value, np.generic):
+            config[key] = value.item()
+        elif isinstance(value, bool | int | float | str):
+            config[key] = value
+        elif isinstance(value, list | tuple) and _is_flat_list(value):
+            config[key] = list(value)
+        else:
+            raise SchemaError(f"payload key {key!r} has unsupported type {type(value).__name__}")
+    return arrays, config
+
+
+def join_payload(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> Payload:
+    overlap = set(arrays) & set(config)
+    if overlap:
+        raise SchemaError(f"keys in both records: {sorted(overlap)}")
+    payload: Payload = dict(config)
+    payload.update(arrays)
+    return payload
+
+
+def _is_flat_list(values: list | tuple) -> bool:
+    if not values:
+        return True
+    kinds = {type(v) for v in values}
+    return len(kinds) == 1 and kinds <= {int, float, str, bool}
+
+
+def nest(payload: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries under `prefix.` with the prefix removed."""
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in payload.items() if k.startswith(head)}

@@ -1,0 +1,73 @@
+"""`feddlr`: simulate a cohort, check a site folder, run a study in the Simulation Engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="feddlr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="write a synthetic multi-site cohort")
+    sim.add_argument("--sites", type=int, default=3)
+    sim.add_argument("--patients", type=int, default=40, help="patients per site (about)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", type=Path, required=True)
+
+    check = sub.add_parser("check-site", help="report every problem in a site folder")
+    check.add_argument("site_dir", type=Path)
+    check.add_argument("--task", default=None)
+
+    run = sub.add_parser("run", help="run the study on site folders (Flower Simulation Engine)")
+    run.add_argument("--sites-dir", type=Path, required=True)
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a run-config key (repeatable)")
+
+    args = parser.parse_args(argv)
+    if args.command == "simulate":
+        return _simulate(args)
+    if args.command == "check-site":
+        from client.check import main as check_main
+
+        return check_main([str(args.site_dir)] + (["--task", args.task] if args.task else []))
+    return _run(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulation.cohort import simulate_cohort
+
+    try:
+        simulate_cohort(args.out, n_sites=args.sites, n_patients=args.patients, seed=args.seed,
+                        progress=lambda text: print(text, flush=True))
+    except ValueError as err:
+        print(f"feddlr simulate: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.sites} site folders to {args.out}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from simulation.launcher import LaunchError, run_simulation
+
+    overrides = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            print(f"feddlr run: -c expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = value.strip()
+    try:
+        rc = run_simulation(args.sites_dir, args.out, overrides)
+    except LaunchError as err:
+        print(f"feddlr run: {err}", file=sys.stderr)
+        return 1
+    print(f"results: {args.out / 'results.json'}\nreport:  {args.out / 'report.html'}")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

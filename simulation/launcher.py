@@ -1,0 +1,165 @@
+"""Run site folders in Flower's Simulation Engine through `flwr run`, owning the lifecycle.
+
+A private `flower-superlink --simulation` is started on free loopback ports with its own
+FLWR_HOME (so nothing is left on the fixed `:local:` ports), `flwr run --stream` submits
+this app with one simulated SuperNode per site folder, the streamed log is printed and saved
+to OUT/run.log, and the SuperLink is stopped at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from collections.abc import Mapping
+from contextlib import suppress
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent
+SUPERLINK_START_TIMEOUT = 60.0
+
+
+class LaunchError(RuntimeError):
+    """The Simulation Engine could not be started or the run did not finish."""
+
+
+def site_folders(sites_dir: Path) -> list[Path]:
+    if not sites_dir.is_dir():
+        raise LaunchError(f"sites dir {sites_dir} does not exist")
+    folders = sorted(p for p in sites_dir.iterdir() if (p / "site.yaml").is_file())
+    if not folders:
+        raise LaunchError(f"no site folders (with site.yaml) under {sites_dir}")
+    return folders
+
+
+def run_simulation(sites_dir: Path, out: Path, overrides: Mapping[str, str] | None = None,
+                   *, num_cpus_per_site: int = 1, echo: bool = True) -> int:
+    """Run the study on every site folder under `sites_dir`; results land in `out`."""
+    sites_dir, out = sites_dir.resolve(), out.resolve()
+    folders = site_folders(sites_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise LaunchError(f"the FedDLR app source (pyproject.toml) is not at {APP_DIR}")
+    run_config = {"sites-dir": str(sites_dir), "out-dir": str(out), **(overrides or {})}
+    home = Path(tempfile.mkdtemp(prefix="feddlr-flwr-"))
+    port = free_port()
+    env = flower_env(home)
+    write_connection(home, port)
+    superlink = start_superlink(port, env, out / "superlink.log")
+    try:
+        wait_healthy(port, superlink, out / "superlink.log")
+        command = [_bin("flwr"), "run", str(APP_DIR), "feddlr", "--stream",
+                   "--federation-config", f"num-supernodes={len(folders)}",
+                   "--federation-config", f"client-resources-num-cpus={num_cpus_per_site}"]
+        for key, value in run_config.items():
+            command += ["--run-config", f"{key}={toml_value(value)}"]
+        rc = stream(command, env, out / "run.log", echo)
+    finally:
+        stop(superlink)
+        shutil.rmtree(home, ignore_errors=True)
+    if not (out / "results.json").is_file():
+        raise LaunchError(f"the run ended without results.json (exit {rc}); see {out/'run.log'}")
+    return rc
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(home)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_connection(home: Path, port: int) -> None:
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "feddlr"\n\n[superlink.feddlr]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
+
+
+def start_superlink(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    command = [_bin("flower-superlink"), "--insecure", "--simulation",
+               "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+    log = log_path.open("wb")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_healthy(port: int, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + SUPERLINK_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"flower-superlink exited with code {process.returncode}; "
+                              f"see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise LaunchError(f"flower-superlink did not become healthy in {SUPERLINK_START_TIMEOUT:g}s")
+
+
+def stream(command: list[str], env: dict[str, str], log_path: Path, echo: bool) -> int:
+    with log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        bufsize=1, cwd=APP_DIR,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        return proc.wait()
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop the SuperLink and everything it started (its session), then reap it."""
+    if process.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+def toml_value(value: object) -> str:
+    """A run-config value as TOML: kept if it already is a TOML literal, else quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    try:
+        tomllib.loads(f"v = {text}")
+        return text
+    except tomllib.TOMLDecodeError:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
