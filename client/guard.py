@@ -8,7 +8,6 @@ server sends can lower the policy: the guard never reads the query.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -26,6 +25,7 @@ from shared.schema import (
     STATUS_REFUSED,
     Payload,
     Value,
+    digest,
     split_payload,
 )
 
@@ -122,8 +122,8 @@ class EgressGuard:
         return self._id_pattern
 
     def _audit(self, action: str, run_id: str, payload: Payload, refused: dict[str, str]) -> None:
-        arrays, config = split_payload(payload)
-        blob = _canonical_bytes(arrays, config)
+        arrays, _ = split_payload(payload)
+        size, sha256 = digest(payload)
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_id": run_id,
@@ -133,8 +133,8 @@ class EgressGuard:
             "keys": sorted(payload),
             "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                        for k, v in arrays.items()},
-            "bytes": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(),
+            "bytes": size,
+            "sha256": sha256,
             "refused": refused,
         }
         self.audit_path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +154,3 @@ def _strings(value: Any) -> list[str]:
         return [v for v in value if isinstance(v, str)]
     return []
 
-
-def _canonical_bytes(arrays: dict[str, np.ndarray], config: dict[str, Any]) -> bytes:
-    """What the audit hashes: the config as sorted JSON, then each array's raw bytes by key."""
-    parts = [json.dumps(config, sort_keys=True, default=str).encode()]
-    for key in sorted(arrays):
-        parts.append(key.encode())
-        parts.append(np.ascontiguousarray(arrays[key]).tobytes())
-    return b"".join(parts)

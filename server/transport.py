@@ -53,6 +53,16 @@ def reply_from_payload(site_id: str, payload: Payload) -> Reply:
     return Reply(site_id, status, payload, None if reason is None else str(reason))
 
 
+def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
+                reply: Reply) -> None:
+    """The server's own log of what each site sent: type, bytes and sha256 per message,
+    comparable line by line with the site's audit log."""
+    if reply.payload:
+        size, sha256 = schema.digest(reply.payload)
+        wire.setdefault(site_id, []).append(
+            {"message_type": f"query.{action}", "bytes": size, "sha256": sha256})
+
+
 def _per_site(query: Payload | Mapping[str, Payload], site_id: str) -> Payload:
     if query and all(isinstance(v, dict) for v in query.values()):
         return dict(query[site_id])  # type: ignore[index]
@@ -69,6 +79,7 @@ class GridTransport:
         self.connect_timeout = connect_timeout
         self.min_sites = min_sites
         self.nodes: dict[str, int] = {}
+        self.wire: dict[str, list[dict]] = {}
 
     def handshake(self, query: Payload) -> dict[str, Reply]:
         node_ids = self._wait_for_nodes()
@@ -83,6 +94,7 @@ class GridTransport:
             reply.site_id = site_id
             named[site_id] = reply
             self.nodes[site_id] = node_id
+            record_wire(self.wire, site_id, schema.HANDSHAKE, reply)
         return named
 
     def ask(self, action: str, query: Payload | Mapping[str, Payload],
@@ -95,6 +107,7 @@ class GridTransport:
         for node_id, reply in replies.items():
             reply.site_id = names[node_id]
             out[reply.site_id] = reply
+            record_wire(self.wire, reply.site_id, action, reply)
         return out
 
     def _send(self, action: str, queries: dict[int, Payload]) -> dict[int, Reply]:
@@ -140,6 +153,7 @@ class InProcessTransport:
     def __init__(self, site_dirs: Iterable[Path]) -> None:
         self.dirs = [Path(d) for d in site_dirs]
         self.roots: dict[str, Path] = {}
+        self.wire: dict[str, list[dict]] = {}
 
     def handshake(self, query: Payload) -> dict[str, Reply]:
         from client.handlers import serve
@@ -150,14 +164,16 @@ class InProcessTransport:
             site_id = str(payload.get("site.site_id", f"node-{i}"))
             self.roots[site_id] = root
             out[site_id] = reply_from_payload(site_id, payload)
+            record_wire(self.wire, site_id, schema.HANDSHAKE, out[site_id])
         return out
 
     def ask(self, action: str, query: Payload | Mapping[str, Payload],
             sites: Iterable[str]) -> dict[str, Reply]:
         from client.handlers import serve
 
-        return {
-            s: reply_from_payload(
-                s, serve(self.roots[s], action, _per_site(query, s), "in-process"))
-            for s in sites
-        }
+        out = {}
+        for s in sites:
+            payload = serve(self.roots[s], action, _per_site(query, s), "in-process")
+            out[s] = reply_from_payload(s, payload)
+            record_wire(self.wire, s, action, out[s])
+        return out

@@ -41,6 +41,7 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
             results["run"]["stages"][stage] = _run_stage(stage, transport, config, sites, results)
     finally:
         results["run"]["finished"] = _now()
+        results["run"]["wire"] = getattr(transport, "wire", {})
         results["provenance"] = provenance(config, results)
         write_results(results, out / "results.json")
         write_report(results, out)

@@ -10,6 +10,8 @@ This module is pure: the two-line wrapping into Flower records lives in the apps
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,6 +87,19 @@ def _is_flat_list(values: list | tuple) -> bool:
         return True
     kinds = {type(v) for v in values}
     return len(kinds) == 1 and kinds <= {int, float, str, bool}
+
+
+def digest(payload: Mapping[str, Any]) -> tuple[int, str]:
+    """(bytes, sha256) of a payload's canonical form: the config as sorted JSON, then each
+    array's key and raw bytes in key order. Site audit logs and the server's wire log both
+    use it, so the two can be matched message by message."""
+    arrays, config = split_payload(payload)
+    parts = [json.dumps(config, sort_keys=True, default=str).encode()]
+    for key in sorted(arrays):
+        parts.append(key.encode())
+        parts.append(arrays[key].tobytes())
+    blob = b"".join(parts)
+    return len(blob), hashlib.sha256(blob).hexdigest()
 
 
 def nest(payload: Mapping[str, Any], prefix: str) -> dict[str, Any]:

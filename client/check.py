@@ -1,0 +1,123 @@
+"""`feddlr check-site DIR [DIR ...] [--task TASK]`: every problem of a site folder at once.
+
+Prints one line per problem (`site: file: patient ID: message`) and a summary per site;
+returns 0 when no problem is found, 1 when any is, 2 when a DIR does not exist. A DIR that
+holds no site.yaml but has site folders inside (e.g. the output of `feddlr simulate`) is
+checked folder by folder. Never prints a traceback for bad data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TextIO
+
+from client.site import SITE_YAML, SiteCheck, inspect_site
+from shared.labels import TASKS
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_NO_DIR = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help or a usage error: argparse has printed why
+        return int(exit_.code or 0)
+    code = EXIT_OK
+    for directory in args.dirs:
+        if not directory.is_dir():
+            print(f"feddlr check-site: {directory}: no such directory", file=sys.stderr)
+            code = EXIT_NO_DIR
+            continue
+        for root in _site_folders(directory):
+            if not check_one(root, task=args.task) and code == EXIT_OK:
+                code = EXIT_PROBLEMS
+    return code
+
+
+def check_one(root: Path, *, task: str | None = None, out: TextIO | None = None) -> bool:
+    """Check one site folder and print its report; True when it has no problem."""
+    out = out or sys.stdout
+    try:
+        report = inspect_site(root, task=task)
+    except Exception as error:  # a bug or an unforeseen input: report it, no traceback
+        print(f"{root.name}: .: check failed: {type(error).__name__}: {error}", file=out)
+        return False
+    for problem in report.problems:
+        print(problem, file=out)
+    for line in _notes(report):
+        print(line, file=out)
+    print(_summary(report, task), file=out)
+    return report.ok
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="feddlr check-site",
+        description="Report every problem in hospital site folder(s) at once.",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="site folder(s)")
+    parser.add_argument(
+        "--task", choices=TASKS, default=None,
+        help="also count the patients of this task (e.g. IHC2+ without ISH are outside "
+        "HER2 tasks)",
+    )
+    return parser
+
+
+def _site_folders(directory: Path) -> list[Path]:
+    """The folder itself, or the site folders inside a folder of sites."""
+    if (directory / SITE_YAML).exists():
+        return [directory]
+    inside = sorted(p for p in directory.iterdir() if (p / SITE_YAML).is_file())
+    return inside or [directory]
+
+
+def _summary(report: SiteCheck, task: str | None) -> str:
+    """`site-a: OK (40 patients)` or `site-a: 3 problems in 2 patients; ...`."""
+    for_task = f" for task {task}" if task else ""
+    outside = _outside_task(report, task)
+    if report.ok:
+        return f"{report.site}: OK ({_plural(report.n_patients, 'patient')}{for_task}{outside})"
+    n_problems = len(report.problems)
+    n_patients = len(report.problem_patients)
+    site_level = sum(problem.patient is None for problem in report.problems)
+    text = f"{report.site}: {_plural(n_problems, 'problem')} in {_plural(n_patients, 'patient')}"
+    if site_level:
+        text += f" ({site_level} site-level)"
+    excluded = len(report.excluded) - len(report.not_in_task)
+    return (
+        f"{text}; {_plural(excluded, 'patient')} excluded, "
+        f"{report.n_patients} usable{for_task}{outside}"
+    )
+
+
+def _outside_task(report: SiteCheck, task: str | None) -> str:
+    if not task or not report.not_in_task:
+        return ""
+    reasons = Counter(report.not_in_task.values())
+    detail = ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
+    return f"; {len(report.not_in_task)} not in the task ({detail})"
+
+
+def _notes(report: SiteCheck) -> list[str]:
+    """Things worth knowing that are not problems with the data."""
+    if report.config is None:
+        return []
+    minimum = report.config.privacy.min_patients
+    if report.n_patients < minimum:
+        return [
+            f"{report.site}: note: {report.n_patients} usable patients is below "
+            f"privacy.min_patients ({minimum}); the site would refuse every statistic"
+        ]
+    return []
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
