@@ -10,6 +10,7 @@ import numpy as np
 
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
+from shared.labels import POSITIVE_NOT_IN_LOW
 from shared.schema import SCHEMA_VERSION, Payload
 
 
@@ -34,13 +35,19 @@ def handshake(session: SiteSession, query: Payload) -> list[Statistic]:
     }
     counts = {
         "n_patients": np.array([suppress_small(len(site.clinical), policy)], dtype=np.int64),
-        "n_excluded": np.array([suppress_small(len(site.excluded), policy)], dtype=np.int64),
+        "n_excluded": np.array([suppress_small(n_excluded(session), policy)], dtype=np.int64),
         "label_counts": label_counts.astype(np.int64),
     }
     return [
         Statistic("site", identity, n=None),
         Statistic("counts", counts, n=None, counts=tuple(counts)),
     ]
+
+
+def n_excluded(session: SiteSession) -> int:
+    """Patients left out for bad data or an equivocal label; patients who are simply outside
+    the task's population (HER2-positive in the her2-low task) are not counted."""
+    return sum(reason != POSITIVE_NOT_IN_LOW for reason in session.site.excluded.values())
 
 
 def data_hash(root: Path) -> str:

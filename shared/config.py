@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 class StudyConfig:
     sites_dir: str = "data/demo"
     out_dir: str = "runs/latest"
-    stages: tuple[str, ...] = ("cohort",)
+    stages: tuple[str, ...] = STAGES
     task: str = "her2-positive"
     min_sites: int = 1
     round_timeout: float = 600.0

@@ -157,7 +157,7 @@ def test_report_and_logs_are_written(run: dict) -> None:
 
 
 def test_no_superlink_is_left_running(run: dict) -> None:
-    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run["out"]) not in listing
     assert not [line for line in listing.splitlines()
                 if "flower-superlink" in line and "--simulation" in line and "--port" in line]
