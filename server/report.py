@@ -91,11 +91,13 @@ def _cohort(cohort: dict[str, Any], out: Path) -> str:
                      "test", "p"]
         parts.append(f"<details><summary>{_e(site)}</summary>"
                      + _table(site_head, _cohort_rows(cohort["covariates"], site)) + "</details>")
-    missing = {name: v["sites_missing"] for name, v in cohort["covariates"].items()
-               if v.get("sites_missing")}
+    missing = [f"<li>{_e(name)}: {_e(', '.join(v['sites_missing']))}</li>"
+               for name, v in cohort["covariates"].items() if v.get("sites_missing")]
     if missing:
-        parts.append("<p class='bad'>Not released by some sites (policy refusals): "
-                     + _e(json.dumps(missing)) + "</p>")
+        parts.append("<p>Left out of the pooled rows above because the site's privacy policy "
+                     "refused them (a label group below min_patients, or a count cell below "
+                     "min_cell_count); pooled values are exact over the other sites:</p><ul>"
+                     + "".join(missing) + "</ul>")
     return "\n".join(parts)
 
 
@@ -106,8 +108,9 @@ def _cohort_rows(covariates: dict[str, Any], site: str | None) -> list[list[str]
         if entry is None:
             rows.append([_e(name), "—", "—", "not released", ""])
         elif var["type"] == "numeric":
-            cells = [f"{m:.2f} ± {s:.2f}" if m is not None and s is not None else "—"
-                     for m, s in zip(entry["mean"], entry["sd"], strict=True)]
+            cells = [f"{m:.2f} ± {s:.2f} <span class='muted'>(n={n})</span>"
+                     if m is not None and s is not None else "—"
+                     for m, s, n in zip(entry["mean"], entry["sd"], entry["n"], strict=True)]
             rows.append([_e(name), *cells, "t-test", _p(entry["t_test"]["p_value"])])
         else:
             rows.append([_e(name), "", "", "chi-square", _p(entry["chi2"]["p_value"])])
@@ -145,8 +148,8 @@ def _cohort_figure(cohort: dict[str, Any], out: Path) -> str:
 
 def _stages(results: dict[str, Any]) -> str:
     stages = results.get("run", {}).get("stages", {})
-    rows = [[_e(k), _e(v.get("status")), _e(v.get("reason") or v.get("seconds", ""))]
-            for k, v in stages.items()]
+    rows = [[_e(k), _e(v.get("status")),
+             _e(v.get("reason") or f"{v.get('seconds', 0):.1f} s")] for k, v in stages.items()]
     return "<h2>Stages</h2>" + _table(["stage", "status", "detail"], rows)
 
 

@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--out", type=Path, required=True)
 
     check = sub.add_parser("check-site", help="report every problem in a site folder")
-    check.add_argument("site_dir", type=Path)
+    check.add_argument("site_dir", type=Path, nargs="+",
+                       help="a site folder, or a folder of site folders")
     check.add_argument("--task", default=None)
 
     run = sub.add_parser("run", help="run the study on site folders (Flower Simulation Engine)")
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-site":
         from client.check import main as check_main
 
-        return check_main([str(args.site_dir)] + (["--task", args.task] if args.task else []))
+        task = ["--task", args.task] if args.task else []
+        return check_main([str(d) for d in args.site_dir] + task)
     return _run(args)
 
 

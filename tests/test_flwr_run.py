@@ -56,6 +56,7 @@ def stop_local_superlink(port: int) -> None:
 
 
 def superlink_pids(port: int) -> list[int]:
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True,
+                             text=True).stdout
     return [int(line.split()[0]) for line in listing.splitlines()
             if "flower-superlink" in line and f"--port {port}" in line]

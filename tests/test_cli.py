@@ -1,0 +1,54 @@
+"""The `feddlr` console script as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+FEDDLR = str(Path(sys.executable).parent / "feddlr")
+
+
+def feddlr(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([FEDDLR, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_simulate_then_check_site_passes(tmp_path: Path) -> None:
+    done = feddlr("simulate", "--sites", "2", "--patients", "20", "--seed", "4",
+                  "--out", str(tmp_path / "c"))
+    assert done.returncode == 0, done.stderr
+    truth = json.loads((tmp_path / "c" / "truth.json").read_text())
+    assert truth["seed"] == 4 and truth["n_sites"] == 2
+    check = feddlr("check-site", str(tmp_path / "c" / "site-1"), str(tmp_path / "c" / "site-2"))
+    assert check.returncode == 0, check.stdout
+    assert "site-1: OK" in check.stdout and "site-2: OK" in check.stdout
+
+
+def test_check_site_names_a_broken_patient_without_traceback(tmp_path: Path) -> None:
+    assert feddlr("simulate", "--sites", "1", "--patients", "20", "--seed", "5",
+                  "--out", str(tmp_path / "c")).returncode == 0
+    site = tmp_path / "c" / "site-1"
+    rows = pd.read_csv(site / "clinical.csv")
+    rows.loc[2, "dfs_time"] = -5
+    rows.to_csv(site / "clinical.csv", index=False)
+    patient = rows.loc[2, "patient_id"]
+    (site / "images" / patient / "mri_mask.nii.gz").unlink()
+    check = feddlr("check-site", str(site))
+    assert check.returncode == 1
+    assert f"site-1: clinical.csv: patient {patient}: dfs_time -5" in check.stdout
+    assert f"site-1: images/{patient}/mri_mask.nii.gz: patient {patient}: missing" in check.stdout
+    assert "Traceback" not in check.stdout + check.stderr
+
+
+def test_run_rejects_a_malformed_override(tmp_path: Path) -> None:
+    done = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"), "-c", "oops")
+    assert done.returncode == 2 and "KEY=VALUE" in done.stderr
+
+
+def test_run_without_site_folders_says_so(tmp_path: Path) -> None:
+    done = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert done.returncode == 1 and "no site folders" in done.stderr
+    assert "Traceback" not in done.stderr
