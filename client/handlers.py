@@ -27,9 +27,10 @@ HANDLERS: dict[str, Handler] = {
 def serve(site_root: Path, action: str, query: Payload, run_id: str = "") -> Payload:
     """Answer one query. Always returns a payload with `status`; never raises for data."""
     task = str(query.get("task", "her2-positive"))
+    needs = tuple(sorted({"clinical", *_names(query.get("needs", ""))}))
     try:
-        session = open_session(str(site_root), task if task in TASKS else "her2-positive")
-    except SiteError as err:
+        session = open_session(str(site_root), task if task in TASKS else "her2-positive", needs)
+    except (SiteError, ValueError) as err:
         fallback = EgressGuard(site_root.name, PrivacyPolicy(), frozenset(),
                                site_root / AUDIT_DIR / EGRESS_LOG)
         return fallback.fail(action, run_id, _site_error_text(site_root, err))
@@ -47,7 +48,13 @@ def serve(site_root: Path, action: str, query: Payload, run_id: str = "") -> Pay
     return guard.release(action, run_id, statistics)
 
 
-def _site_error_text(site_root: Path, err: SiteError) -> str:
+def _names(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _site_error_text(site_root: Path, err: Exception) -> str:
     problems = getattr(err, "problems", None) or []
     detail = "; ".join(str(p) for p in problems[:5]) or str(err)
     return f"site folder {site_root.name} cannot serve: {detail}"

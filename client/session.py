@@ -44,10 +44,11 @@ class SiteSession:
         )
 
 
-@lru_cache(maxsize=8)
-def open_session(root: str, task: str) -> SiteSession:
-    """Load the site folder for `task` and build its guard (cached per process)."""
-    site = load_site(Path(root), task=task, needs=("clinical",))
+@lru_cache(maxsize=16)
+def open_session(root: str, task: str, needs: tuple[str, ...] = ("clinical",)) -> SiteSession:
+    """Load the site folder for `task` and the inputs a stage `needs` (see
+    `client.site.NEEDS`) and build its guard; cached per process."""
+    site = load_site(Path(root), task=task, needs=needs)
     patient_ids = frozenset(map(str, site.clinical.index)) | frozenset(site.excluded)
     audit = Path(root) / AUDIT_DIR
     guard = EgressGuard(site.config.site_id, site.config.privacy, patient_ids, audit / EGRESS_LOG)
