@@ -26,5 +26,6 @@ def report_round(stage: str, round_no: int, rounds: int, replies: Mapping[str, o
         status = getattr(reply, "status", "?")
         reason = getattr(reply, "reason", None)
         parts.append(f"{site} {status}" + (f" ({reason})" if reason and status != "ok" else ""))
-    log.info("[%s] round %d/%d: %d sites replied: %s", stage, round_no, rounds,
+    of = f"/{rounds}" if rounds else ""
+    log.info("[%s] round %d%s: %d sites replied: %s", stage, round_no, of,
              len(replies), ", ".join(parts) or "none")

@@ -1,0 +1,533 @@
+"""Site-side radiomics: pyradiomics features of each patient's MRI tumour, extracted locally.
+
+`extract_features(site)` runs pyradiomics (paper 1's parameters by default,
+`shared/radiomics_params.yaml`: 1130 features) on every usable patient of a loaded site and
+returns one row per patient with pyradiomics' own column names (`original_glcm_Contrast`,
+`wavelet-LLH_firstorder_Mean`, `log-sigma-1-0-mm-3D_firstorder_Mean`; no `diagnostics_*`).
+
+- **Readers.** `reader="r1"` uses `mri_mask`; `reader="r2"` uses `mri_mask_r2` with the
+  same parameters (for ICC), for the patients that have one.
+- **Masks.** Non-zero is tumour (DESIGN.md). A mask holding the parameters' `label` value is
+  passed to pyradiomics unchanged; a mask with other non-zero values only (e.g. 255) is
+  binarized to that label first.
+- **Failures.** A patient whose extraction fails (unreadable file, empty mask, too few voxels
+  after resampling, geometry mismatch, a crashed worker process) is skipped and returned in
+  the failures dict with the reason; the other patients go on.
+- **Cache.** One JSON file per patient and reader under `<site>/cache/radiomics/`, named by
+  the sha256 of the image bytes (every file of a DICOM folder), the mask bytes, the
+  parameter file bytes and the pyradiomics version. A re-run reads it; any change misses.
+- **Parallelism.** A process pool (spawned processes, safe beside gRPC/Ray threads) over the
+  site's CPU cores, ITK single-threaded in each worker; `workers=1` runs in-process.
+- **features.csv.** A site that has one uses it instead of extracting (`attrs["source"]`).
+
+The returned frame's `attrs` say where the rows came from: `source` (`pyradiomics` or
+`features.csv`), `reader`, `params`, `params_sha256`, `n_extracted`, `n_cached`, `n_failed`
+and `n_without_mask` (reader-2 patients without a second mask; not failures).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import radiomics
+import SimpleITK as sitk
+import yaml
+from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+from client.site import FEATURES_CSV, Site, SiteError, load_site
+
+DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "shared" / "radiomics_params.yaml"
+CACHE_DIR = Path("cache") / "radiomics"
+MASKS: dict[str, str] = {"r1": "mri_mask", "r2": "mri_mask_r2"}
+CACHE_FORMAT = "feddlr-radiomics-cache-1"  # bump when what a cache file holds changes
+DIAGNOSTICS_PREFIX = "diagnostics_"
+
+Reader = Literal["r1", "r2"]
+Progress = Callable[[str], None]
+
+_EXTRACTORS: dict[tuple[str, str], RadiomicsFeatureExtractor] = {}
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One patient's extraction, as sent to a worker process."""
+
+    patient_id: str
+    image: Path
+    mask: Path
+    params: Path
+    params_sha256: str
+    label: int
+    cache_file: Path  # <cache_dir>/<cache key>.json
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    patient_id: str
+    features: dict[str, float] | None
+    reason: str | None = None
+    cached: bool = False
+    note: str | None = None  # e.g. the cache could not be written
+
+
+@dataclass(frozen=True)
+class _Params:
+    path: Path
+    sha256: str
+    label: int
+
+
+class _PatientError(Exception):
+    """A patient-level problem; the message is the reason reported."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def extract_features(
+    site: Site,
+    *,
+    params: Path | None = None,
+    reader: Reader = "r1",
+    workers: int | None = None,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Radiomics features of the site's usable patients and {patient_id: reason} failures.
+
+    `params` is a pyradiomics parameter file (default: the paper's); an invalid one raises
+    ValueError before any patient is touched. `workers` defaults to the usable CPU cores.
+    """
+    if reader not in MASKS:
+        raise ValueError(f"reader must be one of {', '.join(MASKS)}; got {reader!r}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    say = progress or (lambda _message: None)
+    chosen = _load_params(Path(params) if params is not None else DEFAULT_PARAMS)
+    from_csv = _from_features_csv(site, reader, say)
+    if from_csv is not None:
+        return from_csv
+    cache = Path(cache_dir) if cache_dir is not None else site.root / CACHE_DIR
+    jobs, failures, without_mask = _plan_jobs(site, reader, chosen, cache)
+    outcomes = _run(jobs, workers, _Reporter(say, site.site_id, reader, len(jobs)))
+    failures |= {o.patient_id: o.reason for o in outcomes if o.reason}
+    frame = _frame(outcomes, list(site.clinical.index))
+    frame.attrs.update(_summary(outcomes, failures, without_mask, chosen, reader))
+    say(f"{site.site_id}: radiomics {reader}: {_summary_text(frame.attrs)}")
+    return frame, {p: _tidy(failures[p], site.root) for p in site.clinical.index if p in failures}
+
+
+def cache_key(image: Path, mask: Path, params: Path) -> str:
+    """The sha256 naming a patient's cache file (image, mask, params, pyradiomics version)."""
+    return _cache_key(image, mask, _file_sha256(params))
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _load_params(path: Path) -> _Params:
+    """Validated parameters; ValueError naming the file when pyradiomics refuses them."""
+    try:
+        data = path.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        settings = (yaml.safe_load(data) or {}).get("setting") or {}
+        label = int(settings.get("label", 1))
+        _extractor(path, sha256)
+    except Exception as error:
+        raise ValueError(f"radiomics params {path}: {_one_line(error)}") from None
+    return _Params(path, sha256, label)
+
+
+def _extractor(path: Path, sha256: str) -> RadiomicsFeatureExtractor:
+    """One extractor per parameter file content and process."""
+    key = (str(path), sha256)
+    if key not in _EXTRACTORS:
+        _quiet()
+        with warnings.catch_warnings():  # pykwalify's extension loader is deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _EXTRACTORS[key] = RadiomicsFeatureExtractor(str(path))
+    return _EXTRACTORS[key]
+
+
+def _quiet() -> None:
+    """pyradiomics (and its schema validator) log every step; keep errors only."""
+    radiomics.setVerbosity(logging.ERROR)
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    logging.getLogger("pykwalify").setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------- features.csv
+
+
+def _from_features_csv(
+    site: Site, reader: Reader, say: Progress
+) -> tuple[pd.DataFrame, dict[str, str]] | None:
+    """The site's features.csv rows when it has one (reader 1); None to extract."""
+    if site.features is None and not (site.root / FEATURES_CSV).is_file():
+        return None
+    if reader == "r2":
+        say(f"{site.site_id}: features.csv present: reader-2 features are not extracted "
+            "(both readers must come from the same extraction for ICC)")
+        return _with_attrs(_empty_frame(), **_csv_attrs(reader, 0)), {}
+    table, excluded = _features_table(site)
+    ids = list(site.clinical.index)
+    present = [p for p in ids if p in table.index]
+    failures = {
+        p: excluded.get(p, f"{FEATURES_CSV}: no usable row for this patient")
+        for p in ids if p not in table.index
+    }
+    frame = table.loc[present].astype(float)
+    frame.index = pd.Index(present, name="patient_id", dtype=object)
+    frame = _with_attrs(frame, **_csv_attrs(reader, len(failures)))
+    say(f"{site.site_id}: using {FEATURES_CSV} ({len(present)} patients, "
+        f"{frame.shape[1]} features) instead of extracting")
+    return frame, failures
+
+
+def _features_table(site: Site) -> tuple[pd.DataFrame, dict[str, str]]:
+    """features.csv as loaded by `load_site` (validated), and why patients lack a row."""
+    if site.features is not None:
+        return site.features, {}
+    try:
+        loaded = load_site(site.root, task=site.task, needs=("features",))
+    except SiteError as error:
+        raise ValueError(f"{site.site_id}: {FEATURES_CSV} cannot be used:\n{error}") from None
+    assert loaded.features is not None
+    return loaded.features, loaded.excluded
+
+
+def _csv_attrs(reader: str, n_failed: int) -> dict[str, Any]:
+    return {"source": FEATURES_CSV, "reader": reader, "params": None, "params_sha256": None,
+            "n_extracted": 0, "n_cached": 0, "n_failed": n_failed, "n_without_mask": 0}
+
+
+def _empty_frame() -> pd.DataFrame:
+    return pd.DataFrame(index=pd.Index([], name="patient_id", dtype=object), dtype=float)
+
+
+def _with_attrs(frame: pd.DataFrame, **attrs: Any) -> pd.DataFrame:
+    frame.attrs.update(attrs)
+    return frame
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _plan_jobs(
+    site: Site, reader: Reader, params: _Params, cache: Path
+) -> tuple[list[_Job], dict[str, str], list[str]]:
+    """Jobs (with their cache file) for patients with image and mask; failures; reader-2
+    patients without a mask."""
+    jobs: list[_Job] = []
+    failures: dict[str, str] = {}
+    without_mask: list[str] = []
+    for patient in site.clinical.index:
+        paths = site.image_paths(patient)
+        mask = paths.get(MASKS[reader])
+        if "mri" not in paths:
+            failures[patient] = "no MRI image (mri.nii.gz, mri.nii, mri.nrrd or mri/ DICOM)"
+        elif mask is None and reader == "r2":
+            without_mask.append(patient)
+        elif mask is None:
+            failures[patient] = "no reader-1 mask (mri_mask.nii.gz, .nii or .nrrd)"
+        else:
+            try:
+                key = _cache_key(paths["mri"], mask, params.sha256)
+            except OSError as error:
+                failures[patient] = f"cannot read the image files: {_one_line(error)}"
+                continue
+            jobs.append(_Job(patient, paths["mri"], mask, params.path, params.sha256,
+                             params.label, cache / f"{key}.json"))
+    return jobs, failures, without_mask
+
+
+def _worker_count(workers: int | None, n_jobs: int) -> int:
+    available = workers or _cpu_count()
+    return max(1, min(available, n_jobs))
+
+
+def _cpu_count() -> int:
+    """CPU cores this process may use (affinity-aware where the OS tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run(jobs: list[_Job], workers: int | None, report: _Reporter) -> list[_Outcome]:
+    """Cache hits read here; the misses extracted in-process or over a process pool."""
+    outcomes: list[_Outcome] = []
+    missing: list[_Job] = []
+    for job in jobs:
+        cached = _read_cache(job.cache_file)
+        if cached is None:
+            missing.append(job)
+        else:
+            outcomes.append(report(_Outcome(job.patient_id, cached, cached=True)))
+    count = _worker_count(workers, len(missing))
+    if count <= 1:
+        return outcomes + [report(_extract_one(job)) for job in missing]
+    return outcomes + _run_pool(missing, count, report)
+
+
+class _Reporter:
+    """Progress lines, one per finished patient."""
+
+    def __init__(self, say: Progress, site_id: str, reader: str, total: int) -> None:
+        self.say = say
+        self.prefix = f"{site_id}: radiomics {reader}"
+        self.total = total
+        self.done = 0
+
+    def __call__(self, outcome: _Outcome) -> _Outcome:
+        self.done += 1
+        state = "cached" if outcome.cached else "extracted" if outcome.features else "failed"
+        line = f"{self.prefix} {self.done}/{self.total} ({outcome.patient_id}) {state}"
+        if outcome.reason:
+            line += f": {outcome.reason}"
+        if outcome.note:
+            line += f" ({outcome.note})"
+        self.say(line)
+        return outcome
+
+
+def _run_pool(jobs: list[_Job], workers: int, report: _Reporter) -> list[_Outcome]:
+    """All jobs over a pool; jobs lost to a dying worker are retried each in its own."""
+    context = multiprocessing.get_context("spawn")
+    outcomes: list[_Outcome] = []
+    lost: list[_Job] = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        futures = {pool.submit(_extract_one, job): job for job in jobs}
+        for future in as_completed(futures):
+            outcome = _result(future, futures[future])
+            if outcome is None:
+                lost.append(futures[future])
+            else:
+                outcomes.append(report(outcome))
+    outcomes += [report(_run_isolated(job, context)) for job in lost]
+    return outcomes
+
+
+def _run_isolated(job: _Job, context: Any) -> _Outcome:
+    """One job in a fresh single-process pool, so a crash takes no other patient with it."""
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker) as pool:
+        outcome = _result(pool.submit(_extract_one, job), job)
+    if outcome is None:
+        reason = "the extraction process died (out of memory or a crash inside ITK?)"
+        return _Outcome(job.patient_id, None, reason)
+    return outcome
+
+
+def _result(future: Future[_Outcome], job: _Job) -> _Outcome | None:
+    """The job's outcome; None when its worker process died."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return None
+    except Exception as error:  # e.g. the outcome could not be sent back
+        return _Outcome(job.patient_id, None, _reason(error))
+
+
+def _init_worker() -> None:
+    """Worker processes: single-threaded ITK (the pool is the parallelism), quiet logs."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    _quiet()
+
+
+# --------------------------------------------------------------------------- one patient
+
+
+def _extract_one(job: _Job) -> _Outcome:
+    """pyradiomics on the image and mask, written to the cache; never raises."""
+    try:
+        features = _pyradiomics(job)
+    except Exception as error:
+        return _Outcome(job.patient_id, None, _reason(error))
+    return _Outcome(job.patient_id, features, note=_write_cache(job.cache_file, job, features))
+
+
+def _pyradiomics(job: _Job) -> dict[str, float]:
+    image = _read_image(job.image)
+    mask = _read_mask(job.mask, job.label)
+    extractor = _extractor(job.params, job.params_sha256)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        result = extractor.execute(image, mask)
+    return {
+        name: float(value)
+        for name, value in result.items()
+        if not name.startswith(DIAGNOSTICS_PREFIX)
+    }
+
+
+def _read_image(path: Path) -> sitk.Image:
+    if not path.is_dir():
+        return sitk.ReadImage(str(path))
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if len(series) != 1:
+        raise _PatientError(f"{path.name}/ holds {len(series)} DICOM series; expected one")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    return reader.Execute()
+
+
+def _read_mask(path: Path, label: int) -> sitk.Image:
+    """The mask as pyradiomics needs it: unchanged when it holds `label`, else non-zero ->
+    `label` (DESIGN.md: non-zero = tumour)."""
+    mask = sitk.ReadImage(str(path))
+    values = np.unique(sitk.GetArrayViewFromImage(mask))
+    if label in values:
+        return mask
+    if not np.any(values != 0):
+        raise _PatientError(f"{path.name} is empty (no non-zero voxel)")
+    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt32) * label
+    binary.CopyInformation(mask)
+    return binary
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line reason; ITK's 'no label object' after resampling said plainly."""
+    text = _one_line(error)
+    if "No label object with label" in text:
+        return "mask is empty after resampling to the parameters' voxel spacing"
+    if isinstance(error, _PatientError | ValueError):
+        return text
+    if isinstance(error, RuntimeError) and "SimpleITK" in text:
+        text = re.sub(r"^.*?(sitk::ERROR|ITK ERROR):\s*", "", text)
+        return "SimpleITK: " + re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", text)
+    return f"{type(error).__name__}: {text}"
+
+
+def _tidy(reason: str, root: Path) -> str:
+    """Paths in a reason shown relative to the site folder (no local layout leaves)."""
+    for prefix in {str(root), str(root.resolve())}:
+        reason = reason.replace(prefix + "/", "")
+    return reason
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_key(image: Path, mask: Path, params_sha256: str) -> str:
+    digest = hashlib.sha256()
+    for part in (CACHE_FORMAT, _path_sha256(image), _file_sha256(mask), params_sha256,
+                 f"pyradiomics {radiomics.__version__}"):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _path_sha256(path: Path) -> str:
+    """A file's bytes, or every file of a folder (DICOM series): names, sizes and bytes."""
+    if not path.is_dir():
+        return _file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix()
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        _update(digest, _chunks(file))
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    _update(digest, _chunks(path))
+    return digest.hexdigest()
+
+
+def _update(digest: Any, chunks: Iterable[bytes]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+
+
+def _chunks(path: Path, size: int = 1 << 20) -> Iterable[bytes]:
+    with path.open("rb") as stream:
+        while chunk := stream.read(size):
+            yield chunk
+
+
+def _read_cache(path: Path) -> dict[str, float] | None:
+    """The cached features, or None when absent or unreadable (then re-extracted)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        features = content["features"]
+        return {str(name): float(value) for name, value in features.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_cache(path: Path, job: _Job, features: dict[str, float]) -> str | None:
+    """Atomic write (temporary file + rename); a note instead of an error on failure."""
+    content = {
+        "format": CACHE_FORMAT,
+        "pyradiomics": radiomics.__version__,
+        "params_sha256": job.params_sha256,
+        "features": features,
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(content), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        return f"cache not written: {_one_line(error)}"
+    return None
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _frame(outcomes: list[_Outcome], order: list[str]) -> pd.DataFrame:
+    """Successful patients in site order, columns in pyradiomics' order."""
+    rows = {o.patient_id: o.features for o in outcomes if o.features is not None}
+    ids = [p for p in order if p in rows]
+    if not ids:
+        return _empty_frame()
+    frame = pd.DataFrame.from_dict({p: rows[p] for p in ids}, orient="index", dtype=float)
+    frame.index = pd.Index(ids, name="patient_id", dtype=object)
+    return frame
+
+
+def _summary(outcomes: list[_Outcome], failures: dict[str, str], without_mask: list[str],
+             params: _Params, reader: str) -> dict[str, Any]:
+    return {
+        "source": "pyradiomics",
+        "reader": reader,
+        "params": str(params.path),
+        "params_sha256": params.sha256,
+        "n_extracted": sum(o.features is not None and not o.cached for o in outcomes),
+        "n_cached": sum(o.cached for o in outcomes),
+        "n_failed": len(failures),
+        "n_without_mask": len(without_mask),
+    }
+
+
+def _summary_text(attrs: dict[str, Any]) -> str:
+    text = (f"{attrs['n_extracted']} extracted, {attrs['n_cached']} from cache, "
+            f"{attrs['n_failed']} failed")
+    if attrs["n_without_mask"]:
+        text += f", {attrs['n_without_mask']} without a reader-2 mask"
+    return text
+
+
+__all__ = ["CACHE_DIR", "DEFAULT_PARAMS", "MASKS", "cache_key", "extract_features"]

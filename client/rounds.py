@@ -1,0 +1,63 @@
+"""Site side of solver rounds (see `server/rounds.py`): for each solver key in the query,
+build that solver's design (which rows and columns, standardized how) and run the matching
+site half from `shared/`. Each result is one `Statistic` for the guard, with `n` the
+patients it sums over; a site half that the policy forbids (`Refused`, e.g. a p×p matrix
+above `max_feature_ratio`) becomes a refusal of that statistic only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from client.guard import Statistic
+from client.session import SiteSession
+from shared import glm, icc, standardize
+from shared.federated import Query, Refused, Reply
+from shared.schema import Payload, nest
+
+# A design builds (x, y) for one solver query: x (n × p) — or (n × 2 × p) reader pairs for
+# ICC — and the 0/1 labels y of the same rows.
+Design = Callable[[SiteSession, Query], tuple[np.ndarray, np.ndarray]]
+SiteHalf = Callable[[np.ndarray, np.ndarray, Query, SiteSession], Reply]
+
+
+def _standardize(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Reply:
+    return standardize.site_reply(x, q)
+
+
+def _glm(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Reply:
+    return glm.local_terms(x, y, q, s.site.config.privacy.max_feature_ratio)
+
+
+def _icc(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Reply:
+    return icc.site_reply(x, q)
+
+
+SITE_HALVES: dict[str, SiteHalf] = {
+    "standardize": _standardize,
+    "glm": _glm,
+    "icc": _icc,
+}
+# Reply entries that are count tables (the guard's min_cell_count rule applies).
+COUNT_TABLES: dict[str, tuple[str, ...]] = {}
+
+
+def solver_step(session: SiteSession, query: Payload, design: Design) -> list[Statistic]:
+    """Answer every solver query in `query` with its site half on its design."""
+    out = []
+    for key in query.get("solvers", []):
+        q = nest(query, f"q.{key}")
+        family = str(q.get("step", "")).split(".", 1)[0]
+        half = SITE_HALVES.get(family)
+        if half is None:
+            raise ValueError(f"unknown solver step {q.get('step')!r}")
+        x, y = design(session, q)
+        try:
+            reply = half(x, y, q, session)
+        except Refused as err:
+            out.append(Statistic(key, {}, n=len(y), refused=str(err)))
+            continue
+        out.append(Statistic(key, dict(reply), n=len(y), counts=COUNT_TABLES.get(family, ())))
+    return out

@@ -1,0 +1,120 @@
+"""AUC from label-stratified score histograms on a shared grid, with its error bound.
+
+Each site counts its scores per label in the bins of a grid the server fixes (uniform on
+[0, 1] by default). A count of 1 or 2 in a cell would be refused by the site's guard
+(min_cell_count), so the site first merges adjacent bins of each label until every
+non-empty cell holds at least `min_cell_count` patients (`coarsen`), and sends the merged
+bins as index ranges of the shared grid.
+
+The server then knows each score only up to its (merged) bin. For a positive in bin
+[a, b) and a negative in [c, d): the pair is concordant if a ≥ d, discordant if b ≤ c, and
+unknown otherwise. The AUC (Mann–Whitney, ties one half) lies between the bound that
+counts every unknown pair discordant and the one that counts it concordant; the estimate
+counts an unknown pair by the probability that a uniform score in the positive's bin beats
+one in the negative's bin (ties within one bin: one half, as the exact AUC does for ties).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_BINS = 200
+
+
+def grid(bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Edges of the shared score grid on [0, 1]."""
+    return np.linspace(0.0, 1.0, bins + 1)
+
+
+def local_histogram(scores: np.ndarray, y: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(2 × bins) counts of label-0 and label-1 scores in the grid's bins (last bin closed)."""
+    scores = np.clip(np.asarray(scores, dtype=np.float64), edges[0], edges[-1])
+    index = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, len(edges) - 2)
+    y = np.asarray(y)
+    return np.stack([np.bincount(index[y == g], minlength=len(edges) - 1) for g in (0, 1)])
+
+
+def coarsen(counts: np.ndarray, min_cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge adjacent bins of one label's counts until no cell is in 1 … min_cell−1.
+
+    Returns (first, last, merged): each merged cell spans grid bins first … last (its
+    first and last non-empty bin) and holds `merged` patients. Each label is coarsened on
+    its own, so one label's small cells do not widen the other's bins.
+
+    Crosses the wire (through the handlers that call it): counts of patients in ranges of
+    the shared grid, every non-zero count ≥ min_cell_count — no single score. A label with
+    1 … min_cell−1 patients in all still yields one small cell, which the guard refuses.
+    """
+    cells: list[list[int]] = []  # [first, last, count]
+    open_cell: list[int] | None = None
+    for b, count in enumerate(np.asarray(counts, dtype=np.int64)):
+        if count == 0:
+            continue
+        if open_cell is None:
+            open_cell = [b, b, 0]
+        open_cell[1] = b
+        open_cell[2] += int(count)
+        if open_cell[2] >= min_cell:
+            cells.append(open_cell)
+            open_cell = None
+    if open_cell is not None:  # a small remainder joins the last cell
+        if cells:
+            cells[-1][1] = open_cell[1]
+            cells[-1][2] += open_cell[2]
+        else:
+            cells.append(open_cell)
+    table = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
+@dataclass(frozen=True)
+class HistogramAUC:
+    auc: float
+    lower: float
+    upper: float
+    n: tuple[int, int]  # label 0, label 1
+
+
+Cells = tuple[np.ndarray, np.ndarray, np.ndarray]  # (first, last, counts) from `coarsen`
+
+
+def combine_auc(negatives: list[Cells], positives: list[Cells]) -> HistogramAUC:
+    """Pooled AUC from every site's coarsened cells of each label."""
+    a0, b0, n0 = _bins(negatives)
+    a1, b1, n1 = _bins(positives)
+    total0, total1 = n0.sum(), n1.sum()
+    if total0 == 0 or total1 == 0:
+        return HistogramAUC(np.nan, np.nan, np.nan, (int(total0), int(total1)))
+    pairs = np.outer(n1, n0)  # positives' bins × negatives' bins
+    concordant = a1[:, None] >= b0[None, :]
+    discordant = b1[:, None] <= a0[None, :]
+    unknown = ~(concordant | discordant)
+    p_win = _uniform_win(a1[:, None], b1[:, None], a0[None, :], b0[None, :])
+    denom = total0 * total1
+    lower = float(np.sum(pairs * concordant) / denom)
+    upper = float(np.sum(pairs * (concordant | unknown)) / denom)
+    estimate = float(np.sum(pairs * np.where(unknown, p_win, concordant)) / denom)
+    return HistogramAUC(estimate, lower, upper, (int(total0), int(total1)))
+
+
+def _bins(parts: list[Cells]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell ranges [first, last + 1) in grid units, and counts, over all sites."""
+    lo = np.concatenate([np.asarray(first, dtype=float) for first, _, _ in parts])
+    hi = np.concatenate([np.asarray(last, dtype=float) + 1 for _, last, _ in parts])
+    counts = np.concatenate([np.asarray(n, dtype=float) for _, _, n in parts])
+    return lo, hi, counts
+
+
+def _uniform_win(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """P(U > V) for U uniform on [a, b), V uniform on [c, d) (grid units): the mean over U of
+    V's piecewise-linear CDF, integrated in closed form."""
+    a, b, c, d = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (a, b, c, d)))
+    return (_cdf_integral(b, c, d) - _cdf_integral(a, c, d)) / (b - a)
+
+
+def _cdf_integral(u: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """∫_{-∞}^{u} P(V ≤ t) dt for V uniform on [c, d)."""
+    inside = np.clip(u, c, d)
+    return (inside - c) ** 2 / (2 * (d - c)) + np.maximum(u - d, 0.0)
