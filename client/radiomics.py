@@ -1,0 +1,239 @@
+"""Radiomics stage, site side: extract (or read) features, then answer solver rounds on
+designs the server describes (which rows, which columns, how standardized), and finally
+score patients with the fold models — the probabilities stay here.
+
+The feature table, labels and CV folds live in the session for the whole stage; the
+out-of-fold (and external) probabilities are written to `<site>/predictions/<run>.csv`
+for the fusion and validation stages, and only label-stratified, coarsened histograms of
+them are sent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from client import rounds
+from client.extraction import extract_features
+from client.guard import Statistic, suppress_small
+from client.session import SiteSession
+from shared import logistic, roc, screening
+from shared.folds import stratified_folds
+from shared.schema import Payload, nest
+
+PARAMS = Path(__file__).resolve().parent.parent / "shared" / "radiomics_params.yaml"
+MODEL = "radiomics"
+
+
+@dataclass
+class RadiomicsData:
+    """One site's rows for the stage: reader-1 features (and reader-2 where present) in the
+    agreed column order, labels, folds, and which rows are training rows."""
+
+    patients: pd.Index
+    r1: np.ndarray
+    r2: np.ndarray | None
+    y: np.ndarray
+    folds: np.ndarray | None = None
+
+
+def radiomics_extract(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Extract the features of every usable patient (cached per patient on disk), or read
+    features.csv.
+
+    Crosses the wire: the feature names (pyradiomics' own names, the same at every site)
+    and counts of patients extracted, failed and with a reader-2 mask, small counts
+    suppressed. No feature value.
+    """
+    r1, r2, failed = _extract(session, query)
+    for patient, reason in failed.items():
+        session.log_exclusion(patient, f"radiomics extraction: {reason}")
+    policy = session.site.config.privacy
+    counts = {
+        "n_extracted": np.array([suppress_small(len(r1), policy)]),
+        "n_failed": np.array([suppress_small(len(failed), policy)]),
+        "n_reader2": np.array([suppress_small(0 if r2 is None else len(r2), policy)]),
+    }
+    return [Statistic("features", {"names": [str(c) for c in r1.columns],
+                                   "source": str(r1.attrs.get("source", "pyradiomics")),
+                                   "roles": list(session.site.config.roles)},
+                      n=len(r1)),
+            Statistic("counts", counts, n=None, counts=tuple(counts))]
+
+
+def _extract(session: SiteSession, query: Payload) -> tuple[pd.DataFrame, pd.DataFrame | None,
+                                                            dict[str, str]]:
+    params = _params(query)
+    workers = int(query.get("workers", 0)) or (os.cpu_count() or 1)
+    r1, failed = extract_features(session.site, params=params, workers=workers)
+    r2 = None
+    if r1.attrs.get("source") != "features.csv":
+        r2, _ = extract_features(session.site, params=params, reader="r2", workers=workers)
+    return r1, (r2 if r2 is not None and len(r2) else None), failed
+
+
+def radiomics_columns(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Fix the agreed column order and the CV folds for the rest of the stage, and keep the
+    stage's matrix at the site (`cache/radiomics/run-<run>.npz`) for the later rounds,
+    which may run in another process.
+
+    Crosses the wire: the number of rows used. The folds are drawn here from the study seed
+    and never sent.
+    """
+    names = list(query["names"])
+    r1, r2, _ = _extract(session, query)  # per-patient cache hits
+    labels = pd.Series(session.labels(), index=session.site.clinical.index)
+    patients = r1.index.intersection(labels.index, sort=False)
+    data = RadiomicsData(
+        patients=patients,
+        r1=r1.loc[patients, names].to_numpy(dtype=np.float64),
+        r2=None if r2 is None else r2.reindex(patients)[names].to_numpy(dtype=np.float64),
+        y=labels.loc[patients].to_numpy(dtype=np.int64),
+    )
+    if "train" in session.site.config.roles:
+        data.folds = stratified_folds(data.y, int(query["cv-folds"]), int(query["seed"]),
+                                      session.site_id)
+    _save_state(session, str(query.get("run_id", "")), data)
+    return [Statistic("rows", {"n": len(data.y)}, n=len(data.y))]
+
+
+def _state_path(session: SiteSession, run_id: str) -> Path:
+    return session.site.root / "cache" / "radiomics" / f"run-{run_id or 'local'}.npz"
+
+
+def _save_state(session: SiteSession, run_id: str, data: RadiomicsData) -> None:
+    path = _state_path(session, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"patients": np.asarray(data.patients, dtype=str), "r1": data.r1, "y": data.y}
+    if data.r2 is not None:
+        arrays["r2"] = data.r2
+    if data.folds is not None:
+        arrays["folds"] = data.folds
+    np.savez(path, **arrays)
+    session.cache[f"radiomics.{run_id}"] = data
+
+
+def state(session: SiteSession, query: Payload) -> RadiomicsData:
+    """The stage's rows, from this process's memory or from the site's disk."""
+    run_id = str(query.get("run_id", ""))
+    key = f"radiomics.{run_id}"
+    if key not in session.cache:
+        path = _state_path(session, run_id)
+        if not path.is_file():
+            raise ValueError("radiomics rows not set up for this run (no radiomics_columns)")
+        with np.load(path) as saved:
+            session.cache[key] = RadiomicsData(
+                patients=pd.Index(saved["patients"]), r1=saved["r1"], y=saved["y"],
+                r2=saved.get("r2"), folds=saved.get("folds"))
+    return session.cache[key]
+
+
+def radiomics_step(session: SiteSession, query: Payload) -> list[Statistic]:
+    """One solver round for every fold's fit (standardization, ICC, LASSO, screening, LR)."""
+    return rounds.solver_step(session, query, design)
+
+
+def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) for one solver query: rows `train` (all), `train-fold` (not in `fold`) or
+    `readers` (patients with both masks, x as n × 2 × p); columns by index into the agreed
+    names; z-scored when the query carries `center` and `scale`."""
+    data = state(session, q)
+    rows = _rows(data, q)
+    columns = np.asarray(q["columns"], dtype=np.int64) if "columns" in q else slice(None)
+    if q.get("rows") == "readers":
+        pair = np.stack([data.r1[rows][:, columns], data.r2[rows][:, columns]], axis=1)
+        return pair, data.y[rows]
+    x = data.r1[rows][:, columns]
+    if "center" in q:
+        x = (x - np.asarray(q["center"])) / np.asarray(q["scale"])
+    return x, data.y[rows]
+
+
+def _rows(data: RadiomicsData, q: Payload) -> np.ndarray:
+    kind = q.get("rows", "train")
+    if kind == "readers":
+        if data.r2 is None:
+            return np.zeros(len(data.y), dtype=bool)
+        return ~np.isnan(data.r2).any(axis=1)
+    if data.folds is None:
+        raise ValueError("this site has no training rows (role external)")
+    if kind == "train":
+        return np.ones(len(data.y), dtype=bool)
+    if kind == "train-fold":
+        return data.folds != int(q["fold"])
+    raise ValueError(f"unknown rows {kind!r}")
+
+
+def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Score patients with the fold models: a training site scores each patient with the
+    model of the fold that held it out; an external site with the mean probability of all
+    fold models. The probabilities are written here and stay here.
+
+    Crosses the wire: per label a histogram of the scores on the shared grid, coarsened so
+    that every non-empty cell holds at least min_cell_count patients.
+    """
+    data = state(session, query)
+    models = [nest(query, f"fold{k}") for k in range(int(query["n_models"]))]
+    per_model = np.stack([_predict(data.r1, m) for m in models])  # (folds, n)
+    if data.folds is not None:
+        scores = per_model[data.folds, np.arange(len(data.y))]
+        kind = "out-of-fold"
+    else:
+        scores = per_model.mean(axis=0)
+        kind = "external"
+    _save_predictions(session, str(query.get("run_id", "run")), data, scores, kind)
+    hist = roc.local_histogram(scores, data.y, roc.grid(int(query.get("bins", roc.DEFAULT_BINS))))
+    min_cell = session.site.config.privacy.min_cell_count
+    out = []
+    for label in (0, 1):
+        first, last, counts = roc.coarsen(hist[label], min_cell)
+        out.append(Statistic(f"hist{label}", {"first": first, "last": last, "count": counts},
+                             n=int(np.sum(data.y == label)), counts=("count",)))
+    out.append(Statistic("scores", {"kind": kind}, n=None))
+    return out
+
+
+def _predict(r1: np.ndarray, model: Payload) -> np.ndarray:
+    columns = np.asarray(model["columns"], dtype=np.int64)
+    z = (r1[:, columns] - np.asarray(model["center"])) / np.asarray(model["scale"])
+    return logistic.predict_proba(z, float(model["intercept"]), np.asarray(model["coef"]))
+
+
+def _save_predictions(session: SiteSession, run_id: str, data: RadiomicsData,
+                      scores: np.ndarray, kind: str) -> None:
+    folder = session.site.root / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame({"patient_id": data.patients, "model": MODEL, "score": scores,
+                          "kind": kind})
+    frame.to_csv(folder / f"{MODEL}-{run_id}.csv", index=False)
+
+
+def _params(query: Payload) -> Path:
+    name = str(query.get("radiomics-params", "") or "")
+    return Path(name) if name else PARAMS
+
+
+def radiomics_screen(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Univariate screening terms for each fold's candidate features.
+
+    Crosses the wire, per fold: for chi2, patients per class and per-class sums of the
+    features on the shared unit range (a group sum, under min_patients); for mutual
+    information, one bins × classes count table per feature on the server's grid — each
+    table is its own statistic, so a feature with a small cell is refused alone.
+    """
+    out = []
+    for key in query.get("solvers", []):
+        q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""))
+        x, y = design(session, q)
+        if q["method"] == "chi2":
+            terms = screening.local_class_sums(screening.unit_range(x), y)
+            out.append(Statistic(key, dict(terms), n=len(y), counts=("count",)))
+            continue
+        tables = screening.local_binned_counts(x, y, np.asarray(q["cuts"]))["count"]
+        out += [Statistic(f"{key}.f{j}", {"count": table}, n=len(y), counts=("count",))
+                for j, table in enumerate(tables)]
+    return out

@@ -1,0 +1,454 @@
+"""Radiomics stage, server side: paper 1's "step one", federated.
+
+1. Sites extract pyradiomics features (or read features.csv) and report their names; the
+   study uses the features every site has, in the first site's order.
+2. ICC(2,1) between the two readers' features over the sites with reader-2 masks; features
+   with ICC ≤ `icc-threshold` are dropped (skipped, with the reason, when no site has them).
+3. For each fit unit — the whole training cohort (`all`, what `radiomics.lasso` reports)
+   and, with `selection = in-fold`, each CV fold's training rows — pooled standardization,
+   LASSO selection (L1-logistic or the authors' squared-loss Lasso), chi2 / binned-MI
+   screening (order per `screen-order`), then per fold an L2 logistic regression.
+   All units advance together, one Flower round per step.
+4. Sites score their patients with the fold models (out-of-fold at training sites, mean
+   of the fold models at external ones); the scores stay at the sites, and the pooled AUC
+   comes from coarsened label-stratified histograms, with its bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.progress import report_round
+from server.rounds import SitesChanged, drive, pack
+from server.transport import Reply, Transport
+from shared import icc, lasso, logistic, roc, schema, screening
+from shared.config import ConfigError, StudyConfig
+from shared.federated import Solver
+from shared.standardize import Scaling, Standardize
+
+log = logging.getLogger("feddlr")
+STAGE = "radiomics"
+
+
+CONFIG_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "radiomics-params": ("params", str), "radiomics-workers": ("workers", int),
+    "icc-threshold": ("icc_threshold", float), "lasso-loss": ("lasso_loss", str),
+    "lasso-C": ("lasso_C", float), "lasso-alpha": ("lasso_alpha", float),
+    "screen": ("screen", str), "screen-percentile": ("screen_percentile", float),
+    "screen-order": ("screen_order", str), "mi-bins": ("mi_bins", int),
+    "lr-C": ("lr_C", float), "cv-folds": ("cv_folds", int),
+    "selection": ("selection", str), "seed": ("seed", int),
+}
+
+
+@dataclass(frozen=True)
+class RadiomicsConfig:
+    params: str = ""  # a pyradiomics params YAML; "" = the paper's
+    workers: int = 0  # extraction processes per site; 0 = the site's CPU count
+    icc_threshold: float = icc.DEFAULT_THRESHOLD
+    lasso_loss: str = "logistic"  # logistic (L1-logistic, lasso-C) | squared (Lasso, lasso-alpha)
+    lasso_C: float = 0.1
+    lasso_alpha: float = 0.02
+    screen: str = "chi2"  # chi2 | mi
+    screen_percentile: float = 50.0
+    screen_order: str = "lasso-first"  # lasso-first | screen-first
+    mi_bins: int = 4
+    lr_C: float = 1.0
+    cv_folds: int = 10
+    selection: str = "in-fold"  # in-fold | paper (select once on all training rows)
+    seed: int = 0
+    bins: int = roc.DEFAULT_BINS
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> RadiomicsConfig:
+        values = {}
+        for key, (attr, parse) in CONFIG_KEYS.items():
+            if key in extra:
+                try:
+                    values[attr] = parse(extra[key])
+                except (TypeError, ValueError) as err:
+                    raise ConfigError(f"run config {key}: {err}") from err
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        choices = {"lasso-loss": (self.lasso_loss, ("logistic", "squared")),
+                   "screen": (self.screen, ("chi2", "mi")),
+                   "screen-order": (self.screen_order, ("lasso-first", "screen-first")),
+                   "selection": (self.selection, ("in-fold", "paper"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"run config {key}: {value!r} is not one of {list(allowed)}")
+        if self.cv_folds < 2:
+            raise ConfigError("run config cv-folds must be >= 2")
+        if not 0 < self.screen_percentile <= 100:
+            raise ConfigError("run config screen-percentile must be in (0, 100]")
+        if self.lasso_C <= 0 or self.lasso_alpha <= 0 or self.lr_C <= 0:
+            raise ConfigError("run config lasso-C, lasso-alpha and lr-C must be > 0")
+
+
+@dataclass
+class Designed:
+    """A solver whose queries also say which rows and columns, standardized how."""
+
+    solver: Solver
+    design: dict[str, Any]
+    gradient_only: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.solver.done
+
+    @property
+    def rounds(self) -> int:
+        return self.solver.rounds
+
+    def query(self) -> dict[str, Any]:
+        return {**self.design, **self.solver.query()}
+
+    def update(self, reply: dict[str, np.ndarray]) -> None:
+        self.solver.update(reply)
+
+
+class RadiomicsError(RuntimeError):
+    """The stage cannot run (no training site, no common features, …)."""
+
+
+def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
+    rc = RadiomicsConfig.from_extra(config.extra)
+    context = {"task": config.task, "radiomics-params": rc.params, "workers": rc.workers}
+    names, roles, extracted, with_reader2 = _extract(transport, context, sites)
+    train = [s for s in extracted if "train" in roles[s]]
+    external = [s for s in extracted if "external" in roles[s] and s not in train]
+    if not train:
+        raise RadiomicsError("no training site could serve the radiomics stage")
+    setup = dict(context, names=names, **{"cv-folds": rc.cv_folds, "seed": rc.seed})
+    _ask(transport, schema.RADIOMICS_COLUMNS, setup, train + external, "columns")
+
+    fit = RadiomicsFit(transport, context, train, names, rc,
+                       [s for s in with_reader2 if s in train])
+    result = fit.run()
+    result.update(_score(transport, context, train, external, fit, rc))
+    result["sites"] = {s: {"status": "ok", "role": "train" if s in train else "external"}
+                       for s in train + external}
+    for s in sites:
+        if s not in result["sites"]:
+            result["sites"][s] = {"status": "failed", "reason": "no features"}
+    return result
+
+
+def _ask(transport: Transport, action: str, query: dict, sites: list[str],
+         what: str) -> dict[str, Reply]:
+    replies = transport.ask(action, query, sites)
+    report_round(f"{STAGE}:{what}", 1, 1, replies)
+    bad = {s: r for s, r in replies.items() if not r.ok}
+    if bad:
+        raise SitesChanged(replies, {})
+    return replies
+
+
+def _extract(transport: Transport, context: dict, sites: list[str],
+             ) -> tuple[list[str], dict[str, list[str]], list[str], list[str]]:
+    replies = transport.ask(schema.RADIOMICS_EXTRACT, context, sites)
+    report_round(STAGE, 1, 0, replies)
+    ok = [s for s in sites if replies[s].ok and "features.names" in replies[s].payload]
+    reader2 = {s: int(np.asarray(replies[s].payload["counts.n_reader2"]).reshape(-1)[0])
+               for s in ok}
+    if not ok:
+        raise RadiomicsError("no site could extract or read radiomics features: " + "; ".join(
+            f"{s}: {r.reason}" for s, r in replies.items()))
+    lists = {s: list(replies[s].payload["features.names"]) for s in ok}
+    common = set.intersection(*(set(v) for v in lists.values()))
+    names = [n for n in lists[ok[0]] if n in common]
+    if not names:
+        raise RadiomicsError("the sites have no radiomics feature in common")
+    roles = {s: list(replies[s].payload.get("features.roles", ["train"])) for s in ok}
+    log.info("[%s] %d features common to %d sites", STAGE, len(names), len(ok))
+    return names, roles, ok, [s for s in ok if reader2[s] != 0]
+
+
+class RadiomicsFit:
+    """ICC filter, then per fit unit: scaling → LASSO ↔ screening → (per fold) L2 LR."""
+
+    def __init__(self, transport: Transport, context: dict, sites: list[str],
+                 names: list[str], rc: RadiomicsConfig, reader2_sites: list[str]) -> None:
+        self.transport, self.context, self.sites = transport, context, sites
+        self.names, self.rc, self.reader2_sites = names, rc, reader2_sites
+        self.folds = [f"f{k}" for k in range(rc.cv_folds)]
+        self.scaled_units = ["all", *self.folds]
+        self.units = ["all", *self.folds] if rc.selection == "in-fold" else ["all"]
+        self.rounds: dict[str, int] = {}
+        self.scaled = np.arange(len(names))  # agreed-name indices every scaling covers
+        self.models: dict[str, dict[str, Any]] = {}
+
+    def rows(self, unit: str) -> dict[str, Any]:
+        if unit == "all":
+            return {"rows": "train"}
+        return {"rows": "train-fold", "fold": int(unit[1:])}
+
+    def drive(self, solvers: Mapping[str, Designed], what: str,
+              fallback: Callable[[str], Designed] | None = None,
+              sites: list[str] | None = None) -> dict[str, Designed]:
+        """Drive to the end and return the solvers; a unit whose p×p matrix a site refuses
+        restarts in gradient-only mode (the same optimum, more rounds)."""
+        solvers = dict(solvers)
+        while True:
+            try:
+                self.rounds[what] = self.rounds.get(what, 0) + drive(
+                    self.transport, schema.RADIOMICS_STEP, solvers, sites or self.sites,
+                    self.context, f"{STAGE}:{what}")
+                return solvers
+            except SitesChanged as err:
+                if err.failed or fallback is None or not err.refused:
+                    raise
+                for key, by_site in err.refused.items():
+                    if solvers[key].gradient_only:
+                        raise
+                    log.info("[%s] %s: %s refused p×p matrices (%s); gradient-only rounds",
+                             STAGE, key, ", ".join(by_site), next(iter(by_site.values())))
+                    solvers[key] = fallback(key)
+
+    def run(self) -> dict[str, Any]:
+        kept, icc_block = self.icc_filter()
+        self.scaled = kept
+        scaling = self.standardize()
+        columns = {u: kept[scaling[u].keep] for u in self.scaled_units}
+        selection: dict[str, dict[str, Any]] = {u: {} for u in self.units}
+        steps = ["lasso", "screen"] if self.rc.screen_order == "lasso-first" else \
+            ["screen", "lasso"]
+        for step in steps:
+            chosen = (self.lasso if step == "lasso" else self.screen)(columns, scaling,
+                                                                       selection)
+            columns.update(chosen)
+        fold_columns = {f: columns[f if self.rc.selection == "in-fold" else "all"]
+                        for f in self.folds}
+        self.models = self.logistic(fold_columns, scaling)
+        return self.results(icc_block, scaling, selection, columns)
+
+    # -- steps -------------------------------------------------------------------------
+    def icc_filter(self) -> tuple[np.ndarray, dict[str, Any]]:
+        everything = np.arange(len(self.names))
+        if not self.reader2_sites:
+            return everything, {"status": "skipped",
+                                "reason": "no training site has reader-2 masks (mri_mask_r2)"}
+        sites = list(self.reader2_sites)
+        while sites:
+            solver = Designed(icc.ICC(), {"rows": "readers"})
+            try:
+                self.drive({"icc": solver}, "icc", sites=sites)
+                break
+            except SitesChanged as err:
+                if err.failed:
+                    raise
+                refusing = set(err.refused.get("icc", {}))
+                log.info("[%s] ICC: %s refused (%s); ICC over the other sites", STAGE,
+                         ", ".join(sorted(refusing)), err)
+                sites = [s for s in sites if s not in refusing]
+        if not sites:
+            return everything, {"status": "skipped",
+                                "reason": "every site with reader-2 masks refused (policy)"}
+        values = solver.solver.result.icc
+        keep = icc.icc_filter(values, self.rc.icc_threshold).keep
+        log.info("[%s] ICC(2,1) > %.2f keeps %d of %d features (%s)", STAGE,
+                 self.rc.icc_threshold, int(keep.sum()), len(keep), ", ".join(sites))
+        return everything[keep], {"threshold": self.rc.icc_threshold, "sites": sites,
+                                  "values": dict(zip(self.names, values.tolist(), strict=True)),
+                                  "kept": int(keep.sum())}
+
+    def standardize(self) -> dict[str, Scaling]:
+        solvers = {f"{u}.std": Designed(Standardize(), {**self.rows(u), "columns": self.scaled})
+                   for u in self.scaled_units}
+        solvers = self.drive(solvers, "standardize")
+        return {u: solvers[f"{u}.std"].solver.result for u in self.scaled_units}
+
+    def _z(self, unit: str, scaling: Mapping[str, Scaling], cols: np.ndarray) -> dict[str, Any]:
+        """Design fields: the unit's rows, `cols` (agreed-name indices) z-scored with the
+        unit's pooled scaling."""
+        position = {c: i for i, c in enumerate(self.scaled)}
+        where = np.array([position[c] for c in cols], dtype=np.int64)
+        scale = scaling[unit]
+        return {**self.rows(unit), "columns": np.asarray(cols, dtype=np.int64),
+                "center": scale.mean[where], "scale": scale.scale[where]}
+
+    def lasso(self, columns: dict[str, np.ndarray], scaling: Mapping[str, Scaling],
+              selection: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+        def make(unit: str, hessian: bool = True) -> Designed:
+            p = len(columns[unit])
+            solver = (logistic.solver(self.rc.lasso_C, "l1", p, hessian=hessian)
+                      if self.rc.lasso_loss == "logistic"
+                      else lasso.solver(self.rc.lasso_alpha, p, hessian=hessian))
+            return Designed(solver, self._z(unit, scaling, columns[unit]),
+                            gradient_only=not hessian)
+
+        solvers = {f"{u}.lasso": make(u) for u in self.units if len(columns[u])}
+        solvers = self.drive(solvers, "lasso", lambda key: make(key.split(".")[0], False))
+        out = {}
+        for unit in self.units:
+            key = f"{unit}.lasso"
+            if key not in solvers:
+                continue
+            fit = solvers[key].solver.fit
+            keep = fit.coef != 0
+            penalty = ({"C": self.rc.lasso_C} if self.rc.lasso_loss == "logistic"
+                       else {"alpha": self.rc.lasso_alpha})
+            selection[unit]["lasso"] = {
+                "loss": self.rc.lasso_loss, **penalty,
+                "coef": {self.names[c]: float(w) for c, w in zip(columns[unit], fit.coef,
+                                                                 strict=True)},
+                "intercept": fit.intercept,
+                "selected": [self.names[c] for c in columns[unit][keep]],
+                "rounds": fit.rounds, "mode": fit.mode, "converged": fit.converged,
+            }
+            out[unit] = columns[unit][keep]
+        return out
+
+    def screen(self, columns: dict[str, np.ndarray], scaling: Mapping[str, Scaling],
+               selection: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+        cuts = screening.grid(self.rc.mi_bins)
+        queries = {}
+        for unit in self.units:
+            if len(columns[unit]):
+                queries[unit] = {**self._z(unit, scaling, columns[unit]),
+                                 "method": self.rc.screen, "cuts": cuts}
+        if not queries:
+            return {}
+        replies = self.transport.ask(schema.RADIOMICS_SCREEN, pack(self.context, queries),
+                                     self.sites)
+        report_round(f"{STAGE}:screen", 1, 1, replies)
+        if any(not r.ok for r in replies.values()):
+            raise SitesChanged(replies, {})
+        out = {}
+        for unit, query in queries.items():
+            scores, refused = self._scores(unit, len(query["columns"]), replies)
+            keep = screening.select_percentile(scores, self.rc.screen_percentile)
+            selection[unit]["screen"] = {
+                "method": self.rc.screen, "percentile": self.rc.screen_percentile,
+                "scores": {self.names[c]: _num(v) for c, v in zip(columns[unit], scores,
+                                                                   strict=True)},
+                "selected": [self.names[c] for c in columns[unit][keep]],
+                "refused_features": [self.names[c] for c in columns[unit][refused]],
+            }
+            out[unit] = columns[unit][keep]
+        return out
+
+    def _scores(self, unit: str, p: int,
+                replies: Mapping[str, Reply]) -> tuple[np.ndarray, np.ndarray]:
+        payloads = [r.payload for r in replies.values()]
+        if self.rc.screen == "chi2":
+            if any(f"{unit}.count" not in pl for pl in payloads):
+                return np.full(p, np.nan), np.ones(p, dtype=bool)
+            count = np.sum([pl[f"{unit}.count"] for pl in payloads], axis=0)
+            sums = np.sum([pl[f"{unit}.sum"] for pl in payloads], axis=0)
+            return screening.combine_chi2(count, sums)[0], np.zeros(p, dtype=bool)
+        scores, refused = np.full(p, np.nan), np.zeros(p, dtype=bool)
+        for j in range(p):
+            tables = [pl.get(f"{unit}.f{j}.count") for pl in payloads]
+            if any(t is None for t in tables):
+                refused[j] = True  # a site's min_cell_count refused this feature's table
+                continue
+            scores[j] = screening.mutual_information(np.sum(tables, axis=0)[None])[0]
+        return scores, refused
+
+    def logistic(self, columns: Mapping[str, np.ndarray],
+                 scaling: Mapping[str, Scaling]) -> dict[str, dict[str, Any]]:
+        def make(fold: str, hessian: bool = True) -> Designed:
+            return Designed(logistic.solver(self.rc.lr_C, "l2", len(columns[fold]),
+                                            hessian=hessian),
+                            self._z(fold, scaling, columns[fold]), gradient_only=not hessian)
+
+        solvers = {f"{f}.lr": make(f) for f in self.folds}
+        solvers = self.drive(solvers, "logistic", lambda key: make(key.split(".")[0], False))
+        models = {}
+        for fold in self.folds:
+            fit = solvers[f"{fold}.lr"].solver.fit
+            design = solvers[f"{fold}.lr"].design
+            models[fold] = {"columns": columns[fold], "center": design["center"],
+                            "scale": design["scale"], "coef": fit.coef,
+                            "intercept": fit.intercept, "rounds": fit.rounds}
+        return models
+
+    def results(self, icc_block: dict, scaling: Mapping[str, Scaling],
+                selection: dict[str, dict[str, Any]],
+                columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        everything = scaling["all"]
+        names = [self.names[c] for c in self.scaled]
+        folds = []
+        for fold in self.folds:
+            model = self.models[fold]
+            folds.append({
+                "fold": int(fold[1:]),
+                "features": [self.names[c] for c in model["columns"]],
+                "coef": {self.names[c]: float(w) for c, w in zip(model["columns"],
+                                                                 model["coef"], strict=True)},
+                "intercept": float(model["intercept"]),
+                "lasso_selected": selection.get(fold, {}).get("lasso", {}).get("selected"),
+            })
+        lasso_all = selection["all"].get("lasso", {})
+        return {
+            "features": {"n_extracted": len(self.names), "names_sample": self.names[:5]},
+            "icc": icc_block.get("values", icc_block),
+            "icc_filter": {k: v for k, v in icc_block.items() if k != "values"},
+            "standardization": {
+                "mean": dict(zip(names, everything.mean.tolist(), strict=True)),
+                "std": dict(zip(names, everything.scale.tolist(), strict=True)),
+                "dropped": {self.names[self.scaled[j]]: why
+                            for j, why in everything.dropped.items()},
+            },
+            "lasso": lasso_all,
+            "screen": selection["all"].get("screen", {}),
+            "selected": [self.names[c] for c in columns["all"]],
+            "selection": self.rc.selection,
+            "folds": folds,
+            "rounds": self.rounds,
+        }
+
+
+def _score(transport: Transport, context: dict, train: list[str], external: list[str],
+           fit: RadiomicsFit, rc: RadiomicsConfig) -> dict[str, Any]:
+    query: dict[str, Any] = dict(context, n_models=len(fit.folds), bins=rc.bins)
+    for k, fold in enumerate(fit.folds):
+        model = fit.models[fold]
+        for field in ("columns", "center", "scale", "coef"):
+            query[f"fold{k}.{field}"] = np.asarray(model[field])
+        query[f"fold{k}.intercept"] = float(model["intercept"])
+    replies = transport.ask(schema.RADIOMICS_SCORE, query, train + external)
+    report_round(f"{STAGE}:score", 1, 1, replies)
+    out: dict[str, Any] = {"auc": {}}
+    for name, group in (("train_oof", train), ("external", external)):
+        if group:
+            out["auc"][name] = _auc({s: replies[s] for s in group if replies[s].ok})
+    out["auc"]["sites"] = {s: _auc({s: replies[s]}) for s in train + external if replies[s].ok}
+    out["auc"]["grid"] = {"bins": rc.bins, "method": "coarsened label-stratified histograms"}
+    return out
+
+
+def _auc(replies: Mapping[str, Reply]) -> dict[str, Any]:
+    """Pooled AUC over the sites that released both labels' histograms; `sites_missing`
+    names a site whose policy refused one (e.g. fewer than min_patients of a label), left
+    out whole so that the AUC is that of a well-defined set of patients."""
+    cells: dict[int, list] = {0: [], 1: []}
+    missing = set()
+    for site, reply in replies.items():
+        p = reply.payload
+        if not all(f"hist{label}.count" in p for label in (0, 1)):
+            missing.add(site)
+            continue
+        for label in (0, 1):
+            cells[label].append((p[f"hist{label}.first"], p[f"hist{label}.last"],
+                                 p[f"hist{label}.count"]))
+    if not cells[0] or not cells[1]:
+        return {"auc": None, "reason": "a label's histogram was refused or absent",
+                "sites_missing": sorted(missing)}
+    result = roc.combine_auc(cells[0], cells[1])
+    return {"auc": _num(result.auc), "bound": [_num(result.lower), _num(result.upper)],
+            "n": list(result.n), "sites_missing": sorted(missing)}
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)

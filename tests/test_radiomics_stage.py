@@ -1,0 +1,157 @@
+"""The radiomics stage on sites that hold only features.csv (scikit-learn's Wisconsin
+breast-cancer features, image-derived), through the in-process transport, against
+scikit-learn on the pooled rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from server.transport import InProcessTransport
+from server.workflow import run_study
+from shared.config import StudyConfig
+from shared.folds import stratified_folds
+from tests.splits import non_iid_split, wisconsin
+
+FOLDS, SEED, LASSO_C, LR_C = 5, 3, 0.05, 0.5
+
+
+def write_feature_site(root: Path, site_id: str, rows: pd.DataFrame, **privacy) -> Path:
+    folder = root / site_id
+    folder.mkdir(parents=True)
+    policy = {"min_patients": 10, "min_cell_count": 3, **privacy}
+    (folder / "site.yaml").write_text(yaml.safe_dump(
+        {"site_id": site_id, "roles": ["train"], "time_unit": "days", "privacy": policy}))
+    rows[["patient_id", "label"]].to_csv(folder / "clinical.csv", index=False)
+    rows.drop(columns=["label"]).to_csv(folder / "features.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("radiomics")
+    frame = wisconsin()
+    frame.insert(0, "patient_id", [f"w{i:04d}" for i in range(len(frame))])
+    parts = non_iid_split(frame, by="mean area", n_sites=3, seed=2)
+    folders = [write_feature_site(root / "sites", f"site-{i + 1}", p)
+               for i, p in enumerate(parts)]
+    config = StudyConfig(out_dir=str(root / "out"), task="label", stages=("radiomics",),
+                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
+                                "lr-C": LR_C, "selection": "paper", "screen": "chi2",
+                                "screen-percentile": 50.0})
+    results = run_study(InProcessTransport(folders), config)
+    return {"results": results["radiomics"], "parts": parts, "frame": frame}
+
+
+def features(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c not in ("patient_id", "label")]
+
+
+def test_pooled_standardization_matches_standard_scaler(study: dict) -> None:
+    names = features(study["frame"])
+    scaler = StandardScaler().fit(pd.concat(study["parts"])[names])
+    std = study["results"]["standardization"]
+    np.testing.assert_allclose([std["mean"][n] for n in names], scaler.mean_, rtol=1e-9)
+    np.testing.assert_allclose([std["std"][n] for n in names], scaler.scale_, rtol=1e-9)
+
+
+def test_lasso_matches_pooled_l1_logistic(study: dict) -> None:
+    names = features(study["frame"])
+    pooled = pd.concat(study["parts"])
+    z = StandardScaler().fit_transform(pooled[names])
+    ref = LogisticRegression(l1_ratio=1.0, penalty="l1", C=LASSO_C, solver="saga",
+                             tol=1e-12, max_iter=200_000).fit(z, pooled.label)
+    lasso = study["results"]["lasso"]
+    np.testing.assert_allclose([lasso["coef"][n] for n in names], ref.coef_[0], atol=2e-6)
+    assert lasso["selected"] == [n for n, w in zip(names, ref.coef_[0], strict=True) if w != 0]
+
+
+def test_fold_models_match_pooled_lbfgs_on_the_same_folds(study: dict) -> None:
+    results, parts = study["results"], study["parts"]
+    chosen = results["selected"]
+    folds = [stratified_folds(p.label.to_numpy(), FOLDS, SEED, f"site-{i + 1}")
+             for i, p in enumerate(parts)]
+    oof_scores, oof_labels = [], []
+    for k in range(FOLDS):
+        train = pd.concat([p[f != k] for p, f in zip(parts, folds, strict=True)])
+        test = pd.concat([p[f == k] for p, f in zip(parts, folds, strict=True)])
+        scaler = StandardScaler().fit(train[chosen])
+        ref = LogisticRegression(C=LR_C, tol=1e-12, max_iter=10_000).fit(
+            scaler.transform(train[chosen]), train.label)
+        fold = results["folds"][k]
+        assert fold["features"] == chosen
+        np.testing.assert_allclose([fold["coef"][n] for n in chosen], ref.coef_[0], atol=1e-6)
+        assert fold["intercept"] == pytest.approx(ref.intercept_[0], abs=1e-6)
+        oof_scores.append(ref.predict_proba(scaler.transform(test[chosen]))[:, 1])
+        oof_labels.append(test.label.to_numpy())
+    auc = results["auc"]["train_oof"]
+    # a site with fewer than min_patients (10) patients of a label refuses its histogram
+    small = [f"site-{i + 1}" for i, p in enumerate(parts) if p.label.value_counts().min() < 10]
+    assert auc["sites_missing"] == small
+    released = [i for i, p in enumerate(parts) if f"site-{i + 1}" not in small]
+    labels = np.concatenate(oof_labels)
+    scores = np.concatenate(oof_scores)
+    site_of = np.concatenate([np.concatenate([np.full(int(np.sum(f == k)), i)
+                                              for i, f in enumerate(folds)])
+                              for k in range(FOLDS)])
+    keep = np.isin(site_of, released)
+    truth = roc_auc_score(labels[keep], scores[keep])
+    assert auc["bound"][0] <= truth <= auc["bound"][1]
+    assert auc["n"] == [int(np.sum(labels[keep] == 0)), int(np.sum(labels[keep] == 1))]
+
+
+def test_icc_is_skipped_without_reader_two(study: dict) -> None:
+    assert "reader-2" in study["results"]["icc"]["reason"]
+
+
+def test_sites_refusing_pxp_matrices_reach_the_same_lasso(tmp_path: Path, study: dict) -> None:
+    parts = study["parts"]
+    folders = [write_feature_site(tmp_path / "sites", f"site-{i + 1}", p,
+                                  max_feature_ratio=0.01 if i == 1 else 0.33)
+               for i, p in enumerate(parts)]
+    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
+                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
+                                "lr-C": LR_C, "selection": "paper"})
+    results = run_study(InProcessTransport(folders), config)["radiomics"]
+    assert results["lasso"]["mode"] == "gradient"
+    assert study["results"]["lasso"]["mode"] == "newton"
+    names = features(study["frame"])
+    np.testing.assert_allclose([results["lasso"]["coef"][n] for n in names],
+                               [study["results"]["lasso"]["coef"][n] for n in names], atol=1e-6)
+    for ours, newton in zip(results["folds"], study["results"]["folds"], strict=True):
+        np.testing.assert_allclose(list(ours["coef"].values()), list(newton["coef"].values()),
+                                   atol=1e-6)
+    audit = (folders[1] / "audit" / "egress.jsonl").read_text()
+    assert "max_feature_ratio" in audit
+
+
+def test_in_fold_selection_selects_inside_each_fold(tmp_path: Path, study: dict) -> None:
+    parts = study["parts"]
+    folders = [write_feature_site(tmp_path / "sites", f"site-{i + 1}", p)
+               for i, p in enumerate(parts)]
+    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
+                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
+                                "lr-C": LR_C, "selection": "in-fold", "screen": "mi",
+                                "screen-percentile": 60.0})
+    results = run_study(InProcessTransport(folders), config)["radiomics"]
+    names = features(study["frame"])
+    folds = [stratified_folds(p.label.to_numpy(), FOLDS, SEED, f"site-{i + 1}")
+             for i, p in enumerate(parts)]
+    for k in range(FOLDS):
+        train = pd.concat([p[f != k] for p, f in zip(parts, folds, strict=True)])
+        z = StandardScaler().fit_transform(train[names])
+        ref = LogisticRegression(penalty="l1", C=LASSO_C, solver="saga", tol=1e-12,
+                                 max_iter=200_000).fit(z, train.label)
+        lasso_selected = [n for n, w in zip(names, ref.coef_[0], strict=True) if w != 0]
+        fold = results["folds"][k]
+        assert fold["lasso_selected"] == lasso_selected
+        assert set(fold["features"]) <= set(lasso_selected)
+        assert 0 < len(fold["features"]) <= len(lasso_selected)
+    assert results["screen"]["method"] == "mi"
