@@ -11,6 +11,7 @@ them are sent.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from shared.schema import Payload, nest
 
 PARAMS = Path(__file__).resolve().parent.parent / "shared" / "radiomics_params.yaml"
 MODEL = "radiomics"
+SOURCE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
 @dataclass
@@ -97,16 +99,27 @@ def radiomics_columns(session: SiteSession, query: Payload) -> list[Statistic]:
     if "train" in session.site.config.roles:
         data.folds = stratified_folds(data.y, int(query["cv-folds"]), int(query["seed"]),
                                       session.site_id)
-    _save_state(session, str(query.get("run_id", "")), data)
+    save_state(session, str(query.get("run_id", "")), data)
     return [Statistic("rows", {"n": len(data.y)}, n=len(data.y))]
 
 
-def _state_path(session: SiteSession, run_id: str) -> Path:
-    return session.site.root / "cache" / "radiomics" / f"run-{run_id or 'local'}.npz"
+def source_of(query: Payload) -> str:
+    """Whose rows a query is about: `radiomics` (default) or another feature table fitted
+    with the same machinery (`dsfr`, whose rows client.training keeps here)."""
+    source = str(query.get("source", MODEL) or MODEL)
+    if not SOURCE_PATTERN.match(source):
+        raise ValueError(f"bad feature source {source!r}")
+    return source
 
 
-def _save_state(session: SiteSession, run_id: str, data: RadiomicsData) -> None:
-    path = _state_path(session, run_id)
+def _state_path(session: SiteSession, run_id: str, source: str = MODEL) -> Path:
+    return session.site.root / "cache" / source / f"run-{run_id or 'local'}.npz"
+
+
+def save_state(session: SiteSession, run_id: str, data: RadiomicsData,
+               source: str = MODEL) -> None:
+    """Keep a stage's rows at the site for the later rounds (any process)."""
+    path = _state_path(session, run_id, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"patients": np.asarray(data.patients, dtype=str), "r1": data.r1, "y": data.y}
     if data.r2 is not None:
@@ -114,15 +127,15 @@ def _save_state(session: SiteSession, run_id: str, data: RadiomicsData) -> None:
     if data.folds is not None:
         arrays["folds"] = data.folds
     np.savez(path, **arrays)
-    session.cache[f"radiomics.{run_id}"] = data
+    session.cache[f"{source}.{run_id}"] = data
 
 
 def state(session: SiteSession, query: Payload) -> RadiomicsData:
     """The stage's rows, from this process's memory or from the site's disk."""
-    run_id = str(query.get("run_id", ""))
-    key = f"radiomics.{run_id}"
+    run_id, source = str(query.get("run_id", "")), source_of(query)
+    key = f"{source}.{run_id}"
     if key not in session.cache:
-        path = _state_path(session, run_id)
+        path = _state_path(session, run_id, source)
         if not path.is_file():
             raise ValueError("radiomics rows not set up for this run (no radiomics_columns)")
         with np.load(path) as saved:
@@ -134,18 +147,19 @@ def state(session: SiteSession, query: Payload) -> RadiomicsData:
 
 def radiomics_step(session: SiteSession, query: Payload) -> list[Statistic]:
     """One solver round for every fold's fit (standardization, ICC, LASSO, screening, LR)."""
-    return rounds.solver_step(session, query, design)
+    source = source_of(query)
+    return rounds.solver_step(session, query, lambda s, q: design(s, {**q, "source": source}))
 
 
 def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) for one solver query: rows `train` (all), `train-fold` (not in `fold`) or
-    `readers` (patients with both masks, x as n × 2 × p); columns by index into the agreed
+    `readers` (patients with both masks, x as 2 readers × n × p); columns by index into the agreed
     names; z-scored when the query carries `center` and `scale`."""
     data = state(session, q)
     rows = _rows(data, q)
     columns = np.asarray(q["columns"], dtype=np.int64) if "columns" in q else slice(None)
     if q.get("rows") == "readers":
-        pair = np.stack([data.r1[rows][:, columns], data.r2[rows][:, columns]], axis=1)
+        pair = np.stack([data.r1[rows][:, columns], data.r2[rows][:, columns]])
         return pair, data.y[rows]
     x = data.r1[rows][:, columns]
     if "center" in q:
@@ -185,7 +199,8 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
     else:
         scores = per_model.mean(axis=0)
         kind = "external"
-    _save_predictions(session, str(query.get("run_id", "run")), data, scores, kind)
+    _save_predictions(session, str(query.get("run_id", "run")), data, scores, kind,
+                      source_of(query))
     hist = roc.local_histogram(scores, data.y, roc.grid(int(query.get("bins", roc.DEFAULT_BINS))))
     min_cell = session.site.config.privacy.min_cell_count
     out = []
@@ -204,12 +219,12 @@ def _predict(r1: np.ndarray, model: Payload) -> np.ndarray:
 
 
 def _save_predictions(session: SiteSession, run_id: str, data: RadiomicsData,
-                      scores: np.ndarray, kind: str) -> None:
+                      scores: np.ndarray, kind: str, source: str = MODEL) -> None:
     folder = session.site.root / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame({"patient_id": data.patients, "model": MODEL, "score": scores,
+    frame = pd.DataFrame({"patient_id": data.patients, "model": source, "score": scores,
                           "kind": kind})
-    frame.to_csv(folder / f"{MODEL}-{run_id}.csv", index=False)
+    frame.to_csv(folder / f"{source}-{run_id}.csv", index=False)
 
 
 def _params(query: Payload) -> Path:
@@ -227,7 +242,8 @@ def radiomics_screen(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     out = []
     for key in query.get("solvers", []):
-        q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""))
+        q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""),
+                 source=source_of(query))
         x, y = design(session, q)
         if q["method"] == "chi2":
             terms = screening.local_class_sums(screening.unit_range(x), y)

@@ -17,8 +17,8 @@ from shared import glm, icc, standardize
 from shared.federated import Query, Refused, Reply
 from shared.schema import Payload, nest
 
-# A design builds (x, y) for one solver query: x (n × p) — or (n × 2 × p) reader pairs for
-# ICC — and the 0/1 labels y of the same rows.
+# A design builds (x, y) for one solver query: x (n × p) — or (2 readers × n × p) for ICC —
+# and the 0/1 labels y of the same rows.
 Design = Callable[[SiteSession, Query], tuple[np.ndarray, np.ndarray]]
 SiteHalf = Callable[[np.ndarray, np.ndarray, Query, SiteSession], Reply]
 
@@ -48,7 +48,7 @@ def solver_step(session: SiteSession, query: Payload, design: Design) -> list[St
     """Answer every solver query in `query` with its site half on its design."""
     out = []
     for key in query.get("solvers", []):
-        q = nest(query, f"q.{key}")
+        q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""))
         family = str(q.get("step", "")).split(".", 1)[0]
         half = SITE_HALVES.get(family)
         if half is None:

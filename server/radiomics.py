@@ -381,12 +381,15 @@ class RadiomicsFit:
         folds = []
         for fold in self.folds:
             model = self.models[fold]
+            features = [self.names[c] for c in model["columns"]]
             folds.append({
                 "fold": int(fold[1:]),
-                "features": [self.names[c] for c in model["columns"]],
+                "features": features,
                 "coef": {self.names[c]: float(w) for c, w in zip(model["columns"],
                                                                  model["coef"], strict=True)},
                 "intercept": float(model["intercept"]),
+                "center": dict(zip(features, np.asarray(model["center"]).tolist(), strict=True)),
+                "scale": dict(zip(features, np.asarray(model["scale"]).tolist(), strict=True)),
                 "lasso_selected": selection.get(fold, {}).get("lasso", {}).get("selected"),
             })
         lasso_all = selection["all"].get("lasso", {})

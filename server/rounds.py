@@ -25,11 +25,13 @@ SOLVERS = "solvers"  # query key: the solver keys this round carries
 class SitesChanged(RuntimeError):
     """Some sites did not answer a round (or refused a solver's query)."""
 
-    def __init__(self, replies: Mapping[str, Reply], refused: Mapping[str, str]) -> None:
+    def __init__(self, replies: Mapping[str, Reply],
+                 refused: Mapping[str, dict[str, str]]) -> None:
         self.failed = {s: r for s, r in replies.items() if not r.ok}
-        self.refused = dict(refused)
+        self.refused = {key: dict(by_site) for key, by_site in refused.items()}  # key → site → why
         parts = [f"{s}: {r.status} ({r.reason})" for s, r in self.failed.items()]
-        parts += [f"{s}: refused {why}" for s, why in self.refused.items()]
+        parts += [f"{s} refused {key}: {why}" for key, by_site in self.refused.items()
+                  for s, why in by_site.items()]
         super().__init__("; ".join(parts))
 
 
@@ -65,11 +67,12 @@ def drive(transport: Transport, action: str, solvers: Mapping[str, Solver], site
     return rounds
 
 
-def _refusals(replies: Mapping[str, Reply], keys: Mapping[str, Any]) -> dict[str, str]:
-    out = {}
+def _refusals(replies: Mapping[str, Reply],
+              keys: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
     for site, reply in replies.items():
         for key in keys:
             reason = reply.payload.get(f"refused.{key}")
             if reason is not None:
-                out[site] = f"{key}: {reason}"
+                out.setdefault(key, {})[site] = str(reason)
     return out

@@ -155,3 +155,57 @@ def test_in_fold_selection_selects_inside_each_fold(tmp_path: Path, study: dict)
         assert set(fold["features"]) <= set(lasso_selected)
         assert 0 < len(fold["features"]) <= len(lasso_selected)
     assert results["screen"]["method"] == "mi"
+
+
+def test_external_site_is_never_fitted_on_and_scores_with_the_fold_mean(
+        tmp_path: Path, study: dict) -> None:
+    parts = study["parts"]
+    folders = [write_feature_site(tmp_path / "sites", f"site-{i + 1}", p)
+               for i, p in enumerate(parts)]
+    external = folders[2]
+    config_yaml = yaml.safe_load((external / "site.yaml").read_text())
+    config_yaml["roles"] = ["external"]
+    (external / "site.yaml").write_text(yaml.safe_dump(config_yaml))
+    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
+                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
+                                "lr-C": LR_C, "selection": "paper"})
+    results = run_study(InProcessTransport(folders), config)
+    radiomics = results["radiomics"]
+    names = features(study["frame"])
+    train = pd.concat(parts[:2])
+    scaler = StandardScaler().fit(train[names])
+    np.testing.assert_allclose([radiomics["standardization"]["mean"][n] for n in names],
+                               scaler.mean_, rtol=1e-9)  # fitted on the training sites only
+    assert radiomics["sites"]["site-3"]["role"] == "external"
+    (saved,) = (external / "predictions").glob("radiomics-*.csv")
+    kept = pd.read_csv(saved)
+    x = parts[2].set_index("patient_id").loc[kept.patient_id]
+    expected = np.mean([1 / (1 + np.exp(-(f["intercept"] + sum(
+        f["coef"][n] * (x[n] - f["center"][n]) / f["scale"][n] for n in f["features"]))))
+        for f in radiomics["folds"]], axis=0)
+    np.testing.assert_allclose(kept.score, expected, rtol=1e-9)
+    assert set(kept.kind) == {"external"}
+    assert radiomics["auc"]["external"]["n"] == [int((x.label == 0).sum()),
+                                                 int((x.label == 1).sum())]
+
+
+def test_squared_loss_lasso_matches_sklearn_lasso(tmp_path: Path, study: dict) -> None:
+    from sklearn.linear_model import Lasso
+
+    parts = study["parts"]
+    folders = [write_feature_site(tmp_path / "sites", f"site-{i + 1}", p)
+               for i, p in enumerate(parts)]
+    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
+                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-loss": "squared",
+                                "lasso-alpha": 0.01, "selection": "paper",
+                                "screen-order": "screen-first", "screen-percentile": 40.0})
+    radiomics = run_study(InProcessTransport(folders), config)["radiomics"]
+    names = features(study["frame"])
+    pooled = pd.concat(parts)
+    z = pd.DataFrame(StandardScaler().fit_transform(pooled[names]), columns=names)
+    screened = radiomics["screen"]["selected"]
+    assert len(screened) == int(len(names) * 0.4)
+    ref = Lasso(alpha=0.01, tol=1e-12, max_iter=100_000).fit(z[screened], pooled.label)
+    np.testing.assert_allclose([radiomics["lasso"]["coef"][n] for n in screened], ref.coef_,
+                               atol=1e-6)
+    assert radiomics["lasso"]["intercept"] == pytest.approx(ref.intercept_, abs=1e-6)
