@@ -26,10 +26,16 @@ from shared.schema import (
     Payload,
     Value,
     digest,
+    message_type,
     split_payload,
 )
 
 SUPPRESSED = -1  # a small count replaced before release (small-cell suppression)
+
+
+class PolicyRefusal(Exception):
+    """Raised by a handler when the site's policy forbids what the query asks as a whole
+    (e.g. survival times finer than the site's time_bin); the reply is `refused`."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,15 @@ class Statistic:
 
     `n` is the number of patients it is computed over (None for facts that are not computed
     from patients, e.g. software versions); `counts` names the entries that are count
-    tables, to which the cell rule applies.
+    tables, to which the cell rule applies. `refused` is set by a handler whose site half
+    the policy already forbade (e.g. a p×p matrix above max_feature_ratio).
     """
 
     name: str
     values: dict[str, Value]
     n: int | None
     counts: tuple[str, ...] = ()
+    refused: str | None = None
 
 
 @dataclass
@@ -93,6 +101,8 @@ class EgressGuard:
         return payload
 
     def _violation(self, stat: Statistic) -> str | None:
+        if stat.refused is not None:
+            return stat.refused
         if stat.n is not None and stat.n < self.policy.min_patients:
             return f"computed over fewer than min_patients ({self.policy.min_patients}) patients"
         for key in stat.counts:
@@ -128,7 +138,7 @@ class EgressGuard:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_id": run_id,
             "site_id": self.site_id,
-            "message_type": f"query.{action}",
+            "message_type": message_type(action),
             "status": payload.get("status"),
             "keys": sorted(payload),
             "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}

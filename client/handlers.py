@@ -3,13 +3,14 @@ load the folder → run the handler → egress guard (policy + audit) → payloa
 
 from __future__ import annotations
 
+import csv
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from client import cohort, handshake
-from client.guard import EgressGuard, Statistic
+from client.guard import EgressGuard, PolicyRefusal, Statistic
 from client.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
-from client.site import SiteError
+from client.site import CLINICAL_CSV, SiteError
 from shared import schema
 from shared.labels import TASKS
 from shared.policy import PrivacyPolicy
@@ -17,23 +18,82 @@ from shared.schema import Payload
 
 Handler = Callable[[SiteSession, Payload], list[Statistic]]
 
+
+def _lazy(module: str, name: str) -> Handler:
+    """`client.<module>.<name>`, imported on first use. In a deployment every message runs
+    in a fresh ClientApp process, so importing only the stage a query needs (not pyradiomics
+    for a cohort query) takes seconds off each round."""
+
+    def handler(session: SiteSession, query: Payload) -> list[Statistic]:
+        return getattr(importlib.import_module(f"client.{module}"), name)(session, query)
+
+    handler.__qualname__ = handler.__name__ = f"{module}.{name}"
+    return handler
+
+
 HANDLERS: dict[str, Handler] = {
-    schema.HANDSHAKE: handshake.handshake,
-    schema.COHORT_SUMS: cohort.cohort_sums,
-    schema.COHORT_SQUARES: cohort.cohort_squares,
+    schema.HANDSHAKE: _lazy("handshake", "handshake"),
+    schema.COHORT_SUMS: _lazy("cohort", "cohort_sums"),
+    schema.COHORT_SQUARES: _lazy("cohort", "cohort_squares"),
+    schema.RADIOMICS_EXTRACT: _lazy("radiomics", "radiomics_extract"),
+    schema.RADIOMICS_COLUMNS: _lazy("radiomics", "radiomics_columns"),
+    schema.RADIOMICS_STEP: _lazy("radiomics", "radiomics_step"),
+    schema.RADIOMICS_SCREEN: _lazy("radiomics", "radiomics_screen"),
+    schema.RADIOMICS_SCORE: _lazy("radiomics", "radiomics_score"),
+    schema.SURVIVAL_SETUP: _lazy("survival", "survival_setup"),
+    schema.SURVIVAL_COX: _lazy("survival", "survival_cox"),
+    schema.SURVIVAL_EVENTS: _lazy("survival", "survival_events"),
+    schema.SURVIVAL_PAIRS: _lazy("survival", "survival_pairs"),
+    schema.SURVIVAL_HISTOGRAMS: _lazy("survival", "survival_histograms"),
+    schema.SURVIVAL_BOUNDS: _lazy("survival", "survival_bounds"),
+    schema.TRAIN_SETUP: _lazy("training", "train_setup"),
+    schema.TRAIN_SCORE: _lazy("training", "train_score"),
+    schema.DSFR_FEATURES: _lazy("training", "dsfr_features"),
+    **{action: _lazy("training", "train_round" if action.startswith("train.")
+                     else "evaluate_round") for action in schema.TRAIN_ACTIONS},
 }
 
 
 def serve(site_root: Path, action: str, query: Payload, run_id: str = "") -> Payload:
-    """Answer one query. Always returns a payload with `status`; never raises for data."""
+    """Answer one query. Always returns a payload with `status`; never raises."""
+    try:
+        return _serve(Path(site_root), action, query, run_id)
+    except Exception as err:  # whatever a query or a folder does, the node keeps serving
+        return error_reply(Path(site_root), action, run_id,
+                           f"{action} failed: {type(err).__name__}: {err}")
+
+
+def error_reply(site_root: Path, action: str, run_id: str, reason: str) -> Payload:
+    """A `failed` reply through a guard that knows no policy beyond scrubbing: the site's
+    patient ids (read best-effort from clinical.csv) are replaced in `reason`, and the reply
+    is audited. If even the audit log cannot be written, the reply says only that."""
+    try:
+        return _fallback_guard(site_root).fail(action, run_id, reason)
+    except Exception as err:
+        return {"status": schema.STATUS_FAILED,
+                "reason": f"site cannot write its audit log ({type(err).__name__})"}
+
+
+def _fallback_guard(site_root: Path) -> EgressGuard:
+    ids: frozenset[str] = frozenset()
+    try:
+        with (site_root / CLINICAL_CSV).open(encoding="utf-8-sig", errors="replace") as fh:
+            rows = list(csv.reader(fh))
+        column = [c.strip() for c in rows[0]].index("patient_id") if rows else -1
+        ids = frozenset(r[column].strip() for r in rows[1:]
+                        if len(r) > column >= 0 and r[column].strip())
+    except (OSError, ValueError, csv.Error):
+        pass
+    return EgressGuard(site_root.name, PrivacyPolicy(), ids, site_root / AUDIT_DIR / EGRESS_LOG)
+
+
+def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload:
     task = str(query.get("task", "her2-positive"))
     needs = tuple(sorted({"clinical", *_names(query.get("needs", ""))}))
     try:
         session = open_session(str(site_root), task if task in TASKS else "her2-positive", needs)
     except (SiteError, ValueError) as err:
-        fallback = EgressGuard(site_root.name, PrivacyPolicy(), frozenset(),
-                               site_root / AUDIT_DIR / EGRESS_LOG)
-        return fallback.fail(action, run_id, _site_error_text(site_root, err))
+        return error_reply(site_root, action, run_id, _site_error_text(site_root, err))
     guard = session.guard
     if task not in TASKS:
         return guard.fail(action, run_id, f"unknown task {task!r}; known: {list(TASKS)}")
@@ -41,7 +101,9 @@ def serve(site_root: Path, action: str, query: Payload, run_id: str = "") -> Pay
     if handler is None:
         return guard.fail(action, run_id, f"unknown action {action!r}")
     try:
-        statistics = handler(session, query)
+        statistics = handler(session, dict(query, run_id=run_id))
+    except PolicyRefusal as err:
+        return guard.refuse(action, run_id, f"{session.site_id}: {err}")
     except Exception as err:
         return guard.fail(action, run_id, f"{action} failed at {session.site_id}: "
                                           f"{type(err).__name__}: {err}")

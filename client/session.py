@@ -8,9 +8,10 @@ own log, `<site>/audit/site.log`; the server is told counts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,7 @@ class SiteSession:
     site: Site
     guard: EgressGuard
     task: str
+    cache: dict[str, Any] = field(default_factory=dict)  # a stage's working data, per process
 
     @property
     def site_id(self) -> str:
@@ -44,6 +46,12 @@ class SiteSession:
         )
 
 
+    def log_exclusion(self, patient: str, reason: str) -> None:
+        """Note a patient left out of a stage, in the site's own log (never sent)."""
+        _site_log(self.site, self.site.root / AUDIT_DIR / SITE_LOG,
+                  [f"excluded patient {patient}: {reason}"])
+
+
 @lru_cache(maxsize=16)
 def open_session(root: str, task: str, needs: tuple[str, ...] = ("clinical",)) -> SiteSession:
     """Load the site folder for `task` and the inputs a stage `needs` (see
@@ -58,6 +66,13 @@ def open_session(root: str, task: str, needs: tuple[str, ...] = ("clinical",)) -
 
 def _log_exclusions(site: Site, path: Path) -> None:
     """Write every exclusion, with its patient, to the site's own log (never sent)."""
+    lines = [f"loaded {site.root}: {len(site.clinical)} patients included, "
+             f"{len(site.excluded)} excluded"]
+    lines += [f"excluded patient {p}: {r}" for p, r in sorted(site.excluded.items())]
+    _site_log(site, path, lines)
+
+
+def _site_log(site: Site, path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"feddlr.site.{site.config.site_id}")
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -66,10 +81,8 @@ def _log_exclusions(site: Site, path: Path) -> None:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        logger.info("loaded %s: %d patients included, %d excluded",
-                    site.root, len(site.clinical), len(site.excluded))
-        for patient, reason in sorted(site.excluded.items()):
-            logger.warning("excluded patient %s: %s", patient, reason)
+        for line in lines:
+            logger.info("%s", line)
     finally:
         logger.removeHandler(handler)
         handler.close()

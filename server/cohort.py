@@ -3,6 +3,10 @@
 Round 1 collects label counts, group sums and level tables; round 2 the sums of squares
 around the pooled group means. Everything pooled is exact against the pooled rows for the
 sites whose statistics the guard released; a covariate missing a site's piece says which.
+
+Round 2 depends on the site set (the pooled means), so it runs in `on_stable_sites`: when a
+site drops in round 2, the pooled tables are recomputed on the survivors (their round-1
+sums still hold; round 2 is asked again around the survivors' means) and `restarts` says so.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from server.progress import report_round
-from server.transport import Reply, Transport
-from shared import cohort
+from server.transport import Reply, StageError, Transport, ask_same_sites, on_stable_sites
+from shared import cohort, schema
 from shared.config import StudyConfig
 from shared.schema import COHORT_SQUARES, COHORT_SUMS, nest
 
@@ -32,26 +36,36 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
     first = transport.ask(COHORT_SUMS, query, sites)
     report_round("cohort", 1, 2, first)
     answered = [s for s in sites if first[s].ok]
+    if len(answered) < config.min_replies:
+        raise StageError(f"{len(answered)} site(s) answered round 1 of {len(sites)} asked, "
+                         f"min-replies is {config.min_replies}")
     numeric, categorical = _split_covariates(config.cohort_covariates, first, answered)
 
-    means = {name: _pooled_means(first, answered, name) for name in numeric}
-    query2 = dict(query, **{f"means.{name}": m[1] for name, m in means.items()})
-    second = transport.ask(COHORT_SQUARES, query2, answered) if numeric else {}
-    if second:
-        report_round("cohort", 2, 2, second)
+    def tables(used: list[str]) -> dict[str, Any]:
+        """The pooled cohort table over exactly `used` (round 2 asked of them alone)."""
+        means = {name: _pooled_means(first, used, name) for name in numeric}
+        query2 = dict(query, **{f"means.{name}": m[1] for name, m in means.items()})
+        second = ask_same_sites(transport, COHORT_SQUARES, query2, used) if numeric else {}
+        if second:
+            report_round("cohort", 2, 2, second)
+        out: dict[str, Any] = {"n": _label_counts(first, used), "covariates": {}}
+        for name in numeric:
+            out["covariates"][name] = _numeric_table(name, first, second, used, means[name])
+        for name in categorical:
+            out["covariates"][name] = _categorical_table(name, first, used)
+        return out
 
-    result: dict[str, Any] = {
-        "task": config.task,
-        "groups": GROUP_NAMES[config.task],
-        "n": _label_counts(first, answered),
-        "covariates": {},
-        "sites": {s: {"status": first[s].status, "reason": first[s].reason} for s in sites},
-    }
-    for name in numeric:
-        result["covariates"][name] = _numeric_table(name, first, second, answered, means[name])
-    for name in categorical:
-        result["covariates"][name] = _categorical_table(name, first, answered)
-    return result
+    pooled, restarts = on_stable_sites(tables, answered, min_sites=config.min_sites,
+                                       stage="cohort")
+    site_info = {s: {"status": first[s].status, "reason": first[s].reason} for s in sites}
+    for restart in restarts:
+        for s, reason in restart["dropped"].items():
+            site_info[s] = {"status": schema.STATUS_DROPPED,
+                            "reason": f"dropped in round 2 ({reason}); tables recomputed "
+                                      "without it"}
+    used = [s for s in answered if site_info[s]["status"] == schema.STATUS_OK]
+    return {"task": config.task, "groups": GROUP_NAMES[config.task], **pooled,
+            "sites": site_info, "sites_used": used, "restarts": restarts}
 
 
 def _split_covariates(names: tuple[str, ...], replies: dict[str, Reply],
@@ -113,9 +127,11 @@ def _numeric_table(name: str, first: dict[str, Reply], second: dict[str, Reply],
         if reply is not None and reply.ok and all("ss" in p for p in parts):
             squares[s] = np.array([p["ss"] for p in parts], dtype=np.float64)
     complete = [s for s in used if s in squares]
-    if complete != used:  # a site released sums but not squares: recompute on complete sites
-        n, mean, _ = _pooled_means(first, complete, name)
-        squares = {s: squares[s] for s in complete}
+    if complete != used:  # a site released sums but not squares: pool the others exactly,
+        n, new_mean, _ = _pooled_means(first, complete, name)  # re-centring their squares
+        squares = {s: cohort.recenter_squares(squares[s], *_group_sums(first[s], name), mean,
+                                              new_mean) for s in complete}
+        mean = new_mean
     pooled = cohort.combine_moments(n, mean, [squares[s] for s in complete])
     entry = {"type": "numeric", **_moments_entry(pooled),
              "sites_missing": [s for s in sites if s not in complete], "sites": {}}

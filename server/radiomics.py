@@ -25,7 +25,14 @@ import numpy as np
 
 from server.progress import report_round
 from server.rounds import SitesChanged, drive, pack
-from server.transport import Reply, Transport
+from server.transport import (
+    Reply,
+    StageError,
+    StageSkipped,
+    Transport,
+    ask_same_sites,
+    on_stable_sites,
+)
 from shared import icc, lasso, logistic, roc, schema, screening
 from shared.config import ConfigError, StudyConfig
 from shared.federated import Solver
@@ -116,8 +123,9 @@ class Designed:
         self.solver.update(reply)
 
 
-class RadiomicsError(RuntimeError):
-    """The stage cannot run (no training site, no common features, …)."""
+class RadiomicsError(StageError):
+    """The stage cannot run (no training site, no common features, …): the study records
+    it as failed with this reason and goes on with the next stage."""
 
 
 def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
@@ -131,21 +139,28 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str]) -
     setup = dict(context, names=names, **{"cv-folds": rc.cv_folds, "seed": rc.seed})
     _ask(transport, schema.RADIOMICS_COLUMNS, setup, train + external, "columns")
 
-    fit = RadiomicsFit(transport, context, train, names, rc,
-                       [s for s in with_reader2 if s in train])
-    result = fit.run()
-    result.update(_score(transport, context, train, external, fit, rc))
-    result["sites"] = {s: {"status": "ok", "role": "train" if s in train else "external"}
-                       for s in train + external}
+    def fit_on(train_sites: list[str]) -> tuple[RadiomicsFit, dict[str, Any]]:
+        fit = RadiomicsFit(transport, context, train_sites, names, rc,
+                           [s for s in with_reader2 if s in train_sites])
+        return fit, fit.run()
+
+    (fit, result), restarts = on_stable_sites(fit_on, train, min_sites=config.min_sites,
+                                              stage=STAGE)
+    result["restarts"] = restarts
+    result.update(_score(transport, context, fit.sites, external, fit, rc))
+    result["sites"] = {s: {"status": "ok", "role": "train" if s in fit.sites else "external"}
+                       for s in fit.sites + external}
     for s in sites:
         if s not in result["sites"]:
-            result["sites"][s] = {"status": "failed", "reason": "no features"}
+            dropped = next((r["dropped"][s] for r in restarts if s in r["dropped"]), None)
+            result["sites"][s] = ({"status": "dropped", "reason": dropped} if dropped
+                                  else {"status": "failed", "reason": "no radiomics features"})
     return result
 
 
 def _ask(transport: Transport, action: str, query: dict, sites: list[str],
          what: str) -> dict[str, Reply]:
-    replies = transport.ask(action, query, sites)
+    replies = ask_same_sites(transport, action, query, sites)
     report_round(f"{STAGE}:{what}", 1, 1, replies)
     bad = {s: r for s, r in replies.items() if not r.ok}
     if bad:
@@ -157,12 +172,12 @@ def _extract(transport: Transport, context: dict, sites: list[str],
              ) -> tuple[list[str], dict[str, list[str]], list[str], list[str]]:
     replies = transport.ask(schema.RADIOMICS_EXTRACT, context, sites)
     report_round(STAGE, 1, 0, replies)
-    ok = [s for s in sites if replies[s].ok and "features.names" in replies[s].payload]
+    ok = [s for s in sites if replies[s].ok and len(replies[s].payload.get("features.names", []))]
     reader2 = {s: int(np.asarray(replies[s].payload["counts.n_reader2"]).reshape(-1)[0])
                for s in ok}
     if not ok:
-        raise RadiomicsError("no site could extract or read radiomics features: " + "; ".join(
-            f"{s}: {r.reason}" for s, r in replies.items()))
+        raise StageSkipped("no site has MRI images with masks or a features.csv: " + "; ".join(
+            f"{s}: {r.reason or 'no features'}" for s, r in sorted(replies.items())))
     lists = {s: list(replies[s].payload["features.names"]) for s in ok}
     common = set.intersection(*(set(v) for v in lists.values()))
     names = [n for n in lists[ok[0]] if n in common]
@@ -318,8 +333,8 @@ class RadiomicsFit:
                                  "method": self.rc.screen, "cuts": cuts}
         if not queries:
             return {}
-        replies = self.transport.ask(schema.RADIOMICS_SCREEN, pack(self.context, queries),
-                                     self.sites)
+        replies = ask_same_sites(self.transport, schema.RADIOMICS_SCREEN,
+                                 pack(self.context, queries), self.sites)
         report_round(f"{STAGE}:screen", 1, 1, replies)
         if any(not r.ok for r in replies.values()):
             raise SitesChanged(replies, {})

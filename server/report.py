@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -26,6 +28,14 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     sections = [_header(results), _sites(results)]
     if "cohort" in results:
         sections.append(_cohort(results["cohort"], out))
+    if "radiomics" in results:
+        sections.append(_radiomics(results["radiomics"], out))
+    if "dsfr" in results or "deep" in results:
+        from server.report_training import training_sections
+
+        sections.append(training_sections(results, out))
+    if "survival" in results:
+        sections.append(_survival(results["survival"], out))
     sections += [_stages(results), _provenance(results)]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>FedDLR study report</title><style>{STYLE}</style></head><body>"
@@ -157,3 +167,227 @@ def _provenance(results: dict[str, Any]) -> str:
     prov = results.get("provenance", {})
     return ("<h2>Provenance</h2><details><summary>config, versions, site data hashes</summary>"
             f"<pre>{_e(json.dumps(prov, indent=2))}</pre></details>")
+
+
+# --------------------------------------------------------------------------- survival
+
+KM_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def _survival(surv: dict[str, Any], out: Path) -> str:
+    unit = surv.get("time_unit") or ""
+    curves = surv.get("km", {})
+    groups = {k: v for k, v in curves.items() if k != "all"} or {"all": curves.get("all")}
+    groups = {_group_label(k, surv.get("task")): v for k, v in groups.items()
+              if v is not None and len(v.get("time", []))}
+    bin_text = (f"times rounded up to multiples of {surv.get('time_bin'):g} {_e(unit)} at "
+                "each site" if surv.get("time_bin") else "exact times")
+    parts = [f"<h2>Survival (DFS)</h2><p class='muted'>{bin_text}; every number is exact "
+             "against the pooled, equally binned rows of the sites that released it.</p>"]
+    if groups:
+        ticks = _at_risk_ticks(groups)
+        parts.append(f"<img src='{_km_figure(groups, ticks, unit, out)}' "
+                     "alt='Kaplan-Meier curves with numbers at risk'>")
+        rows = [[_e(name), *[_e(_at_risk(c, t)) for t in ticks], _e(c.get("n")),
+                 _e(c.get("n_events"))] for name, c in groups.items()]
+        parts.append("<h3>Numbers at risk</h3>"
+                     + _table(["group", *[f"{t:g} {unit}" for t in ticks], "n", "events"], rows))
+        missing = [f"{_e(name)}: {_e(', '.join(c['sites_missing']))}"
+                   for name, c in groups.items() if c.get("sites_missing")]
+        if missing:
+            parts.append("<p>Curves without these sites (their policy refused the table: "
+                         "fewer than min_patients, or 1–2 events): " + "; ".join(missing)
+                         + "</p>")
+    logrank = surv.get("logrank")
+    if logrank and logrank.get("statistic") is not None:
+        parts.append(f"<p>Log-rank test ({_e(', '.join(logrank['groups']))}): χ² = "
+                     f"{logrank['statistic']:.3f} on {logrank['df']} df, p = "
+                     f"{_p(logrank['p_value'])}.</p>")
+    models = [(title, surv[key]) for key, title in
+              (("cox", "Cox model (Efron ties), all covariates"),
+               ("cox_stepwise", "Cox model after stepwise AIC"))
+              if isinstance(surv.get(key), dict) and "coef" in surv[key]]
+    if models:
+        parts.append(f"<img src='{_forest_figure(models, out)}' "
+                     "alt='forest plot of hazard ratios'>")
+    for title, model in models:
+        parts.append(f"<h3>{_e(title)}</h3>" + _cox_table(model))
+        if "steps" in model:
+            rows = [[_e(i), _e(step["action"]), _e(step.get("covariate") or ""),
+                     f"{step['aic']:.2f}"] for i, step in enumerate(model["steps"])]
+            parts.append("<details><summary>stepwise path "
+                         f"({_e(model.get('direction'))})</summary>"
+                         + _table(["step", "action", "covariate", "AIC"], rows) + "</details>")
+    if surv.get("pending"):
+        parts.append("<p class='muted'>Pending: " + "; ".join(_e(p) for p in surv["pending"])
+                     + "</p>")
+    return "\n".join(parts)
+
+
+def _group_label(key: str, task: str | None) -> str:
+    """`label=1` shown with the task's group name (e.g. HER2-positive)."""
+    names = {"her2-positive": ["HER2-negative", "HER2-positive"],
+             "her2-low": ["HER2-zero", "HER2-low"]}.get(task or "")
+    if names and key in ("label=0", "label=1"):
+        return f"{names[int(key[-1])]} ({key})"
+    return key
+
+
+def _cox_table(model: dict[str, Any]) -> str:
+    rows = []
+    for name in model["covariates"]:
+        rows.append([_e(name), f"{model['coef'][name]:.4f}", f"{model['se'][name]:.4f}",
+                     f"{model['hazard_ratio'][name]:.3f} ({model['ci_lower'][name]:.3f}–"
+                     f"{model['ci_upper'][name]:.3f})", _p(model["p_value"][name])])
+    bound = model.get("concordance_bound") or [None, None]
+    c_text = "—" if model.get("concordance") is None else f"{model['concordance']:.4f}"
+    if bound[0] is not None and bound[0] != bound[1]:
+        c_text += f" (bound {bound[0]:.4f}–{bound[1]:.4f}, {_e(model.get('concordance_method'))})"
+    return (_table(["covariate", "coef", "SE", "HR (95% CI)", "p"], rows)
+            + f"<p class='muted'>n = {_e(model.get('n'))}, events = {_e(model.get('events'))}, "
+              f"partial log-likelihood = {model['log_likelihood']:.3f}, AIC = "
+              f"{model['aic']:.2f}, C-index = {c_text}.</p>")
+
+
+def _at_risk_ticks(groups: dict[str, Any]) -> list[float]:
+    """Five or six round time points (1, 2, 2.5 or 5 × 10^k apart) from 0 to the end."""
+    end = max(float(np.max(np.asarray(c["time"], dtype=float))) for c in groups.values())
+    if end <= 0:
+        return [0.0]
+    raw = end / 5
+    power = 10 ** np.floor(np.log10(raw))
+    step = next(f * power for f in (5, 2.5, 2, 1) if f * power <= raw)
+    return [round(i * step, 6) for i in range(7) if i * step <= end]
+
+
+def _at_risk(curve: dict[str, Any], t: float) -> int:
+    """Patients at risk at t (time ≥ t): the count at the first curve time ≥ t."""
+    times = np.asarray(curve["time"], dtype=float)
+    at_risk = np.asarray(curve["at_risk"], dtype=float)
+    idx = int(np.searchsorted(times, t, side="left"))
+    return int(at_risk[idx]) if idx < len(times) else 0
+
+
+def _km_figure(groups: dict[str, Any], ticks: list[float], unit: str, out: Path) -> str:
+    name = "survival_km.png"
+    fig, (ax, table) = plt.subplots(2, 1, figsize=(7, 4.8), sharex=True,
+                                    gridspec_kw={"height_ratios": [4, 1.1]})
+    for i, (label, c) in enumerate(groups.items()):
+        color = KM_COLORS[i % len(KM_COLORS)]
+        t = np.asarray(c["time"], dtype=float)
+        ax.step(t, np.asarray(c["survival"], dtype=float), where="post", color=color,
+                label=label)
+        ax.fill_between(t, np.asarray(c["ci_lower"], dtype=float),
+                        np.asarray(c["ci_upper"], dtype=float), step="post", color=color,
+                        alpha=0.15, linewidth=0)
+        for tick in ticks:
+            table.text(tick, len(groups) - 1 - i, str(_at_risk(c, tick)), ha="center",
+                       va="center", fontsize=8, color=color)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("disease-free survival")
+    ax.set_title("Kaplan–Meier (95% CI)")
+    ax.legend(frameon=False, fontsize=8, loc="lower left")
+    table.set_ylim(-0.5, len(groups) - 0.5)
+    table.set_yticks(range(len(groups)))
+    table.set_yticklabels(list(groups)[::-1], fontsize=7)
+    table.set_xticks(ticks)
+    table.set_xlabel(f"time ({unit})" if unit else "time")
+    table.set_title("number at risk", fontsize=8, loc="left")
+    for side in ("top", "right", "left"):
+        table.spines[side].set_visible(False)
+    table.tick_params(axis="y", length=0)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _forest_figure(models: list[tuple[str, dict[str, Any]]], out: Path) -> str:
+    name = "survival_forest.png"
+    rows = sum(len(m["covariates"]) for _, m in models) + len(models)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * rows + 1.2))
+    y, labels, positions = 0, [], []
+    for i, (title, model) in enumerate(models):
+        color = KM_COLORS[i % len(KM_COLORS)]
+        labels.append(title)
+        positions.append(y)
+        y -= 1
+        for cov in model["covariates"]:
+            hr, lo, hi = (model["hazard_ratio"][cov], model["ci_lower"][cov],
+                          model["ci_upper"][cov])
+            if all(v is not None and np.isfinite(v) and v > 0 for v in (hr, lo, hi)):
+                ax.errorbar([hr], [y], xerr=[[hr - lo], [hi - hr]], fmt="s", color=color,
+                            capsize=2, markersize=4)
+            labels.append(f"  {cov}")
+            positions.append(y)
+            y -= 1
+    ax.axvline(1.0, color="#777", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks(positions)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("hazard ratio (95% CI, log scale)")
+    ax.set_title("Cox proportional hazards")
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _radiomics(block: dict[str, Any], out: Path) -> str:
+    icc_filter = block.get("icc_filter", {})
+    icc_text = (f"ICC(2,1) &gt; {icc_filter['threshold']} kept {icc_filter['kept']} features "
+                f"(readers at {_e(', '.join(icc_filter.get('sites', [])))})"
+                if "kept" in icc_filter else f"ICC filter skipped: {_e(icc_filter.get('reason'))}")
+    lasso = block.get("lasso", {})
+    penalty = f"C = {lasso['C']}" if "C" in lasso else f"alpha = {lasso.get('alpha')}"
+    parts = [
+        "<h2>Radiomics (pyradiomics → ICC → LASSO → screening → LR)</h2>",
+        f"<p>{block['features']['n_extracted']} features per patient; {icc_text}; "
+        f"{len(block['standardization'].get('dropped', {}))} constant after pooled "
+        "standardization.</p>",
+        f"<p>LASSO ({_e(lasso.get('loss'))}, {penalty}, {_e(lasso.get('mode'))} rounds: "
+        f"{_e(lasso.get('rounds'))}) on all training rows selected "
+        f"{len(lasso.get('selected', []))}; {_e(block['screen'].get('method'))} screening "
+        f"(top {_e(block['screen'].get('percentile'))} %) kept "
+        f"{len(block.get('selected', []))}. Selection: {_e(block.get('selection'))}; "
+        f"{len(block.get('folds', []))}-fold CV, L2 logistic regression per fold.</p>",
+    ]
+    if lasso.get("selected"):
+        parts.append(f"<img src='{_lasso_figure(lasso, out)}' alt='LASSO coefficients'>")
+    rows = []
+    auc = block.get("auc", {})
+    for name, label in (("train_oof", "training sites, out-of-fold"),
+                        ("external", "external sites")):
+        if name in auc:
+            rows.append([label, *_auc_cells(auc[name])])
+    for site, entry in auc.get("sites", {}).items():
+        rows.append([_e(site), *_auc_cells(entry)])
+    parts.append(_table(["patients", "AUC", "bound (histogram grid)", "n (neg/pos)",
+                         "not released"], rows))
+    return "\n".join(parts)
+
+
+def _auc_cells(entry: dict[str, Any]) -> list[str]:
+    if entry.get("auc") is None:
+        return ["—", "", "", _e(", ".join(entry.get("sites_missing", [])))]
+    low, high = entry["bound"]
+    return [f"{entry['auc']:.3f}", f"{low:.3f} – {high:.3f}", _e("/".join(map(str, entry["n"]))),
+            _e(", ".join(entry.get("sites_missing", [])))]
+
+
+def _lasso_figure(lasso: dict[str, Any], out: Path) -> str:
+    name = "radiomics_lasso.png"
+    chosen = sorted(lasso["selected"], key=lambda f: abs(lasso["coef"][f]))[-20:]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(chosen) + 1.2))
+    ax.barh(chosen, [lasso["coef"][f] for f in chosen], color="#4c72b0")
+    ax.axvline(0, color="#444", lw=0.8)
+    ax.set_xlabel("coefficient (pooled z-scores)")
+    ax.set_title("LASSO-selected radiomics features")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name

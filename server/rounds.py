@@ -3,8 +3,9 @@ queries of every unfinished solver (e.g. the same fit for each of ten CV folds),
 replies are summed element-wise per solver, and each solver advances.
 
 A solver only ever sees the sum over the sites that answered; so that one fit never mixes
-site sets, a site that stops answering (or refuses) raises `SitesChanged` and the caller
-restarts the fit on the survivors.
+site sets, a site that drops out raises the transport's `SiteSetChanged` (the caller
+restarts the fit on the survivors with `on_stable_sites`), and a site that fails or refuses
+a round raises `SitesChanged`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from server.progress import report_round
-from server.transport import Reply, Transport
+from server.transport import Reply, Transport, ask_same_sites
 from shared.federated import Solver, sum_replies
 from shared.schema import Payload, nest
 
@@ -54,8 +55,8 @@ def drive(transport: Transport, action: str, solvers: Mapping[str, Solver], site
             raise RuntimeError(f"{stage}: solvers not done after {max_rounds} rounds: "
                                f"{sorted(active)}")
         rounds += 1
-        replies = transport.ask(action, pack(context, {k: s.query() for k, s in active.items()}),
-                                sites)
+        replies = ask_same_sites(
+            transport, action, pack(context, {k: s.query() for k, s in active.items()}), sites)
         report_round(stage, rounds, 0, replies)
         refused = _refusals(replies, active)
         if refused or any(not r.ok for r in replies.values()):

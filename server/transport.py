@@ -3,18 +3,26 @@
 `GridTransport` is the real one, on Flower's `Grid` (Simulation and Deployment Engines).
 `InProcessTransport` calls the site code directly and exists only so unit tests can split a
 pooled data set into sites without starting Flower.
+
+Dropouts: a site that does not answer within `round-timeout`, or whose SuperNode is gone,
+gets a `dropped` reply and is dropped for the rest of the run (a late answer is never used).
+Exact multi-round statistics must not mix site sets, so a fit asks with `ask_same_sites`,
+which raises `SiteSetChanged` when a site it started with drops, and runs inside
+`on_stable_sites`, which restarts the whole fit on the survivors (stopping with
+`StudyError` below `min-sites`) and returns what happened for the results.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from client.wire import read_payload, to_records
@@ -22,6 +30,36 @@ from shared import schema
 from shared.schema import Payload
 
 log = logging.getLogger("feddlr")
+T = TypeVar("T")
+
+# Flower error replies that mean the message never reached a live ClientApp (the SuperNode
+# is gone or the message expired): the site is dropped, not failed.
+_UNREACHABLE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+POLL_INTERVAL = 0.5  # seconds between pulls for replies (Flower's send_and_receive uses 3)
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on (e.g. fewer usable sites than `min-sites`)."""
+
+
+class StageError(RuntimeError):
+    """One stage cannot give results (e.g. fewer replies than `min-replies`); the study
+    records the stage as failed with this reason and goes on with the next stage."""
+
+
+class StageSkipped(RuntimeError):
+    """A stage has nothing to work on (e.g. no site has the images it needs); the study
+    records it as skipped with this reason and goes on with the next stage."""
+
+
+class SiteSetChanged(RuntimeError):
+    """A site a multi-round fit started with dropped out; `dropped` maps it to the reason."""
+
+    def __init__(self, action: str, dropped: Mapping[str, str]) -> None:
+        self.action = action
+        self.dropped = dict(dropped)
+        super().__init__(f"{', '.join(sorted(self.dropped))} dropped during {action}")
 
 
 @dataclass
@@ -60,7 +98,7 @@ def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
     if reply.payload:
         size, sha256 = schema.digest(reply.payload)
         wire.setdefault(site_id, []).append(
-            {"message_type": f"query.{action}", "bytes": size, "sha256": sha256})
+            {"message_type": schema.message_type(action), "bytes": size, "sha256": sha256})
 
 
 def _per_site(query: Payload | Mapping[str, Payload], site_id: str) -> Payload:
@@ -69,17 +107,57 @@ def _per_site(query: Payload | Mapping[str, Payload], site_id: str) -> Payload:
     return dict(query)  # type: ignore[arg-type]
 
 
+def ask_same_sites(transport: Transport, action: str, query: Payload | Mapping[str, Payload],
+                   sites: Iterable[str]) -> dict[str, Reply]:
+    """`transport.ask`, for one round of a fit that must keep its site set: raises
+    `SiteSetChanged` when any of `sites` dropped (no reply in time, SuperNode gone)."""
+    sites = list(sites)
+    replies = transport.ask(action, query, sites)
+    lost = {s: (replies[s].reason or "dropped") if s in replies else "no reply"
+            for s in sites if s not in replies or replies[s].status == schema.STATUS_DROPPED}
+    if lost:
+        raise SiteSetChanged(action, lost)
+    return replies
+
+
+def on_stable_sites(fit: Callable[[list[str]], T], sites: Iterable[str], *, min_sites: int,
+                    stage: str) -> tuple[T, list[dict]]:
+    """Run `fit(sites)`; when it raises `SiteSetChanged`, start it again from scratch on the
+    sites that are left, so every number of one fit comes from one site set.
+
+    Returns the fit's result and the restarts (`sites` each attempt ran on, `dropped` with
+    reasons, the `action` where it happened); `StudyError` when fewer than `min_sites` remain.
+    """
+    sites = list(sites)
+    restarts: list[dict] = []
+    while True:
+        try:
+            return fit(sites), restarts
+        except SiteSetChanged as change:
+            restarts.append({"sites": sites, "dropped": change.dropped, "action": change.action})
+            sites = [s for s in sites if s not in change.dropped]
+            log.warning("[%s] %s; restarting on %d site(s): %s", stage, change, len(sites),
+                        ", ".join(sites) or "none")
+            if len(sites) < min_sites:
+                raise StudyError(
+                    f"{stage}: only {len(sites)} site(s) left after "
+                    + "; ".join(f"{s} dropped ({r})" for s, r in change.dropped.items())
+                    + f", min-sites is {min_sites}") from None
+
+
 class GridTransport:
     """Queries as Flower messages of type `query.<action>` over a `Grid`."""
 
     def __init__(self, grid: Grid, *, round_timeout: float, connect_timeout: float,
-                 min_sites: int) -> None:
+                 min_sites: int, poll_interval: float = POLL_INTERVAL) -> None:
         self.grid = grid
         self.round_timeout = round_timeout
         self.connect_timeout = connect_timeout
         self.min_sites = min_sites
+        self.poll_interval = poll_interval
         self.nodes: dict[str, int] = {}
         self.wire: dict[str, list[dict]] = {}
+        self.dropped: dict[str, str] = {}  # site -> why; never asked again in this run
 
     def handshake(self, query: Payload) -> dict[str, Reply]:
         node_ids = self._wait_for_nodes()
@@ -100,35 +178,46 @@ class GridTransport:
     def ask(self, action: str, query: Payload | Mapping[str, Payload],
             sites: Iterable[str]) -> dict[str, Reply]:
         sites = list(sites)
-        by_node = {self.nodes[s]: _per_site(query, s) for s in sites}
-        replies = self._send(action, by_node)
+        out = {s: Reply(s, schema.STATUS_DROPPED, reason=f"dropped earlier: {self.dropped[s]}")
+               for s in sites if s in self.dropped}
+        by_node = {self.nodes[s]: _per_site(query, s) for s in sites if s not in self.dropped}
+        replies = self._send(action, by_node) if by_node else {}
         names = {node: site for site, node in self.nodes.items()}
-        out = {}
         for node_id, reply in replies.items():
             reply.site_id = names[node_id]
             out[reply.site_id] = reply
             record_wire(self.wire, reply.site_id, action, reply)
-        return out
+            if reply.status == schema.STATUS_DROPPED:
+                self.dropped[reply.site_id] = f"{action}: {reply.reason}"
+        return {s: out[s] for s in sites}
 
     def _send(self, action: str, queries: dict[int, Payload]) -> dict[int, Reply]:
-        messages = [Message(to_records(q), node, f"query.{action}") for node, q in queries.items()]
-        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout)
-        out: dict[int, Reply] = {}
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                out[node] = Reply(f"node-{node}", schema.STATUS_FAILED,
-                                  reason=f"site error: {msg.error.reason}")
-                continue
-            try:
-                out[node] = reply_from_payload(f"node-{node}", read_payload(msg.content))
-            except (KeyError, TypeError, ValueError) as err:
-                out[node] = Reply(f"node-{node}", schema.STATUS_FAILED,
-                                  reason=f"malformed reply: {err}")
-        for node in queries:
-            if node not in out:
-                out[node] = Reply(f"node-{node}", schema.STATUS_DROPPED,
-                                  reason=f"no reply within round-timeout {self.round_timeout:g}s")
+        """Push one message per node, then pull replies until all are in or the round times
+        out. Replies are matched by the id of the message they answer, so an error reply the
+        SuperLink writes for an unreachable node lands on the right site."""
+        messages = [Message(to_records(q), node, schema.message_type(action))
+                    for node, q in queries.items()]
+        pushed = list(self.grid.push_messages(messages))
+        pushed += [None] * (len(queries) - len(pushed))  # e.g. [] for a request too large
+        pending = {mid: node for mid, node in zip(pushed, queries, strict=True) if mid}
+        out: dict[int, Reply] = {
+            node: Reply(f"node-{node}", schema.STATUS_DROPPED, reason="message not accepted "
+                        "by the SuperLink") for mid, node in zip(pushed, queries, strict=True)
+            if not mid}
+        deadline = time.monotonic() + self.round_timeout
+        wait = 0.01  # statistics rounds answer in milliseconds: poll fast, then back off
+        while pending:
+            for msg in self.grid.pull_messages(list(pending)):
+                node = pending.pop(msg.metadata.reply_to_message_id, None)
+                if node is not None:
+                    out[node] = _reply_of(node, msg)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(wait, max(deadline - time.monotonic(), 0)))
+            wait = min(wait * 2, self.poll_interval)
+        for node in pending.values():
+            out[node] = Reply(f"node-{node}", schema.STATUS_DROPPED,
+                              reason=f"no reply within round-timeout {self.round_timeout:g}s")
         return out
 
     def _wait_for_nodes(self) -> list[int]:
@@ -145,6 +234,17 @@ class GridTransport:
                 break
             time.sleep(0.5)
         return seen
+
+
+def _reply_of(node: int, msg: Message) -> Reply:
+    if msg.has_error():
+        status = (schema.STATUS_DROPPED if msg.error.code in _UNREACHABLE
+                  else schema.STATUS_FAILED)
+        return Reply(f"node-{node}", status, reason=f"site error: {msg.error.reason}")
+    try:
+        return reply_from_payload(f"node-{node}", read_payload(msg.content))
+    except (KeyError, TypeError, ValueError) as err:
+        return Reply(f"node-{node}", schema.STATUS_FAILED, reason=f"malformed reply: {err}")
 
 
 class InProcessTransport:

@@ -12,20 +12,26 @@ from typing import Any
 
 import numpy as np
 
+from server import checkpoint
 from server.cohort import run_cohort
+from server.deep import run_deep
+from server.dsfr import run_dsfr
 from server.progress import report_round
+from server.radiomics import run_radiomics
 from server.report import write_report
-from server.transport import Reply, Transport
+from server.survival import run_survival
+from server.transport import Reply, StageError, StageSkipped, StudyError, Transport
 from shared import schema
 from shared.config import IMPLEMENTED_STAGES, STAGES, StudyConfig
 
 log = logging.getLogger("feddlr")
 
-STAGE_RUNNERS = {"cohort": run_cohort}
-
-
-class StudyError(RuntimeError):
-    """The study cannot go on (e.g. fewer usable sites than `min-sites`)."""
+STAGE_RUNNERS = {"cohort": run_cohort, "radiomics": run_radiomics, "dsfr": run_dsfr,
+                 "deep": run_deep, "survival": run_survival}
+# A stage that only sites with a role take part in gets only those sites (roles are what
+# each site declared in its site.yaml, from the handshake: results["run"]["sites"]).
+STAGE_ROLES = {"survival": "survival"}
+__all__ = ["StudyError", "run_study"]
 
 
 def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> dict[str, Any]:
@@ -35,10 +41,25 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
     results: dict[str, Any] = {"run": {"run_id": run_id, "started": _now(),
                                        "schema_version": schema.SCHEMA_VERSION,
                                        "config": config.as_dict(), "stages": {}}}
+    done: dict[str, dict] = {}  # completed stages, as checkpointed after each one
     try:
         sites = connect(transport, config, results)
+        hashes = checkpoint.site_hashes(results)
+        if config.resume:
+            done.update(checkpoint.load(out, config, hashes, results))
         for stage in [s for s in STAGES if s in config.stages]:
-            results["run"]["stages"][stage] = _run_stage(stage, transport, config, sites, results)
+            if stage in done:
+                results[stage] = done[stage]["result"]
+                results["run"]["stages"][stage] = {**done[stage]["status"],
+                                                   "resumed_from": done[stage]["run_id"]}
+                log.info("[%s] taken from the checkpoint (run %s)", stage, done[stage]["run_id"])
+                continue
+            status = _run_stage(stage, transport, config, sites, results)
+            results["run"]["stages"][stage] = status
+            if status["status"] == "ok":
+                done[stage] = {"status": status, "result": results[stage], "run_id": run_id}
+                checkpoint.save(out, config, hashes, done, run_id)
+            sites = _still_usable(transport, config, sites, results, stage)
     finally:
         results["run"]["finished"] = _now()
         results["run"]["wire"] = getattr(transport, "wire", {})
@@ -101,9 +122,24 @@ def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: lis
     if stage not in IMPLEMENTED_STAGES:
         log.info("[%s] skipped: not implemented in this version", stage)
         return {"status": "skipped", "reason": "stage not implemented in this version"}
+    role = STAGE_ROLES.get(stage)
+    if role is not None:
+        roles = {row["site_id"]: row.get("roles", []) for row in results["run"]["sites"]}
+        sites = [s for s in sites if role in roles.get(s, [])]
+        if not sites:
+            log.info("[%s] skipped: no usable site has role %r", stage, role)
+            return {"status": "skipped", "reason": f"no usable site has role {role!r}"}
     log.info("[%s] started with %d sites", stage, len(sites))
     started = time.monotonic()
-    results[stage] = STAGE_RUNNERS[stage](transport, config, sites)
+    try:
+        results[stage] = STAGE_RUNNERS[stage](transport, config, sites)
+    except StageError as err:
+        log.error("[%s] failed: %s", stage, err)
+        return {"status": "failed", "reason": str(err),
+                "seconds": round(time.monotonic() - started, 3)}
+    except StageSkipped as err:
+        log.info("[%s] skipped: %s", stage, err)
+        return {"status": "skipped", "reason": str(err)}
     _mark_sites(results, stage)
     log.info("[%s] done in %.1fs", stage, time.monotonic() - started)
     return {"status": "ok", "seconds": round(time.monotonic() - started, 3)}
@@ -117,6 +153,24 @@ def _mark_sites(results: dict[str, Any], stage: str) -> None:
         if info and info.get("status") not in (None, schema.STATUS_OK) and row["status"] == "ok":
             row["status"] = info["status"]
             row["reason"] = f"{stage}: {info.get('reason')}"
+
+
+def _still_usable(transport: Transport, config: StudyConfig, sites: list[str],
+                  results: dict[str, Any], stage: str) -> list[str]:
+    """The sites later stages may ask: a site dropped in `stage` (no reply in time, SuperNode
+    gone) is out for the rest of the run; below `min-sites` the study stops."""
+    rows = {row["site_id"]: row for row in results["run"]["sites"]}
+    for site, reason in getattr(transport, "dropped", {}).items():
+        row = rows.get(site)
+        if row is not None and row["status"] != schema.STATUS_DROPPED:
+            row["status"], row["reason"] = schema.STATUS_DROPPED, f"{stage}: {reason}"
+    left = [s for s in sites if rows[s]["status"] != schema.STATUS_DROPPED]
+    if len(left) < config.min_sites:
+        raise StudyError(
+            f"only {len(left)} usable site(s) left after {stage}, min-sites is "
+            f"{config.min_sites}: " + "; ".join(f"{s}: {rows[s]['reason']}" for s in sites
+                                                if s not in left))
+    return left
 
 
 def provenance(config: StudyConfig, results: dict[str, Any]) -> dict[str, Any]:

@@ -94,6 +94,17 @@ def combine_means(
     return n, mean
 
 
+def recenter_squares(ss: np.ndarray, n: np.ndarray, total: np.ndarray, old_mean: np.ndarray,
+                     new_mean: np.ndarray) -> np.ndarray:
+    """A site's Σ(x − μ_new)² from its Σ(x − μ_old)², n and Σx — exact, no new round:
+    Σ(x − μ_new)² = Σ(x − μ_old)² + 2(μ_old − μ_new)(Σx − n·μ_old) + n(μ_old − μ_new)²."""
+    shift = np.asarray(old_mean, dtype=np.float64) - np.asarray(new_mean, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out = ss + 2 * shift * (total - n * old_mean) + n * shift ** 2
+    return np.where(n > 0, out, 0.0)
+
+
 def combine_moments(n: np.ndarray, mean: np.ndarray, ss_parts: list[np.ndarray]) -> GroupMoments:
     """Pooled moments from the group means and the sites' Σ(x − μ_g)²."""
     ss = np.sum(ss_parts, axis=0)

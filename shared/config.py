@@ -9,8 +9,12 @@ from typing import Any
 from shared.labels import TASKS
 
 STAGES = ("cohort", "radiomics", "dsfr", "deep", "fusion", "validation", "survival")
-IMPLEMENTED_STAGES = ("cohort",)
+IMPLEMENTED_STAGES = ("cohort", "radiomics", "dsfr", "deep", "survival")
 DEFAULT_COVARIATES = ("age", "tumour_size_mm", "ki67", "hr_status", "lesion_type")
+# survival: `her2_class` is derived from IHC/ISH (zero / low / positive, reference zero)
+DEFAULT_SURVIVAL_COVARIATES = ("her2_class", "age", "tumour_size_mm", "hr_status", "ki67",
+                               "lesion_type")
+STEPWISE = ("both", "backward", "none")
 
 
 class ConfigError(ValueError):
@@ -26,7 +30,12 @@ class StudyConfig:
     min_sites: int = 1
     round_timeout: float = 600.0
     connect_timeout: float = 120.0
+    min_replies: int = 1
+    resume: bool = False
     cohort_covariates: tuple[str, ...] = DEFAULT_COVARIATES
+    survival_group: str = "label"
+    survival_covariates: tuple[str, ...] = DEFAULT_SURVIVAL_COVARIATES
+    stepwise: str = "both"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -40,7 +49,12 @@ class StudyConfig:
             "min-sites": ("min_sites", int),
             "round-timeout": ("round_timeout", float),
             "connect-timeout": ("connect_timeout", float),
+            "min-replies": ("min_replies", int),
+            "resume": ("resume", _flag),
             "cohort-covariates": ("cohort_covariates", _names),
+            "survival-group": ("survival_group", lambda v: str(v).strip()),
+            "survival-covariates": ("survival_covariates", _names),
+            "stepwise": ("stepwise", lambda v: str(v).strip().lower()),
         }
         values: dict[str, Any] = {}
         for key, (attr, parse) in known.items():
@@ -61,14 +75,37 @@ class StudyConfig:
             raise ConfigError(f"run config task: {self.task!r} is not one of {list(TASKS)}")
         if self.min_sites < 1:
             raise ConfigError("run config min-sites must be >= 1")
+        if self.min_replies < 1:
+            raise ConfigError("run config min-replies must be >= 1")
         if self.round_timeout <= 0 or self.connect_timeout <= 0:
             raise ConfigError("run config round-timeout and connect-timeout must be > 0")
+        if self.stepwise not in STEPWISE:
+            raise ConfigError(f"run config stepwise: {self.stepwise!r} is not one of "
+                              f"{list(STEPWISE)}")
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stages"] = list(self.stages)
         data["cohort_covariates"] = list(self.cohort_covariates)
+        data["survival_covariates"] = list(self.survival_covariates)
         return data
+
+
+# Keys that say how a run is carried out, not what it computes: a checkpoint written under
+# other values of these still answers the same study (see server.workflow resume).
+RUNTIME_FIELDS = ("sites_dir", "out_dir", "stages", "min_sites", "round_timeout",
+                  "connect_timeout", "min_replies", "resume")
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _names(value: Any) -> tuple[str, ...]:

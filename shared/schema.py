@@ -25,7 +25,47 @@ CONFIG = "config"  # name of the ConfigRecord in every message
 HANDSHAKE = "handshake"
 COHORT_SUMS = "cohort_sums"
 COHORT_SQUARES = "cohort_squares"
-ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES)
+RADIOMICS_EXTRACT = "radiomics_extract"
+RADIOMICS_COLUMNS = "radiomics_columns"
+RADIOMICS_STEP = "radiomics_step"
+RADIOMICS_SCREEN = "radiomics_screen"
+RADIOMICS_SCORE = "radiomics_score"
+SURVIVAL_SETUP = "survival_setup"
+SURVIVAL_COX = "survival_cox"
+SURVIVAL_EVENTS = "survival_events"
+SURVIVAL_PAIRS = "survival_pairs"
+SURVIVAL_HISTOGRAMS = "survival_histograms"
+SURVIVAL_BOUNDS = "survival_bounds"
+ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES,
+           RADIOMICS_EXTRACT, RADIOMICS_COLUMNS, RADIOMICS_STEP, RADIOMICS_SCREEN,
+           RADIOMICS_SCORE,
+           SURVIVAL_SETUP, SURVIVAL_COX, SURVIVAL_EVENTS, SURVIVAL_PAIRS, SURVIVAL_HISTOGRAMS,
+           SURVIVAL_BOUNDS)
+# CNN stages (dsfr, deep): setup, scoring and DSFR features are queries; the weight rounds
+# are Flower's own message categories, `train.<model>` (global weights in, update out) and
+# `evaluate.<model>` (global weights in, validation sums out), whose action name is the
+# whole message type.
+TRAIN_SETUP = "train_setup"
+TRAIN_SCORE = "train_score"
+DSFR_FEATURES = "dsfr_features"
+ACTIONS += (TRAIN_SETUP, TRAIN_SCORE, DSFR_FEATURES)
+TRAIN_MODELS = ("dsfr", "dl_mri", "dl_us")
+TRAIN_ACTIONS = tuple(f"{category}.{model}" for category in ("train", "evaluate")
+                      for model in TRAIN_MODELS)
+
+
+def message_type(action: str) -> str:
+    """The Flower message type an action travels as: `query.<action>`, or the train /
+    evaluate action itself."""
+    return action if action in TRAIN_ACTIONS else f"query.{action}"
+
+
+def action_of(message_type: str) -> str | None:
+    """The action a message type asks for, or None if this schema has no such message."""
+    if message_type in TRAIN_ACTIONS:
+        return message_type
+    category, _, action = message_type.partition(".")
+    return action if category == "query" and action in ACTIONS else None
 
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
@@ -60,7 +100,9 @@ def split_payload(payload: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], di
     for key, value in payload.items():
         if not isinstance(key, str) or not key:
             raise SchemaError(f"payload key {key!r} is not a non-empty string")
-        if isinstance(value, np.ndarray):
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            config[key] = value.item()  # Flower's Array turns 0-d arrays into shape (1,)
+        elif isinstance(value, np.ndarray):
             arrays[key] = np.ascontiguousarray(value)
         elif isinstance(value, np.generic):
             config[key] = value.item()

@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
                      help="override a run-config key (repeatable)")
+    run.add_argument("--num-cpus", type=int, default=1,
+                     help="CPU cores per simulated site (Flower client resources)")
+    run.add_argument("--num-gpus", type=float, default=0.0,
+                     help="GPUs per simulated site, e.g. 0.5 to share one GPU by two sites")
 
     args = parser.parse_args(argv)
     if args.command == "simulate":
@@ -63,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         overrides[key.strip()] = value.strip()
     try:
-        rc = run_simulation(args.sites_dir, args.out, overrides)
+        rc = run_simulation(args.sites_dir, args.out, overrides, num_cpus_per_site=args.num_cpus,
+                            num_gpus_per_site=args.num_gpus)
     except LaunchError as err:
         print(f"feddlr run: {err}", file=sys.stderr)
         return 1

@@ -40,8 +40,11 @@ def site_folders(sites_dir: Path) -> list[Path]:
 
 
 def run_simulation(sites_dir: Path, out: Path, overrides: Mapping[str, str] | None = None,
-                   *, num_cpus_per_site: int = 1, echo: bool = True) -> int:
-    """Run the study on every site folder under `sites_dir`; results land in `out`."""
+                   *, num_cpus_per_site: float = 1, num_gpus_per_site: float = 0.0,
+                   echo: bool = True) -> int:
+    """Run the study on every site folder under `sites_dir`; results land in `out`.
+    Each simulated site gets `num_cpus_per_site` cores and `num_gpus_per_site` GPUs (Flower
+    client resources; a fraction shares one GPU between sites)."""
     sites_dir, out = sites_dir.resolve(), out.resolve()
     folders = site_folders(sites_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,8 @@ def run_simulation(sites_dir: Path, out: Path, overrides: Mapping[str, str] | No
         wait_healthy(port, superlink, out / "superlink.log")
         command = [_bin("flwr"), "run", str(APP_DIR), "feddlr", "--stream",
                    "--federation-config", f"num-supernodes={len(folders)}",
-                   "--federation-config", f"client-resources-num-cpus={num_cpus_per_site}"]
+                   "--federation-config", f"client-resources-num-cpus={num_cpus_per_site}",
+                   "--federation-config", f"client-resources-num-gpus={num_gpus_per_site}"]
         for key, value in run_config.items():
             command += ["--run-config", f"{key}={toml_value(value)}"]
         rc = stream(command, env, out / "run.log", echo)

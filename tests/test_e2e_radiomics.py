@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ from simulation.cohort import simulate_cohort
 from simulation.launcher import run_simulation
 
 pytestmark = pytest.mark.slow
-FOLDS = 3
+FOLDS = 2
 
 
 @pytest.fixture(scope="module")

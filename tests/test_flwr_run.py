@@ -40,7 +40,8 @@ def test_flwr_run_dot_with_pyproject_defaults(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [s["status"] for s in results["run"]["sites"]] == ["ok", "ok"]
     assert results["run"]["stages"]["cohort"]["status"] == "ok"
-    assert results["run"]["stages"]["survival"]["status"] == "skipped"
+    assert results["run"]["stages"]["survival"]["status"] == "ok"
+    assert results["run"]["stages"]["dsfr"]["status"] == "skipped"
 
 
 def stop_local_superlink(port: int) -> None:

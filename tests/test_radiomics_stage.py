@@ -209,3 +209,44 @@ def test_squared_loss_lasso_matches_sklearn_lasso(tmp_path: Path, study: dict) -
     np.testing.assert_allclose([radiomics["lasso"]["coef"][n] for n in screened], ref.coef_,
                                atol=1e-6)
     assert radiomics["lasso"]["intercept"] == pytest.approx(ref.intercept_, abs=1e-6)
+
+
+class DropsMidFit(InProcessTransport):
+    """site-3 stops answering at its 5th solver round (as a SuperNode that went away)."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        super().__init__(folders)
+        self.steps = 0
+
+    def ask(self, action, query, sites):
+        from server.transport import Reply
+
+        sites = list(sites)
+        if action == "radiomics_step" and "site-3" in sites:
+            self.steps += 1
+            if self.steps >= 5:
+                replies = super().ask(action, query, [s for s in sites if s != "site-3"])
+                replies["site-3"] = Reply("site-3", "dropped", reason="node unavailable")
+                return replies
+        return super().ask(action, query, sites)
+
+
+def test_a_site_dropping_mid_fit_restarts_the_fit_on_the_survivors(tmp_path: Path,
+                                                                   study: dict) -> None:
+    parts = study["parts"]
+    extra = {"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C, "lr-C": LR_C,
+             "selection": "paper"}
+    folders = [write_feature_site(tmp_path / "a", f"site-{i + 1}", p) for i, p in enumerate(parts)]
+    config = StudyConfig(out_dir=str(tmp_path / "out-a"), task="label", stages=("radiomics",),
+                         extra=extra)
+    dropped = run_study(DropsMidFit(folders), config)["radiomics"]
+    assert [r["dropped"] for r in dropped["restarts"]] == [{"site-3": "node unavailable"}]
+    assert dropped["sites"]["site-3"]["status"] == "dropped"
+    survivors = [write_feature_site(tmp_path / "b", f"site-{i + 1}", p)
+                 for i, p in enumerate(parts[:2])]
+    config = StudyConfig(out_dir=str(tmp_path / "out-b"), task="label", stages=("radiomics",),
+                         extra=extra)
+    fresh = run_study(InProcessTransport(survivors), config)["radiomics"]
+    assert dropped["lasso"]["coef"] == pytest.approx(fresh["lasso"]["coef"], abs=1e-12)
+    assert dropped["standardization"]["mean"] == pytest.approx(
+        fresh["standardization"]["mean"], rel=1e-12)

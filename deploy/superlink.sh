@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Coordinator: the SuperLink. HTTPS only (Fleet, Control and runtime APIs share one port),
+# only SuperNodes whose public key was registered may connect, no dependency installation at
+# run time. Its state (registered SuperNodes, runs) lives in $FEDDLR_DEPLOY/superlink.db, so a
+# restarted SuperLink keeps its registrations. Runs in the foreground: keep it in a service.
+source "$(dirname "$0")/env.sh"
+need FEDDLR_SUPERLINK
+cd "$FEDDLR_APP"
+exec flower-superlink \
+    --ssl-ca-certfile "$FEDDLR_TLS/ca.crt" \
+    --ssl-certfile "$FEDDLR_TLS/superlink.crt" \
+    --ssl-keyfile "$FEDDLR_TLS/superlink.key" \
+    --enable-supernode-auth \
+    --disable-runtime-dependency-installation \
+    --database "$FEDDLR_DEPLOY/superlink.db" \
+    --host "${FEDDLR_LISTEN:-0.0.0.0}" --port "$(superlink_port)"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Hospital: the SuperNode serving FEDDLR_SITE. It dials out to the SuperLink over TLS
+# (trusting only the consortium CA), signs in with its private key, and runs the FedDLR
+# ClientApp, which answers through the site's egress guard. Runs in the foreground.
+# FEDDLR_NODE_CONFIG adds node-config entries, e.g. 'max-query-bytes=536870912'.
+source "$(dirname "$0")/env.sh"
+need FEDDLR_SUPERLINK
+need FEDDLR_SITE
+name="${FEDDLR_NODE_NAME:-$(basename "$FEDDLR_SITE")}"
+site="$(cd "$FEDDLR_SITE" && pwd)"
+cd "$FEDDLR_APP"
+exec flower-supernode \
+    --superlink "$FEDDLR_SUPERLINK" \
+    --root-certificates "$FEDDLR_TLS/ca.crt" \
+    --auth-supernode-private-key "$FEDDLR_KEYS/$name.key" \
+    --node-config "site-dir=\"$site\" ${FEDDLR_NODE_CONFIG:-}" \
+    --host 127.0.0.1 --port "${FEDDLR_NODE_PORT:-9094}"

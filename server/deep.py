@@ -1,0 +1,107 @@
+"""Deep stage, server side: paper 2's DL-MRI (3D ResNet18 on tumour ROI crops) and DL-US
+(ConvNeXt V2 on ultrasound ROI crops), each trained federated with k-fold CV
+(`deep-cv-folds`, paper 2: 4) by the engine in server/training.py, then scored at the
+sites: training-site probabilities out-of-fold, external sites by the mean of the fold
+models. The probabilities stay at the sites (`<site>/predictions/<model>-<run>.csv`, for
+the fusion and validation stages); the pooled AUC comes from coarsened label-stratified
+histograms, with its bound. Grad-CAM maps of a few patients are written at each site.
+
+`mode = pooled` trains the same fold models on all training sites' data in this process
+(the centralized reference); `mode = both` trains both ways and reports federated minus
+pooled AUC and the wall-time ratio (`comparison`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from server.progress import report_round
+from server.training import (
+    Outcome,
+    Plan,
+    Setup,
+    auc_of,
+    comparison,
+    setup,
+    train_model,
+    weights_payload,
+)
+from server.transport import StageSkipped, Transport
+from shared import schema
+from shared.config import ConfigError, StudyConfig
+
+log = logging.getLogger("feddlr")
+STAGE = "deep"
+DEEP_MODELS = ("dl_mri", "dl_us")
+
+
+def deep_models(extra: dict[str, Any]) -> list[str]:
+    raw = extra.get("deep-models", ",".join(DEEP_MODELS))
+    models = [m.strip() for m in str(raw).split(",") if m.strip()]
+    unknown = [m for m in models if m not in DEEP_MODELS]
+    if unknown or not models:
+        raise ConfigError(f"run config deep-models: {unknown or raw!r}; known: "
+                          f"{list(DEEP_MODELS)}")
+    return models
+
+
+def run_deep(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
+    plans = {m: Plan.from_extra(config.extra, m) for m in deep_models(config.extra)}
+    result: dict[str, Any] = {"models": {}, "skipped": {}, "comparison": {}, "sites": {}}
+    for model, plan in plans.items():
+        st = setup(transport, config, model, sites, STAGE)
+        if not st.train:
+            result["skipped"][model] = "no training site has the images it needs: " + \
+                "; ".join(f"{s}: {r}" for s, r in st.excluded.items())
+            log.info("[%s] %s skipped: %s", STAGE, model, result["skipped"][model])
+            continue
+        outcomes = train_model(transport, config, plan, st, STAGE)
+        for outcome in outcomes:
+            outcome.result["auc"], outcome.result["gradcam"] = score(transport, config,
+                                                                     outcome, st)
+            outcome.result["sites_setup"] = {"train": st.train, "external": st.external,
+                                             "excluded": st.excluded}
+            result["models"][outcome.name] = outcome.result
+        if len(outcomes) == 2:
+            result["comparison"][model] = compare(outcomes[0], outcomes[1])
+        for site in sites:
+            status = result["sites"].setdefault(site, {"status": "ok", "models": []})
+            if site in st.train or site in st.external:
+                status["models"].append(model)
+    if not result["models"]:
+        raise StageSkipped("; ".join(f"{m}: {r}" for m, r in result["skipped"].items()))
+    return result
+
+
+def score(transport: Transport, config: StudyConfig, outcome: Outcome,
+          st: Setup) -> tuple[dict[str, Any], dict[str, int]]:
+    """Send the chosen fold models to every site (training and external) to score its
+    patients; the pooled out-of-fold and external AUCs from the histograms."""
+    plan = outcome.plan
+    federated = outcome.result["mode"] == "federated"
+    query = {"task": config.task, "needs": {"dl_mri": "mri", "dl_us": "us"}[plan.model],
+             **plan.params(pooled=not federated), "round": outcome.round,
+             "units": plan.units, "train_id": outcome.result["train_id"],
+             "name": outcome.name, "gradcam": plan.gradcam,
+             **weights_payload(outcome, federated and plan.fedbn)}
+    targets = st.train + st.external
+    replies = transport.ask(schema.TRAIN_SCORE, query, targets)
+    report_round(f"{STAGE}:{outcome.name}:score", 1, 1, replies)
+    ok = {s: r.payload for s, r in replies.items() if r.ok}
+    auc: dict[str, Any] = {}
+    for name, group in (("train_oof", st.train), ("external", st.external)):
+        members = {s: ok[s] for s in group if s in ok}
+        if members:
+            auc[name] = auc_of(members)
+    auc["sites"] = {s: auc_of({s: p}) for s, p in ok.items()}
+    auc["failed"] = {s: f"{r.status}: {r.reason}" for s, r in replies.items() if not r.ok}
+    auc["grid"] = {"method": "coarsened label-stratified histograms"}
+    gradcam = {s: int(p.get("gradcam.written", 0)) for s, p in ok.items()}
+    return auc, gradcam
+
+
+def compare(federated: Outcome, pooled: Outcome) -> dict[str, Any]:
+    return comparison(federated.result, pooled.result,
+                      (federated.result.get("auc", {}).get("train_oof") or {}).get("auc"),
+                      (pooled.result.get("auc", {}).get("train_oof") or {}).get("auc"))

@@ -1,0 +1,96 @@
+"""Report section of the CNN stages (`dsfr`, `deep`): per model the training plan, the
+federated validation per round (pooled and per site, with a figure), the chosen round, the
+out-of-fold AUC, bytes on the wire and time; the federated-vs-pooled comparison."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "—" if value is None else f"{float(value):.{digits}f}"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def training_sections(results: dict[str, Any], out: Path) -> str:
+    models: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    dsfr = results.get("dsfr") or {}
+    if "training" in dsfr:
+        models["dsfr"] = (dsfr["training"], dsfr.get("auc", {}))
+        if "pooled" in dsfr:
+            models["dsfr_pooled"] = (dsfr["pooled"]["training"], dsfr["pooled"].get("auc", {}))
+    for name, model in (results.get("deep") or {}).get("models", {}).items():
+        models[name] = (model, model.get("auc", {}))
+    if not models:
+        return ""
+    parts = ["<h2>CNN training (DSFR U-Net, DL-MRI ResNet18-3D, DL-US ConvNeXt V2)</h2>"]
+    rows = []
+    for name, (model, auc) in models.items():
+        plan = model["plan"]
+        wire = model.get("wire", {})
+        rows.append([
+            _e(name), _e(model["mode"]),
+            _e(plan["strategy"] + (" + FedBN" if plan["fedbn"] else "")),
+            _e(f"{plan['rounds']} × {plan['local_epochs']}"), _e(plan["width"]),
+            _e(f"{model['network']['parameters']:,}"), _e(model["chosen_round"]),
+            _f((auc.get("train_oof") or {}).get("auc")),
+            _e(f"{wire['mean_up'] / 2**20:.2f} MiB {wire['dtype']}") if wire.get("mean_up")
+            else "—", _f(model["seconds"], 1)])
+    parts.append(_table(["model", "mode", "strategy", "rounds × epochs", "width", "parameters",
+                         "chosen round", "AUC (out-of-fold)", "update per site·round",
+                         "seconds"], rows))
+    comparisons = dict((results.get("deep") or {}).get("comparison", {}))
+    if "comparison" in dsfr:
+        comparisons["dsfr"] = dsfr["comparison"]
+    if comparisons:
+        parts.append(_table(["model", "AUC federated", "AUC pooled", "federated − pooled",
+                             "wall time federated ÷ pooled"],
+                            [[_e(m), _f(c["auc_federated"]), _f(c["auc_pooled"]),
+                              _f(c["delta_auc"]), _f(c["wall_time_ratio"], 2)]
+                             for m, c in comparisons.items()]))
+    parts.append(f"<img src='{_curves(models, out)}' alt='validation per round'>")
+    parts.append("<p class='muted'>Validation of the global weights of each round on the "
+                 "sites' held-out rows (deep models: BCE loss; DSFR: Dice), pooled over sites "
+                 "(thick) and per site. Probabilities and Grad-CAM maps stay at the sites.</p>")
+    return "\n".join(parts)
+
+
+def _curves(models: dict[str, tuple[dict[str, Any], dict[str, Any]]], out: Path) -> str:
+    name = "training_validation.png"
+    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3), squeeze=False)
+    for ax, (label, (model, _)) in zip(axes[0], models.items(), strict=True):
+        validation = model.get("validation", {})
+        rounds = sorted(int(r) for r in validation)
+        metric = validation[str(rounds[0])]["metric"] if rounds else "loss"
+        pooled = [validation[str(r)]["pooled"].get(metric) for r in rounds]
+        ax.plot(rounds, [float("nan") if v is None else v for v in pooled], lw=2.5,
+                color="#222", label="pooled")
+        sites = sorted({s for r in rounds for s in validation[str(r)]["sites"]})
+        for site in sites:
+            values = [validation[str(r)]["sites"].get(site, {}).get(metric) for r in rounds]
+            ax.plot(rounds, [float("nan") if v is None else v for v in values], lw=1,
+                    alpha=0.8, label=site)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("weights after round")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=90)
+    plt.close(fig)
+    return name

@@ -1,0 +1,843 @@
+"""The federated training engine of the CNN stages (`dsfr`, `deep`), one for all models.
+
+A *plan* is one model's resolved training configuration (run config, per-model paper
+defaults, sizes resolved from the sites' devices). A *unit* is one network trained
+federated: a CV fold `f<k>` for DL-MRI/DL-US (so training-site probabilities are
+out-of-fold), `all` for the DSFR U-Net. All units of a model travel in one message per
+site and round.
+
+Round r (1 … rounds): the server sends `train.<model>` with the global weights w_{r−1} of
+every unit (in the wire dtype); each site validates them on its held-out rows, trains
+`local-epochs` epochs (FedProx: with the proximal term) and returns its update; the server
+adds the patient-weighted mean update (shared/fedavg.py) to its float32 weights (FedBN:
+normalization layers are not sent and stay at the sites) and checkpoints. After the last
+round one `evaluate.<model>` message validates w_R. The best round by pooled federated
+validation (deep: BCE loss; DSFR: Dice) is kept in `best.npz`; the weights used
+afterwards are the final ones (`select = final`, default: choosing the round on the
+held-out folds would leak into the out-of-fold probabilities) or the best (`select = best`).
+
+Checkpoints (`OUT/training/<name>/`): after every round `round-<r>.npz` (weights of every
+unit) and `checkpoint.json` (round, history, best round, strategy state, the resolved
+plan, the sites and their data hashes), each replaced atomically. With `-c resume=true`
+and the same out-dir, a run whose plan, run config and sites are unchanged continues after
+the last checkpointed round and — every random draw being seeded per (site, unit, round) —
+ends with the same weights as an uninterrupted run.
+
+`mode = pooled` trains the same units in this process on all training sites' data at once
+(read from `sites-dir`: simulation only), the centralized reference; `both` does the two
+and compares them. Either way the weights are then sent to the sites for scoring, so AUCs
+are computed the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.progress import report_round
+from server.transport import Reply, StageError, StageSkipped, StudyError, Transport
+from shared import fedavg, roc, schema
+from shared.config import ConfigError, StudyConfig
+from shared.schema import nest
+
+log = logging.getLogger("feddlr")
+
+MODES = ("federated", "pooled", "both")
+SELECT = ("final", "best")
+NEEDS = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}
+# Paper defaults per model (PIPELINE.md): DSFR Adam 1e-3, batch 6, focal loss; DL-MRI the
+# authors' code (SGD 1e-3, wd 1e-2; the paper: AdamW 4e-6), batch 16, BCE with pos_weight;
+# DL-US AdamW 2e-5, wd 0.05, batch 16, cosine schedule, label smoothing 0.2, Mixup/CutMix.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 6,
+             "rounds": 4, "local_epochs": 3,  # the U-Net leaves all-background after ~10
+             # epochs on the demo cohort (focal loss)
+             "schedule": "constant", "smoothing": 0.0, "mix": False, "augment": False},
+    "dl_mri": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 16,
+               "schedule": "constant", "smoothing": 0.0, "mix": False, "augment": True},
+    "dl_us": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "batch_size": 16,
+              "schedule": "cosine", "smoothing": 0.2, "mix": True, "augment": True},
+}
+# "auto" sizes: (GPU at every training site, otherwise)
+AUTO = {"width": (1.0, 0.125), "mri_size": (96, 32), "us_size": (256, 64)}
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def per_model(value: Any, model: str, parse: Callable[[Any], Any], default: Any) -> Any:
+    """A run-config value that is one value for every model (`0.01`), or per model
+    (`"dl_mri=0.001,dl_us=2e-5"`, others take their default); `""`/`default` → default."""
+    if isinstance(value, bool | int | float):
+        return parse(value)
+    text = str(value).strip()
+    if text in ("", "default"):
+        return default
+    if "=" not in text:
+        return parse(text)
+    pairs = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or key.strip() not in schema.TRAIN_MODELS:
+            raise ValueError(f"expected model=value pairs for {list(schema.TRAIN_MODELS)}, "
+                             f"got {item!r}")
+        pairs[key.strip()] = raw.strip()
+    return parse(pairs[model]) if model in pairs and pairs[model] not in ("", "default") \
+        else default
+
+
+# run-config key -> (attribute, parse, per-model?)
+KEYS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
+    "rounds": ("rounds", int, True),
+    "local-epochs": ("local_epochs", int, True),
+    "lr": ("lr", float, True),
+    "batch-size": ("batch_size", int, True),
+    "optimizer": ("optimizer", lambda v: str(v).strip().lower(), True),
+    "weight-decay": ("weight_decay", float, True),
+    "cnn-width": ("width", lambda v: str(v).strip() if str(v).strip() == "auto" else float(v),
+                  True),
+    "strategy": ("strategy", lambda v: str(v).strip().lower(), False),
+    "proximal-mu": ("mu", float, False),
+    "fedbn": ("fedbn", _flag, False),
+    "wire-dtype": ("wire", lambda v: str(v).strip().lower(), False),
+    "mode": ("mode", lambda v: str(v).strip().lower(), False),
+    "mri-size": ("mri_size", lambda v: 0 if str(v).strip() in ("auto", "") else int(v), False),
+    "us-size": ("us_size", lambda v: 0 if str(v).strip() in ("auto", "") else int(v), False),
+    "dsfr-size": ("dsfr_size", int, False),
+    "roi-margin": ("margin", int, False),
+    "us-variant": ("variant", lambda v: str(v).strip().lower(), False),
+    "device": ("device", lambda v: str(v).strip().lower(), False),
+    "amp": ("amp", lambda v: str(v).strip().lower(), False),
+    "deep-cv-folds": ("cv_folds", int, False),
+    "select": ("select", lambda v: str(v).strip().lower(), False),
+    "augment": ("augment", _flag, True),
+    "gradcam-patients": ("gradcam", int, False),
+    "seed": ("seed", int, False),
+    "deterministic": ("deterministic", _flag, False),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One model's training configuration (run config → per-model defaults → sites)."""
+
+    model: str
+    rounds: int = 3
+    local_epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    width: float | str = "auto"
+    strategy: str = "fedavg"
+    mu: float = 0.01
+    fedbn: bool = False
+    wire: str = "float32"
+    mode: str = "federated"
+    mri_size: int = 0
+    us_size: int = 0
+    dsfr_size: int = 64
+    margin: int = 50
+    variant: str = "atto"
+    device: str = "auto"
+    amp: str = "auto"
+    cv_folds: int = 4
+    select: str = "final"
+    augment: bool = True
+    gradcam: int = 2
+    seed: int = 0
+    deterministic: bool = True
+    schedule: str = "constant"
+    smoothing: float = 0.0
+    mix: bool = False
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any], model: str) -> Plan:
+        values: dict[str, Any] = dict(MODEL_DEFAULTS[model])
+        base = cls(model=model)
+        for key, (attr, parse, by_model) in KEYS.items():
+            if key not in extra:
+                continue
+            default = values.get(attr, getattr(base, attr))
+            try:
+                values[attr] = (per_model(extra[key], model, parse, default) if by_model
+                                else parse(extra[key]))
+            except (TypeError, ValueError, KeyError) as err:
+                raise ConfigError(f"run config {key}: {err}") from err
+        plan = cls(model=model, **values)
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        choices = {"strategy": (self.strategy, ("fedavg", "fedprox")),
+                   "wire-dtype": (self.wire, fedavg.WIRE_DTYPES),
+                   "mode": (self.mode, MODES), "select": (self.select, SELECT),
+                   "optimizer": (self.optimizer, ("adam", "adamw", "sgd")),
+                   "device": (self.device, ("auto", "cpu", "cuda")),
+                   "amp": (self.amp, ("auto", "off", "bf16", "fp16"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"run config {key}: {value!r} is not one of {list(allowed)}")
+        from shared.networks import CONVNEXT_VARIANTS
+
+        if self.variant not in CONVNEXT_VARIANTS:
+            raise ConfigError(f"run config us-variant: {self.variant!r} is not one of "
+                              f"{list(CONVNEXT_VARIANTS)}")
+        if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
+            raise ConfigError("run config rounds, local-epochs and batch-size must be >= 1")
+        if not self.lr > 0 or self.weight_decay < 0 or self.mu < 0:
+            raise ConfigError("run config lr must be > 0, weight-decay and proximal-mu >= 0")
+        if self.cv_folds < 2:
+            raise ConfigError("run config deep-cv-folds must be >= 2")
+        if self.width != "auto" and not 0 < float(self.width) <= 4:
+            raise ConfigError("run config cnn-width must be auto or in (0, 4]")
+        for key, size, largest in (("mri-size", self.mri_size, 160),
+                                   ("us-size", self.us_size, 512)):
+            if size and not 8 <= size <= largest:
+                raise ConfigError(f"run config {key} must be auto or in [8, {largest}]")
+        if not 16 <= self.dsfr_size <= 512 or self.dsfr_size % 16:
+            raise ConfigError("run config dsfr-size must be a multiple of 16 in [16, 512]")
+
+    def resolved(self, gpu: bool) -> Plan:
+        """`auto` sizes for where training runs: GPU sizes when every training site (or the
+        pooled process) has CUDA, small CPU sizes otherwise."""
+        pick = 0 if gpu else 1
+        return replace(self,
+                       width=AUTO["width"][pick] if self.width == "auto" else float(self.width),
+                       mri_size=self.mri_size or AUTO["mri_size"][pick],
+                       us_size=self.us_size or AUTO["us_size"][pick])
+
+    @property
+    def size(self) -> int:
+        return {"dsfr": self.dsfr_size, "dl_mri": self.mri_size, "dl_us": self.us_size}[
+            self.model]
+
+    @property
+    def units(self) -> list[str]:
+        return ["all"] if self.model == "dsfr" else [f"f{k}" for k in range(self.cv_folds)]
+
+    @property
+    def split_folds(self) -> int:
+        """Folds of the site's patients: CV folds, or DSFR's 1/3 validation split."""
+        return 3 if self.model == "dsfr" else self.cv_folds
+
+    def lr_at(self, round_no: int) -> float:
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (round_no - 1) / self.rounds))
+        return self.lr
+
+    def params(self, *, pooled: bool = False) -> dict[str, Any]:
+        """The query fields of client.training.TrainParams (no round/units/weights)."""
+        return {"model": self.model, "width": float(self.width), "variant": self.variant,
+                "size": self.size, "margin": self.margin, "folds": self.split_folds,
+                "seed": self.seed, "epochs": self.local_epochs, "batch_size": self.batch_size,
+                "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                "strategy": self.strategy, "mu": self.mu,
+                "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
+                "amp": self.amp, "augment": self.augment, "mix": self.mix,
+                "smoothing": self.smoothing, "deterministic": self.deterministic}
+
+    def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported lazily)
+        from shared.networks import NetworkSpec
+
+        return NetworkSpec(self.model, width=float(self.width), variant=self.variant)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class FederatedBackend:
+    """Training messages to the sites over the study's transport."""
+
+    kind = "federated"
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def ask(self, action: str, query: dict[str, Any], sites: list[str]) -> dict[str, Reply]:
+        return self.transport.ask(action, query, sites)
+
+
+class PooledBackend:
+    """The centralized reference: the same site code run in this process on the training
+    sites' data pooled (one "site" named `pooled`, no guard: nothing leaves a machine).
+
+    On CPU it trains on one thread, as each simulated site does (Flower client resources
+    `num-cpus=1`): the wall-time ratio then compares the same compute per worker, and
+    intra-op threads on these small convolutions were 2–5× slower here anyway."""
+
+    kind = "pooled"
+    site = "pooled"
+
+    def __init__(self, data: Any, state_dir: Path) -> None:
+        self.data = data
+        self.state_dir = state_dir
+
+    def ask(self, action: str, query: dict[str, Any], sites: list[str]) -> dict[str, Reply]:
+        import torch
+
+        from client import training as client
+
+        p = client.TrainParams.from_query(query)
+        threads = torch.get_num_threads()
+        if client.pick_device(p.device).type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            stats = client.run_round(self.data, p, query, self.state_dir, self.site,
+                                     train=action.startswith("train."), min_cell=1)
+        finally:
+            torch.set_num_threads(threads)
+        payload: dict[str, Any] = {"status": schema.STATUS_OK}
+        for stat in stats:
+            payload.update({f"{stat.name}.{k}": v for k, v in stat.values.items()})
+        return {self.site: Reply(self.site, schema.STATUS_OK, payload)}
+
+
+def pooled_data(config: StudyConfig, plan: Plan, sites: list[str],
+                identity: Mapping[str, Any] | None = None) -> Any:
+    """The training sites' prepared data, read from `sites-dir` (simulation only) with each
+    site's own folds, concatenated."""
+    from client import training as client
+    from client.session import open_session
+    from client.site import SiteError, read_site_config
+
+    root = Path(config.sites_dir)
+    if not root.is_dir():
+        raise StageError(f"mode=pooled reads the site folders from sites-dir ({root}), "
+                         "which this server cannot see (pooled training is for simulations)")
+    folders = {}
+    for folder in sorted(p for p in root.iterdir() if (p / "site.yaml").is_file()):
+        try:
+            folders[read_site_config(folder).site_id] = folder
+        except SiteError:
+            continue
+    missing = [s for s in sites if s not in folders]
+    if missing:
+        raise StageError(f"mode=pooled: no folder under {root} for site(s) {missing}")
+    from client.handshake import data_hash
+
+    identity = identity or {}
+    other = [s for s in sites if identity.get(s) and data_hash(folders[s]) != identity[s]]
+    if other:
+        raise StageError(f"mode=pooled: the folders under {root} of {other} hold other data "
+                         "than the sites that answered (data hashes differ)")
+    p = client.TrainParams.from_query({**plan.params(pooled=True), "round": 0})
+    parts = []
+    for site in sites:
+        session = open_session(str(folders[site]), config.task,
+                               tuple(sorted({"clinical", NEEDS[plan.model]})))
+        parts.append(client.site_data(session, p))
+    return client.concat(parts)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """`OUT/training/<name>/`: round-<r>.npz + checkpoint.json, best.npz, final.npz."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _write_npz(self, name: str, weights: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / name
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{f"{unit}::{key}": value for unit, arrays in weights.items()
+                         for key, value in arrays.items()})
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        with np.load(path, allow_pickle=False) as saved:
+            for name in saved.files:
+                unit, _, key = name.partition("::")
+                out.setdefault(unit, {})[key] = saved[name]
+        return out
+
+    def save_round(self, round_no: int, weights: Mapping[str, Mapping[str, np.ndarray]],
+                   state: dict[str, Any]) -> None:
+        self._write_npz(f"round-{round_no}.npz", weights)
+        record = dict(state, round=round_no, weights=f"round-{round_no}.npz",
+                      written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        path = self.folder / "checkpoint.json"
+        tmp = path.with_name(f".checkpoint.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_plain(record), indent=1, allow_nan=False) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+        for old in self.folder.glob("round-*.npz"):
+            if old.name != f"round-{round_no}.npz":
+                old.unlink(missing_ok=True)
+
+    def save(self, name: str, weights: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
+        return self._write_npz(name, weights)
+
+    def load(self, fingerprint: str) -> tuple[dict[str, Any] | None, str]:
+        """(state, weights) of the last round when it was written for this fingerprint;
+        else (None, why)."""
+        path = self.folder / "checkpoint.json"
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None, "no training checkpoint yet"
+        except (OSError, ValueError) as err:
+            return None, f"training checkpoint unreadable ({err})"
+        if state.get("fingerprint") != fingerprint:
+            return None, ("the plan, run config or sites changed since the training "
+                          "checkpoint")
+        try:
+            state["weights_arrays"] = self.read_npz(self.folder / state["weights"])
+        except (OSError, KeyError, ValueError) as err:
+            return None, f"checkpoint weights unreadable ({err})"
+        return state, "ok"
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class Outcome:
+    """A finished training: the weights to use and everything to report."""
+
+    name: str
+    plan: Plan
+    weights: dict[str, dict[str, np.ndarray]]
+    round: int
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains one model's units federated (or pooled) with checkpoints; see the module."""
+
+    def __init__(self, backend: FederatedBackend | PooledBackend, plan: Plan, name: str,
+                 sites: list[str], config: StudyConfig, out: Path, stage: str,
+                 identity: Mapping[str, Any], pos_weight: float,
+                 sizes: Mapping[str, int] | None = None) -> None:
+        self.backend, self.plan, self.name, self.stage = backend, plan, name, stage
+        self.sizes = dict(sizes or {})  # patients per site (setup): caps an update's weight
+        self.sites = list(sites)
+        self.config, self.out = config, out
+        self.pos_weight = pos_weight
+        self.checkpoints = Checkpoints(out / "training" / name)
+        from server.checkpoint import fingerprint as study_fingerprint
+
+        blob = json.dumps(_plain({"study": study_fingerprint(config), "plan": asdict(plan),
+                                  "name": name, "mode": backend.kind, "identity": identity,
+                                  "sites": self.sites}), sort_keys=True)
+        self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        self.train_id = self.fingerprint[:16]
+
+    # -- helpers -----------------------------------------------------------------------
+    def _base(self, round_no: int, lr: float, epochs: int) -> dict[str, Any]:
+        pooled = self.backend.kind == "pooled"
+        query = {"task": self.config.task, "needs": NEEDS[self.plan.model],
+                 **self.plan.params(pooled=pooled), "lr": lr, "epochs": epochs,
+                 "round": round_no, "units": self.plan.units, "train_id": self.train_id,
+                 "pos_weight": self.pos_weight}
+        return query
+
+    def weights_query(self, weights: Mapping[str, Mapping[str, np.ndarray]],
+                      keys: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for unit in self.plan.units:
+            encoded = fedavg.encode({k: weights[unit][k] for k in keys}, self.plan.wire)
+            out.update({f"w.{unit}.{k}": v for k, v in encoded.items()})
+        return out
+
+    def run(self) -> Outcome:
+        from shared import networks
+
+        plan = self.plan
+        net = plan.spec().build(plan.seed)
+        init = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+        local = networks.norm_keys(net) if plan.fedbn and self.backend.kind == "federated" \
+            else set()
+        keys = [k for k in init if k not in local]
+        weights = {u: {k: v.copy() for k, v in init.items()} for u in plan.units}
+        history: list[dict[str, Any]] = []
+        validation: dict[int, dict[str, Any]] = {}
+        best: dict[str, Any] = {"round": None, "value": None}
+        start, resumed = 1, None
+        if self.config.resume:
+            state, why = self.checkpoints.load(self.fingerprint)
+            if state is not None:
+                weights = state.pop("weights_arrays")
+                start = int(state["round"]) + 1
+                history = state["history"]
+                validation = {int(k): v for k, v in state["validation"].items()}
+                best = state["best"]
+                resumed = {"from_round": int(state["round"]), "written": state.get("written")}
+                log.info("[%s] %s: resuming after round %d from %s", self.stage, self.name,
+                         state["round"], self.checkpoints.folder)
+            else:
+                resumed = {"from_round": None, "reason": why}
+                log.info("[%s] %s: starting afresh (%s)", self.stage, self.name, why)
+        sites = list(self.sites)
+        started = time.perf_counter()
+        for r in range(start, plan.rounds + 1):
+            t0 = time.perf_counter()
+            query = {**self._base(r, plan.lr_at(r), plan.local_epochs),
+                     **self.weights_query(weights, keys)}
+            down = fedavg.wire_bytes({k: v for k, v in query.items()
+                                      if isinstance(v, np.ndarray)})
+            replies = self.backend.ask(f"train.{plan.model}", query, sites)
+            report_round(f"{self.stage}:{self.name}", r, plan.rounds, replies)
+            sites = self._survivors(replies, sites, f"round {r}")
+            self._validation(validation, r - 1, replies, sites, weights, best)
+            entry = {"round": r, "lr": plan.lr_at(r), "sites": {}, "units": {}}
+            for unit in plan.units:
+                updates = []
+                for site in sites:
+                    payload = replies[site].payload
+                    info = entry["sites"].setdefault(site, {"wire": {"down": down}})
+                    if f"{unit}.n" not in payload:
+                        info.setdefault("refused", {})[unit] = str(
+                            payload.get(f"refused.{unit}", "no update"))
+                        continue
+                    delta = fedavg.decode(nest(payload, f"{unit}.delta"), plan.wire,
+                                          like=weights[unit])
+                    problem = _bad_update(delta, weights[unit], keys)
+                    claimed, size = float(payload[f"{unit}.n"]), self.sizes.get(site)
+                    if not problem and (claimed <= 0 or (size is not None and claimed > size)):
+                        problem = f"it claims {claimed:g} patients (the site has {size})"
+                    if problem:
+                        log.warning("[%s] %s: %s's update of %s left out: %s", self.stage,
+                                    self.name, site, unit, problem)
+                        info.setdefault("refused", {})[unit] = f"left out: {problem}"
+                        continue
+                    updates.append((float(payload[f"{unit}.n"]), delta))
+                    info.setdefault("loss", {})[unit] = float(payload[f"{unit}.loss"])
+                    info.setdefault("n", {})[unit] = int(payload[f"{unit}.n"])
+                if updates:
+                    mean = fedavg.fedavg(updates, skip=local)
+                    weights[unit] = fedavg.apply_update(weights[unit], mean)
+                entry["units"][unit] = {"sites": len(updates)}
+            for site in sites:
+                payload = replies[site].payload
+                up = fedavg.wire_bytes({k: v for k, v in payload.items()
+                                        if isinstance(v, np.ndarray) and ".delta." in k})
+                info = entry["sites"].setdefault(site, {"wire": {"down": down}})
+                info["wire"]["up"] = up
+                info["seconds"] = float(payload.get("device.seconds", float("nan")))
+                info["device"] = payload.get("device.type")
+            entry["seconds"] = time.perf_counter() - t0
+            history.append(entry)
+            self.checkpoints.save_round(r, weights, {
+                "format": 1, "fingerprint": self.fingerprint, "name": self.name,
+                "model": plan.model, "mode": self.backend.kind,
+                "plan": asdict(plan), "sites": sites, "history": history,
+                "validation": validation, "best": best, "train_id": self.train_id,
+                "strategy": {"name": plan.strategy, "proximal_mu": plan.mu,
+                             "fedbn": bool(local), "server_state": "global weights only "
+                             "(FedAvg/FedProx keep no other server state)"}})
+        # validation of the final weights
+        query = {**self._base(plan.rounds + 1, 0.0, 0), **self.weights_query(weights, keys)}
+        replies = self.backend.ask(f"evaluate.{plan.model}", query, sites)
+        report_round(f"{self.stage}:{self.name}:evaluate", 1, 1, replies)
+        sites = self._survivors(replies, sites, "final evaluation")
+        self._validation(validation, plan.rounds, replies, sites, weights, best)
+        self.checkpoints.save("final.npz", weights)
+        chosen_round = plan.rounds
+        chosen = weights
+        if plan.select == "best" and best["round"] is not None:
+            chosen_round = int(best["round"])
+            chosen = Checkpoints.read_npz(self.checkpoints.folder / "best.npz")
+        result = {
+            "name": self.name, "model": plan.model, "mode": self.backend.kind,
+            "plan": asdict(plan), "network": {
+                "parameters": int(sum(v.size for v in init.values()
+                                      if np.issubdtype(v.dtype, np.floating))),
+                "input": [1, *([plan.size] * (3 if plan.model == "dl_mri" else 2))],
+                "fedbn_local_keys": len(local)},
+            "sites": sites, "units": plan.units, "rounds": history,
+            "validation": {str(k): validation[k] for k in sorted(validation)},
+            "best_round": best, "select": plan.select, "chosen_round": chosen_round,
+            "seconds": time.perf_counter() - started,
+            "resume": resumed,
+            "checkpoint": str(self.checkpoints.folder),
+            "wire": (wire_summary(history, plan.wire) if self.backend.kind == "federated"
+                     else {"note": "pooled: trained in one process, nothing sent"}),
+            "pos_weight": self.pos_weight,
+            "train_id": self.train_id,
+        }
+        return Outcome(self.name, plan, chosen, chosen_round, result)
+
+    def _survivors(self, replies: Mapping[str, Reply], sites: list[str], when: str) -> list[str]:
+        bad = {s: r for s, r in replies.items() if not r.ok}
+        for site, reply in bad.items():
+            log.warning("[%s] %s: %s %s at %s (%s); training goes on without it",
+                        self.stage, self.name, site, reply.status, when, reply.reason)
+        left = [s for s in sites if s in replies and replies[s].ok]
+        if len(left) < self.config.min_replies or not left:
+            raise StageError(f"{self.name}: only {len(left)} site(s) answered {when} "
+                             f"(min-replies {self.config.min_replies}): " + "; ".join(
+                                 f"{s}: {r.status} ({r.reason})" for s, r in bad.items()))
+        dropped = [s for s, r in bad.items() if r.status == schema.STATUS_DROPPED]
+        if dropped and len(left) < self.config.min_sites:
+            raise StudyError(f"{self.stage}: only {len(left)} site(s) left after "
+                             f"{', '.join(dropped)} dropped, min-sites is "
+                             f"{self.config.min_sites}")
+        return left
+
+    def _validation(self, validation: dict[int, dict[str, Any]], weights_round: int,
+                    replies: Mapping[str, Reply], sites: list[str],
+                    weights: Mapping[str, Mapping[str, np.ndarray]],
+                    best: dict[str, Any]) -> None:
+        summary = summarize_validation(self.plan.model, {s: replies[s].payload for s in sites})
+        validation[weights_round] = summary
+        value = summary["pooled"].get(summary["metric"])
+        if weights_round < 1 or value is None:
+            return
+        better = (best["value"] is None or
+                  (value > best["value"] if summary["metric"] == "dice"
+                   else value < best["value"]))
+        if better:
+            best.update(round=weights_round, value=value, metric=summary["metric"])
+            self.checkpoints.save("best.npz", weights)
+
+
+def _bad_update(delta: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray],
+                keys: list[str]) -> str | None:
+    """Why a site's update cannot be averaged (other keys or shapes, non-finite values)."""
+    if set(delta) != set(keys):
+        return "its weight keys differ from the model's"
+    for key in keys:
+        value = np.asarray(delta[key])
+        if value.shape != np.shape(weights[key]):
+            return f"{key} has shape {value.shape}"
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            return f"{key} is not finite (training diverged?)"
+    return None
+
+
+def summarize_validation(model: str, payloads: Mapping[str, Mapping[str, Any]]) -> dict:
+    """Per site and pooled validation of one set of weights: deep models BCE loss and AUC
+    (from coarsened histograms, with its bound); DSFR focal loss and Dice."""
+    sites: dict[str, Any] = {}
+    if model == "dsfr":
+        sums = {"loss_sum": 0.0, "n_slices": 0, "dice_sum": 0.0, "n": 0}
+        for site, p in payloads.items():
+            if "val.n" not in p:
+                sites[site] = {"refused": str(p.get("refused.val", "no validation rows"))}
+                continue
+            for key in sums:
+                sums[key] += float(p[f"val.{key}"])
+            sites[site] = {"dice": float(p["val.dice_sum"]) / max(float(p["val.n"]), 1),
+                           "loss": float(p["val.loss_sum"]) / max(float(p["val.n_slices"]), 1),
+                           "n": int(p["val.n"])}
+        pooled = ({"dice": sums["dice_sum"] / sums["n"],
+                   "loss": sums["loss_sum"] / max(sums["n_slices"], 1), "n": int(sums["n"])}
+                  if sums["n"] else {"dice": None, "loss": None, "n": 0})
+        return {"metric": "dice", "pooled": pooled, "sites": sites}
+    loss_sum, n = 0.0, 0
+    for site, p in payloads.items():
+        if "val.n" not in p:
+            sites[site] = {"refused": str(p.get("refused.val", "no validation rows"))}
+            continue
+        loss_sum += float(p["val.loss_sum"])
+        n += int(p["val.n"])
+        sites[site] = {"loss": float(p["val.loss_sum"]) / max(int(p["val.n"]), 1),
+                       "n": int(p["val.n"]), **auc_of({site: p})}
+    pooled = {"loss": loss_sum / n if n else None, "n": n, **auc_of(payloads)}
+    return {"metric": "loss", "pooled": pooled, "sites": sites}
+
+
+def auc_of(payloads: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """AUC from the label-stratified coarsened histograms of the sites that sent both."""
+    cells: dict[int, list] = {0: [], 1: []}
+    missing = []
+    for site, p in payloads.items():
+        if not all(f"hist{g}.count" in p for g in (0, 1)):
+            missing.append(site)
+            continue
+        for g in (0, 1):
+            cells[g].append((p[f"hist{g}.first"], p[f"hist{g}.last"], p[f"hist{g}.count"]))
+    if not cells[0] or not cells[1]:
+        return {"auc": None, "auc_sites_missing": sorted(missing)}
+    result = roc.combine_auc(cells[0], cells[1])
+    return {"auc": _num(result.auc), "auc_bound": [_num(result.lower), _num(result.upper)],
+            "auc_sites_missing": sorted(missing)}
+
+
+def wire_summary(history: list[dict[str, Any]], dtype: str) -> dict[str, Any]:
+    """Bytes of weights per round per site, down (global weights) and up (update)."""
+    per_site: dict[str, dict[str, list[int]]] = {}
+    for entry in history:
+        for site, info in entry["sites"].items():
+            wire = info.get("wire", {})
+            row = per_site.setdefault(site, {"down": [], "up": []})
+            row["down"].append(int(wire.get("down", 0)))
+            row["up"].append(int(wire.get("up", 0)))
+    return {"dtype": dtype, "per_round": per_site,
+            "mean_down": _mean([b for s in per_site.values() for b in s["down"]]),
+            "mean_up": _mean([b for s in per_site.values() for b in s["up"]])}
+
+
+def _mean(values: list[int]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def _plain(value: Any) -> Any:
+    from server.workflow import plain
+
+    return plain(value)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    train: list[str]
+    external: list[str]
+    devices: dict[str, dict[str, Any]]
+    pos_weight: float
+    identity: dict[str, Any]
+    gpu: bool
+    excluded: dict[str, str]
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def setup(transport: Transport, config: StudyConfig, model: str, sites: list[str],
+          stage: str) -> Setup:
+    """Ask every site which patients can serve `model`, its roles and device; training
+    sites are those with role train and usable patients."""
+    query = {"task": config.task, "needs": NEEDS[model], "model": model}
+    replies = transport.ask(schema.TRAIN_SETUP, query, sites)
+    report_round(f"{stage}:{model}:setup", 1, 1, replies)
+    train, external, devices, excluded = [], [], {}, {}
+    neg = pos = 0
+    counted = True
+    identity: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    for site in sites:
+        reply = replies[site]
+        p = reply.payload
+        if not reply.ok:
+            excluded[site] = f"{reply.status}: {reply.reason}"
+            continue
+        if not p.get("setup.usable", False):
+            excluded[site] = f"no patient with the images {model} needs"
+            continue
+        roles = list(p.get("setup.roles", []))
+        devices[site] = {k[len("device."):]: v for k, v in p.items()
+                         if k.startswith("device.")}
+        identity[site] = p.get("setup.data_sha256")
+        size = int(np.asarray(p.get("counts.n", [-1])).reshape(-1)[0])
+        if size >= 0:
+            sizes[site] = size
+        if "train" in roles:
+            train.append(site)
+            labels = np.asarray(p.get("counts.labels", [-1, -1])).reshape(-1)
+            if np.any(labels < 0):
+                counted = False
+            else:
+                neg, pos = neg + int(labels[0]), pos + int(labels[1])
+        elif "external" in roles:
+            external.append(site)
+    weight = float(neg / pos) if counted and pos > 0 and neg > 0 else 1.0
+    gpu = bool(train) and all(bool(devices[s].get("cuda")) for s in train)
+    return Setup(train, external, devices, weight, identity, gpu, excluded, sizes)
+
+
+def skip_if_empty(setup_: Setup, model: str) -> None:
+    if not setup_.train:
+        reasons = "; ".join(f"{s}: {r}" for s, r in setup_.excluded.items())
+        raise StageSkipped(f"no training site has the images {model} needs"
+                           + (f" ({reasons})" if reasons else ""))
+
+
+def train_model(transport: Transport, config: StudyConfig, plan: Plan, setup_: Setup,
+                stage: str) -> list[Outcome]:
+    """Train one model as `plan.mode` says: federated, pooled, or both (federated first);
+    returns one Outcome per training (the federated one first)."""
+    out = Path(config.out_dir)
+    outcomes = []
+    if plan.mode in ("federated", "both"):
+        resolved = plan.resolved(setup_.gpu)
+        trainer = Trainer(FederatedBackend(transport), resolved, plan.model, setup_.train,
+                          config, out, stage, setup_.identity, setup_.pos_weight,
+                          setup_.sizes)
+        outcome = trainer.run()
+        outcome.result["devices"] = setup_.devices
+        outcomes.append(outcome)
+    if plan.mode in ("pooled", "both"):
+        from client.training import pick_device
+
+        try:
+            gpu = pick_device(plan.device).type == "cuda"
+        except RuntimeError as err:
+            raise StageError(f"mode={plan.mode}: the pooled reference trains here: {err}") \
+                from None
+        resolved = replace(plan.resolved(gpu if plan.mode == "pooled" else setup_.gpu),
+                           wire="float32", fedbn=False)  # nothing travels, one "site"
+        name = plan.model if plan.mode == "pooled" else f"{plan.model}_pooled"
+        data = pooled_data(config, resolved, setup_.train, setup_.identity)
+        n0, n1 = int(np.sum(data.y == 0)), int(np.sum(data.y == 1))
+        weight = n0 / n1 if n0 and n1 else 1.0
+        backend = PooledBackend(data, out / "training" / name / "state")
+        trainer = Trainer(backend, resolved, name, [PooledBackend.site], config, out, stage,
+                          setup_.identity, weight)
+        outcome = trainer.run()
+        outcome.result["devices"] = {"pooled": {"type": str(pick_device(plan.device))}}
+        outcome.result["pooled_patients"] = len(data.patients)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def comparison(federated: dict[str, Any], pooled: dict[str, Any], auc_federated: Any,
+               auc_pooled: Any) -> dict[str, Any]:
+    """Federated vs pooled: out-of-fold AUC difference and wall-time ratios — of the whole
+    training, and of the median round after the first (the first holds each process's
+    warm-up)."""
+    def steady(result: dict[str, Any]) -> float:
+        seconds = [e["seconds"] for e in result["rounds"]]
+        return float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
+
+    fs, ps = federated["seconds"], pooled["seconds"]
+    fr, pr = steady(federated), steady(pooled)
+    return {"auc_federated": auc_federated, "auc_pooled": auc_pooled,
+            "delta_auc": (None if auc_federated is None or auc_pooled is None
+                          else auc_federated - auc_pooled),
+            "seconds_federated": fs, "seconds_pooled": ps,
+            "wall_time_ratio": fs / max(ps, 1e-9),
+            "round_seconds_federated": fr, "round_seconds_pooled": pr,
+            "round_time_ratio": fr / max(pr, 1e-9)}
+
+
+def weights_payload(outcome: Outcome, fedbn_local: bool) -> dict[str, np.ndarray]:
+    """The chosen weights of every unit, as a query's `w.<unit>.<key>` arrays."""
+    from shared import networks
+
+    net = outcome.plan.spec().build(outcome.plan.seed)
+    local = networks.norm_keys(net) if fedbn_local else set()
+    out = {}
+    for unit, arrays in outcome.weights.items():
+        encoded = fedavg.encode({k: v for k, v in arrays.items() if k not in local},
+                                outcome.plan.wire)
+        out.update({f"w.{unit}.{k}": v for k, v in encoded.items()})
+    return out
