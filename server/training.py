@@ -47,7 +47,7 @@ import numpy as np
 from server.progress import report_round
 from server.transport import Reply, StageError, StageSkipped, StudyError, Transport
 from shared import fedavg, roc, schema
-from shared.config import ConfigError, StudyConfig
+from shared.config import ConfigError, StudyConfig, flag
 from shared.schema import nest
 
 log = logging.getLogger("feddlr")
@@ -70,17 +70,6 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # "auto" sizes: (GPU at every training site, otherwise)
 AUTO = {"width": (1.0, 0.125), "mri_size": (96, 32), "us_size": (256, 64)}
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", ""):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def per_model(value: Any, model: str, parse: Callable[[Any], Any], default: Any) -> Any:
@@ -116,7 +105,7 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
                   True),
     "strategy": ("strategy", lambda v: str(v).strip().lower(), False),
     "proximal-mu": ("mu", float, False),
-    "fedbn": ("fedbn", _flag, False),
+    "fedbn": ("fedbn", flag, False),
     "wire-dtype": ("wire", lambda v: str(v).strip().lower(), False),
     "mode": ("mode", lambda v: str(v).strip().lower(), False),
     "mri-size": ("mri_size", lambda v: 0 if str(v).strip() in ("auto", "") else int(v), False),
@@ -128,10 +117,10 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
     "amp": ("amp", lambda v: str(v).strip().lower(), False),
     "deep-cv-folds": ("cv_folds", int, False),
     "select": ("select", lambda v: str(v).strip().lower(), False),
-    "augment": ("augment", _flag, True),
+    "augment": ("augment", flag, True),
     "gradcam-patients": ("gradcam", int, False),
     "seed": ("seed", int, False),
-    "deterministic": ("deterministic", _flag, False),
+    "deterministic": ("deterministic", flag, False),
 }
 
 

@@ -50,7 +50,7 @@ class StudyConfig:
             "round-timeout": ("round_timeout", float),
             "connect-timeout": ("connect_timeout", float),
             "min-replies": ("min_replies", int),
-            "resume": ("resume", _flag),
+            "resume": ("resume", flag),
             "cohort-covariates": ("cohort_covariates", _names),
             "survival-group": ("survival_group", lambda v: str(v).strip()),
             "survival-covariates": ("survival_covariates", _names),
@@ -97,7 +97,8 @@ RUNTIME_FIELDS = ("sites_dir", "out_dir", "stages", "min_sites", "round_timeout"
                   "connect_timeout", "min_replies", "resume")
 
 
-def _flag(value: Any) -> bool:
+def flag(value: Any) -> bool:
+    """A run-config boolean: true/false, 1/0, yes/no (TOML booleans as they are)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
