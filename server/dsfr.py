@@ -22,8 +22,7 @@ import logging
 from typing import Any
 
 from server.progress import report_round
-from server.radiomics import RadiomicsConfig, RadiomicsError, RadiomicsFit, _score
-from server.rounds import SitesChanged
+from server.radiomics import RadiomicsConfig, RadiomicsFit, _score
 from server.training import (
     Outcome,
     Plan,
@@ -34,7 +33,7 @@ from server.training import (
     train_model,
     weights_payload,
 )
-from server.transport import StageError, Transport
+from server.transport import SiteSetChanged, StageError, Transport
 from shared import schema
 from shared.config import ConfigError, StudyConfig
 
@@ -116,7 +115,7 @@ def head(transport: Transport, config: StudyConfig, outcome: Outcome, st: Setup,
         fit = RadiomicsFit(transport, context, train, names, rc, [])
         block = fit.run()
         block.update(_score(transport, context, train, external, fit, rc))
-    except (SitesChanged, RadiomicsError) as err:
+    except (StageError, SiteSetChanged) as err:
         raise StageError(f"DSFR head: {err}") from err
     block["icc_filter"] = {"status": "skipped",
                            "reason": "DSFR features come from the U-Net, not a reader's "

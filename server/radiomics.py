@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from server.progress import report_round
-from server.rounds import SitesChanged, drive, pack
+from server.rounds import RoundRefused, drive, pack
 from server.transport import (
     Reply,
     StageError,
     StageSkipped,
     Transport,
-    ask_same_sites,
+    ask_all_ok,
     on_stable_sites,
 )
 from shared import icc, lasso, logistic, roc, schema, screening
@@ -160,11 +160,8 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str]) -
 
 def _ask(transport: Transport, action: str, query: dict, sites: list[str],
          what: str) -> dict[str, Reply]:
-    replies = ask_same_sites(transport, action, query, sites)
+    replies = ask_all_ok(transport, action, query, sites)
     report_round(f"{STAGE}:{what}", 1, 1, replies)
-    bad = {s: r for s, r in replies.items() if not r.ok}
-    if bad:
-        raise SitesChanged(replies, {})
     return replies
 
 
@@ -219,8 +216,8 @@ class RadiomicsFit:
                     self.transport, schema.RADIOMICS_STEP, solvers, sites or self.sites,
                     self.context, f"{STAGE}:{what}")
                 return solvers
-            except SitesChanged as err:
-                if err.failed or fallback is None or not err.refused:
+            except RoundRefused as err:
+                if fallback is None:
                     raise
                 for key, by_site in err.refused.items():
                     if solvers[key].gradient_only:
@@ -258,9 +255,7 @@ class RadiomicsFit:
             try:
                 self.drive({"icc": solver}, "icc", sites=sites)
                 break
-            except SitesChanged as err:
-                if err.failed:
-                    raise
+            except RoundRefused as err:
                 refusing = set(err.refused.get("icc", {}))
                 log.info("[%s] ICC: %s refused (%s); ICC over the other sites", STAGE,
                          ", ".join(sorted(refusing)), err)
@@ -333,11 +328,9 @@ class RadiomicsFit:
                                  "method": self.rc.screen, "cuts": cuts}
         if not queries:
             return {}
-        replies = ask_same_sites(self.transport, schema.RADIOMICS_SCREEN,
-                                 pack(self.context, queries), self.sites)
+        replies = ask_all_ok(self.transport, schema.RADIOMICS_SCREEN,
+                             pack(self.context, queries), self.sites)
         report_round(f"{STAGE}:screen", 1, 1, replies)
-        if any(not r.ok for r in replies.values()):
-            raise SitesChanged(replies, {})
         out = {}
         for unit, query in queries.items():
             scores, refused = self._scores(unit, len(query["columns"]), replies)

@@ -3,9 +3,10 @@ queries of every unfinished solver (e.g. the same fit for each of ten CV folds),
 replies are summed element-wise per solver, and each solver advances.
 
 A solver only ever sees the sum over the sites that answered; so that one fit never mixes
-site sets, a site that drops out raises the transport's `SiteSetChanged` (the caller
-restarts the fit on the survivors with `on_stable_sites`), and a site that fails or refuses
-a round raises `SitesChanged`.
+site sets, a site that drops out or fails raises the transport's `SiteSetChanged` (the
+caller restarts the fit on the survivors with `on_stable_sites`), and a site whose policy
+refuses a solver's query raises `RoundRefused` (the caller may switch that solver to
+gradient-only rounds; otherwise the stage fails with the reason).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from server.progress import report_round
-from server.transport import Reply, Transport, ask_same_sites
+from server.transport import Reply, StageError, Transport, ask_all_ok
 from shared.federated import Solver, sum_replies
 from shared.schema import Payload, nest
 
@@ -23,17 +24,14 @@ log = logging.getLogger("feddlr")
 SOLVERS = "solvers"  # query key: the solver keys this round carries
 
 
-class SitesChanged(RuntimeError):
-    """Some sites did not answer a round (or refused a solver's query)."""
+class RoundRefused(StageError):
+    """Sites' policies refused solvers' queries: `refused` maps key → site → reason."""
 
-    def __init__(self, replies: Mapping[str, Reply],
-                 refused: Mapping[str, dict[str, str]]) -> None:
-        self.failed = {s: r for s, r in replies.items() if not r.ok}
-        self.refused = {key: dict(by_site) for key, by_site in refused.items()}  # key → site → why
-        parts = [f"{s}: {r.status} ({r.reason})" for s, r in self.failed.items()]
-        parts += [f"{s} refused {key}: {why}" for key, by_site in self.refused.items()
-                  for s, why in by_site.items()]
-        super().__init__("; ".join(parts))
+    def __init__(self, refused: Mapping[str, dict[str, str]]) -> None:
+        self.refused = {key: dict(by_site) for key, by_site in refused.items()}
+        super().__init__("; ".join(f"{s} refused {key}: {why}"
+                                   for key, by_site in self.refused.items()
+                                   for s, why in by_site.items()))
 
 
 def pack(context: Payload, queries: Mapping[str, Payload]) -> Payload:
@@ -55,12 +53,12 @@ def drive(transport: Transport, action: str, solvers: Mapping[str, Solver], site
             raise RuntimeError(f"{stage}: solvers not done after {max_rounds} rounds: "
                                f"{sorted(active)}")
         rounds += 1
-        replies = ask_same_sites(
+        replies = ask_all_ok(
             transport, action, pack(context, {k: s.query() for k, s in active.items()}), sites)
         report_round(stage, rounds, 0, replies)
         refused = _refusals(replies, active)
-        if refused or any(not r.ok for r in replies.values()):
-            raise SitesChanged(replies, refused)
+        if refused:
+            raise RoundRefused(refused)
         for key, solver in active.items():
             solver.update(sum_replies([nest(replies[s].payload, key) for s in sites]))
         if on_round:

@@ -120,6 +120,17 @@ def ask_same_sites(transport: Transport, action: str, query: Payload | Mapping[s
     return replies
 
 
+def ask_all_ok(transport: Transport, action: str, query: Payload | Mapping[str, Payload],
+               sites: Iterable[str]) -> dict[str, Reply]:
+    """`ask_same_sites`, and a site that answers but fails (an error at the site) leaves the
+    fit too: `SiteSetChanged`, so the fit restarts on the others."""
+    replies = ask_same_sites(transport, action, query, sites)
+    bad = {s: f"{r.status}: {r.reason}" for s, r in replies.items() if not r.ok}
+    if bad:
+        raise SiteSetChanged(action, bad)
+    return replies
+
+
 def on_stable_sites(fit: Callable[[list[str]], T], sites: Iterable[str], *, min_sites: int,
                     stage: str) -> tuple[T, list[dict]]:
     """Run `fit(sites)`; when it raises `SiteSetChanged`, start it again from scratch on the

@@ -20,7 +20,14 @@ from server.progress import report_round
 from server.radiomics import run_radiomics
 from server.report import write_report
 from server.survival import run_survival
-from server.transport import Reply, StageError, StageSkipped, StudyError, Transport
+from server.transport import (
+    Reply,
+    SiteSetChanged,
+    StageError,
+    StageSkipped,
+    StudyError,
+    Transport,
+)
 from shared import schema
 from shared.config import IMPLEMENTED_STAGES, STAGES, StudyConfig
 
@@ -133,7 +140,8 @@ def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: lis
     started = time.monotonic()
     try:
         results[stage] = STAGE_RUNNERS[stage](transport, config, sites)
-    except StageError as err:
+    except (StageError, SiteSetChanged) as err:
+        # a site set change the stage did not restart on is the stage's failure, not the study's
         log.error("[%s] failed: %s", stage, err)
         return {"status": "failed", "reason": str(err),
                 "seconds": round(time.monotonic() - started, 3)}

@@ -214,6 +214,8 @@ def test_squared_loss_lasso_matches_sklearn_lasso(tmp_path: Path, study: dict) -
 class DropsMidFit(InProcessTransport):
     """site-3 stops answering at its 5th solver round (as a SuperNode that went away)."""
 
+    status, reason = "dropped", "node unavailable"
+
     def __init__(self, folders: list[Path]) -> None:
         super().__init__(folders)
         self.steps = 0
@@ -226,7 +228,7 @@ class DropsMidFit(InProcessTransport):
             self.steps += 1
             if self.steps >= 5:
                 replies = super().ask(action, query, [s for s in sites if s != "site-3"])
-                replies["site-3"] = Reply("site-3", "dropped", reason="node unavailable")
+                replies["site-3"] = Reply("site-3", self.status, reason=self.reason)
                 return replies
         return super().ask(action, query, sites)
 
@@ -250,3 +252,24 @@ def test_a_site_dropping_mid_fit_restarts_the_fit_on_the_survivors(tmp_path: Pat
     assert dropped["lasso"]["coef"] == pytest.approx(fresh["lasso"]["coef"], abs=1e-12)
     assert dropped["standardization"]["mean"] == pytest.approx(
         fresh["standardization"]["mean"], rel=1e-12)
+
+
+class FailsMidFit(DropsMidFit):
+    """site-3 answers its 5th solver round with an error instead."""
+
+    status, reason = "failed", "radiomics_step failed at site-3: MemoryError"
+
+
+def test_a_site_failing_mid_fit_is_left_out_and_the_fit_restarts(tmp_path: Path,
+                                                                 study: dict) -> None:
+    parts = study["parts"]
+    folders = [write_feature_site(tmp_path, f"site-{i + 1}", p) for i, p in enumerate(parts)]
+    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
+                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
+                                "lr-C": LR_C, "selection": "paper"})
+    results = run_study(FailsMidFit(folders), config)
+    radiomics = results["radiomics"]
+    assert results["run"]["stages"]["radiomics"]["status"] == "ok"
+    assert [r["dropped"] for r in radiomics["restarts"]] == [
+        {"site-3": "failed: radiomics_step failed at site-3: MemoryError"}]
+    assert radiomics["auc"]["train_oof"]["n"][0] > 0
