@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from shared.policy import PrivacyPolicy
 from shared.schema import Payload
 
 Handler = Callable[[SiteSession, Payload], list[Statistic]]
+VARIANT = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 
 
 def _lazy(module: str, name: str) -> Handler:
@@ -49,6 +51,11 @@ HANDLERS: dict[str, Handler] = {
     schema.TRAIN_SETUP: _lazy("training", "train_setup"),
     schema.TRAIN_SCORE: _lazy("training", "train_score"),
     schema.DSFR_FEATURES: _lazy("training", "dsfr_features"),
+    schema.FUSION_SETUP: _lazy("fusion", "fusion_setup"),
+    schema.FUSION_STEP: _lazy("fusion", "fusion_step"),
+    schema.FUSION_SCORE: _lazy("fusion", "fusion_score"),
+    schema.VALIDATION_SCORES: _lazy("validation", "validation_scores"),
+    schema.VALIDATION_MOMENTS: _lazy("validation", "validation_moments"),
     **{action: _lazy("training", "train_round" if action.startswith("train.")
                      else "evaluate_round") for action in schema.TRAIN_ACTIONS},
 }
@@ -101,13 +108,24 @@ def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload
     if handler is None:
         return guard.fail(action, run_id, f"unknown action {action!r}")
     try:
-        statistics = handler(session, dict(query, run_id=run_id))
+        statistics = handler(session, dict(query, run_id=run_key(run_id, query)))
     except PolicyRefusal as err:
         return guard.refuse(action, run_id, f"{session.site_id}: {err}")
     except Exception as err:
         return guard.fail(action, run_id, f"{action} failed at {session.site_id}: "
                                           f"{type(err).__name__}: {err}")
     return guard.release(action, run_id, statistics)
+
+
+def run_key(run_id: str, query: Payload) -> str:
+    """The key of the files a stage keeps at the site for this run (rows, predictions): the
+    run id, or `<run id>-<variant>` for one of several fits in a run (a LOSO fit)."""
+    variant = str(query.get("variant", "") or "")
+    if not variant:
+        return run_id
+    if not VARIANT.match(variant):
+        raise ValueError(f"bad variant {variant!r}")
+    return f"{run_id}-{variant}"
 
 
 def _names(value: object) -> list[str]:

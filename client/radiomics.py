@@ -96,7 +96,8 @@ def radiomics_columns(session: SiteSession, query: Payload) -> list[Statistic]:
         r2=None if r2 is None else r2.reindex(patients)[names].to_numpy(dtype=np.float64),
         y=labels.loc[patients].to_numpy(dtype=np.int64),
     )
-    if "train" in session.site.config.roles:
+    held_out = session.site_id in [str(s) for s in query.get("holdout", [])]
+    if "train" in session.site.config.roles and not held_out:
         data.folds = stratified_folds(data.y, int(query["cv-folds"]), int(query["seed"]),
                                       session.site_id)
     save_state(session, str(query.get("run_id", "")), data)

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,12 +128,19 @@ class RadiomicsError(StageError):
     it as failed with this reason and goes on with the next stage."""
 
 
-def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
+def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
+                  holdout: Sequence[str] = (), variant: str = "") -> dict[str, Any]:
+    """The stage; `holdout` sites are treated as external (a leave-one-site-out fit, whose
+    rows and predictions the sites keep under the run key `<run>-<variant>`)."""
     rc = RadiomicsConfig.from_extra(config.extra)
-    context = {"task": config.task, "radiomics-params": rc.params, "workers": rc.workers}
+    context: dict[str, Any] = {"task": config.task, "radiomics-params": rc.params,
+                               "workers": rc.workers}
+    if holdout:
+        context.update(holdout=list(holdout), variant=variant or "holdout")
     names, roles, extracted, with_reader2 = _extract(transport, context, sites)
-    train = [s for s in extracted if "train" in roles[s]]
-    external = [s for s in extracted if "external" in roles[s] and s not in train]
+    train = [s for s in extracted if "train" in roles[s] and s not in holdout]
+    external = [s for s in extracted if s not in train
+                and ("external" in roles[s] or s in holdout)]
     if not train:
         raise RadiomicsError("no training site could serve the radiomics stage")
     setup = dict(context, names=names, **{"cv-folds": rc.cv_folds, "seed": rc.seed})

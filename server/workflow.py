@@ -16,6 +16,7 @@ from server import checkpoint
 from server.cohort import run_cohort
 from server.deep import run_deep
 from server.dsfr import run_dsfr
+from server.fusion import run_fusion
 from server.progress import report_round
 from server.radiomics import run_radiomics
 from server.report import write_report
@@ -28,13 +29,18 @@ from server.transport import (
     StudyError,
     Transport,
 )
+from server.validation import run_validation, with_prediction_runs
 from shared import schema
 from shared.config import IMPLEMENTED_STAGES, STAGES, StudyConfig
 
 log = logging.getLogger("feddlr")
 
 STAGE_RUNNERS = {"cohort": run_cohort, "radiomics": run_radiomics, "dsfr": run_dsfr,
-                 "deep": run_deep, "survival": run_survival}
+                 "deep": run_deep, "fusion": run_fusion, "validation": run_validation,
+                 "survival": run_survival}
+# Stages that read the probabilities earlier stages left at the sites: when those stages
+# were taken from a checkpoint, their files carry the earlier run's id.
+READS_PREDICTIONS = ("fusion", "validation")
 # A stage that only sites with a role take part in gets only those sites (roles are what
 # each site declared in its site.yaml, from the handshake: results["run"]["sites"]).
 STAGE_ROLES = {"survival": "survival"}
@@ -136,6 +142,10 @@ def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: lis
         if not sites:
             log.info("[%s] skipped: no usable site has role %r", stage, role)
             return {"status": "skipped", "reason": f"no usable site has role {role!r}"}
+    if stage in READS_PREDICTIONS:
+        earlier = [s["resumed_from"] for s in results["run"]["stages"].values()
+                   if s.get("resumed_from")]
+        config = with_prediction_runs(config, earlier)
     log.info("[%s] started with %d sites", stage, len(sites))
     started = time.monotonic()
     try:

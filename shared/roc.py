@@ -99,6 +99,20 @@ def combine_auc(negatives: list[Cells], positives: list[Cells]) -> HistogramAUC:
     return HistogramAUC(estimate, lower, upper, (int(total0), int(total1)))
 
 
+def expand(parts: list[Cells], bins: int) -> tuple[np.ndarray, bool]:
+    """One label's pooled counts per grid bin from every site's cells, each merged cell's
+    count spread evenly over the bins it spans (an estimate inside a merged cell). Returns
+    (counts, exact): exact when no site merged bins, i.e. the counts are the histogram's."""
+    counts = np.zeros(bins)
+    exact = True
+    for first, last, n in parts:
+        for a, b, c in zip(np.asarray(first, dtype=np.int64), np.asarray(last, dtype=np.int64),
+                           np.asarray(n, dtype=np.float64), strict=True):
+            counts[a:b + 1] += c / (b - a + 1)
+            exact &= bool(a == b)
+    return counts, exact
+
+
 def _bins(parts: list[Cells]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cell ranges [first, last + 1) in grid units, and counts, over all sites."""
     lo = np.concatenate([np.asarray(first, dtype=float) for first, _, _ in parts])

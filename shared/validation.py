@@ -21,10 +21,13 @@ turns the exact results into approximations or bounds: the AUC becomes the inter
 known up to the cell's range (the variance is then an estimate, not a bound); the Youden
 search and `combine_confusion` can only cut at the edges of merged cells (the server's
 threshold must be a common edge, otherwise use `local_confusion`, which sends 4 counts);
-a calibration bin whose edge falls inside a merged cell is not determined. The joint
-(bins × bins) table of the paired test is by nature sparse (most cells hold 0 or 1
-patients); under a min_cell_count guard it must be sent on a coarser grid, and the paired
-test then holds for the scores snapped to that coarser grid.
+a calibration bin whose edge falls inside a merged cell is not determined.
+
+The paired DeLong test needs, per patient, the product of their placements under two
+models, which no pair of histograms holds. It takes a second round: the server sends the
+pooled per-bin placement deviations of every model (`placement_deviations`), and each site
+returns k × k sums of their products over its own patients (`local_placement_moments`).
+Exact on the grid when the pooled histograms are; no count table crosses the wire.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def local_score_sums(scores: np.ndarray, y: np.ndarray,
     for raw scores too: Brier and each calibration bin's mean prediction are sums of these.
     """
     scores = np.clip(np.asarray(scores, dtype=np.float64), edges[0], edges[-1])
-    index = _bin_index(scores, edges)
+    index = bin_index(scores, edges)
     y = np.asarray(y)
     bins = len(edges) - 1
     sums = np.stack([np.bincount(index[y == g], weights=scores[y == g], minlength=bins)
@@ -71,29 +74,26 @@ def local_score_sums(scores: np.ndarray, y: np.ndarray,
     return sums, squares
 
 
-def local_joint_histogram(scores1: np.ndarray, scores2: np.ndarray, y: np.ndarray,
-                          edges1: np.ndarray, edges2: np.ndarray) -> np.ndarray:
-    """(2 × bins1 × bins2) counts of patients per label and per pair of bins of two models.
+def local_placement_moments(bins: np.ndarray, y: np.ndarray, d10: np.ndarray,
+                            d01: np.ndarray) -> np.ndarray:
+    """(2 × k × k) cross sums of the k models' DeLong placement deviations over the site's
+    patients: [0] = Σ_neg D01_a[b_a(i)]·D01_c[b_c(i)], [1] = Σ_pos D10_a[b_a(i)]·D10_c[b_c(i)].
 
-    Needed by the paired DeLong test: the covariance of the two AUCs sums, over patients,
-    the product of each patient's placement under model 1 and under model 2, which the
-    per-model histograms (or per-bin placement sums) cannot give — it needs which bin of
-    model 2 the patients of each bin of model 1 fall in. The marginals of this table are
-    the two models' `local_histogram`s.
+    `bins` (k × n) are the patients' grid-bin indices under each model (`bin_index`);
+    `d10`, `d01` (k × bins) are the deviations the server computed from the pooled
+    histograms (`placement_deviations`). The covariance of two AUCs sums, over patients, the
+    product of each patient's placement under both models, which per-model histograms cannot
+    give; the site evaluates it on its own patients' exact bins.
 
-    Crosses the wire: a 3-D contingency table of counts; it is sparse, so under a
-    min_cell_count guard send it on a coarser grid (module note).
+    Crosses the wire: k × k sums per label over all the site's patients of that label — no
+    per-patient value, no count table (one number per pair of models).
     """
-    i1 = _bin_index(np.clip(np.asarray(scores1, dtype=np.float64), edges1[0], edges1[-1]),
-                    edges1)
-    i2 = _bin_index(np.clip(np.asarray(scores2, dtype=np.float64), edges2[0], edges2[-1]),
-                    edges2)
-    y = np.asarray(y)
-    b1, b2 = len(edges1) - 1, len(edges2) - 1
-    table = np.zeros((GROUPS, b1, b2), dtype=np.int64)
-    for g in range(GROUPS):
-        np.add.at(table[g], (i1[y == g], i2[y == g]), 1)
-    return table
+    bins = np.atleast_2d(np.asarray(bins, dtype=np.int64))
+    y = np.asarray(y).astype(bool)
+    rows = np.arange(len(bins))[:, None]
+    neg = np.asarray(d01)[rows, bins[:, ~y]]  # (k, n0)
+    pos = np.asarray(d10)[rows, bins[:, y]]  # (k, n1)
+    return np.stack([neg @ neg.T, pos @ pos.T])
 
 
 def local_confusion(scores: np.ndarray, y: np.ndarray, threshold: float) -> np.ndarray:
@@ -167,6 +167,15 @@ def combine_delong(parts: list[np.ndarray], level: float = 0.95) -> DeLongAUC:
                      (int(n0.sum()), int(n1.sum())))
 
 
+def placement_deviations(counts: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and, per grid bin, D10 = V10 − AUC (a positive's deviation) and D01 = V01 − AUC
+    (a negative's), from a pooled (2 × bins) histogram. The server sends D10 and D01 (numbers
+    per bin of the pooled set, nothing about any one site) for `local_placement_moments`."""
+    _check_both_labels(counts)
+    auc, v10, v01 = _placements(counts)
+    return auc, v10 - auc, v01 - auc
+
+
 @dataclass(frozen=True)
 class PairedDeLong:
     auc1: float
@@ -177,47 +186,31 @@ class PairedDeLong:
     p: float  # two-sided
 
 
-def combine_paired_delong(parts: list[np.ndarray]) -> PairedDeLong:
-    """Paired DeLong test (pROC `roc.test(method="delong")`) from the summed joint tables.
+def combine_delong_covariance(counts: list[np.ndarray],
+                              moments: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of k models and their DeLong (1988) covariance matrix.
 
-    Per label g, the joint table T_g[b1, b2] gives the marginal histograms of each model
-    (hence AUC_k and the placements V10_k, V01_k per bin) and the cross moments:
-    S10[k, l] = D10_1ᵀ T_1 D10_2 / (n1 − 1), with D10_k = V10_k − AUC_k per bin, and S01
-    likewise on T_0. Cov = S10/n1 + S01/n0; z = Δ / √(Var1 + Var2 − 2·Cov12).
+    `counts` are the k models' pooled (2 × bins) histograms over the same patients;
+    `moments` the sites' `local_placement_moments`. S10 = Σ_pos D10 D10ᵀ / (n1 − 1),
+    S01 = Σ_neg D01 D01ᵀ / (n0 − 1), Cov = S10/n1 + S01/n0 (pROC `delong`). Its diagonal
+    equals `combine_delong`'s variance.
     """
-    table = np.asarray(combine_sum(parts), dtype=np.float64)
-    margins = [np.stack([table[g].sum(axis=1) for g in range(GROUPS)]),
-               np.stack([table[g].sum(axis=0) for g in range(GROUPS)])]
-    for m in margins:
-        _check_both_labels(m)
-    fits = [_placements(m) for m in margins]
-    aucs = np.array([f[0] for f in fits])
-    d10 = [f[1] - f[0] for f in fits]
-    d01 = [f[2] - f[0] for f in fits]
-    n0, n1 = table[0].sum(), table[1].sum()
-    s10 = np.empty((2, 2))
-    s01 = np.empty((2, 2))
-    for k in range(2):
-        for j in range(2):
-            # T_g indexed [bin of model 1, bin of model 2]; the same model on both sides uses
-            # that model's margin on the diagonal
-            s10[k, j] = _cross(table[1], d10[k], d10[j], k, j) / (n1 - 1)
-            s01[k, j] = _cross(table[0], d01[k], d01[j], k, j) / (n0 - 1)
-    cov = s10 / n1 + s01 / n0
-    delta = float(aucs[0] - aucs[1])
-    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    aucs = np.array([_placements(np.asarray(c, dtype=np.float64))[0] for c in counts])
+    n0, n1 = np.asarray(counts[0], dtype=np.float64).sum(axis=1)
+    total = np.asarray(combine_sum(moments), dtype=np.float64)
+    cov = total[1] / (n1 - 1) / n1 + total[0] / (n0 - 1) / n0
+    return aucs, cov
+
+
+def paired_delong(aucs: np.ndarray, cov: np.ndarray, a: int = 0, b: int = 1) -> PairedDeLong:
+    """Paired DeLong test of AUC_a = AUC_b (pROC `roc.test(method="delong")`):
+    z = Δ / √(Var_a + Var_b − 2·Cov_ab), two-sided p."""
+    delta = float(aucs[a] - aucs[b])
+    var = cov[a, a] + cov[b, b] - 2 * cov[a, b]
     z = delta / np.sqrt(var) if var > 0 else (0.0 if delta == 0 else np.copysign(np.inf, delta))
     p = float(2 * stats.norm.sf(abs(z)))
-    return PairedDeLong(float(aucs[0]), float(aucs[1]), delta, cov, float(z), p)
-
-
-def _cross(t: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, j: int) -> float:
-    """Σ over patients of a[bin under model k]·b[bin under model j], from one label's table."""
-    if k == j:
-        margin = t.sum(axis=1 - k)
-        return float(np.dot(margin, a * b))
-    left, right = (a, b) if k == 0 else (b, a)
-    return float(left @ t @ right)
+    pair = np.asarray(cov)[np.ix_([a, b], [a, b])]
+    return PairedDeLong(float(aucs[a]), float(aucs[b]), delta, pair, float(z), p)
 
 
 # --------------------------------------------------------------------------- Youden, metrics
@@ -241,7 +234,7 @@ def combine_youden(parts: list[np.ndarray], edges: np.ndarray) -> YoudenCut:
     """
     counts = combine_sum(parts)
     _check_both_labels(counts)
-    n0, n1 = (np.asarray(c, dtype=np.int64) for c in counts)
+    n0, n1 = (np.asarray(c, dtype=np.float64) for c in counts)
     tp = np.concatenate([np.cumsum(n1[::-1])[::-1], [0]])  # positives with bin ≥ k
     fp = np.concatenate([np.cumsum(n0[::-1])[::-1], [0]])
     tpr = tp / n1.sum()
@@ -402,10 +395,12 @@ def snap(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Scores replaced by the centre of their grid bin (what the histograms know of them)."""
     scores = np.clip(np.asarray(scores, dtype=np.float64), edges[0], edges[-1])
     centres = (edges[:-1] + edges[1:]) / 2
-    return centres[_bin_index(scores, edges)]
+    return centres[bin_index(scores, edges)]
 
 
-def _bin_index(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def bin_index(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Grid bin of each score (half-open bins, last one closed; clipped to the grid)."""
+    scores = np.clip(np.asarray(scores, dtype=np.float64), edges[0], edges[-1])
     return np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, len(edges) - 2)
 
 

@@ -103,29 +103,50 @@ def test_delong_variance_and_ci_equal_direct(sites, pooled) -> None:
         assert result.n == (357, 212)
 
 
+def paired(sites: list[dict[str, np.ndarray]], keys: tuple[str, ...]) -> tuple:
+    """Both rounds of the paired test: pooled histograms → deviations → site moments."""
+    counts = [val.combine_sum(hists(sites, k)) for k in keys]
+    dev = [val.placement_deviations(c) for c in counts]
+    d10 = np.stack([d[1] for d in dev])
+    d01 = np.stack([d[2] for d in dev])
+    moments = [val.local_placement_moments(
+        np.stack([val.bin_index(s[k], EDGES) for k in keys]), s["y"], d10, d01) for s in sites]
+    return val.combine_delong_covariance(counts, moments)
+
+
 def test_paired_delong_equals_direct(sites, pooled) -> None:
     aucs, cov = direct_delong([pooled["s1"], pooled["s2"]], pooled["y"])
     delta = aucs[0] - aucs[1]
     z = delta / np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     p = 2 * stats.norm.sf(abs(z))
-    tables = [val.local_joint_histogram(s["s1"], s["s2"], s["y"], EDGES, EDGES) for s in sites]
-    result = val.combine_paired_delong(tables)
+    fed_aucs, fed_cov = paired(sites, ("s1", "s2"))
+    result = val.paired_delong(fed_aucs, fed_cov)
     assert result.auc1 == pytest.approx(aucs[0], abs=1e-9)
     assert result.auc2 == pytest.approx(aucs[1], abs=1e-9)
     assert result.delta == pytest.approx(delta, abs=1e-9)
     np.testing.assert_allclose(result.covariance, cov, atol=1e-9, rtol=1e-9)
     assert result.z == pytest.approx(z, abs=1e-9)
     assert result.p == pytest.approx(p, abs=1e-9)
-    # the joint table's margins are the single-model histograms
-    joint = val.combine_sum(tables)
-    assert np.array_equal(joint.sum(axis=2), val.combine_sum(hists(sites, "s1")))
-    assert np.array_equal(joint.sum(axis=1), val.combine_sum(hists(sites, "s2")))
+    # the covariance's diagonal is the single-model DeLong variance
+    for k, key in enumerate(("s1", "s2")):
+        assert fed_cov[k, k] == pytest.approx(val.combine_delong(hists(sites, key)).variance,
+                                              rel=1e-12)
 
 
 def test_paired_delong_of_a_model_with_itself_is_null(sites) -> None:
-    tables = [val.local_joint_histogram(s["s1"], s["s1"], s["y"], EDGES, EDGES) for s in sites]
-    result = val.combine_paired_delong(tables)
+    aucs, cov = paired(sites, ("s1", "s1"))
+    result = val.paired_delong(aucs, cov)
     assert result.delta == 0 and result.z == 0 and result.p == 1
+
+
+def test_expand_is_exact_uncoarsened_and_keeps_totals_when_coarsened(sites) -> None:
+    for label in (0, 1):
+        raw = [h[label] for h in hists(sites)]
+        cells = [roc.coarsen(c, 1) for c in raw]
+        counts, exact = roc.expand(cells, BINS)
+        assert exact and np.array_equal(counts, np.sum(raw, axis=0))
+        counts, exact = roc.expand([roc.coarsen(c, 5) for c in raw], BINS)
+        assert not exact and counts.sum() == pytest.approx(np.sum(raw))
 
 
 def test_youden_is_the_best_cut_lowest_on_ties(sites, pooled) -> None:

@@ -1,0 +1,185 @@
+"""Site side of the validation stage: the scores of every model, validated where they lie.
+
+A model's scores at this site are the probabilities a fitting stage wrote to
+`predictions/<model>-<run>.csv` (out-of-fold at a training site, the fold models' mean at
+an external one), or an outside model's column in the site's own `predictions.csv`. They
+never leave: the server gets per (model, patient group) label-stratified histograms on its
+grid (coarsened to the site's min_cell_count), and in a second round the sums the paired
+DeLong test needs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from client.guard import Statistic
+from client.session import SiteSession
+from shared import roc
+from shared import validation as val
+from shared.schema import Payload
+
+PREDICTIONS_DIR = "predictions"
+ALL = "all"  # the patient group of every scored patient
+MAX_LEVELS = 12  # a subgroup column with more distinct values is not categorical
+RUN_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,120}$")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One model's scores at this site, aligned with the task labels."""
+
+    model: str
+    kind: str  # out-of-fold | external | fitted | outside
+    patients: pd.Index
+    score: np.ndarray
+    y: np.ndarray
+
+
+def site_scores(session: SiteSession, runs: list[str], wanted: list[str]) -> dict[str, Scores]:
+    """Every model this site has scores for: the run's prediction files (the first run in
+    `runs` that has a model wins) and the outside models of `predictions.csv`. Patients
+    without a score for a model are named in the site's log and counted, never dropped
+    silently."""
+    labels = pd.Series(session.labels(), index=session.site.clinical.index)
+    found: dict[str, Scores] = {}
+    for run in runs:
+        if not RUN_PATTERN.match(run):
+            raise ValueError(f"bad run id {run!r}")
+        for path in sorted((session.site.root / PREDICTIONS_DIR).glob(f"*-{run}.csv")):
+            model = path.name[: -len(f"-{run}.csv")]
+            if model in found or (wanted and model not in wanted) or "-" in model:
+                continue
+            table = pd.read_csv(path, dtype={"patient_id": str})
+            kinds = sorted(set(table["kind"].astype(str)))
+            found[model] = _aligned(session, model, "/".join(kinds), table, labels, path.name)
+    outside = session.site.predictions
+    if outside is not None:
+        for model in sorted(set(outside.model)):
+            if model in found or (wanted and model not in wanted):
+                continue
+            table = outside[outside.model == model]
+            found[model] = _aligned(session, model, "outside", table, labels, "predictions.csv")
+    return found
+
+
+def runs_of(query: Payload) -> list[str]:
+    """Whose prediction files to read: this run's (its key, `query["run_id"]`), then those of
+    earlier runs a resumed study took stages from (`runs`)."""
+    return [str(query.get("run_id") or "local"), *listed(query.get("runs"))]
+
+
+def _aligned(session: SiteSession, model: str, kind: str, table: pd.DataFrame,
+             labels: pd.Series, file: str) -> Scores:
+    scores = pd.Series(table["score"].to_numpy(dtype=np.float64), index=table["patient_id"])
+    scores = scores[scores.index.isin(labels.index)]
+    bad = scores[~np.isfinite(scores) | (scores < 0) | (scores > 1)]
+    if len(bad):
+        raise ValueError(f"{session.site_id}: {file}: model {model!r}: score "
+                         f"{bad.iloc[0]!r} of patient {bad.index[0]} is not a probability in "
+                         f"[0, 1] ({len(bad)} such rows)")
+    for patient in labels.index.difference(scores.index):
+        session.log_exclusion(patient, f"validation: no {model!r} score in {file}")
+    patients = labels.index.intersection(scores.index, sort=False)
+    return Scores(model, kind, patients, scores.loc[patients].to_numpy(),
+                  labels.loc[patients].to_numpy())
+
+
+def groups(session: SiteSession, scores: Scores, columns: list[str]) -> dict[str, np.ndarray]:
+    """Row masks of the patient groups validated apart: all, and `<column>=<value>` for each
+    value of each subgroup column (a clinical column with few distinct values)."""
+    out = {ALL: np.ones(len(scores.y), dtype=bool)}
+    clinical = session.site.clinical
+    for column in columns:
+        if column not in clinical:
+            continue  # a site without the column has no patient in its groups
+        values = clinical.loc[scores.patients, column]
+        levels = sorted({str(v) for v in values.dropna()})
+        if len(levels) > MAX_LEVELS:
+            raise ValueError(f"{session.site_id}: subgroup column {column!r} has "
+                             f"{len(levels)} distinct values (at most {MAX_LEVELS})")
+        for level in levels:
+            out[f"{column}={level}"] = (values.astype(str) == level).to_numpy()
+    return out
+
+
+def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Round 1: per model and patient group, each label's histogram on the server's grid.
+
+    Crosses the wire: the list of models and groups (names, and each model's kind), and per
+    (model, group) and label the coarsened cells (grid-bin range, count ≥ min_cell_count,
+    and the cell's Σscore and Σscore²), released only when the group holds at least
+    min_patients patients. No score, label or identifier of a patient.
+    """
+    edges = roc.grid(int(query["bins"]))
+    models = site_scores(session, runs_of(query), listed(query.get("models")))
+    columns = listed(query.get("subgroups"))
+    min_cell = session.site.config.privacy.min_cell_count
+    names = sorted(models)
+    out = [Statistic("catalog", {"models": names, "kinds": [models[m].kind for m in names],
+                                 "roles": list(session.site.config.roles)}, n=None)]
+    for i, name in enumerate(names):
+        scores = models[name]
+        masks = groups(session, scores, columns)
+        out.append(Statistic(f"m{i}", {"groups": list(masks)}, n=None))
+        for j, mask in enumerate(masks.values()):
+            out.append(_cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, min_cell))
+    return out
+
+
+def _cells(name: str, score: np.ndarray, y: np.ndarray, edges: np.ndarray,
+           min_cell: int) -> Statistic:
+    hist = roc.local_histogram(score, y, edges)
+    bins = val.bin_index(score, edges)
+    values: dict = {}
+    for label in (0, 1):
+        first, last, count = roc.coarsen(hist[label], min_cell)
+        cell = np.searchsorted(last, bins[y == label])  # each patient's merged cell
+        s = score[y == label]
+        values.update({f"first{label}": first, f"last{label}": last, f"count{label}": count,
+                       f"sum{label}": np.bincount(cell, weights=s, minlength=len(first)),
+                       f"sq{label}": np.bincount(cell, weights=s * s, minlength=len(first))})
+    return Statistic(name, values, n=len(y), counts=("count0", "count1"))
+
+
+def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Round 2: for each set of sites this site belongs to, the k × k placement-moment sums
+    of the set's models over this site's patients (`shared.validation.local_placement_moments`).
+
+    Query: `runs`, `bins`, `sets` (set names) and per set `<set>.models` plus
+    `<set>.d10` / `<set>.d01` (k × bins deviations of the set's pooled histograms).
+    Crosses the wire: per set, two k × k matrices of sums over ≥ min_patients patients, and
+    the number of patients scored by all k models (to check the set's patients are the
+    histograms' patients).
+    """
+    edges = roc.grid(int(query["bins"]))
+    models = site_scores(session, runs_of(query), [])
+    out = []
+    for s, set_name in enumerate(listed(query.get("sets"))):
+        wanted = listed(query.get(f"s{s}.models"))
+        if not all(m in models for m in wanted):
+            continue
+        common = models[wanted[0]].patients
+        for m in wanted[1:]:
+            common = common.intersection(models[m].patients, sort=False)
+        first = models[wanted[0]]
+        y = pd.Series(first.y, index=first.patients).loc[common].to_numpy()
+        bins = np.stack([val.bin_index(pd.Series(models[m].score, index=models[m].patients)
+                                       .loc[common].to_numpy(), edges) for m in wanted])
+        moments = val.local_placement_moments(bins, y, np.asarray(query[f"s{s}.d10"]),
+                                              np.asarray(query[f"s{s}.d01"]))
+        out.append(Statistic(f"s{s}", {"moments": moments, "set": set_name,
+                                       "n": np.array([np.sum(y == 0), np.sum(y == 1)])},
+                             n=len(y), counts=("n",)))
+    return out
+
+
+def listed(value: object) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]

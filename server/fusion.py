@@ -1,0 +1,95 @@
+"""Fusion stage: DLR (paper 1) and the late-fusion logistic regression (paper 2).
+
+- DLR = mean of the radiomics and DSFR probabilities; each site computes it for its own
+  patients (`client.fusion.fusion_setup`), nothing is fitted.
+- Late fusion: `LogisticRegression(C=fusion-C)` (scikit-learn's L2 objective) on the
+  probabilities of the models named in `fusion-models` (default DL-MRI and DL-US, paper 2's
+  DL-US&MRI), fitted by federated Newton rounds on the training sites' out-of-fold
+  probabilities (sites with role `external` are never used), then applied at every site.
+  At a training site the fused probability is in-sample for the fusion LR (kind `fitted`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from server.progress import report_round
+from server.rounds import drive
+from server.transport import Reply, StageSkipped, Transport, ask_all_ok, on_stable_sites
+from shared import logistic, schema
+from shared.config import ConfigError, StudyConfig
+
+log = logging.getLogger("feddlr")
+STAGE = "fusion"
+DEFAULT_FUSION_MODELS = ("dl_mri", "dl_us")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    models: tuple[str, ...] = DEFAULT_FUSION_MODELS
+    C: float = 1.0
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> FusionConfig:
+        raw = extra.get("fusion-models", ",".join(DEFAULT_FUSION_MODELS))
+        models = tuple(m.strip() for m in str(raw).split(",") if m.strip())
+        if len(models) < 2 or len(set(models)) != len(models):
+            raise ConfigError(f"run config fusion-models: {raw!r} must name two or more "
+                              "different models")
+        try:
+            c = float(extra.get("fusion-C", 1.0))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"run config fusion-C: {err}") from err
+        if not c > 0:
+            raise ConfigError(f"run config fusion-C must be > 0, got {c}")
+        return cls(models, c)
+
+
+def run_fusion(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
+    fc = FusionConfig.from_extra(config.extra)
+    context = {"task": config.task, "runs": str(config.extra.get("prediction-runs", ""))}
+    replies = transport.ask(schema.FUSION_SETUP, context, sites)
+    report_round(f"{STAGE}:setup", 1, 1, replies)
+    ok = {s: r for s, r in replies.items() if r.ok}
+    result: dict[str, Any] = {"sites": {s: {"status": r.status, "reason": r.reason}
+                                        for s, r in replies.items()}}
+    dlr_sites = [s for s, r in ok.items() if "dlr.n" in r.payload]
+    result["dlr"] = ({"models": ["radiomics", "dsfr"], "sites": dlr_sites} if dlr_sites else
+                     {"skipped": "no site has both radiomics and DSFR probabilities"})
+    result["fusion"] = _late_fusion(transport, config, fc, context, ok)
+    if not dlr_sites and "skipped" in result["fusion"]:
+        raise StageSkipped(f"{result['dlr']['skipped']}; {result['fusion']['skipped']}")
+    return result
+
+
+def _late_fusion(transport: Transport, config: StudyConfig, fc: FusionConfig,
+                 context: dict[str, Any], ok: dict[str, Reply]) -> dict[str, Any]:
+    have = {s for s, r in ok.items()
+            if set(fc.models) <= set(r.payload.get("site.models", []))}
+    roles = {s: list(r.payload.get("site.roles", [])) for s, r in ok.items()}
+    train = sorted(s for s in have if "train" in roles[s])
+    external = sorted(s for s in have if s not in train)
+    if not train:
+        return {"models": list(fc.models),
+                "skipped": f"no training site has probabilities of all of {list(fc.models)}"}
+    query = dict(context, **{"fusion-models": list(fc.models)})
+
+    def fit(on: list[str]) -> tuple[logistic.glm.Fit, int]:
+        solver = logistic.solver(fc.C, "l2", len(fc.models))
+        rounds = drive(transport, schema.FUSION_STEP, {"lr": solver}, on, query, STAGE)
+        return solver.fit, rounds
+
+    (fitted, rounds), restarts = on_stable_sites(fit, train, min_sites=config.min_sites,
+                                                 stage=STAGE)
+    fit_sites = [s for s in train if not any(s in r["dropped"] for r in restarts)]
+    score = dict(query, intercept=float(fitted.intercept), coef=fitted.coef)
+    scored = ask_all_ok(transport, schema.FUSION_SCORE, score, fit_sites + external)
+    report_round(f"{STAGE}:score", 1, 1, scored)
+    log.info("[%s] late fusion of %s fitted on %d sites in %d rounds", STAGE,
+             ",".join(fc.models), len(fit_sites), rounds)
+    return {"models": list(fc.models), "C": fc.C, "intercept": float(fitted.intercept),
+            "coef": dict(zip(fc.models, map(float, fitted.coef), strict=True)),
+            "rounds": rounds, "converged": bool(fitted.converged), "sites": fit_sites,
+            "external": external, "restarts": restarts}

@@ -1,0 +1,432 @@
+"""Validation stage: every model's performance per site, per set of sites and pooled, from
+label-stratified score histograms on one shared grid — no score leaves a site.
+
+Round 1 (`validation_scores`): each site sends, per model and patient group (all patients,
+and each subgroup level), each label's histogram cells on the grid, coarsened to its
+min_cell_count, with the cells' Σscore and Σscore². The server pools them per set of sites
+(`pooled` = every site, `training`, `external`, each site alone) and computes AUC with the
+DeLong CI, the training sites' Youden cut (applied unchanged everywhere, each set's own
+optimum reported beside it), ACC/SEN/SPE/PPV/NPV/F1 with Wilson CIs, the calibration curve,
+Brier score and calibration slope/intercept (`shared.validation`).
+Round 2 (`validation_moments`): for the paired DeLong test between models, the server sends
+each set's per-bin placement deviations and the sites return k × k sums.
+
+Exactness: with uncoarsened cells (every cell a single grid bin) every statistic equals the
+library's on the scores snapped to the grid's bin centres; `auc_bound` bounds the AUC of the
+snapped scores in any case, and `exact` says which case holds. Brier is exact for raw scores.
+
+`validation = loso` adds leave-one-site-out: for each training site, the radiomics model is
+fitted on the others and validated on it (server.radiomics with a holdout).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from server.progress import report_round
+from server.radiomics import run_radiomics
+from server.transport import Reply, StageError, StageSkipped, Transport
+from shared import roc, schema
+from shared import validation as val
+from shared.config import ConfigError, StudyConfig
+from shared.schema import Payload, nest
+
+log = logging.getLogger("feddlr")
+STAGE = "validation"
+ALL = "all"
+MODES = ("pooled", "loso")
+DEFAULT_SUBGROUPS = ("hr_status", "lesion_type")
+LOSO_MODELS = ("radiomics",)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    bins: int = roc.DEFAULT_BINS
+    calibration_bins: int = 10
+    subgroups: tuple[str, ...] = DEFAULT_SUBGROUPS
+    models: tuple[str, ...] = ()  # () = every model the sites have scores of
+    mode: str = "pooled"
+    level: float = 0.95
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> ValidationConfig:
+        def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            raw = extra.get(key, ",".join(default))
+            return tuple(v.strip() for v in str(raw).split(",") if v.strip())
+
+        try:
+            vc = cls(bins=int(extra.get("validation-bins", roc.DEFAULT_BINS)),
+                     calibration_bins=int(extra.get("calibration-bins", 10)),
+                     subgroups=names("subgroups", DEFAULT_SUBGROUPS),
+                     models=names("validation-models", ()),
+                     mode=str(extra.get("validation", "pooled")).strip().lower())
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"run config validation keys: {err}") from err
+        if vc.mode not in MODES:
+            raise ConfigError(f"run config validation: {vc.mode!r} is not one of {list(MODES)}")
+        if vc.bins < 2 or vc.calibration_bins < 1 or vc.bins % vc.calibration_bins:
+            raise ConfigError(f"run config calibration-bins ({vc.calibration_bins}) must divide "
+                              f"validation-bins ({vc.bins})")
+        return vc
+
+    @property
+    def edges(self) -> np.ndarray:
+        return roc.grid(self.bins)
+
+
+@dataclass
+class Cells:
+    """One site's cells of one (model, group): per label (first, last, count, Σs, Σs²)."""
+
+    labels: tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
+
+    @classmethod
+    def from_payload(cls, p: Payload) -> Cells:
+        return cls(tuple(tuple(np.asarray(p[f"{k}{g}"]) for k in ("first", "last", "count",
+                                                                    "sum", "sq"))
+                         for g in (0, 1)))  # type: ignore[arg-type]
+
+
+@dataclass
+class SiteScores:
+    roles: list[str]
+    kinds: dict[str, str]
+    cells: dict[str, dict[str, Cells]] = field(default_factory=dict)  # model → group → cells
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)  # model → group → reason
+
+
+def run_validation(transport: Transport, config: StudyConfig, sites: list[str]
+                   ) -> dict[str, Any]:
+    vc = ValidationConfig.from_extra(config.extra)
+    context = {"task": config.task, "needs": "predictions", "bins": vc.bins,
+               "subgroups": list(vc.subgroups), "models": list(vc.models),
+               "runs": str(config.extra.get("prediction-runs", ""))}
+    scores, status = collect(transport, context, sites)
+    if not any(s.cells for s in scores.values()):
+        raise StageSkipped("no site has scores of any model to validate: "
+                           + "; ".join(f"{s}: {v.get('reason') or 'no predictions'}"
+                                       for s, v in status.items()))
+    result = validate(scores, vc)
+    result["sites"] = status
+    result["comparisons"] = compare(transport, context, scores, result, vc)
+    if vc.mode == "loso":
+        result["loso"] = leave_one_site_out(transport, config, sites, scores, vc)
+    return result
+
+
+def collect(transport: Transport, context: Payload, sites: list[str]
+            ) -> tuple[dict[str, SiteScores], dict[str, dict[str, Any]]]:
+    """Round 1: every site's cells, by model and group; failed sites recorded, not fatal."""
+    replies = transport.ask(schema.VALIDATION_SCORES, context, sites)
+    report_round(f"{STAGE}:histograms", 1, 1, replies)
+    out: dict[str, SiteScores] = {}
+    status: dict[str, dict[str, Any]] = {}
+    for site, reply in sorted(replies.items()):
+        status[site] = {"status": reply.status, "reason": reply.reason}
+        if reply.ok:
+            out[site] = _site_scores(reply)
+    return out, status
+
+
+def _site_scores(reply: Reply) -> SiteScores:
+    p = reply.payload
+    models = list(p.get("catalog.models", []))
+    site = SiteScores(list(p.get("catalog.roles", [])),
+                      dict(zip(models, p.get("catalog.kinds", []), strict=True)))
+    for i, model in enumerate(models):
+        site.cells[model], site.refused[model] = {}, {}
+        for j, group in enumerate(p.get(f"m{i}.groups", [])):
+            part = nest(p, f"m{i}.g{j}")
+            if "count0" in part:
+                site.cells[model][group] = Cells.from_payload(part)
+            else:
+                site.refused[model][group] = str(p.get(f"refused.m{i}.g{j}", "not sent"))
+    return site
+
+
+def site_sets(scores: dict[str, SiteScores], model: str) -> dict[str, list[str]]:
+    """The sets of sites a model is validated on: pooled, training, external."""
+    have = sorted(s for s, v in scores.items() if model in v.cells)
+    train = [s for s in have if "train" in scores[s].roles]
+    external = [s for s in have if s not in train and "external" in scores[s].roles]
+    sets = {"pooled": have, "training": train, "external": external}
+    return {name: members for name, members in sets.items() if members}
+
+
+def validate(scores: dict[str, SiteScores], vc: ValidationConfig) -> dict[str, Any]:
+    models = sorted({m for v in scores.values() for m in v.cells})
+    result: dict[str, Any] = {
+        "grid": {"bins": vc.bins, "edges": "uniform on [0, 1]", "calibration_bins":
+                 vc.calibration_bins,
+                 "note": ("statistics from label-stratified histograms of the scores on the "
+                          "grid; exact (= the library on the scores snapped to bin centres) "
+                          "when `exact`, otherwise cells a site merged for its min_cell_count "
+                          "are spread evenly and `auc_bound` bounds the AUC")},
+        "models": models,
+        "sets": {},
+    }
+    for model in models:
+        sets = site_sets(scores, model)
+        result["sets"][model] = sets
+        ref = "training" if "training" in sets else "pooled"
+        cut_block = metrics(_parts(scores, sets[ref], model, ALL), vc, None)
+        threshold = cut_block.get("own", {}).get("threshold")
+        block: dict[str, Any] = {
+            "kinds": {s: scores[s].kinds.get(model) for s in sets["pooled"]},
+            "threshold": {"value": threshold, "source": ref,
+                          "rule": "Youden J on the grid's edges, score >= threshold"},
+        }
+        for name, members in sets.items():
+            block[name] = metrics(_parts(scores, members, model, ALL), vc, threshold,
+                                  _missing(scores, members, model, ALL), source=ref)
+        block["sites"] = {s: metrics(_parts(scores, [s], model, ALL), vc, threshold,
+                                     _missing(scores, [s], model, ALL), source=ref)
+                          for s in sets["pooled"]}
+        groups = sorted({g for s in sets["pooled"] for g in scores[s].cells[model]} - {ALL}
+                        | {g for s in sets["pooled"] for g in scores[s].refused[model]} - {ALL})
+        block["subgroups"] = {g: metrics(_parts(scores, sets["pooled"], model, g), vc,
+                                         threshold, _missing(scores, sets["pooled"], model, g),
+                                         source=ref) for g in groups}
+        result[model] = block
+    return result
+
+
+def _parts(scores: dict[str, SiteScores], sites: list[str], model: str, group: str
+           ) -> list[Cells]:
+    return [scores[s].cells[model][group] for s in sites
+            if group in scores[s].cells.get(model, {})]
+
+
+def _missing(scores: dict[str, SiteScores], sites: list[str], model: str, group: str
+             ) -> list[str]:
+    """Sites whose policy refused this group's histogram (a group absent at a site, e.g. no
+    patient with that level, is not missing)."""
+    return sorted(s for s in sites if group in scores[s].refused.get(model, {}))
+
+
+def pooled_histogram(parts: list[Cells], bins: int) -> tuple[np.ndarray, np.ndarray,
+                                                             np.ndarray, bool]:
+    """(2 × bins) counts, Σscore and Σscore² per (label, grid bin) over the sites' cells."""
+    counts, sums, squares, exact = [], [], [], True
+    for g in (0, 1):
+        c, e = roc.expand([(p.labels[g][0], p.labels[g][1], p.labels[g][2]) for p in parts],
+                          bins)
+        s, _ = roc.expand([(p.labels[g][0], p.labels[g][1], p.labels[g][3]) for p in parts],
+                          bins)
+        q, _ = roc.expand([(p.labels[g][0], p.labels[g][1], p.labels[g][4]) for p in parts],
+                          bins)
+        counts.append(c)
+        sums.append(s)
+        squares.append(q)
+        exact &= e
+    return np.stack(counts), np.stack(sums), np.stack(squares), exact
+
+
+def metrics(parts: list[Cells], vc: ValidationConfig, threshold: float | None,
+            missing: list[str] | None = None, source: str = "") -> dict[str, Any]:
+    """One set's metrics block (results `validation.<model>.<set>`)."""
+    out: dict[str, Any] = {"sites_missing": missing or []}
+    if not parts:
+        return {**out, "auc": None, "reason": "no site released this histogram"}
+    hist, sums, squares, exact = pooled_histogram(parts, vc.bins)
+    n0, n1 = hist.sum(axis=1)
+    out["n"] = [round(float(n0)), round(float(n1))]
+    if n0 == 0 or n1 == 0:
+        return {**out, "auc": None, "reason": "only one label present"}
+    edges = vc.edges
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delong = val.combine_delong([hist], vc.level)  # SE undefined with one of a label
+    bound = roc.combine_auc(*[[(p.labels[g][0], p.labels[g][1], p.labels[g][2]) for p in parts]
+                              for g in (0, 1)])
+    own = val.combine_youden([hist], edges)
+    cut = own.threshold if threshold is None else threshold
+    diag = val.diagnostics(_confusion(hist, edges, cut), vc.level)
+    calibration = val.combine_calibration([hist], [sums], edges, vc.calibration_bins)
+    slope = _calibration_slope(hist, edges)
+    tpr, fpr = _roc_curve(hist)
+    rates = {"acc": diag.accuracy, "sen": diag.sensitivity, "spe": diag.specificity,
+             "ppv": diag.ppv, "npv": diag.npv, "f1": diag.f1}
+    out.update({
+        "auc": delong.auc, "auc_ci": [delong.lower, delong.upper], "auc_se": delong.se,
+        "auc_bound": [bound.lower, bound.upper], "exact": exact,
+        "threshold": cut, "threshold_source": source or "own",
+        "confusion": diag.confusion.tolist(),
+        **{k: r.value for k, r in rates.items()},
+        "ci": {k: [r.lower, r.upper] for k, r in rates.items()},
+        "own": {"threshold": own.threshold, "sen": own.sensitivity, "spe": own.specificity,
+                "j": own.j},
+        "brier": val.combine_brier([hist], [sums], [squares]),
+        "calibration_intercept": slope[0], "calibration_slope": slope[1],
+        "calibration": {"prob_true": calibration.prob_true.tolist(),
+                        "prob_pred": calibration.prob_pred.tolist(),
+                        "count": calibration.count.tolist()},
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+    })
+    return out
+
+
+def _calibration_slope(hist: np.ndarray, edges: np.ndarray) -> tuple[float | None, ...]:
+    """(intercept, slope) of the logistic recalibration; None when the labels are separated
+    by the scores or all scores share one bin (no finite maximum-likelihood fit)."""
+    try:
+        fit = val.combine_calibration_slope([hist], edges)
+    except np.linalg.LinAlgError:
+        return None, None
+    if fit.iterations >= 100 or not np.isfinite([fit.intercept, fit.slope]).all():
+        return None, None
+    return fit.intercept, fit.slope
+
+
+def _confusion(hist: np.ndarray, edges: np.ndarray, threshold: float) -> np.ndarray:
+    """[[TN, FP], [FN, TP]] at score ≥ threshold (a grid edge); spread cells are rounded
+    so that each label keeps its total."""
+    k = int(np.searchsorted(edges, threshold - 1e-12))
+    n0, n1 = (round(float(v)) for v in hist.sum(axis=1))
+    tn, fn = round(float(hist[0, :k].sum())), round(float(hist[1, :k].sum()))
+    return np.array([[tn, n0 - tn], [fn, n1 - fn]], dtype=np.int64)
+
+
+def _roc_curve(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TPR and FPR at every grid edge, from the highest threshold down (ROC from (0,0))."""
+    tp = np.concatenate([[0.0], np.cumsum(hist[1][::-1])])
+    fp = np.concatenate([[0.0], np.cumsum(hist[0][::-1])])
+    keep = np.concatenate([[True], (np.diff(tp) > 0) | (np.diff(fp) > 0)])
+    return tp[keep] / tp[-1], fp[keep] / fp[-1]
+
+
+def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores],
+            result: dict[str, Any], vc: ValidationConfig) -> list[dict[str, Any]]:
+    """Round 2: paired DeLong tests between every two models on the same sites' patients,
+    for the pooled, training and external sets and each site."""
+    plans = _comparison_sets(scores, result)
+    if not plans:
+        return []
+    query: dict[str, Any] = dict(context, sets=[name for name, _, _ in plans])
+    deviations: dict[str, list[np.ndarray]] = {}
+    for s, (name, members, models) in enumerate(plans):
+        hists = [pooled_histogram(_parts(scores, members, m, ALL), vc.bins)[0] for m in models]
+        deviations[name] = hists
+        devs = [val.placement_deviations(h) for h in hists]
+        query[f"s{s}.models"] = models
+        query[f"s{s}.d10"] = np.stack([d[1] for d in devs])
+        query[f"s{s}.d01"] = np.stack([d[2] for d in devs])
+    sites = sorted({site for _, members, _ in plans for site in members})
+    replies = transport.ask(schema.VALIDATION_MOMENTS, query, sites)
+    report_round(f"{STAGE}:moments", 1, 1, replies)
+    out = []
+    for s, (name, members, models) in enumerate(plans):
+        moments, complete = [], True
+        for site in members:
+            part = nest(replies[site].payload, f"s{s}") if replies[site].ok else {}
+            if "moments" not in part:
+                complete = False
+                continue
+            complete &= _same_patients(part, scores[site], models)
+            moments.append(part["moments"])
+        pairs = list(itertools.combinations(range(len(models)), 2))
+        if len(moments) != len(members):
+            out += [_comparison(name, models[a], models[b], None,
+                                reason="a site did not release the placement sums")
+                    for a, b in pairs]
+            continue
+        if deviations[name][0].sum(axis=1).min() < 2:
+            out += [_comparison(name, models[a], models[b], None,
+                                reason="fewer than 2 patients of a label: no DeLong variance")
+                    for a, b in pairs]
+            continue
+        aucs, cov = val.combine_delong_covariance(deviations[name], moments)
+        exact = complete and all(pooled_histogram(_parts(scores, members, m, ALL), vc.bins)[3]
+                                 for m in models)
+        for a, b in pairs:
+            out.append(_comparison(name, models[a], models[b],
+                                   val.paired_delong(aucs, cov, a, b), exact))
+    return out
+
+
+def _same_patients(part: Payload, site: SiteScores, models: list[str]) -> bool:
+    """The site's patients scored by all models are those of each model's histogram."""
+    n = [int(v) for v in part["n"]]
+    for model in models:
+        counts = site.cells[model][ALL].labels
+        if [int(np.sum(counts[g][2])) for g in (0, 1)] != n:
+            return False
+    return True
+
+
+def _comparison_sets(scores: dict[str, SiteScores], result: dict[str, Any]
+                     ) -> list[tuple[str, list[str], list[str]]]:
+    """(set name, sites, models) for every set where two or more models have an AUC."""
+    plans = []
+    names: dict[str, list[str]] = {}
+    for model in result["models"]:
+        for set_name, members in result["sets"][model].items():
+            names.setdefault(set_name, members)
+    candidates = [(n, m) for n, m in names.items()] + [(f"site:{s}", [s]) for s in
+                                                        sorted(scores)]
+    for set_name, members in candidates:
+        models = [m for m in result["models"]
+                  if all(ALL in scores[s].cells.get(m, {}) for s in members)
+                  and _set_block(result[m], set_name).get("auc") is not None]
+        if len(models) >= 2:
+            plans.append((set_name, members, models))
+    return plans
+
+
+def _set_block(block: dict[str, Any], set_name: str) -> dict[str, Any]:
+    if set_name.startswith("site:"):
+        return block["sites"].get(set_name[5:], {})
+    return block.get(set_name, {})
+
+
+def _comparison(set_name: str, a: str, b: str, test: val.PairedDeLong | None,
+                exact: bool = False, reason: str = "") -> dict[str, Any]:
+    if test is None:
+        return {"set": set_name, "models": [a, b], "auc": None, "delta_auc": None, "z": None,
+                "p_value": None, "reason": reason}
+    return {"set": set_name, "models": [a, b], "auc": [test.auc1, test.auc2],
+            "delta_auc": test.delta, "z": test.z, "p_value": test.p, "exact": exact}
+
+
+def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[str],
+                       scores: dict[str, SiteScores], vc: ValidationConfig) -> dict[str, Any]:
+    """For each training site h: the radiomics model fitted on the other sites (its own
+    federated fit, under run key `<run>-loso-<h>` at the sites), then validated on h."""
+    train = sorted(s for s, v in scores.items() if "train" in v.roles)
+    matrix: dict[str, dict[str, Any]] = {}
+    if len(train) < 2:
+        return {"models": list(LOSO_MODELS), "sites": {},
+                "reason": "leave-one-site-out needs two or more training sites"}
+    context = {"task": config.task, "needs": "predictions", "bins": vc.bins,
+               "subgroups": [], "models": list(LOSO_MODELS)}
+    for held in train:
+        variant = f"loso-{held}"
+        log.info("[%s] leave-one-site-out: fitting without %s", STAGE, held)
+        try:
+            run_radiomics(transport, config, sites, holdout=[held], variant=variant)
+        except (StageError, StageSkipped) as err:
+            matrix[held] = {m: {"auc": None, "reason": str(err)} for m in LOSO_MODELS}
+            continue
+        held_scores, _ = collect(transport, dict(context, variant=variant), [held])
+        matrix[held] = {}
+        for model in LOSO_MODELS:
+            site = held_scores.get(held)
+            parts = _parts(held_scores, [held], model, ALL) if site else []
+            block = metrics(parts, vc, None, [] if parts else [held])
+            matrix[held][model] = {k: block.get(k) for k in
+                                   ("auc", "auc_ci", "auc_se", "auc_bound", "exact", "n",
+                                    "reason")}
+    return {"models": list(LOSO_MODELS), "sites": matrix,
+            "note": "each row: the model fitted federated on every other site, validated on "
+                    "the held-out site; DSFR and the CNNs are not refitted per held-out site"}
+
+
+def with_prediction_runs(config: StudyConfig, runs: list[str]) -> StudyConfig:
+    """The config with earlier runs whose predictions the sites should read as well."""
+    known = [r for r in str(config.extra.get("prediction-runs", "")).split(",") if r]
+    merged = ",".join(dict.fromkeys(known + runs))
+    return replace(config, extra={**config.extra, "prediction-runs": merged})
