@@ -11,7 +11,7 @@ from pathlib import Path
 
 from client.guard import EgressGuard, PolicyRefusal, Statistic
 from client.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
-from client.site import CLINICAL_CSV, SiteError
+from client.site import CLINICAL_CSV, FEATURES_CSV, PREDICTIONS_CSV, SiteError
 from shared import schema
 from shared.labels import TASKS
 from shared.policy import PrivacyPolicy
@@ -19,6 +19,7 @@ from shared.schema import Payload
 
 Handler = Callable[[SiteSession, Payload], list[Statistic]]
 VARIANT = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+RUN_VARIANT = "run-variant"  # query key: one of several fits of a run (e.g. a LOSO fit)
 
 
 def _lazy(module: str, name: str) -> Handler:
@@ -96,7 +97,7 @@ def _fallback_guard(site_root: Path) -> EgressGuard:
 
 def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload:
     task = str(query.get("task", "her2-positive"))
-    needs = tuple(sorted({"clinical", *_names(query.get("needs", ""))}))
+    needs = _needs(site_root, _names(query.get("needs", "")))
     try:
         session = open_session(str(site_root), task if task in TASKS else "her2-positive", needs)
     except (SiteError, ValueError) as err:
@@ -119,13 +120,25 @@ def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload
 
 def run_key(run_id: str, query: Payload) -> str:
     """The key of the files a stage keeps at the site for this run (rows, predictions): the
-    run id, or `<run id>-<variant>` for one of several fits in a run (a LOSO fit)."""
-    variant = str(query.get("variant", "") or "")
+    run id, or `<run id>-<run-variant>` for one of several fits in a run (a LOSO fit)."""
+    variant = str(query.get(RUN_VARIANT, "") or "")
     if not variant:
         return run_id
     if not VARIANT.match(variant):
         raise ValueError(f"bad variant {variant!r}")
     return f"{run_id}-{variant}"
+
+
+def _needs(site_root: Path, asked: list[str]) -> tuple[str, ...]:
+    """The inputs to load: `clinical`, those asked, and `<need>?` ones (an optional input,
+    e.g. `predictions?`) where the site has the file."""
+    optional = {"predictions": PREDICTIONS_CSV, "features": FEATURES_CSV}
+    needs = {"clinical"}
+    for need in asked:
+        name = need.rstrip("?")
+        if not need.endswith("?") or (site_root / optional.get(name, "")).is_file():
+            needs.add(name)
+    return tuple(sorted(needs))
 
 
 def _names(value: object) -> list[str]:

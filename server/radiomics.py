@@ -136,7 +136,7 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
     context: dict[str, Any] = {"task": config.task, "radiomics-params": rc.params,
                                "workers": rc.workers}
     if holdout:
-        context.update(holdout=list(holdout), variant=variant or "holdout")
+        context.update({"holdout": list(holdout), "run-variant": variant or "holdout"})
     names, roles, extracted, with_reader2 = _extract(transport, context, sites)
     train = [s for s in extracted if "train" in roles[s] and s not in holdout]
     external = [s for s in extracted if s not in train

@@ -14,13 +14,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
+from server.report_validation import (
+    contribution_section,
+    fusion_section,
+    privacy_section,
+    validation_sections,
+)
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .muted{color:#777}.bad{color:#a00}img{max-width:100%}details{margin:.4em 0}
+table.metrics{font-size:.82em}.figs img{max-width:49%;vertical-align:top}
 """
+# Counts the figures that loaded (body's data-figures = "loaded/total"), for browser checks.
+SCRIPT = ("addEventListener('load',function(){var n=0,i=document.images;for(var k=0;"
+          "k<i.length;k++){if(i[k].complete&&i[k].naturalWidth>0)n++}"
+          "document.body.dataset.figures=n+'/'+i.length})")
 
 
 def write_report(results: dict[str, Any], out: Path) -> Path:
@@ -34,11 +46,14 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         from server.report_training import training_sections
 
         sections.append(training_sections(results, out))
+    sections += [fusion_section(results), validation_sections(results, out)]
     if "survival" in results:
         sections.append(_survival(results["survival"], out))
-    sections += [_stages(results), _provenance(results)]
+    sections += [contribution_section(results), privacy_section(results), _stages(results),
+                 _provenance(results)]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>FedDLR study report</title><style>{STYLE}</style></head><body>"
+            f"<title>FedDLR study report</title><style>{STYLE}</style>"
+            f"<script>{SCRIPT}</script></head><body>"
             + "\n".join(sections) + "</body></html>\n")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")

@@ -103,7 +103,7 @@ class SiteScores:
 def run_validation(transport: Transport, config: StudyConfig, sites: list[str]
                    ) -> dict[str, Any]:
     vc = ValidationConfig.from_extra(config.extra)
-    context = {"task": config.task, "needs": "predictions", "bins": vc.bins,
+    context = {"task": config.task, "needs": "predictions?", "bins": vc.bins,
                "subgroups": list(vc.subgroups), "models": list(vc.models),
                "runs": str(config.extra.get("prediction-runs", ""))}
     scores, status = collect(transport, context, sites)
@@ -401,7 +401,7 @@ def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[st
     if len(train) < 2:
         return {"models": list(LOSO_MODELS), "sites": {},
                 "reason": "leave-one-site-out needs two or more training sites"}
-    context = {"task": config.task, "needs": "predictions", "bins": vc.bins,
+    context = {"task": config.task, "needs": "predictions?", "bins": vc.bins,
                "subgroups": [], "models": list(LOSO_MODELS)}
     for held in train:
         variant = f"loso-{held}"
@@ -411,7 +411,7 @@ def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[st
         except (StageError, StageSkipped) as err:
             matrix[held] = {m: {"auc": None, "reason": str(err)} for m in LOSO_MODELS}
             continue
-        held_scores, _ = collect(transport, dict(context, variant=variant), [held])
+        held_scores, _ = collect(transport, {**context, "run-variant": variant}, [held])
         matrix[held] = {}
         for model in LOSO_MODELS:
             site = held_scores.get(held)

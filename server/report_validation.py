@@ -1,0 +1,683 @@
+"""Report sections of the `fusion` and `validation` stages, and the per-site contribution and
+privacy summaries of the whole run.
+
+Every function returns an HTML fragment; figures are PNG files written beside report.html
+(`roc_pooled.png`, `roc_<model>.png`, `calibration.png`, `loso.png`). Any number may be missing
+or None (a site's policy refused its histogram, a stage failed): it is shown as "—".
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+DASH = "—"
+# Run stages in their order, for the per-site contribution table.
+STAGE_ORDER = ("cohort", "radiomics", "dsfr", "deep", "fusion", "validation", "survival")
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+          "#17becf", "#7f7f7f", "#bcbd22"]
+CLASSIFICATION = (("acc", "ACC"), ("sen", "SEN"), ("spe", "SPE"), ("ppv", "PPV"),
+                  ("npv", "NPV"), ("f1", "F1"))
+# Validation keys that are not model names.
+RESERVED = {"grid", "models", "sets", "comparisons", "loso", "sites"}
+MAX_LOG_ROWS = 500  # messages listed per site in the privacy section's wire log
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for None / NaN / inf / anything not a number."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    number = _num(value)
+    return DASH if number is None else f"{number:.{digits}f}"
+
+
+def _pair(value: Any) -> tuple[float | None, float | None]:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return _num(value[0]), _num(value[1])
+    return None, None
+
+
+def _interval(value: Any, digits: int = 3) -> str:
+    low, high = _pair(value)
+    if low is None or high is None:
+        return ""
+    return f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def _with_ci(value: Any, ci: Any, digits: int = 3) -> str:
+    """`0.740` with its interval below it in small print, or "—"."""
+    text = _f(value, digits)
+    interval = _interval(ci, digits)
+    if text == DASH or not interval:
+        return text
+    return f"{text}<br><small class='muted'>{interval}</small>"
+
+
+def _p(value: Any) -> str:
+    number = _num(value)
+    if number is None:
+        return DASH
+    return "&lt;0.001" if number < 0.001 else f"{number:.3f}"
+
+
+def _n(value: Any) -> str:
+    """(negatives, positives) as `40 / 25`; a suppressed count as <k."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return DASH
+    return " / ".join("&lt;k" if v is None else _e(v) for v in value)
+
+
+def _bytes(size: Any) -> str:
+    number = _num(size)
+    if number is None:
+        return DASH
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if number >= scale:
+            return f"{number / scale:.1f} {unit}"
+    return f"{int(number)} B"
+
+
+def _table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    attr = f" class='{cls}'" if cls else ""
+    return f"<table{attr}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _names(value: Any) -> str:
+    items = _list(value)
+    return _e(", ".join(str(v) for v in items)) if items else DASH
+
+
+def _status(info: Any) -> str:
+    """A site's status in a stage, red unless ok, its reason as a tooltip."""
+    info = _dict(info)
+    status = info.get("status")
+    if status is None:
+        return DASH
+    if status == "ok":
+        return "✓"
+    reason = info.get("reason")
+    title = f" title='{_e(reason)}'" if reason else ""
+    return f"<span class='bad'{title}>{_e(status)}</span>"
+
+
+def _save(fig: Any, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _img(name: str, alt: str) -> str:
+    return f"<img src='{_e(name)}' alt='{_e(alt)}'>"
+
+
+# --------------------------------------------------------------------------- fusion
+
+def fusion_section(results: dict[str, Any]) -> str:
+    """DLR (mean of the radiomics and DSFR probabilities) and the late-fusion logistic model."""
+    if "fusion" not in results:
+        return ""
+    block = _dict(results.get("fusion"))
+    parts = ["<h2>Fusion (DLR and late fusion)</h2>"]
+    dlr = _dict(block.get("dlr"))
+    if dlr.get("skipped"):
+        parts.append(f"<p class='muted'>DLR not computed: {_e(dlr['skipped'])}.</p>")
+    elif dlr:
+        models = _list(dlr.get("models")) or ["radiomics", "dsfr"]
+        parts.append(
+            f"<p><b>DLR</b> (deep learning radiomics) is the mean of the predicted "
+            f"probabilities of {_e(' and '.join(str(m) for m in models))}, computed at each "
+            f"site for each patient; it has no parameters to fit. Sites: "
+            f"{_names(dlr.get('sites'))}.</p>")
+    else:
+        parts.append("<p class='muted'>DLR not computed in this run.</p>")
+    fusion = _dict(block.get("fusion"))
+    models = _list(fusion.get("models"))
+    if fusion.get("skipped"):
+        parts.append(f"<p class='muted'>Late fusion of {_names(models)} not fitted: "
+                     f"{_e(fusion['skipped'])}.</p>")
+    elif fusion:
+        coef = _dict(fusion.get("coef"))
+        rows = [[_e(m), _f(coef.get(m), 4)] for m in models or list(coef)]
+        rows.append(["<i>intercept</i>", _f(fusion.get("intercept"), 4)])
+        converged = fusion.get("converged")
+        extra = []
+        if converged is False:
+            extra.append("<span class='bad'>did not converge</span>")
+        if _list(fusion.get("external")):
+            extra.append(f"also scored at {_names(fusion.get('external'))}")
+        if _list(fusion.get("restarts")):
+            extra.append(f"restarted {len(fusion['restarts'])}× after a site dropped")
+        parts.append(
+            "<p><b>Late fusion</b>: a logistic regression on the predicted probabilities of "
+            f"{_names(models)} (L2, C = {_f(fusion.get('C'), 3)}), fitted federated in "
+            f"{_e(fusion.get('rounds') or DASH)} rounds on the out-of-fold probabilities of "
+            f"the training sites {_names(fusion.get('sites'))}"
+            + (f"; {'; '.join(extra)}" if extra else "")
+            + ". The probabilities stayed at the sites; only aggregate statistics of the fit "
+              "were sent.</p>"
+            + _table(["input", "coefficient"], rows))
+    else:
+        parts.append("<p class='muted'>Late-fusion model not fitted in this run.</p>")
+    parts.append(_site_problems(block.get("sites")))
+    return "\n".join(p for p in parts if p)
+
+
+def _site_problems(sites: Any) -> str:
+    bad = [(s, _dict(info)) for s, info in _dict(sites).items()
+           if _dict(info).get("status") not in (None, "ok")]
+    if not bad:
+        return ""
+    return ("<p>Sites left out:</p><ul>"
+            + "".join(f"<li>{_e(s)}: <span class='bad'>{_e(info.get('status'))}</span> "
+                      f"{_e(info.get('reason') or '')}</li>" for s, info in bad) + "</ul>")
+
+
+# --------------------------------------------------------------------------- validation
+
+def validation_sections(results: dict[str, Any], out: Path) -> str:
+    """Per-model performance per set and site, ROC / calibration figures, DeLong comparisons,
+    subgroups and leave-one-site-out; "" when the run has no validation stage results."""
+    if "validation" not in results:
+        return ""
+    val = _dict(results.get("validation"))
+    models = [str(m) for m in _list(val.get("models")) if str(m) not in RESERVED]
+    if "models" not in val:  # older or partial results: every block that looks like a model
+        models = [str(k) for k, v in val.items() if str(k) not in RESERVED
+                  and isinstance(v, dict) and ("pooled" in v or "sites" in v)]
+    sets = _dict(val.get("sets"))
+    grid = _dict(val.get("grid"))
+    bins = grid.get("bins")
+    parts = ["<h2>Validation</h2>"]
+    grid_text = (f"Each site sent, per model and label, a histogram of its predicted "
+                 f"probabilities on a common grid of {_e(bins)} bins (never a patient's "
+                 "score)" if bins else "Each site sent histograms of its predicted "
+                 "probabilities per label (never a patient's score)")
+    parts.append(
+        f"<p>{grid_text}; every metric below is computed from the sum of those histograms. "
+        "Where a row is not exact, patients of the two labels sharing a bin could be ordered "
+        "either way, so the AUC of the unbinned scores lies within the <i>bound</i> shown; "
+        "the 95% CI is DeLong's. The threshold is the Youden cut of the pooled training "
+        "sites, applied unchanged to every set (each set's own optimum is listed for "
+        "reference). Classification metrics carry Wilson 95% intervals (small print).</p>")
+    if grid.get("note"):
+        parts.append(f"<p class='muted'>{_e(grid['note'])}</p>")
+    union = {key: list(dict.fromkeys(str(s) for m in models
+                                     for s in _list(_model_sets(sets, m).get(key))))
+             for key in ("training", "external")}
+    parts.append(f"<p>Training sites: {_names(union['training'])}; external sites: "
+                 f"{_names(union['external'])}.</p>")
+    blocks = {m: _dict(val.get(m)) for m in models}
+    figures = []
+    roc = _roc_pooled_figure(blocks, out)
+    if roc:
+        figures.append(_img(roc, "ROC curves of all models, pooled over sites"))
+    calibration = _calibration_figure(blocks, out)
+    if calibration:
+        figures.append(_img(calibration, "calibration of all models, pooled over sites"))
+    if figures:
+        parts.append("<div class='figs'>" + "".join(figures) + "</div>")
+    parts.append(_summary_table(blocks))
+    used = {"roc_pooled.png"}
+    for model, block in blocks.items():
+        parts.append(_model_section(model, block, _model_sets(sets, model), out, used))
+    parts.append(_comparisons(val.get("comparisons")))
+    parts.append(_subgroups(blocks))
+    if "loso" in val:
+        parts.append(_loso(_dict(val.get("loso")), out))
+    problems = _site_problems(val.get("sites"))
+    if problems:
+        parts.append("<h3>Sites</h3>" + problems)
+    parts.append("<p class='muted'>Patient-level predictions stay at each site, in "
+                 "<code>&lt;site&gt;/predictions/</code>.</p>")
+    return "\n".join(p for p in parts if p)
+
+
+def _summary_table(blocks: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for model, block in blocks.items():
+        cells = [f"<b>{_e(model)}</b>"]
+        for key in ("pooled", "training", "external"):
+            entry = _dict(block.get(key))
+            cells.append(_with_ci(entry.get("auc"), entry.get("auc_ci")) if entry else DASH)
+        rows.append(cells)
+    if not rows:
+        return "<p class='muted'>No model was validated.</p>"
+    return ("<h3>AUC at a glance</h3>"
+            + _table(["model", "pooled", "training sites", "external sites"], rows))
+
+
+def _model_sets(sets: dict[str, Any], model: str) -> dict[str, Any]:
+    """The sets of sites (pooled, training, external) one model was validated on: per model
+    (`sets.<model>`), or one for all models."""
+    own = sets.get(model)
+    return own if isinstance(own, dict) else sets
+
+
+def _set_rows(block: dict[str, Any], sets: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(label, metrics) for pooled, training, external and each site, in that order."""
+    rows: list[tuple[str, Any]] = []
+    labels = {"pooled": "pooled (all sites)", "training": "training sites",
+              "external": "external sites"}
+    for key, label in labels.items():
+        if key in block:
+            members = _list(sets.get(key))
+            rows.append((f"<b>{_e(label)}</b>" + (f"<br><small class='muted'>"
+                                                  f"{_e(', '.join(map(str, members)))}</small>"
+                                                  if members else ""), block[key]))
+    kinds = _dict(block.get("kinds"))
+    site_blocks = _dict(block.get("sites"))
+    order = [str(s) for s in _list(sets.get("training")) + _list(sets.get("external"))]
+    order = [s for s in dict.fromkeys(order) if s in site_blocks]
+    order += [s for s in site_blocks if s not in order]
+    for site in order:
+        kind = kinds.get(site)
+        rows.append((_e(site) + (f"<br><small class='muted'>{_e(kind)}</small>" if kind else ""),
+                     site_blocks[site]))
+    return rows
+
+
+def _metric_cells(entry: Any) -> list[str]:
+    m = _dict(entry)
+    if not m:
+        return [DASH] * 13 + ["not released"]
+    ci = _dict(m.get("ci"))
+    bound = DASH if m.get("exact") is True else (_interval(m.get("auc_bound")) or DASH)
+    threshold = _f(m.get("threshold"))
+    if threshold != DASH and m.get("threshold_source"):
+        threshold += f"<br><small class='muted'>{_e(m['threshold_source'])}</small>"
+    missing = ", ".join(map(str, _list(m.get("sites_missing"))))
+    if m.get("reason"):
+        missing = f"{missing}; {m['reason']}" if missing else str(m["reason"])
+    return [_n(m.get("n")), _with_ci(m.get("auc"), m.get("auc_ci")), bound, threshold,
+            *[_with_ci(m.get(key), ci.get(key)) for key, _ in CLASSIFICATION],
+            _f(m.get("brier")), _f(m.get("calibration_slope"), 2),
+            _f(m.get("calibration_intercept"), 2),
+            _e(missing)]
+
+
+def _model_section(model: str, block: dict[str, Any], sets: dict[str, Any], out: Path,
+                   used: set[str]) -> str:
+    parts = [f"<h3>{_e(model)}</h3>"]
+    if not block:
+        return parts[0] + "<p class='muted'>No results for this model.</p>"
+    cut = _dict(block.get("threshold"))
+    if cut:
+        parts.append(f"<p class='muted'>Threshold {_f(cut.get('value'))}: Youden cut of the "
+                     f"{_e(cut.get('source') or DASH)} set"
+                     + (f" ({_e(cut['rule'])})" if cut.get("rule") else "") + ".</p>")
+    rows = _set_rows(block, sets)
+    head = ["set", "n (neg / pos)", "AUC (95% CI)", "AUC bound", "threshold",
+            *[label for _, label in CLASSIFICATION], "Brier", "cal. slope", "cal. intercept",
+            "not released / note"]
+    parts.append(_table(head, [[label, *_metric_cells(m)] for label, m in rows], "metrics"))
+    confusion_rows = []
+    for label, entry in rows:
+        m = _dict(entry)
+        matrix = m.get("confusion")
+        cells = [DASH] * 4
+        if (isinstance(matrix, (list, tuple)) and len(matrix) == 2
+                and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in matrix)):
+            cells = [_e(matrix[0][0]), _e(matrix[0][1]), _e(matrix[1][0]), _e(matrix[1][1])]
+        own = _dict(m.get("own"))
+        confusion_rows.append([label, *cells, _f(own.get("threshold")), _f(own.get("sen")),
+                               _f(own.get("spe")), _f(own.get("j"))])
+    parts.append("<details><summary>confusion matrices at the training threshold, and each "
+                 "set's own Youden cut</summary>"
+                 + _table(["set", "TN", "FP", "FN", "TP", "own cut", "SEN", "SPE", "J"],
+                          confusion_rows) + "</details>")
+    missing = sorted({str(s) for _, m in rows for s in _list(_dict(m).get("sites_missing"))})
+    if missing:
+        parts.append(f"<p class='muted'>Not in the pooled rows above: {_e(', '.join(missing))} "
+                     "(the site's policy refused a histogram, e.g. fewer than min_patients of a "
+                     "label).</p>")
+    figure = _roc_model_figure(model, block, rows, out, used)
+    if figure:
+        parts.append(_img(figure, f"ROC curves of {model}, pooled and per site"))
+    return "\n".join(parts)
+
+
+def _curve(entry: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    roc = _dict(_dict(entry).get("roc"))
+    try:
+        fpr = np.asarray(roc.get("fpr"), dtype=float)
+        tpr = np.asarray(roc.get("tpr"), dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if fpr.ndim != 1 or fpr.shape != tpr.shape or fpr.size < 2:
+        return None
+    return fpr, tpr
+
+
+def _auc_label(name: str, entry: Any) -> str:
+    auc = _num(_dict(entry).get("auc"))
+    return name if auc is None else f"{name} (AUC {auc:.3f})"
+
+
+def _roc_axes(ax: Any, title: str) -> None:
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("1 − specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+
+
+def _roc_pooled_figure(blocks: dict[str, dict[str, Any]], out: Path) -> str | None:
+    curves = [(m, b.get("pooled"), _curve(b.get("pooled"))) for m, b in blocks.items()]
+    curves = [(m, entry, c) for m, entry, c in curves if c is not None]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for i, (model, entry, (fpr, tpr)) in enumerate(curves):
+        ax.plot(fpr, tpr, color=COLORS[i % len(COLORS)], lw=1.8, label=_auc_label(model, entry))
+    _roc_axes(ax, "ROC, pooled over all sites")
+    return _save(fig, out, "roc_pooled.png")
+
+
+def _file_name(model: str, used: set[str]) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("._") or "model"
+    name, i = f"roc_{safe}.png", 2
+    while name in used:
+        name, i = f"roc_{safe}_{i}.png", i + 1
+    used.add(name)
+    return name
+
+
+def _roc_model_figure(model: str, block: dict[str, Any], rows: list[tuple[str, Any]],
+                      out: Path, used: set[str]) -> str | None:
+    pooled = _curve(block.get("pooled"))
+    sites = [(s, entry, _curve(entry)) for s, entry in _dict(block.get("sites")).items()]
+    sites = [(s, entry, c) for s, entry, c in sites if c is not None]
+    if pooled is None and not sites:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    if pooled is not None:
+        ax.plot(*pooled, color="#222", lw=2.6, label=_auc_label("pooled", block.get("pooled")))
+    kinds = _dict(block.get("kinds"))
+    for i, (site, entry, (fpr, tpr)) in enumerate(sites):
+        dashed = kinds.get(site) == "external"
+        ax.plot(fpr, tpr, color=COLORS[i % len(COLORS)], lw=1.2, ls="--" if dashed else "-",
+                label=_auc_label(f"{site}{' (external)' if dashed else ''}", entry))
+    _roc_axes(ax, f"ROC of {model}: pooled and per site")
+    return _save(fig, out, _file_name(model, used))
+
+
+def _calibration_figure(blocks: dict[str, dict[str, Any]], out: Path) -> str | None:
+    series = []
+    for model, block in blocks.items():
+        pooled = _dict(block.get("pooled"))
+        cal = _dict(pooled.get("calibration"))
+        try:
+            pred = np.asarray(cal.get("prob_pred"), dtype=float)
+            true = np.asarray(cal.get("prob_true"), dtype=float)
+        except (TypeError, ValueError):
+            continue
+        if pred.ndim == 1 and pred.size and pred.shape == true.shape:
+            series.append((model, pooled, pred, true))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="perfect calibration")
+    for i, (model, pooled, pred, true) in enumerate(series):
+        slope = _num(pooled.get("calibration_slope"))
+        label = model if slope is None else f"{model} (slope {slope:.2f})"
+        ax.plot(pred, true, marker="o", markersize=3.5, lw=1.3, color=COLORS[i % len(COLORS)],
+                label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed fraction positive")
+    ax.set_title("Calibration, pooled over all sites")
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    return _save(fig, out, "calibration.png")
+
+
+def _comparisons(comparisons: Any) -> str:
+    rows = []
+    for c in _list(comparisons):
+        c = _dict(c)
+        models = [str(m) for m in _list(c.get("models"))]
+        aucs = _list(c.get("auc"))
+        exact = c.get("exact")
+        rows.append([_e(c.get("set") or DASH), _e(" vs ".join(models)) if models else DASH,
+                     " / ".join(_f(a) for a in aucs) if aucs else DASH,
+                     _f(c.get("delta_auc")), _f(c.get("z"), 2), _p(c.get("p_value")),
+                     DASH if exact is None else ("yes" if exact else "binned"),
+                     _e(c.get("reason") or "")])
+    if not rows:
+        return ""
+    head = ["set", "models", "AUC", "ΔAUC", "z", "p", "exact", "note"]
+    if not any(row[-1] for row in rows):
+        head, rows = head[:-1], [row[:-1] for row in rows]
+    return ("<h3>Comparisons of AUCs (DeLong test for paired ROC curves)</h3>"
+            + _table(head, rows)
+            + "<p class='muted'>ΔAUC = first minus second model; two-sided p.</p>")
+
+
+def _subgroups(blocks: dict[str, dict[str, Any]]) -> str:
+    models = [m for m, b in blocks.items() if _dict(b.get("subgroups"))]
+    if not models:
+        return ""
+    names = list(dict.fromkeys(g for m in models for g in _dict(blocks[m].get("subgroups"))))
+    rows = []
+    for group in names:
+        cells = [_e(group)]
+        for model in models:
+            entry = _dict(_dict(blocks[model].get("subgroups")).get(group))
+            if not entry:
+                cells.append(DASH)
+                continue
+            cells.append(_with_ci(entry.get("auc"), entry.get("auc_ci"))
+                         + f"<br><small class='muted'>n {_n(entry.get('n'))}</small>")
+        rows.append(cells)
+    return ("<h3>Subgroups (AUC, 95% CI, pooled over sites)</h3>"
+            + _table(["subgroup", *models], rows))
+
+
+def _loso(loso: dict[str, Any], out: Path) -> str:
+    sites = _dict(loso.get("sites"))
+    models = [str(m) for m in _list(loso.get("models"))]
+    if not models:
+        models = list(dict.fromkeys(m for v in sites.values() for m in _dict(v)))
+    note = loso.get("note") or ("each row: the model fitted on every other site, validated "
+                                "on the held-out site")
+    note = str(note).strip().rstrip(".")
+    parts = [f"<h3>Leave-one-site-out</h3><p>{_e(note[:1].upper() + note[1:])}.</p>"]
+    if not sites or not models:
+        return parts[0] + ("<p class='muted'>No leave-one-site-out results"
+                           + (f": {_e(loso['reason'])}" if loso.get("reason") else "")
+                           + ".</p>")
+    rows, reasons = [], []
+    matrix = np.full((len(sites), len(models)), np.nan)
+    for i, (site, by_model) in enumerate(sites.items()):
+        cells = [_e(site)]
+        for j, model in enumerate(models):
+            entry = _dict(_dict(by_model).get(model))
+            auc = _num(entry.get("auc"))
+            if auc is not None:
+                matrix[i, j] = auc
+            elif entry.get("reason"):
+                reasons.append(f"<li>{_e(site)}, {_e(model)}: {_e(entry['reason'])}</li>")
+            cells.append(_with_ci(auc, entry.get("auc_ci"))
+                         + (f"<br><small class='muted'>n {_n(entry.get('n'))}</small>"
+                            if entry.get("n") else ""))
+        rows.append(cells)
+    parts.append(_table(["held-out site", *models], rows))
+    if reasons:
+        parts.append("<p>No AUC:</p><ul>" + "".join(reasons) + "</ul>")
+    if np.isfinite(matrix).any():
+        parts.append(_img(_loso_figure(matrix, list(sites), models, out),
+                          "heat map of leave-one-site-out AUCs"))
+    return "\n".join(parts)
+
+
+def _loso_figure(matrix: np.ndarray, sites: list[str], models: list[str], out: Path) -> str:
+    fig, ax = plt.subplots(figsize=(1.2 * len(models) + 2.6, 0.5 * len(sites) + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdYlGn", vmin=0.5, vmax=1.0,
+                      aspect="auto")
+    for i in range(len(sites)):
+        for j in range(len(models)):
+            value = matrix[i, j]
+            ax.text(j, i, DASH if np.isnan(value) else f"{value:.2f}", ha="center",
+                    va="center", fontsize=9)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(models, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(sites)))
+    ax.set_yticklabels(sites, fontsize=8)
+    ax.set_xlabel("model")
+    ax.set_ylabel("held-out site")
+    ax.set_title("Leave-one-site-out AUC")
+    fig.colorbar(image, ax=ax, label="AUC")
+    return _save(fig, out, "loso.png")
+
+
+# --------------------------------------------------------------------------- sites & privacy
+
+# A wire entry of a query the server sent, should the log ever record those too: not counted.
+SERVER_TO_SITE = {"down", "query", "to_site", "server_to_site", "server->site"}
+
+
+def _wire(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """`run.wire`: per site, the messages it sent (type, bytes, sha256), in order."""
+    wire = _dict(_dict(results.get("run")).get("wire"))
+    return {str(s): [w for w in _list(log) if isinstance(w, dict)
+                     and str(w.get("direction", "")).lower() not in SERVER_TO_SITE]
+            for s, log in wire.items()}
+
+
+def _site_ids(results: dict[str, Any]) -> list[str]:
+    rows = [r for r in _list(_dict(results.get("run")).get("sites")) if isinstance(r, dict)]
+    ids = [str(r.get("site_id")) for r in rows]
+    return list(dict.fromkeys(ids + list(_wire(results))))
+
+
+def _sent(log: list[dict[str, Any]]) -> tuple[int, int | None]:
+    sizes = [_num(w.get("bytes")) for w in log]
+    known = [s for s in sizes if s is not None]
+    return len(log), (int(sum(known)) if known else None)
+
+
+def _refused(log: list[dict[str, Any]]) -> int | None:
+    """Statistics the site's policy refused, where the wire log records them."""
+    counts = []
+    for w in log:
+        value = w.get("refused")
+        if value is None:
+            continue
+        counts.append(len(value) if isinstance(value, (list, tuple, dict))
+                      else int(_num(value) or 0))
+    return sum(counts) if counts else None
+
+
+def _count(row: dict[str, Any], key: str) -> str:
+    """A released count; None means suppressed at the site (<k), absent means unknown."""
+    if key not in row:
+        return DASH
+    return "&lt;k" if row[key] is None else _e(row[key])
+
+
+def contribution_section(results: dict[str, Any]) -> str:
+    """Per site: roles, patients, status, whether it took part in each stage, what it sent."""
+    run = _dict(results.get("run"))
+    if "sites" not in run:
+        return ""
+    rows_by_site = {str(r.get("site_id")): r for r in _list(run.get("sites"))
+                    if isinstance(r, dict)}
+    wire = _wire(results)
+    stages = [s for s in STAGE_ORDER if isinstance(_dict(results.get(s)).get("sites"), dict)]
+    rows = []
+    for site in _site_ids(results):
+        row = _dict(rows_by_site.get(site))
+        status = row.get("status")
+        cls = "" if status in ("ok", None) else " class='bad'"
+        messages, size = _sent(wire.get(site, []))
+        stage_cells = [_status(_dict(_dict(results[stage]).get("sites")).get(site))
+                       for stage in stages]
+        rows.append([_e(site), _names(row.get("roles")), _count(row, "n_patients"),
+                     _count(row, "n_excluded"),
+                     f"<span{cls}>{_e(status or DASH)}</span>", *stage_cells,
+                     _e(messages), _bytes(size)])
+    return ("<h2>Per-site contribution</h2>"
+            + _table(["site", "roles", "patients", "excluded", "status", *stages,
+                      "messages sent", "bytes sent"], rows)
+            + "<p class='muted'>✓: the site took part in the stage; — : it was not asked (or "
+              "the stage did not run); otherwise its status there (hover for the reason). "
+              "Messages and bytes: every reply the site sent to the server in this run.</p>")
+
+
+def privacy_section(results: dict[str, Any]) -> str:
+    """What each site sent, from the server's wire log (equal, message by message, to each
+    site's own audit log); no patient-level value leaves a site."""
+    run = _dict(results.get("run"))
+    if "sites" not in run:
+        return ""
+    wire = _wire(results)
+    rows, logs = [], []
+    for site in _site_ids(results):
+        log = wire.get(site, [])
+        messages, size = _sent(log)
+        refused = _refused(log)
+        by_type = Counter(str(w.get("message_type") or "?") for w in log)
+        types = ("<span style='display:block;text-align:left'>"
+                 + "<br>".join(f"{_e(t)} × {n}" for t, n in by_type.items()) + "</span>"
+                 if by_type else DASH)
+        rows.append([_e(site), _e(messages), _bytes(size),
+                     DASH if refused is None else _e(refused), types])
+        if log:
+            entries = [[_e(i + 1), _e(w.get("message_type")), _e(w.get("bytes")),
+                        f"<code>{_e(w.get('sha256'))}</code>"]
+                       for i, w in enumerate(log[:MAX_LOG_ROWS])]
+            more = (f"<p class='muted'>… and {len(log) - MAX_LOG_ROWS} more (results.json: "
+                    "run.wire)</p>" if len(log) > MAX_LOG_ROWS else "")
+            logs.append(f"<details><summary>{_e(site)}: {messages} messages</summary>"
+                        + _table(["#", "message type", "bytes", "sha256"], entries) + more
+                        + "</details>")
+    return ("<h2>Privacy summary</h2>"
+            "<p>Everything each site sent to the server in this run, from the server's wire "
+            "log; message types, sizes and SHA-256 digests are equal, message by message, to "
+            "the site's own audit log (<code>audit/egress.jsonl</code>), so each hospital can "
+            "check them. Every reply passed the site's egress guard, which releases only the "
+            "aggregate statistics its privacy policy allows (counts, sums, histograms, "
+            "gradients, model updates). No patient-level value (no image, no row, "
+            "no individual prediction) leaves a site: predictions stay at "
+            "<code>&lt;site&gt;/predictions/</code>.</p>"
+            + _table(["site", "replies", "bytes", "refused statistics", "replies by type"],
+                     rows)
+            + ("<details><summary>message log per site</summary>" + "".join(logs)
+               + "</details>" if logs else ""))
