@@ -55,6 +55,7 @@ HANDLERS: dict[str, Handler] = {
     schema.FUSION_SETUP: _lazy("fusion", "fusion_setup"),
     schema.FUSION_STEP: _lazy("fusion", "fusion_step"),
     schema.FUSION_SCORE: _lazy("fusion", "fusion_score"),
+    schema.VALIDATION_RANGES: _lazy("validation", "validation_ranges"),
     schema.VALIDATION_SCORES: _lazy("validation", "validation_scores"),
     schema.VALIDATION_MOMENTS: _lazy("validation", "validation_moments"),
     **{action: _lazy("training", "train_round" if action.startswith("train.")

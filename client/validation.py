@@ -106,6 +106,29 @@ def groups(session: SiteSession, scores: Scores, columns: list[str]) -> dict[str
     return out
 
 
+def validation_ranges(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Round 0: per model, n, Σ logit(score), Σ logit(score)², from which the server places
+    that model's grid (`shared.validation.local_logit_moments`, where the wire is described).
+    """
+    models = site_scores(session, runs_of(query), listed(query.get("models")))
+    names = sorted(models)
+    out = [Statistic("catalog", {"models": names}, n=None)]
+    for i, name in enumerate(names):
+        scores = models[name].score
+        out.append(Statistic(f"m{i}", {"moments": val.local_logit_moments(scores)},
+                             n=len(scores)))
+    return out
+
+
+def edges_for(query: Payload, model: str) -> np.ndarray:
+    """The grid the server fixed for `model` (`grid.models` / `grid.e<i>`), else the
+    uniform grid of `bins` bins."""
+    names = listed(query.get("grid.models"))
+    if model in names:
+        return np.asarray(query[f"grid.e{names.index(model)}"], dtype=np.float64)
+    return roc.grid(int(query["bins"]))
+
+
 def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
     """Round 1: per model and patient group, each label's histogram on the server's grid.
 
@@ -114,7 +137,6 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
     and the cell's Σscore and Σscore²), released only when the group holds at least
     min_patients patients. No score, label or identifier of a patient.
     """
-    edges = roc.grid(int(query["bins"]))
     models = site_scores(session, runs_of(query), listed(query.get("models")))
     columns = listed(query.get("subgroups"))
     min_cell = session.site.config.privacy.min_cell_count
@@ -126,7 +148,8 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
         masks = groups(session, scores, columns)
         out.append(Statistic(f"m{i}", {"groups": list(masks)}, n=None))
         for j, mask in enumerate(masks.values()):
-            out.append(_cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, min_cell))
+            out.append(_cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask],
+                              edges_for(query, name), min_cell))
     return out
 
 
@@ -149,13 +172,12 @@ def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
     """Round 2: for each set of sites this site belongs to, the k × k placement-moment sums
     of the set's models over this site's patients (`shared.validation.local_placement_moments`).
 
-    Query: `runs`, `bins`, `sets` (set names) and per set `<set>.models` plus
+    Query: `runs`, the grids, `sets` (set names) and per set `<set>.models` plus
     `<set>.d10` / `<set>.d01` (k × bins deviations of the set's pooled histograms).
     Crosses the wire: per set, two k × k matrices of sums over ≥ min_patients patients, and
     the number of patients scored by all k models (to check the set's patients are the
     histograms' patients).
     """
-    edges = roc.grid(int(query["bins"]))
     models = site_scores(session, runs_of(query), [])
     out = []
     for s, set_name in enumerate(listed(query.get("sets"))):
@@ -168,7 +190,8 @@ def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
         first = models[wanted[0]]
         y = pd.Series(first.y, index=first.patients).loc[common].to_numpy()
         bins = np.stack([val.bin_index(pd.Series(models[m].score, index=models[m].patients)
-                                       .loc[common].to_numpy(), edges) for m in wanted])
+                                       .loc[common].to_numpy(), edges_for(query, m))
+                         for m in wanted])
         moments = val.local_placement_moments(bins, y, np.asarray(query[f"s{s}.d10"]),
                                               np.asarray(query[f"s{s}.d01"]))
         out.append(Statistic(f"s{s}", {"moments": moments, "set": set_name,

@@ -40,8 +40,15 @@ log = logging.getLogger("feddlr")
 STAGE = "validation"
 ALL = "all"
 MODES = ("pooled", "loso")
+GRIDS = ("adaptive", "uniform")
 DEFAULT_SUBGROUPS = ("hr_status", "lesion_type")
 LOSO_MODELS = ("radiomics",)
+GRID_NOTES = {
+    "adaptive": ("Per model, validation-bins bins uniform in logit over the pooled mean ± 4 SD "
+                 "of its logit scores (one round of sums), plus 0, 1 and the calibration "
+                 "edges."),
+    "uniform": "validation-bins bins uniform on [0, 1].",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class ValidationConfig:
     subgroups: tuple[str, ...] = DEFAULT_SUBGROUPS
     models: tuple[str, ...] = ()  # () = every model the sites have scores of
     mode: str = "pooled"
+    grid: str = "adaptive"  # adaptive: per model, where its scores are | uniform on [0, 1]
     level: float = 0.95
 
     @classmethod
@@ -64,18 +72,21 @@ class ValidationConfig:
                      calibration_bins=int(extra.get("calibration-bins", 10)),
                      subgroups=names("subgroups", DEFAULT_SUBGROUPS),
                      models=names("validation-models", ()),
-                     mode=str(extra.get("validation", "pooled")).strip().lower())
+                     mode=str(extra.get("validation", "pooled")).strip().lower(),
+                     grid=str(extra.get("validation-grid", "adaptive")).strip().lower())
         except (TypeError, ValueError) as err:
             raise ConfigError(f"run config validation keys: {err}") from err
         if vc.mode not in MODES:
             raise ConfigError(f"run config validation: {vc.mode!r} is not one of {list(MODES)}")
+        if vc.grid not in GRIDS:
+            raise ConfigError(f"run config validation-grid: {vc.grid!r} is not one of "
+                              f"{list(GRIDS)}")
         if vc.bins < 2 or vc.calibration_bins < 1 or vc.bins % vc.calibration_bins:
             raise ConfigError(f"run config calibration-bins ({vc.calibration_bins}) must divide "
                               f"validation-bins ({vc.bins})")
         return vc
 
-    @property
-    def edges(self) -> np.ndarray:
+    def uniform(self) -> np.ndarray:
         return roc.grid(self.bins)
 
 
@@ -106,12 +117,12 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str]
     context = {"task": config.task, "needs": "predictions?", "bins": vc.bins,
                "subgroups": list(vc.subgroups), "models": list(vc.models),
                "runs": str(config.extra.get("prediction-runs", ""))}
-    scores, status = collect(transport, context, sites)
+    scores, status, context = collect(transport, context, sites, vc)
     if not any(s.cells for s in scores.values()):
         raise StageSkipped("no site has scores of any model to validate: "
                            + "; ".join(f"{s}: {v.get('reason') or 'no predictions'}"
                                        for s, v in status.items()))
-    result = validate(scores, vc)
+    result = validate(scores, vc, grids(context, vc))
     result["sites"] = status
     result["comparisons"] = compare(transport, context, scores, result, vc)
     if vc.mode == "loso":
@@ -119,18 +130,49 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str]
     return result
 
 
-def collect(transport: Transport, context: Payload, sites: list[str]
-            ) -> tuple[dict[str, SiteScores], dict[str, dict[str, Any]]]:
-    """Round 1: every site's cells, by model and group; failed sites recorded, not fatal."""
+def collect(transport: Transport, context: Payload, sites: list[str], vc: ValidationConfig
+            ) -> tuple[dict[str, SiteScores], dict[str, dict[str, Any]], Payload]:
+    """Rounds 0 and 1: each model's grid (adaptive grids), then every site's cells by model
+    and group; a failed site is recorded, not fatal. Returns the context with the grids."""
+    status: dict[str, dict[str, Any]] = {}
+    if vc.grid == "adaptive":
+        context, sites = _place_grids(transport, context, sites, vc, status)
     replies = transport.ask(schema.VALIDATION_SCORES, context, sites)
     report_round(f"{STAGE}:histograms", 1, 1, replies)
     out: dict[str, SiteScores] = {}
-    status: dict[str, dict[str, Any]] = {}
     for site, reply in sorted(replies.items()):
         status[site] = {"status": reply.status, "reason": reply.reason}
         if reply.ok:
             out[site] = _site_scores(reply)
-    return out, status
+    return out, dict(sorted(status.items())), context
+
+
+def _place_grids(transport: Transport, context: Payload, sites: list[str],
+                 vc: ValidationConfig, status: dict[str, dict[str, Any]]
+                 ) -> tuple[Payload, list[str]]:
+    """Round 0: per model, the pooled mean and SD of the logit scores → the model's grid
+    (`shared.validation.grid_from_moments`), sent to the sites with round 1's query."""
+    replies = transport.ask(schema.VALIDATION_RANGES, context, sites)
+    report_round(f"{STAGE}:ranges", 1, 1, replies)
+    parts: dict[str, list[np.ndarray]] = {}
+    for site, reply in replies.items():
+        if not reply.ok:
+            status[site] = {"status": reply.status, "reason": reply.reason}
+            continue
+        for i, model in enumerate(reply.payload.get("catalog.models", [])):
+            if f"m{i}.moments" in reply.payload:
+                parts.setdefault(model, []).append(reply.payload[f"m{i}.moments"])
+    models = sorted(parts)
+    context = dict(context, **{"grid.models": models})
+    for i, model in enumerate(models):
+        context[f"grid.e{i}"] = val.grid_from_moments(parts[model], vc.bins, vc.calibration_bins)
+    return context, [s for s in sites if s not in status]
+
+
+def grids(context: Payload, vc: ValidationConfig) -> dict[str, np.ndarray]:
+    """Each model's grid edges (the uniform grid for a model without its own)."""
+    names = list(context.get("grid.models", []))
+    return {m: np.asarray(context[f"grid.e{i}"]) for i, m in enumerate(names)}
 
 
 def _site_scores(reply: Reply) -> SiteScores:
@@ -158,23 +200,27 @@ def site_sets(scores: dict[str, SiteScores], model: str) -> dict[str, list[str]]
     return {name: members for name, members in sets.items() if members}
 
 
-def validate(scores: dict[str, SiteScores], vc: ValidationConfig) -> dict[str, Any]:
+def validate(scores: dict[str, SiteScores], vc: ValidationConfig,
+             model_grids: dict[str, np.ndarray]) -> dict[str, Any]:
     models = sorted({m for v in scores.values() for m in v.cells})
+    edges = {m: model_grids.get(m, vc.uniform()) for m in models}
     result: dict[str, Any] = {
-        "grid": {"bins": vc.bins, "edges": "uniform on [0, 1]", "calibration_bins":
-                 vc.calibration_bins,
-                 "note": ("statistics from label-stratified histograms of the scores on the "
-                          "grid; exact (= the library on the scores snapped to bin centres) "
-                          "when `exact`, otherwise cells a site merged for its min_cell_count "
-                          "are spread evenly and `auc_bound` bounds the AUC")},
+        "grid": {"kind": vc.grid, "bins": vc.bins, "calibration_bins": vc.calibration_bins,
+                 "edges": {m: e.tolist() for m, e in edges.items()},
+                 "note": GRID_NOTES[vc.grid] + (
+                     " Statistics come from label-stratified histograms of the scores on the "
+                     "grid: exact (= the library on the scores snapped to bin centres) when "
+                     "`exact`; otherwise cells a site merged for its min_cell_count are spread "
+                     "evenly and `auc_bound` bounds the AUC.")},
         "models": models,
         "sets": {},
     }
     for model in models:
+        grid = edges[model]
         sets = site_sets(scores, model)
         result["sets"][model] = sets
         ref = "training" if "training" in sets else "pooled"
-        cut_block = metrics(_parts(scores, sets[ref], model, ALL), vc, None)
+        cut_block = metrics(_parts(scores, sets[ref], model, ALL), grid, vc, None)
         threshold = cut_block.get("own", {}).get("threshold")
         block: dict[str, Any] = {
             "kinds": {s: scores[s].kinds.get(model) for s in sets["pooled"]},
@@ -182,14 +228,14 @@ def validate(scores: dict[str, SiteScores], vc: ValidationConfig) -> dict[str, A
                           "rule": "Youden J on the grid's edges, score >= threshold"},
         }
         for name, members in sets.items():
-            block[name] = metrics(_parts(scores, members, model, ALL), vc, threshold,
+            block[name] = metrics(_parts(scores, members, model, ALL), grid, vc, threshold,
                                   _missing(scores, members, model, ALL), source=ref)
-        block["sites"] = {s: metrics(_parts(scores, [s], model, ALL), vc, threshold,
+        block["sites"] = {s: metrics(_parts(scores, [s], model, ALL), grid, vc, threshold,
                                      _missing(scores, [s], model, ALL), source=ref)
                           for s in sets["pooled"]}
         groups = sorted({g for s in sets["pooled"] for g in scores[s].cells[model]} - {ALL}
                         | {g for s in sets["pooled"] for g in scores[s].refused[model]} - {ALL})
-        block["subgroups"] = {g: metrics(_parts(scores, sets["pooled"], model, g), vc,
+        block["subgroups"] = {g: metrics(_parts(scores, sets["pooled"], model, g), grid, vc,
                                          threshold, _missing(scores, sets["pooled"], model, g),
                                          source=ref) for g in groups}
         result[model] = block
@@ -227,18 +273,17 @@ def pooled_histogram(parts: list[Cells], bins: int) -> tuple[np.ndarray, np.ndar
     return np.stack(counts), np.stack(sums), np.stack(squares), exact
 
 
-def metrics(parts: list[Cells], vc: ValidationConfig, threshold: float | None,
+def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, threshold: float | None,
             missing: list[str] | None = None, source: str = "") -> dict[str, Any]:
     """One set's metrics block (results `validation.<model>.<set>`)."""
     out: dict[str, Any] = {"sites_missing": missing or []}
     if not parts:
         return {**out, "auc": None, "reason": "no site released this histogram"}
-    hist, sums, squares, exact = pooled_histogram(parts, vc.bins)
+    hist, sums, squares, exact = pooled_histogram(parts, len(edges) - 1)
     n0, n1 = hist.sum(axis=1)
     out["n"] = [round(float(n0)), round(float(n1))]
     if n0 == 0 or n1 == 0:
         return {**out, "auc": None, "reason": "only one label present"}
-    edges = vc.edges
     with np.errstate(invalid="ignore", divide="ignore"):
         delong = val.combine_delong([hist], vc.level)  # SE undefined with one of a label
     bound = roc.combine_auc(*[[(p.labels[g][0], p.labels[g][1], p.labels[g][2]) for p in parts]
@@ -307,9 +352,10 @@ def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores
     if not plans:
         return []
     query: dict[str, Any] = dict(context, sets=[name for name, _, _ in plans])
+    bins = {m: len(e) - 1 for m, e in result["grid"]["edges"].items()}
     deviations: dict[str, list[np.ndarray]] = {}
     for s, (name, members, models) in enumerate(plans):
-        hists = [pooled_histogram(_parts(scores, members, m, ALL), vc.bins)[0] for m in models]
+        hists = [pooled_histogram(_parts(scores, members, m, ALL), bins[m])[0] for m in models]
         deviations[name] = hists
         devs = [val.placement_deviations(h) for h in hists]
         query[f"s{s}.models"] = models
@@ -340,7 +386,7 @@ def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores
                     for a, b in pairs]
             continue
         aucs, cov = val.combine_delong_covariance(deviations[name], moments)
-        exact = complete and all(pooled_histogram(_parts(scores, members, m, ALL), vc.bins)[3]
+        exact = complete and all(pooled_histogram(_parts(scores, members, m, ALL), bins[m])[3]
                                  for m in models)
         for a, b in pairs:
             out.append(_comparison(name, models[a], models[b],
@@ -411,12 +457,15 @@ def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[st
         except (StageError, StageSkipped) as err:
             matrix[held] = {m: {"auc": None, "reason": str(err)} for m in LOSO_MODELS}
             continue
-        held_scores, _ = collect(transport, {**context, "run-variant": variant}, [held])
+        held_scores, _, used = collect(transport, {**context, "run-variant": variant}, [held],
+                                       vc)
+        edges = grids(used, vc)
         matrix[held] = {}
         for model in LOSO_MODELS:
             site = held_scores.get(held)
             parts = _parts(held_scores, [held], model, ALL) if site else []
-            block = metrics(parts, vc, None, [] if parts else [held])
+            block = metrics(parts, edges.get(model, vc.uniform()), vc, None,
+                            [] if parts else [held])
             matrix[held][model] = {k: block.get(k) for k in
                                    ("auc", "auc_ci", "auc_se", "auc_bound", "exact", "n",
                                     "reason")}

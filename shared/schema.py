@@ -52,9 +52,11 @@ ACTIONS += (TRAIN_SETUP, TRAIN_SCORE, DSFR_FEATURES)
 FUSION_SETUP = "fusion_setup"
 FUSION_STEP = "fusion_step"
 FUSION_SCORE = "fusion_score"
+VALIDATION_RANGES = "validation_ranges"
 VALIDATION_SCORES = "validation_scores"
 VALIDATION_MOMENTS = "validation_moments"
-ACTIONS += (FUSION_SETUP, FUSION_STEP, FUSION_SCORE, VALIDATION_SCORES, VALIDATION_MOMENTS)
+ACTIONS += (FUSION_SETUP, FUSION_STEP, FUSION_SCORE, VALIDATION_RANGES,
+            VALIDATION_SCORES, VALIDATION_MOMENTS)
 TRAIN_MODELS = ("dsfr", "dl_mri", "dl_us")
 TRAIN_ACTIONS = tuple(f"{category}.{model}" for category in ("train", "evaluate")
                       for model in TRAIN_MODELS)

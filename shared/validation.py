@@ -114,6 +114,42 @@ def combine_sum(parts: list[np.ndarray]) -> np.ndarray:
     return np.sum([np.asarray(p) for p in parts], axis=0)
 
 
+# --------------------------------------------------------------------------- the grid
+
+LOGIT_CLIP = 1e-6
+
+
+def local_logit_moments(scores: np.ndarray) -> np.ndarray:
+    """[n, Σ logit(s), Σ logit(s)²] of one model's scores (clipped to [1e-6, 1 − 1e-6]).
+
+    Crosses the wire: three sums over all the site's scored patients, so that the server can
+    place a grid where the scores are (a model whose probabilities all lie within 0.35 ±
+    0.01 gets no resolution from a uniform grid on [0, 1]). No single score.
+    """
+    z = _logit(np.asarray(scores, dtype=np.float64))
+    return np.array([len(z), z.sum(), np.dot(z, z)])
+
+
+def grid_from_moments(parts: list[np.ndarray], bins: int = roc.DEFAULT_BINS,
+                      calibration_bins: int = 10, spread: float = 4.0) -> np.ndarray:
+    """Edges of one model's grid on [0, 1]: `bins` bins uniform in logit over the pooled mean
+    ± `spread` SD of the logit scores, plus 0, 1 and the calibration edges k/calibration_bins
+    (so that calibration bins are unions of grid bins). Scores beyond the range share the
+    outer bins (ties there; the AUC bound covers them)."""
+    n, total, squares = np.sum([np.asarray(p, dtype=np.float64) for p in parts], axis=0)
+    mean = total / n
+    sd = max(np.sqrt(max(squares / n - mean * mean, 0.0)), 1e-3)
+    inner = 1 / (1 + np.exp(-np.linspace(mean - spread * sd, mean + spread * sd, bins + 1)))
+    fixed = np.linspace(0.0, 1.0, calibration_bins + 1)
+    edges = np.unique(np.concatenate([inner, fixed]))
+    return edges[np.concatenate([[True], np.diff(edges) > 1e-12])]
+
+
+def _logit(scores: np.ndarray) -> np.ndarray:
+    p = np.clip(scores, LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
 # --------------------------------------------------------------------------- AUC, DeLong
 
 
@@ -323,21 +359,23 @@ def combine_calibration(counts: list[np.ndarray], sums: list[np.ndarray],
                         edges: np.ndarray, n_bins: int = 10) -> Calibration:
     """Uniform calibration curve (`calibration_curve(strategy="uniform", n_bins)`).
 
-    Requirement: each calibration bin is a union of grid bins, i.e. the grid is uniform on
-    [0, 1] and n_bins divides its number of bins (checked). Also, sklearn puts a score lying
-    exactly on an interior calibration edge in the lower bin, the grid in the upper one;
-    scores on the grid (bin centres) never lie on an edge. `sums` are the sites' Σscore
-    from `local_score_sums`, so the mean prediction is exact even for raw scores.
+    Requirement: each calibration bin is a union of grid bins, i.e. every edge k/n_bins is
+    an edge of the grid (checked; `grid_from_moments` builds such grids). Also, sklearn puts
+    a score lying exactly on an interior calibration edge in the lower bin, the grid in the
+    upper one; scores on the grid (bin centres) never lie on an edge. `sums` are the sites'
+    Σscore from `local_score_sums`, so the mean prediction is exact even for raw scores.
     """
-    bins = len(edges) - 1
-    if bins % n_bins or not np.allclose(edges, roc.grid(bins), rtol=0, atol=1e-12):
-        raise ValueError(f"{n_bins} calibration bins are not unions of the {bins}-bin grid")
-    c = np.asarray(combine_sum(counts), dtype=np.float64).reshape(GROUPS, n_bins, -1).sum(2)
-    s = np.asarray(combine_sum(sums), dtype=np.float64).reshape(GROUPS, n_bins, -1).sum(2)
+    cal_edges = np.linspace(0.0, 1.0, n_bins + 1)
+    at = np.searchsorted(edges, cal_edges - 1e-12)
+    if np.any(at >= len(edges)) or not np.allclose(edges[np.minimum(at, len(edges) - 1)],
+                                                   cal_edges, rtol=0, atol=1e-12):
+        raise ValueError(f"{n_bins} calibration bins are not unions of the grid's bins")
+    c = np.add.reduceat(np.asarray(combine_sum(counts), dtype=np.float64), at[:-1], axis=1)
+    s = np.add.reduceat(np.asarray(combine_sum(sums), dtype=np.float64), at[:-1], axis=1)
     total = c.sum(axis=0)
     keep = total > 0
     return Calibration(c[1][keep] / total[keep], s.sum(axis=0)[keep] / total[keep],
-                       total[keep].astype(np.int64), np.linspace(0.0, 1.0, n_bins + 1))
+                       total[keep].astype(np.int64), cal_edges)
 
 
 def combine_brier(counts: list[np.ndarray], sums: list[np.ndarray],

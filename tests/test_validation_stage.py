@@ -72,8 +72,11 @@ def write_sites(root: Path, parts: list[pd.DataFrame], min_cell: int,
 
 
 def run(folders: list[Path], out: Path, stages: tuple[str, ...], **extra) -> dict:
+    """The study on the uniform 200-bin grid (the scores are snapped to its centres) unless
+    `validation-grid` says otherwise."""
     config = StudyConfig(out_dir=str(out), task="label", stages=stages,
-                         extra={"subgroups": "hr_status", **extra})
+                         extra={"subgroups": "hr_status", "validation-grid": "uniform",
+                                **extra})
     return run_study(InProcessTransport(folders), config)
 
 
@@ -292,3 +295,32 @@ def test_a_site_with_a_bad_predictions_file_fails_alone(tmp_path: Path) -> None:
     rows = pooled(parts, [0, 2, 3])
     assert v["m_a"]["pooled"]["auc"] == pytest.approx(roc_auc_score(rows.label, rows.m_a),
                                                       abs=1e-9)
+
+
+def test_adaptive_grid_resolves_scores_in_a_narrow_range(tmp_path: Path) -> None:
+    """A model whose probabilities all lie near 0.35 (like a weak late fusion) has them in
+    two or three bins of the uniform grid; the adaptive grid, placed from the pooled mean and
+    SD of the logit scores, resolves them."""
+    parts = cohort()
+    for part in parts:
+        part["m_a"] = 0.35 + 0.01 * (part["m_a"] - 0.5)  # same ranking, range 0.345–0.355
+    results = {grid: run(write_sites(tmp_path / grid, parts, min_cell=1), tmp_path / f"o{grid}",
+                         ("validation",), **{"validation-grid": grid})
+               for grid in ("uniform", "adaptive")}
+    rows = pooled(parts)
+    truth = roc_auc_score(rows.label, rows.m_a)
+    coarse = results["uniform"]["validation"]["m_a"]["pooled"]
+    fine = results["adaptive"]["validation"]["m_a"]["pooled"]
+    assert coarse["auc_bound"][1] - coarse["auc_bound"][0] > 0.3
+    assert fine["auc_bound"][0] <= truth <= fine["auc_bound"][1]
+    assert fine["auc_bound"][1] - fine["auc_bound"][0] < 0.02
+    assert abs(fine["auc"] - truth) < 0.005
+    grid = results["adaptive"]["validation"]["grid"]
+    edges = np.asarray(grid["edges"]["m_a"])
+    assert grid["kind"] == "adaptive" and edges[0] == 0 and edges[-1] == 1
+    assert np.all(np.isin(np.linspace(0, 1, 11), edges))  # calibration bins stay unions
+    # calibration and Brier still equal sklearn's on the adaptive grid
+    true, pred = calibration_curve(rows.label, rows.m_a, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(fine["calibration"]["prob_pred"], pred, atol=1e-12)
+    np.testing.assert_allclose(fine["calibration"]["prob_true"], true, atol=1e-12)
+    assert fine["brier"] == pytest.approx(brier_score_loss(rows.label, rows.m_a), abs=1e-12)
