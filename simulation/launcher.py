@@ -157,10 +157,13 @@ def toml_value(value: object) -> str:
         return repr(value)
     text = str(value)
     try:
-        tomllib.loads(f"v = {text}")
-        return text
+        parsed = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parsed = None
+    # Flower keeps integers in int64: a longer one (e.g. a Flower run id) is a string
+    if parsed is not None and not (isinstance(parsed, int) and not -2**63 <= parsed < 2**63):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _bin(name: str) -> str:
