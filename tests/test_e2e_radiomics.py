@@ -1,10 +1,13 @@
-"""The radiomics stage end to end in the Flower Simulation Engine: two synthetic hospitals
-extract pyradiomics features from their MRI (both readers), a third holds only
-features.csv. Checked against pooled computations on the same features."""
+"""The radiomics and validation stages end to end in the Flower Simulation Engine: two
+synthetic hospitals extract pyradiomics features from their MRI (both readers), a third
+holds only features.csv; validation runs leave-one-site-out. Checked against pooled
+computations on the same features and the sites' own predictions; the report is opened in
+headless Chromium."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -39,10 +42,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.rmtree(sites_dir / "site-3" / "images")
     shutil.rmtree(sites_dir / "site-3" / "cache", ignore_errors=True)
     out = root / "out"
-    rc = run_simulation(sites_dir, out, {"stages": "radiomics", "cv-folds": str(FOLDS),
+    rc = run_simulation(sites_dir, out, {"stages": "radiomics,validation",
+                                         "cv-folds": str(FOLDS), "validation": "loso",
                                          "radiomics-workers": "1", "seed": "5"}, echo=False)
     results = json.loads((out / "results.json").read_text())
-    return {"rc": rc, "results": results, "sites_dir": sites_dir, "features": features}
+    return {"rc": rc, "results": results, "sites_dir": sites_dir, "features": features,
+            "out": out}
 
 
 def test_stage_runs_on_image_and_feature_only_sites(run: dict) -> None:
@@ -104,6 +109,50 @@ def test_pooled_oof_auc_bound_holds_the_sites_own_predictions(run: dict) -> None
     truth = roc_auc_score(np.concatenate(labels), np.concatenate(scores))
     assert auc["bound"][0] <= truth <= auc["bound"][1]
     assert auc["auc"] > 0.6  # effect size 2: the phantoms' texture carries HER2 status
+
+
+def _labelled(run: dict, site: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    kept = pd.read_csv(run["sites_dir"] / site / "predictions" / name)
+    clinical = load_site(run["sites_dir"] / site, task="her2-positive").clinical
+    return kept.score.to_numpy(), clinical.loc[kept.patient_id, "target"].to_numpy()
+
+
+def test_validation_bounds_hold_the_sites_own_predictions(run: dict) -> None:
+    assert run["results"]["run"]["stages"]["validation"]["status"] == "ok"
+    v = run["results"]["validation"]["radiomics"]
+    run_id = run["results"]["run"]["run_id"]
+    parts = {s: _labelled(run, s, f"radiomics-{run_id}.csv") for s in v["sites"]}
+    for site, (score, y) in parts.items():
+        block = v["sites"][site]
+        assert block["auc_bound"][0] <= roc_auc_score(y, score) <= block["auc_bound"][1]
+    used = [s for s in parts if s not in v["pooled"]["sites_missing"]]
+    truth = roc_auc_score(np.concatenate([parts[s][1] for s in used]),
+                          np.concatenate([parts[s][0] for s in used]))
+    assert v["pooled"]["auc_bound"][0] <= truth <= v["pooled"]["auc_bound"][1]
+    assert v["pooled"]["auc_ci"][0] < v["pooled"]["auc"] < v["pooled"]["auc_ci"][1]
+
+
+def test_loso_fills_the_matrix_for_every_site(run: dict) -> None:
+    loso = run["results"]["validation"]["loso"]
+    run_id = run["results"]["run"]["run_id"]
+    assert sorted(loso["sites"]) == ["site-1", "site-2", "site-3"]
+    for site, row in loso["sites"].items():
+        cell = row["radiomics"]
+        score, y = _labelled(run, site, f"radiomics-{run_id}-loso-{site}.csv")
+        assert cell["auc"] is not None, f"{site}: {cell.get('reason')}"
+        assert cell["auc_bound"][0] <= roc_auc_score(y, score) <= cell["auc_bound"][1]
+        assert cell["n"] == [int(np.sum(y == 0)), int(np.sum(y == 1))]
+
+
+def test_report_opens_in_chromium_with_every_figure(run: dict, tmp_path) -> None:
+    from tests.test_report_browser import _chromium, _run_chromium
+
+    report = run["out"] / "report.html"
+    images = re.findall(r"<img src='([^']+)'", report.read_text(encoding="utf-8"))
+    assert len(images) >= 4  # LASSO path, ROC pooled and per model, calibration, LOSO
+    dom = _run_chromium(_chromium(), tmp_path / "profile", "--dump-dom", report.as_uri())
+    assert "<h2>Validation</h2>" in dom
+    assert f'data-figures="{len(images)}/{len(images)}"' in dom
 
 
 def test_no_feature_value_or_patient_left_the_sites(run: dict) -> None:
