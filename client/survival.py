@@ -43,6 +43,7 @@ import pandas as pd
 
 from client.guard import PolicyRefusal, Statistic
 from client.session import SiteSession
+from client.validation import runs_of, site_scores
 from shared import concordance as cindex
 from shared import cox
 from shared.kaplan_meier import bin_times, local_time_table
@@ -53,7 +54,7 @@ NEEDS = "survival"
 MAX_GROUP_LEVELS = 12
 HER2_CLASS = "her2_class"  # derived: zero / low / positive (ASCO/CAP 2018, shared.labels)
 HER2_CLASS_ORDER = ("zero", "low", "positive")
-PENDING_PREFIXES = ("predicted:", "score:")  # model outputs of earlier stages (pending)
+MODEL_PREFIXES = ("predicted:", "score:")  # a model's predicted label / its probability
 
 
 # --------------------------------------------------------------------------- handlers
@@ -71,11 +72,11 @@ def survival_setup(session: SiteSession, query: Payload) -> list[Statistic]:
     out.append(_km_statistic("km.all", times, events))
     group = str(query.get("group", "") or "")
     if group:
-        out += _group_statistics(session, group, times, events)
+        out += _group_statistics(session, group, times, events, query)
     terms = _list(query.get("covariates"))
     present = np.ones(len(times), dtype=bool)
     for name in terms:
-        values = column(session, name)
+        values = column(session, name, query)
         if values is None:  # the server keeps the covariate only if other sites have it;
             out.append(Statistic(f"design.{name}", {"kind": "missing"}, n=None))
             continue  # then this site sits out of the Cox fit (no complete case)
@@ -168,10 +169,15 @@ def survival_bounds(session: SiteSession, query: Payload) -> list[Statistic]:
 # --------------------------------------------------------------------------- data
 
 
-def column(session: SiteSession, name: str) -> pd.Series | None:
+def column(session: SiteSession, name: str, query: Payload) -> pd.Series | None:
     """A covariate or grouping column by name (index: the site's patients; missing values
-    as NaN/None): a clinical.csv column, `label` (the task label) or `her2_class`."""
+    as NaN/None): a clinical.csv column, `label` (the task label), `her2_class`, or a
+    model's output at this site: `score:<model>` its probability, `predicted:<model>` 1
+    where it is ≥ the query's `threshold.<model>`, else 0 (from the site's own prediction
+    files; a patient without a score has a missing value)."""
     rows = session.site.clinical
+    if name.startswith(MODEL_PREFIXES):
+        return _model_output(session, name, query)
     if name == "label":
         return pd.Series(session.labels(), index=rows.index, dtype=np.float64)
     if name == HER2_CLASS:
@@ -180,13 +186,26 @@ def column(session: SiteSession, name: str) -> pd.Series | None:
         ish = rows["her2_ish"] if "her2_ish" in rows else pd.Series(None, index=rows.index)
         return pd.Series([_her2_class(i, s) for i, s in zip(rows["her2_ihc"], ish, strict=True)],
                          index=rows.index, dtype=object)
-    if name.startswith(PENDING_PREFIXES) or name not in rows.columns or name in (
+    if name not in rows.columns or name in (
             "patient_id", "dfs_time", "dfs_event", "target"):
         return None
     values = rows[name]
     if _is_numeric(values):
         return pd.to_numeric(values, errors="coerce")
     return values.where(values.notna(), None).astype(object)
+
+
+def _model_output(session: SiteSession, name: str, query: Payload) -> pd.Series | None:
+    kind, _, model = name.partition(":")
+    found = site_scores(session, runs_of(query), [model])
+    if model not in found:
+        return None
+    scores = pd.Series(found[model].score, index=found[model].patients)
+    scores = scores.reindex(session.site.clinical.index)
+    if kind == "score":
+        return scores
+    threshold = float(query[f"threshold.{model}"])
+    return (scores >= threshold).astype(np.float64).where(scores.notna())
 
 
 def _her2_class(ihc: object, ish: object) -> str | None:
@@ -224,11 +243,11 @@ def design_matrix(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.
     rows = session.site.clinical
     columns, present = [], np.ones(len(rows), dtype=bool)
     for name in _list(query.get("cohort")):
-        values = column(session, name)
+        values = column(session, name, query)
         if values is not None:
             present &= values.notna().to_numpy()
     for term in _list(query.get("terms")):
-        values = column(session, term)
+        values = column(session, term, query)
         if values is None:
             raise ValueError(f"covariate {term!r} is not available at this site")
         present &= values.notna().to_numpy()
@@ -280,8 +299,8 @@ def _km_statistic(name: str, times: np.ndarray, events: np.ndarray) -> Statistic
 
 
 def _group_statistics(session: SiteSession, group: str, times: np.ndarray,
-                      events: np.ndarray) -> list[Statistic]:
-    values = column(session, group)
+                      events: np.ndarray, query: Payload) -> list[Statistic]:
+    values = column(session, group, query)
     if values is None:
         return [Statistic("group", {"missing": True}, n=None)]
     text = np.array([_level_text(v) for v in values], dtype=object)

@@ -233,9 +233,10 @@ def _survival(surv: dict[str, Any], out: Path) -> str:
             parts.append("<details><summary>stepwise path "
                          f"({_e(model.get('direction'))})</summary>"
                          + _table(["step", "action", "covariate", "AIC"], rows) + "</details>")
-    if surv.get("pending"):
-        parts.append("<p class='muted'>Pending: " + "; ".join(_e(p) for p in surv["pending"])
-                     + "</p>")
+    if surv.get("thresholds"):
+        parts.append("<p class='muted'>Predicted labels: score ≥ "
+                     + "; ".join(f"{_e(m)} {float(t):.3f}" for m, t in surv["thresholds"].items())
+                     + " (the validation stage's training-site Youden cut).</p>")
     return "\n".join(parts)
 
 

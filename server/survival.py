@@ -17,9 +17,10 @@ Rounds (queries carry `needs: survival`; what each site sends is in client/survi
 Everything after round 1 is one fit over one site set (`on_stable_sites`): if a site drops
 or stops answering, the fit starts again on the others and `restarts` says so.
 
-Model outputs of earlier stages (`predicted:<model>` as the group, `score:<model>` as a
-covariate) are a hook that is pending: they are listed under `pending` and left out until a
-stage provides per-site predictions.
+Model outputs of earlier stages: `predicted:<model>` (as the group or a covariate) is the
+model's predicted label at each site — score ≥ the validation stage's training-site Youden
+threshold (`survival.thresholds`; 0.5 when the validation stage did not run) — and
+`score:<model>` its probability; the sites read them from their own prediction files.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from shared.schema import (
 
 log = logging.getLogger("feddlr")
 
-PENDING_PREFIXES = ("predicted:", "score:")
+MODEL_PREFIXES = ("predicted:", "score:")  # a model's predicted label / probability
 HER2_CLASS_ORDER = ("zero", "low", "positive")
 HISTOGRAM_LEVELS = 4  # finest C-index grid: 16 time blocks × 16 score bins
 
@@ -72,17 +73,41 @@ class _Rounds:
         report_round(f"survival {what}", self.count, 0, replies)
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """(covariate, reference level) of `column[:level]` or `predicted:<model>[:level]`."""
+    if spec.startswith(MODEL_PREFIXES):
+        prefix, _, rest = spec.partition(":")
+        model, _, reference = rest.partition(":")
+        return f"{prefix}:{model}", reference
+    name, _, reference = spec.partition(":")
+    return name, reference
+
+
+def model_query(config: StudyConfig, group: str, terms: list[str]) -> dict[str, Any]:
+    """Query keys for model outputs: the prediction runs to read and, per `predicted:` model,
+    its threshold (from `survival-thresholds`, which the workflow fills from validation)."""
+    models = [n.split(":", 1)[1] for n in (group, *terms) if n.startswith(MODEL_PREFIXES)]
+    if not models:
+        return {}
+    known = dict(item.split("=", 1) for item in
+                 str(config.extra.get("survival-thresholds", "")).split(",") if "=" in item)
+    query: dict[str, Any] = {"runs": str(config.extra.get("prediction-runs", "")),
+                             "needs": "survival,predictions?"}
+    for name in (group, *terms):
+        if name.startswith("predicted:"):
+            model = name.split(":", 1)[1]
+            query[f"threshold.{model}"] = float(known.get(model, 0.5))
+    return query
+
+
 def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
     if not sites:
         raise StageError("no usable site has role 'survival'")
     rounds = _Rounds()
-    pending = [name for name in (config.survival_group, *config.survival_covariates)
-               if name.startswith(PENDING_PREFIXES)]
-    group = "" if config.survival_group.startswith(PENDING_PREFIXES) else config.survival_group
-    terms = [t for t in dict.fromkeys(config.survival_covariates)
-             if not t.startswith(PENDING_PREFIXES)]
-    names = list(dict.fromkeys(t.partition(":")[0] for t in terms))  # `column:reference`
-    base = {"task": config.task, "needs": "survival"}
+    group = config.survival_group
+    terms = list(dict.fromkeys(config.survival_covariates))
+    names = list(dict.fromkeys(split_spec(t)[0] for t in terms))  # `column:reference`
+    base = {"task": config.task, "needs": "survival", **model_query(config, group, terms)}
     setup = transport.ask(SURVIVAL_SETUP, {**base, "group": group, "covariates": names}, sites)
     rounds(setup, "setup")
     answered = [s for s in sites if setup[s].ok]
@@ -98,8 +123,8 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) ->
         "time_unit": time_unit,
         "group": group or None,
         "sites": {s: {"status": setup[s].status, "reason": setup[s].reason} for s in sites},
-        "pending": [f"{name}: model outputs of earlier stages are not available yet "
-                    "(pending; left out)" for name in pending],
+        "thresholds": {k.split(".", 1)[1]: v for k, v in base.items()
+                       if k.startswith("threshold.")},
     }
     result["km"], result["logrank"] = _kaplan_meier(setup, answered, group)
     if terms:
@@ -280,7 +305,7 @@ def _design(requested: list[str], setup: dict[str, Reply], sites: list[str]) -> 
     sums = []
     have: dict[str, list[str]] = {}
     for spec in requested:
-        name, _, reference = spec.partition(":")
+        name, reference = split_spec(spec)
         parts = {s: nest(setup[s].payload, f"design.{name}") for s in sites}
         parts = {s: p for s, p in parts.items() if p.get("kind") in ("numeric", "categorical")}
         kinds = {str(p["kind"]) for p in parts.values()}
@@ -325,7 +350,7 @@ def _design(requested: list[str], setup: dict[str, Reply], sites: list[str]) -> 
         design.term_columns.append(tuple(range(start, start + len(kept))))
         sums += [0.0] * len(kept)
     design.center = np.asarray(sums, dtype=np.float64)
-    design.cohort = [spec.partition(":")[0] for spec in requested]
+    design.cohort = [split_spec(spec)[0] for spec in requested]
     for s in sites:
         lacking = [t for t in design.terms if s not in have[t]]
         if lacking:

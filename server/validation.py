@@ -479,3 +479,13 @@ def with_prediction_runs(config: StudyConfig, runs: list[str]) -> StudyConfig:
     known = [r for r in str(config.extra.get("prediction-runs", "")).split(",") if r]
     merged = ",".join(dict.fromkeys(known + runs))
     return replace(config, extra={**config.extra, "prediction-runs": merged})
+
+
+def with_thresholds(config: StudyConfig, validation: dict[str, Any]) -> StudyConfig:
+    """The config with each validated model's training-site Youden threshold as
+    `survival-thresholds` (`model=value,…`; values the run config set stay)."""
+    known = str(config.extra.get("survival-thresholds", ""))
+    found = [f"{m}={validation[m]['threshold']['value']}" for m in validation.get("models", [])
+             if validation[m]["threshold"].get("value") is not None]
+    merged = ",".join([*found, *(x for x in known.split(",") if "=" in x)])
+    return replace(config, extra={**config.extra, "survival-thresholds": merged})

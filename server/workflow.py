@@ -29,7 +29,7 @@ from server.transport import (
     StudyError,
     Transport,
 )
-from server.validation import run_validation, with_prediction_runs
+from server.validation import run_validation, with_prediction_runs, with_thresholds
 from shared import schema
 from shared.config import IMPLEMENTED_STAGES, STAGES, StudyConfig
 
@@ -40,7 +40,7 @@ STAGE_RUNNERS = {"cohort": run_cohort, "radiomics": run_radiomics, "dsfr": run_d
                  "survival": run_survival}
 # Stages that read the probabilities earlier stages left at the sites: when those stages
 # were taken from a checkpoint, their files carry the earlier run's id.
-READS_PREDICTIONS = ("fusion", "validation")
+READS_PREDICTIONS = ("fusion", "validation", "survival")
 # A stage that only sites with a role take part in gets only those sites (roles are what
 # each site declared in its site.yaml, from the handshake: results["run"]["sites"]).
 STAGE_ROLES = {"survival": "survival"}
@@ -146,6 +146,8 @@ def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: lis
         earlier = [s["resumed_from"] for s in results["run"]["stages"].values()
                    if s.get("resumed_from")]
         config = with_prediction_runs(config, earlier)
+    if stage == "survival" and "validation" in results:
+        config = with_thresholds(config, results["validation"])
     log.info("[%s] started with %d sites", stage, len(sites))
     started = time.monotonic()
     try:

@@ -338,3 +338,45 @@ def test_survival_run_config_keys() -> None:
     assert parsed.extra == {}
     with pytest.raises(ConfigError, match="stepwise"):
         StudyConfig.from_run_config({"stepwise": "forward"})
+
+
+def test_groups_and_covariates_from_a_models_predictions(tmp_path: Path) -> None:
+    """`predicted:<model>` (score ≥ the validation stage's training-site Youden cut) as the
+    KM group and `score:<model>` as a Cox covariate, read by each site from its own
+    predictions.csv, equal lifelines on the pooled rows grouped the same way."""
+    parts = split()
+    rng = np.random.default_rng(3)
+    folders = []
+    for i, part in enumerate(parts):
+        risk = 1 / (1 + np.exp(-(part.pnodes.to_numpy(float) - 4) / 3
+                               - rng.normal(0, 0.5, len(part))))
+        part["risk"] = np.round(risk, 4)
+        folder = write_site(tmp_path, f"site-{i + 1}", part.drop(columns=["risk"]),
+                            roles=("train", "survival"))
+        pd.DataFrame({"patient_id": part.patient_id, "model": "risk", "score": part.risk}
+                     ).to_csv(folder / "predictions.csv", index=False)
+        folders.append(folder)
+    cfg = config(tmp_path, stages=("validation", "survival"), survival_group="predicted:risk",
+                 survival_covariates=("age", "score:risk"),
+                 extra={"subgroups": "", "validation-grid": "uniform"})
+    results = run_study(InProcessTransport(folders), cfg)
+    threshold = results["validation"]["risk"]["threshold"]["value"]
+    surv = results["survival"]
+    assert results["run"]["stages"]["survival"]["status"] == "ok"
+    assert surv["thresholds"] == {"risk": threshold} and 0 < threshold < 1
+    rows = pd.concat(parts, ignore_index=True)
+    ref = pd.DataFrame({"T": bin_times(rows.dfs_time.to_numpy(float), 30), "E": rows.dfs_event,
+                        "group": (rows.risk >= threshold).astype(int), "age": rows.age,
+                        "risk": rows.risk})
+    for level in (0, 1):
+        sub = ref[ref.group == level]
+        fit = KaplanMeierFitter().fit(sub["T"], sub["E"])
+        curve = surv["km"][f"predicted:risk={level}"]
+        np.testing.assert_allclose(curve["survival"], fit.survival_function_.iloc[:, 0],
+                                   rtol=TOL, atol=1e-12)
+    a, b = ref[ref.group == 0], ref[ref.group == 1]
+    test = logrank_test(a["T"], b["T"], a["E"], b["E"])
+    assert surv["logrank"]["p_value"] == pytest.approx(test.p_value, rel=TOL)
+    cox = lifelines_fit(ref.rename(columns={"risk": "score:risk"}), ["age", "score:risk"])
+    assert surv["cox"]["coef"]["score:risk"] == pytest.approx(cox.params_["score:risk"],
+                                                              rel=1e-6)
