@@ -1,4 +1,4 @@
-# FedDLR — two commands: `make demo` and `make test`.
+# FedDLR — two commands: `make demo` and `make test` (`make bench`: benchmarks, long).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ DEMO_OUT  ?= runs/demo
 
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install dev demo test lint clean
+.PHONY: install dev demo test bench lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ demo: install
 
 test: dev
 	$(VENV)/bin/python -m pytest -q tests
+
+# Long (about 10-20 min on 2 cores): every figure of docs/BENCHMARKS.md, one line each, and
+# bench/results.json. `make bench BENCH_ARGS=--quick` is a few-minute smoke run.
+BENCH_ARGS ?=
+bench: dev
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 lint: dev
 	$(VENV)/bin/ruff check .

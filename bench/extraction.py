@@ -4,6 +4,10 @@ Both sides extract the paper's 1130 features from the same synthetic patients (r
 masks, empty cache for ours) in one run; prints `name: value  (what it means)` lines.
 
     .venv/bin/python bench/extraction.py [--patients 24] [--workers 2] [--image-size 64]
+
+Sizes: 24 and 40 patients at 64 and 96 px by default (`--sizes`); `--quick`: 24 at 64 px.
+The script's heavy imports are inside main(): the pool's spawned workers re-import the
+parent's __main__ module, and this script's imports are no part of the extraction.
 """
 
 from __future__ import annotations
@@ -12,21 +16,24 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import radiomics
-import SimpleITK as sitk
-from radiomics.featureextractor import RadiomicsFeatureExtractor
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.extraction import DEFAULT_PARAMS, extract_features
-from client.site import load_site
-from simulation.cohort import simulate_cohort
+from bench.figures import Figures, machine
 
 
 def plain_loop(site_dir: Path, patients: list[str]) -> float:
     """pyradiomics as a user would call it: one extractor, one patient after another."""
+    import radiomics
+    import SimpleITK as sitk
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    from client.extraction import DEFAULT_PARAMS
+
     radiomics.setVerbosity(logging.ERROR)
     extractor = RadiomicsFeatureExtractor(str(DEFAULT_PARAMS))
     started = time.perf_counter()
@@ -38,6 +45,9 @@ def plain_loop(site_dir: Path, patients: list[str]) -> float:
 
 
 def ours(site_dir: Path, workers: int) -> tuple[float, int]:
+    from client.extraction import extract_features
+    from client.site import load_site
+
     shutil.rmtree(site_dir / "cache", ignore_errors=True)
     site = load_site(site_dir, task="her2-positive", needs=("clinical", "mri"))
     started = time.perf_counter()
@@ -45,36 +55,57 @@ def ours(site_dir: Path, workers: int) -> tuple[float, int]:
     return time.perf_counter() - started, len(frame)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--patients", type=int, default=24)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--image-size", type=int, default=64)
-    args = parser.parse_args()
+def one_size(figures: Figures, patients: int, image_size: int, workers: int) -> None:
+    from client.extraction import extract_features
+    from client.site import load_site
+    from simulation.cohort import simulate_cohort
+
     root = Path(tempfile.mkdtemp(prefix="feddlr-bench-"))
     try:
-        simulate_cohort(root / "c", n_sites=1, n_patients=args.patients, seed=3,
-                        image_size=args.image_size)
+        simulate_cohort(root / "c", n_sites=1, n_patients=patients, seed=3,
+                        image_size=image_size)
         site_dir = next(p for p in (root / "c").iterdir() if p.is_dir())
-        patients = list(load_site(site_dir, task="her2-positive",
-                                  needs=("clinical", "mri")).clinical.index)
-        loop_s = plain_loop(site_dir, patients)
-        ours_s, n = ours(site_dir, args.workers)
+        ids = list(load_site(site_dir, task="her2-positive",
+                             needs=("clinical", "mri")).clinical.index)
+        loop_s = plain_loop(site_dir, ids)
+        ours_s, n = ours(site_dir, workers)
         site = load_site(site_dir, task="her2-positive", needs=("clinical", "mri"))
         cached_start = time.perf_counter()
-        extract_features(site, workers=args.workers)
+        extract_features(site, workers=workers)
         cached_s = time.perf_counter() - cached_start
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"extraction.patients: {n}  (synthetic {args.image_size}-px MRI, paper parameters, "
-          "1130 features each)")
-    print(f"extraction.plain_loop_patients_per_s: {len(patients) / loop_s:.2f}  "
-          "(pyradiomics called in a plain loop)")
-    print(f"extraction.ours_patients_per_s: {n / ours_s:.2f}  "
-          f"(client.extraction with {args.workers} workers, empty cache)")
-    print(f"extraction.speedup: {loop_s / len(patients) * n / ours_s:.2f}  "
-          f"(ours ÷ plain loop, patients per second; target ≥ 1.8 on 2 cores)")
-    print(f"extraction.cached_rerun_s: {cached_s:.3f}  (the same patients again, all cache hits)")
+    key = f"extraction.{image_size}px_{n}patients"
+    figures.add(f"{key}.plain_loop_patients_per_s", len(ids) / loop_s,
+                f"pyradiomics called in a plain loop, {len(ids)} patients, paper parameters "
+                "(1130 features)")
+    figures.add(f"{key}.ours_patients_per_s", n / ours_s,
+                f"client.extraction with {workers} workers, empty cache")
+    figures.add(f"{key}.speedup", loop_s / len(ids) * n / ours_s,
+                "ours / plain loop, patients per second; target >= 1.8 on 2 cores")
+    figures.add(f"{key}.cached_rerun_s", cached_s, "the same patients again, all cache hits")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="24x64,40x96",
+                        help="patients x image size, comma-separated")
+    parser.add_argument("--patients", type=int, default=None, help="one size: patients")
+    parser.add_argument("--image-size", type=int, default=64, help="one size: pixels")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--quick", action="store_true", help="24 patients at 64 px only")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args()
+    if args.patients is not None:
+        sizes = [(args.patients, args.image_size)]
+    elif args.quick:
+        sizes = [(24, 64)]
+    else:
+        sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
+    figures = Figures()
+    for patients, image_size in sizes:
+        one_size(figures, patients, image_size, args.workers)
+    figures.dump(args.json, machine=machine())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@
     .venv/bin/python bench/training.py                      # 3 sites × 40, 48-px phantoms
     .venv/bin/python bench/training.py --patients 60 --rounds 6 --skip-wire
 
-Prints `name: value  (what it means)` lines and writes OUT/bench.json.
+Prints `name: value  (what it means)` lines and writes OUT/bench.json (and `--json FILE`,
+the figures for `bench/run.py`). The federated run also records the peak RSS of the
+Simulation Engine's worker processes (the sites) and of the ServerApp process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.figures import Figures, PeakMemory, machine
 from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared import fedavg
@@ -56,8 +59,11 @@ def fed_vs_pooled(args: argparse.Namespace, root: Path) -> dict:
                     effect_size=args.effect_size, image_size=args.image_size)
     out = root / "fed-vs-pooled"
     started = time.perf_counter()
-    run_simulation(sites, out, {**bench_config(args), "mode": "both"},
-                   num_cpus_per_site=1, echo=False)
+    # Simulation Engine workers (Ray actors running the ClientApp: the sites) and the
+    # ServerApp process (which also trains the pooled reference)
+    with PeakMemory({"site_actor": "ClientAppActor", "serverapp": "flwr-serverapp"}) as mem:
+        run_simulation(sites, out, {**bench_config(args), "mode": "both"},
+                       num_cpus_per_site=1, echo=False)
     seconds = time.perf_counter() - started
     results = json.loads((out / "results.json").read_text())
     rows = {}
@@ -69,7 +75,27 @@ def fed_vs_pooled(args: argparse.Namespace, root: Path) -> dict:
     for model, comparison in results.get("deep", {}).get("comparison", {}).items():
         rows[model] = comparison
     return {"run_seconds": seconds, "stages": results["run"]["stages"], "models": rows,
-            "n_patients": [s["n_patients"] for s in results["run"]["sites"]]}
+            "n_patients": [s["n_patients"] for s in results["run"]["sites"]],
+            "memory": {"peak_mib": mem.max_by_label(), "processes": list(mem.peaks.values())},
+            "rounds": _round_breakdown(results)}
+
+
+def _round_breakdown(results: dict) -> dict:
+    """Per model and round: the server's round seconds and each site's own seconds (the
+    site's `device.seconds`: validate + train + encode), to see where the time goes."""
+    runs = {}
+    dsfr = results.get("dsfr", {})
+    if "training" in dsfr:
+        runs["dsfr"] = dsfr["training"]
+        if "pooled" in dsfr:
+            runs["dsfr_pooled"] = dsfr["pooled"]["training"]
+    for name, result in results.get("deep", {}).get("models", {}).items():
+        runs[name] = result
+    for name, result in results.get("deep", {}).get("pooled", {}).items():
+        runs[f"{name}_pooled"] = result
+    return {name: [{"round": e["round"], "seconds": e["seconds"],
+                    "sites": {s: i.get("seconds") for s, i in e["sites"].items()}}
+                   for e in result.get("rounds", [])] for name, result in runs.items()}
 
 
 def _dice(training: dict) -> float | None:
@@ -99,8 +125,16 @@ def wire(args: argparse.Namespace, root: Path) -> dict:
                 "up": result["wire"]["per_round"][site]["up"][0],
                 "reply_message": message["bytes"],
                 "units": len(result["units"]),
-                "parameters": result["network"]["parameters"]}
+                "parameters": result["network"]["parameters"],
+                "parameter_bytes_float32": len(result["units"]) * parameter_bytes(
+                    model, args.width, "float32")}
     return out
+
+
+def parameter_bytes(model: str, width: float, dtype: str) -> int:
+    """float32 bytes of one unit's state (what FedAvg averages), computed from the network."""
+    state = {k: v.numpy() for k, v in NetworkSpec(model, width).build(0).state_dict().items()}
+    return fedavg.parameter_bytes(state, dtype)
 
 
 def paper_sizes() -> dict[str, dict[str, int]]:
@@ -130,47 +164,87 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-wire", action="store_true")
     parser.add_argument("--skip-fed", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 rounds, 24 patients per site, 32-px phantoms")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.patients, args.image_size = 2, 24, 32
     root = args.out or Path(tempfile.mkdtemp(prefix="feddlr-bench-training-"))
     root.mkdir(parents=True, exist_ok=True)
-    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine()}
+    figures = Figures()
     print(f"size: {args.sites} sites x ~{args.patients} patients, {args.image_size}-px phantoms, "
           f"width {args.width}, MRI {args.mri_size}^3, US {args.us_size}^2, DSFR 64^2, "
-          f"{args.rounds} rounds, 4-fold CV (deep)")
+          f"{args.rounds} rounds, 4-fold CV (deep)", flush=True)
     if not args.skip_fed:
         fed = fed_vs_pooled(args, root)
         report["fed_vs_pooled"] = fed
-        for model, row in fed["models"].items():
-            print(f"{model}.auc_federated: {_fmt(row['auc_federated'])}  (pooled out-of-fold "
-                  "AUC from histograms)")
-            print(f"{model}.auc_pooled: {_fmt(row['auc_pooled'])}  (same, centralized training)")
-            print(f"{model}.delta_auc: {_fmt(row['delta_auc'])}  (federated - pooled)")
-            print(f"{model}.wall_time_ratio: {row['wall_time_ratio']:.2f}  (federated / pooled "
-                  f"training seconds: {row['seconds_federated']:.1f} / "
-                  f"{row['seconds_pooled']:.1f})")
-            print(f"{model}.round_time_ratio: {row['round_time_ratio']:.2f}  (median round after "
-                  f"the first: {row['round_seconds_federated']:.2f} / "
-                  f"{row['round_seconds_pooled']:.2f} s)")
-            if "dice_federated" in row:
-                print(f"{model}.dice: {_fmt(row['dice_federated'])} federated, "
-                      f"{_fmt(row['dice_pooled'])} pooled  (validation Dice, chosen round)")
-        print(f"run_seconds: {fed['run_seconds']:.1f}  (the whole Simulation Engine run)")
+        fed_figures(figures, fed)
     if not args.skip_wire:
         measured = wire(args, root)
         report["wire"] = measured
-        for model, by_dtype in measured.items():
-            base = by_dtype["float32"]["up"]
-            for dtype, row in by_dtype.items():
-                print(f"{model}.wire.{dtype}: down {row['down']} B, up {row['up']} B per site "
-                      f"per round ({row['units']} unit(s)); up / float32 = "
-                      f"{row['up'] / base:.3f}; reply message {row['reply_message']} B")
+        wire_figures(figures, measured)
         report["paper_sizes"] = paper_sizes()
         for model, sizes in report["paper_sizes"].items():
-            print(f"{model}.full_size_bytes: " + ", ".join(
-                f"{d} {b / 2**20:.1f} MiB" for d, b in sizes.items()) + "  (one model, width 1)")
+            figures.add(f"wire.{model}.full_size_mib", round(sizes["float32"] / 2**20, 1),
+                        "one full-size (width 1) model in float32, computed; "
+                        + ", ".join(f"{d} {b / 2**20:.1f} MiB" for d, b in sizes.items()))
     (root / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    figures.dump(args.json, details=report)
     print(f"written: {root / 'bench.json'}")
     return 0
+
+
+def fed_figures(figures: Figures, fed: dict) -> None:
+    total_f = total_p = 0.0
+    for model, row in fed["models"].items():
+        figures.add(f"quality.{model}.auc_federated", row["auc_federated"],
+                    "pooled out-of-fold AUC from the sites' histograms")
+        figures.add(f"quality.{model}.auc_pooled", row["auc_pooled"],
+                    "same, centralized training")
+        figures.add(f"quality.{model}.delta_auc", row["delta_auc"], "federated - pooled")
+        if "dice_federated" in row:
+            figures.add(f"quality.{model}.dice_federated", row["dice_federated"],
+                        f"validation Dice, chosen round (pooled {_fmt(row['dice_pooled'])})")
+        figures.add(f"overhead.{model}.wall_time_ratio", row["wall_time_ratio"],
+                    f"federated / pooled training seconds: {row['seconds_federated']:.1f} / "
+                    f"{row['seconds_pooled']:.1f}; target <= 1.15")
+        figures.add(f"overhead.{model}.round_time_ratio", row["round_time_ratio"],
+                    f"median round after the first: {row['round_seconds_federated']:.2f} / "
+                    f"{row['round_seconds_pooled']:.2f} s")
+        total_f += row["seconds_federated"]
+        total_p += row["seconds_pooled"]
+    if total_p:
+        figures.add("overhead.all_models.wall_time_ratio", total_f / total_p,
+                    f"federated / pooled training seconds, all CNNs: {total_f:.1f} / "
+                    f"{total_p:.1f}; target <= 1.15")
+    figures.add("overhead.run_seconds", fed["run_seconds"],
+                "the whole Simulation Engine run (both modes)")
+    peaks = fed["memory"]["peak_mib"]
+    if "site_actor" in peaks:
+        n = sum(p["label"] == "site_actor" for p in fed["memory"]["processes"])
+        figures.add("memory.site_process_peak_rss_mib", round(peaks["site_actor"], 1),
+                    f"peak RSS (VmHWM) of a Simulation Engine worker during CNN training, max "
+                    f"over {n} workers (each serves one or more sites)")
+    if "serverapp" in peaks:
+        figures.add("memory.serverapp_peak_rss_mib", round(peaks["serverapp"], 1),
+                    "peak RSS of the ServerApp process (it also trains the pooled reference)")
+
+
+def wire_figures(figures: Figures, measured: dict) -> None:
+    for model, by_dtype in measured.items():
+        params = by_dtype["float32"]["parameter_bytes_float32"]
+        for dtype, row in by_dtype.items():
+            target = {"float32": "; target <= 1.02", "float16": "; target <= 0.52"}.get(dtype, "")
+            figures.add(f"wire.{model}.{dtype}.reply_vs_parameters",
+                        row["reply_message"] / params,
+                        f"whole reply message a site sends per round ({row['reply_message']} B)"
+                        f" / float32 parameter bytes of its {row['units']} unit(s) "
+                        f"({params} B){target}")
+            figures.add(f"wire.{model}.{dtype}.update_vs_parameters", row["up"] / params,
+                        f"the weight update alone ({row['up']} B) / float32 parameter bytes; "
+                        f"down (global weights) {row['down']} B")
 
 
 def _fmt(value: float | None) -> str:

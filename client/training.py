@@ -646,8 +646,8 @@ def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, 
     nets, starts = {}, {}
     for unit in p.units:
         net = build(p, device)
-        keys = shared_keys(net, p)
-        received = received_weights(query, unit, p, {k: net.state_dict()[k] for k in keys})
+        state = net.state_dict()  # once: state_dict() walks every module
+        received = received_weights(query, unit, p, {k: state[k] for k in shared_keys(net, p)})
         load_weights(net, received, load_local(state_dir, p, unit, p.round - 1))
         nets[unit], starts[unit] = net, received
     out = validate(nets, data, p, device, min_cell)
@@ -734,8 +734,8 @@ def unit_probabilities(data: ModelData, p: TrainParams, query: Payload, state_di
     per_unit = {}
     for unit in p.units:
         net = build(p, device)
-        keys = shared_keys(net, p)
-        received = received_weights(query, unit, p, {k: net.state_dict()[k] for k in keys})
+        state = net.state_dict()  # once: state_dict() walks every module
+        received = received_weights(query, unit, p, {k: state[k] for k in shared_keys(net, p)})
         local = load_local(state_dir, p, unit, p.round) if data.folds is not None else None
         load_weights(net, received, local)
         nets[unit] = net
