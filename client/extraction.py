@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
-import re
-import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -41,58 +38,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import radiomics
-import SimpleITK as sitk
 import yaml
-from radiomics.featureextractor import RadiomicsFeatureExtractor
 
+from client.extraction_job import (
+    CACHE_FORMAT,
+    Job,
+    Outcome,
+    extract_one,
+    extractor,
+    init_worker,
+    one_line,
+    reason,
+)
 from client.site import FEATURES_CSV, Site, SiteError, load_site
 
 DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "shared" / "radiomics_params.yaml"
 CACHE_DIR = Path("cache") / "radiomics"
 MASKS: dict[str, str] = {"r1": "mri_mask", "r2": "mri_mask_r2"}
-CACHE_FORMAT = "feddlr-radiomics-cache-1"  # bump when what a cache file holds changes
-DIAGNOSTICS_PREFIX = "diagnostics_"
 
 Reader = Literal["r1", "r2"]
 Progress = Callable[[str], None]
-
-_EXTRACTORS: dict[tuple[str, str], RadiomicsFeatureExtractor] = {}
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One patient's extraction, as sent to a worker process."""
-
-    patient_id: str
-    image: Path
-    mask: Path
-    params: Path
-    params_sha256: str
-    label: int
-    cache_file: Path  # <cache_dir>/<cache key>.json
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    patient_id: str
-    features: dict[str, float] | None
-    reason: str | None = None
-    cached: bool = False
-    note: str | None = None  # e.g. the cache could not be written
-
 
 @dataclass(frozen=True)
 class _Params:
     path: Path
     sha256: str
     label: int
-
-
-class _PatientError(Exception):
-    """A patient-level problem; the message is the reason reported."""
 
 
 # --------------------------------------------------------------------------- public API
@@ -146,28 +119,10 @@ def _load_params(path: Path) -> _Params:
         sha256 = hashlib.sha256(data).hexdigest()
         settings = (yaml.safe_load(data) or {}).get("setting") or {}
         label = int(settings.get("label", 1))
-        _extractor(path, sha256)
+        extractor(path, sha256)
     except Exception as error:
-        raise ValueError(f"radiomics params {path}: {_one_line(error)}") from None
+        raise ValueError(f"radiomics params {path}: {one_line(error)}") from None
     return _Params(path, sha256, label)
-
-
-def _extractor(path: Path, sha256: str) -> RadiomicsFeatureExtractor:
-    """One extractor per parameter file content and process."""
-    key = (str(path), sha256)
-    if key not in _EXTRACTORS:
-        _quiet()
-        with warnings.catch_warnings():  # pykwalify's extension loader is deprecated
-            warnings.simplefilter("ignore", DeprecationWarning)
-            _EXTRACTORS[key] = RadiomicsFeatureExtractor(str(path))
-    return _EXTRACTORS[key]
-
-
-def _quiet() -> None:
-    """pyradiomics (and its schema validator) log every step; keep errors only."""
-    radiomics.setVerbosity(logging.ERROR)
-    logging.getLogger("radiomics").setLevel(logging.ERROR)
-    logging.getLogger("pykwalify").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- features.csv
@@ -229,10 +184,10 @@ def _with_attrs(frame: pd.DataFrame, **attrs: Any) -> pd.DataFrame:
 
 def _plan_jobs(
     site: Site, reader: Reader, params: _Params, cache: Path
-) -> tuple[list[_Job], dict[str, str], list[str]]:
+) -> tuple[list[Job], dict[str, str], list[str]]:
     """Jobs (with their cache file) for patients with image and mask; failures; reader-2
     patients without a mask."""
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     failures: dict[str, str] = {}
     without_mask: list[str] = []
     for patient in site.clinical.index:
@@ -248,9 +203,9 @@ def _plan_jobs(
             try:
                 key = _cache_key(paths["mri"], mask, params.sha256)
             except OSError as error:
-                failures[patient] = f"cannot read the image files: {_one_line(error)}"
+                failures[patient] = f"cannot read the image files: {one_line(error)}"
                 continue
-            jobs.append(_Job(patient, paths["mri"], mask, params.path, params.sha256,
+            jobs.append(Job(patient, paths["mri"], mask, params.path, params.sha256,
                              params.label, cache / f"{key}.json"))
     return jobs, failures, without_mask
 
@@ -270,19 +225,21 @@ def _cpu_count() -> int:
 # --------------------------------------------------------------------------- running
 
 
-def _run(jobs: list[_Job], workers: int | None, report: _Reporter) -> list[_Outcome]:
+def _run(jobs: list[Job], workers: int | None, report: _Reporter) -> list[Outcome]:
     """Cache hits read here; the misses extracted in-process or over a process pool."""
-    outcomes: list[_Outcome] = []
-    missing: list[_Job] = []
+    outcomes: list[Outcome] = []
+    missing: list[Job] = []
     for job in jobs:
         cached = _read_cache(job.cache_file)
         if cached is None:
             missing.append(job)
         else:
-            outcomes.append(report(_Outcome(job.patient_id, cached, cached=True)))
+            outcomes.append(report(Outcome(job.patient_id, cached, cached=True)))
     count = _worker_count(workers, len(missing))
+    # largest tumours first (mask file size as the proxy), so no long job starts last
+    missing.sort(key=lambda job: job.mask.stat().st_size, reverse=True)
     if count <= 1:
-        return outcomes + [report(_extract_one(job)) for job in missing]
+        return outcomes + [report(extract_one(job)) for job in missing]
     return outcomes + _run_pool(missing, count, report)
 
 
@@ -295,7 +252,7 @@ class _Reporter:
         self.total = total
         self.done = 0
 
-    def __call__(self, outcome: _Outcome) -> _Outcome:
+    def __call__(self, outcome: Outcome) -> Outcome:
         self.done += 1
         state = "cached" if outcome.cached else "extracted" if outcome.features else "failed"
         line = f"{self.prefix} {self.done}/{self.total} ({outcome.patient_id}) {state}"
@@ -307,13 +264,13 @@ class _Reporter:
         return outcome
 
 
-def _run_pool(jobs: list[_Job], workers: int, report: _Reporter) -> list[_Outcome]:
+def _run_pool(jobs: list[Job], workers: int, report: _Reporter) -> list[Outcome]:
     """All jobs over a pool; jobs lost to a dying worker are retried each in its own."""
     context = multiprocessing.get_context("spawn")
-    outcomes: list[_Outcome] = []
-    lost: list[_Job] = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
-        futures = {pool.submit(_extract_one, job): job for job in jobs}
+    outcomes: list[Outcome] = []
+    lost: list[Job] = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
+        futures = {pool.submit(extract_one, job): job for job in jobs}
         for future in as_completed(futures):
             outcome = _result(future, futures[future])
             if outcome is None:
@@ -324,94 +281,27 @@ def _run_pool(jobs: list[_Job], workers: int, report: _Reporter) -> list[_Outcom
     return outcomes
 
 
-def _run_isolated(job: _Job, context: Any) -> _Outcome:
+def _run_isolated(job: Job, context: Any) -> Outcome:
     """One job in a fresh single-process pool, so a crash takes no other patient with it."""
-    with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker) as pool:
-        outcome = _result(pool.submit(_extract_one, job), job)
+    with ProcessPoolExecutor(1, mp_context=context, initializer=init_worker) as pool:
+        outcome = _result(pool.submit(extract_one, job), job)
     if outcome is None:
         reason = "the extraction process died (out of memory or a crash inside ITK?)"
-        return _Outcome(job.patient_id, None, reason)
+        return Outcome(job.patient_id, None, reason)
     return outcome
 
 
-def _result(future: Future[_Outcome], job: _Job) -> _Outcome | None:
+def _result(future: Future[Outcome], job: Job) -> Outcome | None:
     """The job's outcome; None when its worker process died."""
     try:
         return future.result()
     except BrokenProcessPool:
         return None
     except Exception as error:  # e.g. the outcome could not be sent back
-        return _Outcome(job.patient_id, None, _reason(error))
-
-
-def _init_worker() -> None:
-    """Worker processes: single-threaded ITK (the pool is the parallelism), quiet logs."""
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    _quiet()
+        return Outcome(job.patient_id, None, reason(error))
 
 
 # --------------------------------------------------------------------------- one patient
-
-
-def _extract_one(job: _Job) -> _Outcome:
-    """pyradiomics on the image and mask, written to the cache; never raises."""
-    try:
-        features = _pyradiomics(job)
-    except Exception as error:
-        return _Outcome(job.patient_id, None, _reason(error))
-    return _Outcome(job.patient_id, features, note=_write_cache(job.cache_file, job, features))
-
-
-def _pyradiomics(job: _Job) -> dict[str, float]:
-    image = _read_image(job.image)
-    mask = _read_mask(job.mask, job.label)
-    extractor = _extractor(job.params, job.params_sha256)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        result = extractor.execute(image, mask)
-    return {
-        name: float(value)
-        for name, value in result.items()
-        if not name.startswith(DIAGNOSTICS_PREFIX)
-    }
-
-
-def _read_image(path: Path) -> sitk.Image:
-    if not path.is_dir():
-        return sitk.ReadImage(str(path))
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-    if len(series) != 1:
-        raise _PatientError(f"{path.name}/ holds {len(series)} DICOM series; expected one")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-    return reader.Execute()
-
-
-def _read_mask(path: Path, label: int) -> sitk.Image:
-    """The mask as pyradiomics needs it: unchanged when it holds `label`, else non-zero ->
-    `label` (DESIGN.md: non-zero = tumour)."""
-    mask = sitk.ReadImage(str(path))
-    values = np.unique(sitk.GetArrayViewFromImage(mask))
-    if label in values:
-        return mask
-    if not np.any(values != 0):
-        raise _PatientError(f"{path.name} is empty (no non-zero voxel)")
-    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt32) * label
-    binary.CopyInformation(mask)
-    return binary
-
-
-def _reason(error: BaseException) -> str:
-    """A one-line reason; ITK's 'no label object' after resampling said plainly."""
-    text = _one_line(error)
-    if "No label object with label" in text:
-        return "mask is empty after resampling to the parameters' voxel spacing"
-    if isinstance(error, _PatientError | ValueError):
-        return text
-    if isinstance(error, RuntimeError) and "SimpleITK" in text:
-        text = re.sub(r"^.*?(sitk::ERROR|ITK ERROR):\s*", "", text)
-        return "SimpleITK: " + re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", text)
-    return f"{type(error).__name__}: {text}"
 
 
 def _tidy(reason: str, root: Path) -> str:
@@ -419,10 +309,6 @@ def _tidy(reason: str, root: Path) -> str:
     for prefix in {str(root), str(root.resolve())}:
         reason = reason.replace(prefix + "/", "")
     return reason
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # --------------------------------------------------------------------------- cache
@@ -475,29 +361,10 @@ def _read_cache(path: Path) -> dict[str, float] | None:
         return None
 
 
-def _write_cache(path: Path, job: _Job, features: dict[str, float]) -> str | None:
-    """Atomic write (temporary file + rename); a note instead of an error on failure."""
-    content = {
-        "format": CACHE_FORMAT,
-        "pyradiomics": radiomics.__version__,
-        "params_sha256": job.params_sha256,
-        "features": features,
-    }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(content), encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        return f"cache not written: {_one_line(error)}"
-    return None
-
-
 # --------------------------------------------------------------------------- results
 
 
-def _frame(outcomes: list[_Outcome], order: list[str]) -> pd.DataFrame:
+def _frame(outcomes: list[Outcome], order: list[str]) -> pd.DataFrame:
     """Successful patients in site order, columns in pyradiomics' order."""
     rows = {o.patient_id: o.features for o in outcomes if o.features is not None}
     ids = [p for p in order if p in rows]
@@ -508,7 +375,7 @@ def _frame(outcomes: list[_Outcome], order: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _summary(outcomes: list[_Outcome], failures: dict[str, str], without_mask: list[str],
+def _summary(outcomes: list[Outcome], failures: dict[str, str], without_mask: list[str],
              params: _Params, reader: str) -> dict[str, Any]:
     return {
         "source": "pyradiomics",

@@ -215,17 +215,20 @@ class GridTransport:
             node: Reply(f"node-{node}", schema.STATUS_DROPPED, reason="message not accepted "
                         "by the SuperLink") for mid, node in zip(pushed, queries, strict=True)
             if not mid}
-        deadline = time.monotonic() + self.round_timeout
-        wait = 0.01  # statistics rounds answer in milliseconds: poll fast, then back off
+        started = time.monotonic()
+        deadline = started + self.round_timeout
         while pending:
             for msg in self.grid.pull_messages(list(pending)):
                 node = pending.pop(msg.metadata.reply_to_message_id, None)
                 if node is not None:
                     out[node] = _reply_of(node, msg)
-            if not pending or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if not pending or now >= deadline:
                 break
-            time.sleep(min(wait, max(deadline - time.monotonic(), 0)))
-            wait = min(wait * 2, self.poll_interval)
+            # back off with the round's age: a reply is seen at most ~10 % after it lands
+            # (statistics rounds answer in milliseconds, a CNN round in seconds)
+            wait = min(max(0.01, 0.1 * (now - started)), self.poll_interval)
+            time.sleep(min(wait, deadline - now))
         for node in pending.values():
             out[node] = Reply(f"node-{node}", schema.STATUS_DROPPED,
                               reason=f"no reply within round-timeout {self.round_timeout:g}s")

@@ -31,7 +31,7 @@ from server.transport import (
 )
 from server.validation import run_validation, with_prediction_runs, with_thresholds
 from shared import schema
-from shared.config import IMPLEMENTED_STAGES, STAGES, StudyConfig
+from shared.config import STAGES, StudyConfig
 
 log = logging.getLogger("feddlr")
 
@@ -132,9 +132,6 @@ def _count(value: Any) -> int | None:
 
 def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: list[str],
                results: dict[str, Any]) -> dict[str, Any]:
-    if stage not in IMPLEMENTED_STAGES:
-        log.info("[%s] skipped: not implemented in this version", stage)
-        return {"status": "skipped", "reason": "stage not implemented in this version"}
     role = STAGE_ROLES.get(stage)
     if role is not None:
         roles = {row["site_id"]: row.get("roles", []) for row in results["run"]["sites"]}

@@ -9,7 +9,6 @@ from typing import Any
 from shared.labels import TASKS
 
 STAGES = ("cohort", "radiomics", "dsfr", "deep", "fusion", "validation", "survival")
-IMPLEMENTED_STAGES = STAGES
 DEFAULT_COVARIATES = ("age", "tumour_size_mm", "ki67", "hr_status", "lesion_type")
 # survival: `her2_class` is derived from IHC/ISH (zero / low / positive, reference zero)
 DEFAULT_SURVIVAL_COVARIATES = ("her2_class", "age", "tumour_size_mm", "hr_status", "ki67",

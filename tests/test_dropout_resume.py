@@ -170,7 +170,6 @@ def test_a_site_dropped_in_one_stage_is_not_asked_in_the_next(tmp_path, monkeypa
         return {"sites": {}}
 
     monkeypatch.setitem(workflow.STAGE_RUNNERS, "dsfr", next_stage)
-    monkeypatch.setattr(workflow, "IMPLEMENTED_STAGES", ("cohort", "dsfr"))
     monkeypatch.setattr(workflow, "write_report", lambda results, out: None)
     transport = FlakyTransport(folders, drop={"site-1": schema.COHORT_SUMS})
     results = workflow.run_study(transport, config(tmp_path, stages=("cohort", "dsfr")))
@@ -192,7 +191,6 @@ def test_fewer_replies_than_min_replies_fails_the_stage_not_the_study(tmp_path, 
     ran = []
     monkeypatch.setitem(workflow.STAGE_RUNNERS, "dsfr",
                         lambda t, c, s: ran.append(s) or {"sites": {}})
-    monkeypatch.setattr(workflow, "IMPLEMENTED_STAGES", ("cohort", "dsfr"))
     monkeypatch.setattr(workflow, "write_report", lambda results, out: None)
     transport = FlakyTransport(folders, drop={"site-1": schema.COHORT_SUMS,
                                               "site-2": schema.COHORT_SUMS})
@@ -354,7 +352,6 @@ def crashing_stage(transport, cfg, sites):
 
 def test_resume_continues_from_the_last_completed_stage(tmp_path, monkeypatch):
     folders = write_sites(tmp_path / "sites")
-    monkeypatch.setattr(workflow, "IMPLEMENTED_STAGES", ("cohort", "dsfr"))
     monkeypatch.setattr(workflow, "write_report", lambda results, out: None)
     monkeypatch.setitem(workflow.STAGE_RUNNERS, "dsfr", crashing_stage)
     cfg = config(tmp_path, stages=("cohort", "dsfr"))
