@@ -35,7 +35,7 @@ dev: $(VENV)/.installed-dev
 
 demo: install
 	$(VENV)/bin/feddlr simulate --sites 3 --patients 40 --seed 7 --out $(DEMO_DATA)
-	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT)
+	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT) -c validation=loso
 
 test: dev
 	$(VENV)/bin/python -m pytest -q tests
