@@ -5,6 +5,7 @@ SuperNode; these pin down every branch quickly)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -246,13 +247,16 @@ def test_recentred_squares_are_exact():
 
 class ScriptedGrid:
     """A Grid whose nodes answer per a script: node -> list of ("ok", payload) |
-    ("error", code) | ("silent",) | ("late", payload) per pull, one entry per round."""
+    ("error", code) | ("silent",) | ("late", payload) per pull, one entry per round; a late
+    reply is there only from LATE seconds after the push (after any round-timeout here)."""
+
+    LATE = 2.0
 
     def __init__(self, script: dict[int, list[tuple]]) -> None:
         self.script = script
         self.inbox: dict[str, Message] = {}
         self.round = -1
-        self.pulls = 0
+        self.pushed_at = 0.0
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.script)
@@ -265,17 +269,17 @@ class ScriptedGrid:
             msg.metadata.__dict__["_message_id"] = mid
             self.inbox[mid] = msg
             ids.append(mid)
-        self.pulls = 0
+        self.pushed_at = time.monotonic()
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        self.pulls += 1
+        late = time.monotonic() - self.pushed_at > self.LATE
         out = []
         for mid in message_ids:
             msg = self.inbox[mid]
             node = msg.metadata.dst_node_id
             step = self.script[node][self.round]
-            if step[0] == "ok" or (step[0] == "late" and self.pulls > 20):
+            if step[0] == "ok" or (step[0] == "late" and late):
                 out.append(reply(msg, content=to_records(step[1])))
             elif step[0] == "error":
                 out.append(reply(msg, error=Error(step[1], "node went away")))
