@@ -128,7 +128,29 @@ class Fit:
     mode: str  # "newton" | "gradient"
 
 
-class Newton:
+class _Rounds:
+    """What every GLM solver holds: the objective, the current θ and its value, the round
+    count and the stopping state; `fit` is the result so far."""
+
+    mode = ""
+
+    def __init__(self, objective: Objective, n_features: int, start: np.ndarray | None,
+                 tol: float, max_rounds: int) -> None:
+        self.objective = objective
+        self.theta = _start(start, n_features)
+        self.tol = tol
+        self.max_rounds = max_rounds
+        self.rounds = 0
+        self.done = False
+        self.converged = False
+        self.value = np.inf
+
+    @property
+    def fit(self) -> Fit:
+        return _fit(self.theta, self.value, self.rounds, self.converged, self.mode)
+
+
+class Newton(_Rounds):
     """(Proximal) Newton with step halving on the pooled objective. Query per round:
     `{"step": "glm.terms", "loss", "points": (1, p+1), "hessian": True}`; reply as
     `local_terms`. Stops when the next step is below `tol` (∞-norm, relative to
@@ -139,14 +161,7 @@ class Newton:
 
     def __init__(self, objective: Objective, n_features: int, start: np.ndarray | None = None,
                  tol: float = 1e-10, max_rounds: int = 500) -> None:
-        self.objective = objective
-        self.theta = _start(start, n_features)
-        self.tol = tol
-        self.max_rounds = max_rounds
-        self.rounds = 0
-        self.done = False
-        self.converged = False
-        self.value = np.inf
+        super().__init__(objective, n_features, start, tol, max_rounds)
         self.gradient: np.ndarray | None = None
         self._direction: np.ndarray | None = None
         self._decrease = 0.0
@@ -174,10 +189,6 @@ class Newton:
                 self.done = True  # no decrease along a descent direction: rounding floor
         if self.rounds >= self.max_rounds:
             self.done = True
-
-    @property
-    def fit(self) -> Fit:
-        return _fit(self.theta, self.value, self.rounds, self.converged, self.mode)
 
     def _curvature(self, point: np.ndarray, gradient: np.ndarray, reply: Reply) -> np.ndarray:
         return self.objective.hessian(float(reply["n"]), reply["hessian"])
@@ -240,7 +251,7 @@ class QuasiNewton(Newton):
         return self._model
 
 
-class ProximalGradient:
+class ProximalGradient(_Rounds):
     """Gradient-only rounds: FISTA with backtracking and adaptive restart.
 
     Round 1 query: `{"step": "glm.terms", "loss", "points": (1, p+1), "hessian": False,
@@ -252,14 +263,7 @@ class ProximalGradient:
 
     def __init__(self, objective: Objective, n_features: int, start: np.ndarray | None = None,
                  tol: float = 1e-12, max_rounds: int = 50_000) -> None:
-        self.objective = objective
-        self.theta = _start(start, n_features)
-        self.tol = tol
-        self.max_rounds = max_rounds
-        self.rounds = 0
-        self.done = False
-        self.converged = False
-        self.value = np.inf
+        super().__init__(objective, n_features, start, tol, max_rounds)
         self.lipschitz = 0.0
         self._y: np.ndarray | None = None  # extrapolated point whose f and ∇f we hold
         self._fy = 0.0
@@ -292,10 +296,6 @@ class ProximalGradient:
             self._propose()
         if self.rounds >= self.max_rounds:
             self.done = True
-
-    @property
-    def fit(self) -> Fit:
-        return _fit(self.theta, self.value, self.rounds, self.converged, self.mode)
 
     def _first(self, n: float, trace: float, f: float, g: np.ndarray) -> None:
         curvature = 0.25 if self.objective.loss == LOGISTIC else 1.0
