@@ -35,7 +35,8 @@ dev: $(VENV)/.installed-dev
 
 demo: install
 	$(VENV)/bin/feddlr simulate --sites 3 --patients 40 --seed 7 --out $(DEMO_DATA)
-	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT) -c validation=loso
+	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT) -c validation=loso \
+		-c survival-group=label,predicted:dlr
 
 test: dev
 	$(VENV)/bin/python -m pytest -q tests

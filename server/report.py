@@ -191,33 +191,34 @@ KM_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 def _survival(surv: dict[str, Any], out: Path) -> str:
     unit = surv.get("time_unit") or ""
-    curves = surv.get("km", {})
-    groups = {k: v for k, v in curves.items() if k != "all"} or {"all": curves.get("all")}
-    groups = {_group_label(k, surv.get("task")): v for k, v in groups.items()
-              if v is not None and len(v.get("time", []))}
     bin_text = (f"times rounded up to multiples of {surv.get('time_bin'):g} {_e(unit)} at "
                 "each site" if surv.get("time_bin") else "exact times")
     parts = [f"<h2>Survival (DFS)</h2><p class='muted'>{bin_text}; every number is exact "
              "against the pooled, equally binned rows of the sites that released it.</p>"]
-    if groups:
+    by_group = _km_groups(surv)
+    for i, (group, groups) in enumerate(by_group.items()):
+        if len(by_group) > 1:
+            parts.append(f"<h3>By {_e(group)}</h3>")
         ticks = _at_risk_ticks(groups)
-        parts.append(f"<img src='{_km_figure(groups, ticks, unit, out)}' "
-                     "alt='Kaplan-Meier curves with numbers at risk'>")
-        rows = [[_e(name), *[_e(_at_risk(c, t)) for t in ticks], _e(c.get("n")),
-                 _e(c.get("n_events"))] for name, c in groups.items()]
+        name = "survival_km.png" if i == 0 else f"survival_km_{i + 1}.png"
+        parts.append(f"<img src='{_km_figure(groups, ticks, unit, out, name)}' "
+                     f"alt='Kaplan-Meier curves by {_e(group)} with numbers at risk'>")
+        rows = [[_e(label), *[_e(_at_risk(c, t)) for t in ticks], _e(c.get("n")),
+                 _e(c.get("n_events"))] for label, c in groups.items()]
         parts.append("<h3>Numbers at risk</h3>"
                      + _table(["group", *[f"{t:g} {unit}" for t in ticks], "n", "events"], rows))
-        missing = [f"{_e(name)}: {_e(', '.join(c['sites_missing']))}"
-                   for name, c in groups.items() if c.get("sites_missing")]
+        missing = [f"{_e(label)}: {_e(', '.join(c['sites_missing']))}"
+                   for label, c in groups.items() if c.get("sites_missing")]
         if missing:
             parts.append("<p>Curves without these sites (their policy refused the table: "
                          "fewer than min_patients, or 1–2 events): " + "; ".join(missing)
                          + "</p>")
-    logrank = surv.get("logrank")
-    if logrank and logrank.get("statistic") is not None:
-        parts.append(f"<p>Log-rank test ({_e(', '.join(logrank['groups']))}): χ² = "
-                     f"{logrank['statistic']:.3f} on {logrank['df']} df, p = "
-                     f"{_p(logrank['p_value'])}.</p>")
+        logrank = surv.get("logrank_by", {}).get(group) or (surv.get("logrank") if i == 0
+                                                            else None)
+        if logrank and logrank.get("statistic") is not None:
+            parts.append(f"<p>Log-rank test ({_e(', '.join(logrank['groups']))}): χ² = "
+                         f"{logrank['statistic']:.3f} on {logrank['df']} df, p = "
+                         f"{_p(logrank['p_value'])}.</p>")
     models = [(title, surv[key]) for key, title in
               (("cox", "Cox model (Efron ties), all covariates"),
                ("cox_stepwise", "Cox model after stepwise AIC"))
@@ -238,6 +239,20 @@ def _survival(surv: dict[str, Any], out: Path) -> str:
                      + "; ".join(f"{_e(m)} {float(t):.3f}" for m, t in surv["thresholds"].items())
                      + " (the validation stage's training-site Youden cut).</p>")
     return "\n".join(parts)
+
+
+def _km_groups(surv: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Curves per grouping (`label`, `predicted:<model>`, …), each {label: curve}; the
+    overall curve alone when there is no grouping."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, curve in surv.get("km", {}).items():
+        if key != "all" and curve is not None and len(curve.get("time", [])):
+            group = key.rsplit("=", 1)[0]
+            out.setdefault(group, {})[_group_label(key, surv.get("task"))] = curve
+    overall = surv.get("km", {}).get("all")
+    if not out and overall is not None and len(overall.get("time", [])):
+        out["all"] = {"all": overall}
+    return out
 
 
 def _group_label(key: str, task: str | None) -> str:
@@ -284,8 +299,8 @@ def _at_risk(curve: dict[str, Any], t: float) -> int:
     return int(at_risk[idx]) if idx < len(times) else 0
 
 
-def _km_figure(groups: dict[str, Any], ticks: list[float], unit: str, out: Path) -> str:
-    name = "survival_km.png"
+def _km_figure(groups: dict[str, Any], ticks: list[float], unit: str, out: Path,
+               name: str = "survival_km.png") -> str:
     fig, (ax, table) = plt.subplots(2, 1, figsize=(7, 4.8), sharex=True,
                                     gridspec_kw={"height_ratios": [4, 1.1]})
     for i, (label, c) in enumerate(groups.items()):

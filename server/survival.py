@@ -83,17 +83,17 @@ def split_spec(spec: str) -> tuple[str, str]:
     return name, reference
 
 
-def model_query(config: StudyConfig, group: str, terms: list[str]) -> dict[str, Any]:
+def model_query(config: StudyConfig, groups: list[str], terms: list[str]) -> dict[str, Any]:
     """Query keys for model outputs: the prediction runs to read and, per `predicted:` model,
     its threshold (from `survival-thresholds`, which the workflow fills from validation)."""
-    models = [n.split(":", 1)[1] for n in (group, *terms) if n.startswith(MODEL_PREFIXES)]
+    models = [n.split(":", 1)[1] for n in (*groups, *terms) if n.startswith(MODEL_PREFIXES)]
     if not models:
         return {}
     known = dict(item.split("=", 1) for item in
                  str(config.extra.get("survival-thresholds", "")).split(",") if "=" in item)
     query: dict[str, Any] = {"runs": str(config.extra.get("prediction-runs", "")),
                              "needs": "survival,predictions?"}
-    for name in (group, *terms):
+    for name in (*groups, *terms):
         if name.startswith("predicted:"):
             model = name.split(":", 1)[1]
             query[f"threshold.{model}"] = float(known.get(model, 0.5))
@@ -104,10 +104,11 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) ->
     if not sites:
         raise StageError("no usable site has role 'survival'")
     rounds = _Rounds()
-    group = config.survival_group
+    groups = [g.strip() for g in config.survival_group.split(",") if g.strip()]
+    group = groups[0] if groups else ""
     terms = list(dict.fromkeys(config.survival_covariates))
     names = list(dict.fromkeys(split_spec(t)[0] for t in terms))  # `column:reference`
-    base = {"task": config.task, "needs": "survival", **model_query(config, group, terms)}
+    base = {"task": config.task, "needs": "survival", **model_query(config, groups, terms)}
     setup = transport.ask(SURVIVAL_SETUP, {**base, "group": group, "covariates": names}, sites)
     rounds(setup, "setup")
     answered = [s for s in sites if setup[s].ok]
@@ -122,11 +123,20 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) ->
         "time_bin": time_bin,
         "time_unit": time_unit,
         "group": group or None,
+        "groups": groups,
         "sites": {s: {"status": setup[s].status, "reason": setup[s].reason} for s in sites},
         "thresholds": {k.split(".", 1)[1]: v for k, v in base.items()
                        if k.startswith("threshold.")},
     }
     result["km"], result["logrank"] = _kaplan_meier(setup, answered, group)
+    result["logrank_by"] = {group: result["logrank"]} if group else {}
+    for other in groups[1:]:  # e.g. true and predicted label: one more KM round each
+        more = transport.ask(SURVIVAL_SETUP, {**base, "group": other, "covariates": []},
+                             answered)
+        rounds(more, f"setup ({other})")
+        curves, result["logrank_by"][other] = _kaplan_meier(
+            more, [s for s in answered if more[s].ok], other)
+        result["km"].update({k: v for k, v in curves.items() if k != "all"})
     if terms:
         base = {**base, "time_bin": time_bin}
         cox_sites = [s for s in answered if "cox.setup.totals" in setup[s].payload]

@@ -341,9 +341,10 @@ def test_survival_run_config_keys() -> None:
 
 
 def test_groups_and_covariates_from_a_models_predictions(tmp_path: Path) -> None:
-    """`predicted:<model>` (score ≥ the validation stage's training-site Youden cut) as the
-    KM group and `score:<model>` as a Cox covariate, read by each site from its own
-    predictions.csv, equal lifelines on the pooled rows grouped the same way."""
+    """KM by the true label and by `predicted:<model>` (score ≥ the validation stage's
+    training-site Youden cut) in one run, and `score:<model>` as a Cox covariate, read by each
+    site from its own predictions.csv, equal lifelines on the pooled rows grouped the same
+    way."""
     parts = split()
     rng = np.random.default_rng(3)
     folders = []
@@ -356,7 +357,8 @@ def test_groups_and_covariates_from_a_models_predictions(tmp_path: Path) -> None
         pd.DataFrame({"patient_id": part.patient_id, "model": "risk", "score": part.risk}
                      ).to_csv(folder / "predictions.csv", index=False)
         folders.append(folder)
-    cfg = config(tmp_path, stages=("validation", "survival"), survival_group="predicted:risk",
+    cfg = config(tmp_path, stages=("validation", "survival"),
+                 survival_group="label,predicted:risk",
                  survival_covariates=("age", "score:risk"),
                  extra={"subgroups": "", "validation-grid": "uniform"})
     results = run_study(InProcessTransport(folders), cfg)
@@ -374,9 +376,17 @@ def test_groups_and_covariates_from_a_models_predictions(tmp_path: Path) -> None
         curve = surv["km"][f"predicted:risk={level}"]
         np.testing.assert_allclose(curve["survival"], fit.survival_function_.iloc[:, 0],
                                    rtol=TOL, atol=1e-12)
-    a, b = ref[ref.group == 0], ref[ref.group == 1]
-    test = logrank_test(a["T"], b["T"], a["E"], b["E"])
-    assert surv["logrank"]["p_value"] == pytest.approx(test.p_value, rel=TOL)
+    ref["label"] = rows.label
+    for group, column in (("predicted:risk", "group"), ("label", "label")):
+        a, b = ref[ref[column] == 0], ref[ref[column] == 1]
+        test = logrank_test(a["T"], b["T"], a["E"], b["E"])
+        assert surv["logrank_by"][group]["p_value"] == pytest.approx(test.p_value, rel=TOL)
+    assert surv["logrank"] == surv["logrank_by"]["label"]  # the first grouping, as before
+    assert {"label=0", "label=1", "predicted:risk=0", "predicted:risk=1"} <= set(surv["km"])
+    # the report draws one KM figure per grouping
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "survival_km.png" in page and "survival_km_2.png" in page
+    assert (tmp_path / "out" / "survival_km_2.png").stat().st_size > 1000
     cox = lifelines_fit(ref.rename(columns={"risk": "score:risk"}), ["age", "score:risk"])
     assert surv["cox"]["coef"]["score:risk"] == pytest.approx(cox.params_["score:risk"],
                                                               rel=1e-6)
