@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
@@ -97,8 +97,13 @@ def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
     comparable line by line with the site's audit log."""
     if reply.payload:
         size, sha256 = schema.digest(reply.payload)
-        wire.setdefault(site_id, []).append(
-            {"message_type": schema.message_type(action), "bytes": size, "sha256": sha256})
+        entry: dict[str, Any] = {"message_type": schema.message_type(action), "bytes": size,
+                                 "sha256": sha256}
+        refused = sorted(k.removeprefix("refused.") for k in reply.payload
+                         if k.startswith("refused."))
+        if refused:  # statistics the site's policy withheld from this reply
+            entry["refused"] = refused
+        wire.setdefault(site_id, []).append(entry)
 
 
 def _per_site(query: Payload | Mapping[str, Payload], site_id: str) -> Payload:

@@ -138,6 +138,10 @@ def test_audit_log_holds_every_message_each_site_sent(run: dict) -> None:
             "query.handshake", "query.cohort_sums", "query.cohort_squares"]
         assert [(r["message_type"], r["bytes"], r["sha256"]) for r in records] == [
             (w["message_type"], w["bytes"], w["sha256"]) for w in wire[site]]
+        # what the policy withheld, as the site's audit log and the server's log both say
+        assert [sorted(r["refused"]) for r in records] == [w.get("refused", [])
+                                                           for w in wire[site]]
+    assert any(w.get("refused") for w in wire["site-3"])  # site-3: min_patients 1000
 
 
 def test_query_over_fewer_than_min_patients_is_refused_and_logged(run: dict) -> None:
