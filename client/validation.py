@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -37,13 +38,14 @@ class Scores:
     patients: pd.Index
     score: np.ndarray
     y: np.ndarray
+    file: str  # where the scores were read
+    missing: pd.Index  # the site's patients without a score (logged once, in round 1)
 
 
 def site_scores(session: SiteSession, runs: list[str], wanted: list[str]) -> dict[str, Scores]:
     """Every model this site has scores for: the run's prediction files (the first run in
-    `runs` that has a model wins) and the outside models of `predictions.csv`. Patients
-    without a score for a model are named in the site's log and counted, never dropped
-    silently."""
+    `runs` that has a model wins) and the outside models of `predictions.csv`. Each file
+    is parsed once per process while it is unchanged (every round and stage reads them)."""
     labels = pd.Series(session.labels(), index=session.site.clinical.index)
     found: dict[str, Scores] = {}
     for run in runs:
@@ -53,7 +55,7 @@ def site_scores(session: SiteSession, runs: list[str], wanted: list[str]) -> dic
             model = path.name[: -len(f"-{run}.csv")]
             if model in found or (wanted and model not in wanted) or "-" in model:
                 continue
-            table = pd.read_csv(path, dtype={"patient_id": str})
+            table = _read(session, path)
             kinds = sorted(set(table["kind"].astype(str)))
             found[model] = _aligned(session, model, "/".join(kinds), table, labels, path.name)
     outside = session.site.predictions
@@ -81,11 +83,17 @@ def _aligned(session: SiteSession, model: str, kind: str, table: pd.DataFrame,
         raise ValueError(f"{session.site_id}: {file}: model {model!r}: score "
                          f"{bad.iloc[0]!r} of patient {bad.index[0]} is not a probability in "
                          f"[0, 1] ({len(bad)} such rows)")
-    for patient in labels.index.difference(scores.index):
-        session.log_exclusion(patient, f"validation: no {model!r} score in {file}")
     patients = labels.index.intersection(scores.index, sort=False)
     return Scores(model, kind, patients, scores.loc[patients].to_numpy(),
-                  labels.loc[patients].to_numpy())
+                  labels.loc[patients].to_numpy(), file, labels.index.difference(scores.index))
+
+
+def _read(session: SiteSession, path: Path) -> pd.DataFrame:
+    stat = path.stat()
+    key = f"predictions.{path.name}.{stat.st_mtime_ns}.{stat.st_size}"
+    if key not in session.cache:
+        session.cache[key] = pd.read_csv(path, dtype={"patient_id": str})
+    return session.cache[key]
 
 
 def groups(session: SiteSession, scores: Scores, columns: list[str]) -> dict[str, np.ndarray]:
@@ -145,6 +153,8 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
                                  "roles": list(session.site.config.roles)}, n=None)]
     for i, name in enumerate(names):
         scores = models[name]
+        for patient in scores.missing:  # never dropped silently: named here, counted by n
+            session.log_exclusion(patient, f"validation: no {name!r} score in {scores.file}")
         masks = groups(session, scores, columns)
         out.append(Statistic(f"m{i}", {"groups": list(masks)}, n=None))
         for j, mask in enumerate(masks.values()):
@@ -156,16 +166,19 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
 def _cells(name: str, score: np.ndarray, y: np.ndarray, edges: np.ndarray,
            min_cell: int) -> Statistic:
     hist = roc.local_histogram(score, y, edges)
-    bins = val.bin_index(score, edges)
+    sums, squares = val.local_score_sums(score, y, edges)
     values: dict = {}
     for label in (0, 1):
         first, last, count = roc.coarsen(hist[label], min_cell)
-        cell = np.searchsorted(last, bins[y == label])  # each patient's merged cell
-        s = score[y == label]
+        # a merged cell's sums: its bins' (bins between cells are empty, so reduceat fits)
         values.update({f"first{label}": first, f"last{label}": last, f"count{label}": count,
-                       f"sum{label}": np.bincount(cell, weights=s, minlength=len(first)),
-                       f"sq{label}": np.bincount(cell, weights=s * s, minlength=len(first))})
+                       f"sum{label}": _cell_sums(sums[label], first),
+                       f"sq{label}": _cell_sums(squares[label], first)})
     return Statistic(name, values, n=len(y), counts=("count0", "count1"))
+
+
+def _cell_sums(per_bin: np.ndarray, first: np.ndarray) -> np.ndarray:
+    return np.add.reduceat(per_bin, first) if len(first) else np.zeros(0)
 
 
 def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:

@@ -76,14 +76,13 @@ def _late_fusion(transport: Transport, config: StudyConfig, fc: FusionConfig,
                 "skipped": f"no training site has probabilities of all of {list(fc.models)}"}
     query = dict(context, **{"fusion-models": list(fc.models)})
 
-    def fit(on: list[str]) -> tuple[logistic.glm.Fit, int]:
+    def fit(on: list[str]) -> tuple[logistic.glm.Fit, int, list[str]]:
         solver = logistic.solver(fc.C, "l2", len(fc.models))
         rounds = drive(transport, schema.FUSION_STEP, {"lr": solver}, on, query, STAGE)
-        return solver.fit, rounds
+        return solver.fit, rounds, on
 
-    (fitted, rounds), restarts = on_stable_sites(fit, train, min_sites=config.min_sites,
-                                                 stage=STAGE)
-    fit_sites = [s for s in train if not any(s in r["dropped"] for r in restarts)]
+    (fitted, rounds, fit_sites), restarts = on_stable_sites(
+        fit, train, min_sites=config.min_sites, stage=STAGE)
     score = dict(query, intercept=float(fitted.intercept), coef=fitted.coef)
     scored = ask_all_ok(transport, schema.FUSION_SCORE, score, fit_sites + external)
     report_round(f"{STAGE}:score", 1, 1, scored)

@@ -92,15 +92,16 @@ class ValidationConfig:
 
 @dataclass
 class Cells:
-    """One site's cells of one (model, group): per label (first, last, count, Σs, Σs²)."""
+    """One site's cells of one (model, group): per label, each cell's grid-bin range
+    (`first`, `last`) and its values (`count`, `sum` of scores, `sq` sum of squares)."""
 
-    labels: tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
+    payload: Payload
 
-    @classmethod
-    def from_payload(cls, p: Payload) -> Cells:
-        return cls(tuple(tuple(np.asarray(p[f"{k}{g}"]) for k in ("first", "last", "count",
-                                                                    "sum", "sq"))
-                         for g in (0, 1)))  # type: ignore[arg-type]
+    def of(self, label: int, value: str = "count") -> roc.Cells:
+        """(first, last, values) of one label, as `shared.roc` takes cells."""
+        p = self.payload
+        return (np.asarray(p[f"first{label}"]), np.asarray(p[f"last{label}"]),
+                np.asarray(p[f"{value}{label}"]))
 
 
 @dataclass
@@ -185,7 +186,7 @@ def _site_scores(reply: Reply) -> SiteScores:
         for j, group in enumerate(p.get(f"m{i}.groups", [])):
             part = nest(p, f"m{i}.g{j}")
             if "count0" in part:
-                site.cells[model][group] = Cells.from_payload(part)
+                site.cells[model][group] = Cells(part)
             else:
                 site.refused[model][group] = str(p.get(f"refused.m{i}.g{j}", "not sent"))
     return site
@@ -233,8 +234,8 @@ def validate(scores: dict[str, SiteScores], vc: ValidationConfig,
         block["sites"] = {s: metrics(_parts(scores, [s], model, ALL), grid, vc, threshold,
                                      _missing(scores, [s], model, ALL), source=ref)
                           for s in sets["pooled"]}
-        groups = sorted({g for s in sets["pooled"] for g in scores[s].cells[model]} - {ALL}
-                        | {g for s in sets["pooled"] for g in scores[s].refused[model]} - {ALL})
+        groups = sorted({g for s in sets["pooled"]
+                         for g in (*scores[s].cells[model], *scores[s].refused[model])} - {ALL})
         block["subgroups"] = {g: metrics(_parts(scores, sets["pooled"], model, g), grid, vc,
                                          threshold, _missing(scores, sets["pooled"], model, g),
                                          source=ref) for g in groups}
@@ -258,19 +259,11 @@ def _missing(scores: dict[str, SiteScores], sites: list[str], model: str, group:
 def pooled_histogram(parts: list[Cells], bins: int) -> tuple[np.ndarray, np.ndarray,
                                                              np.ndarray, bool]:
     """(2 × bins) counts, Σscore and Σscore² per (label, grid bin) over the sites' cells."""
-    counts, sums, squares, exact = [], [], [], True
-    for g in (0, 1):
-        c, e = roc.expand([(p.labels[g][0], p.labels[g][1], p.labels[g][2]) for p in parts],
-                          bins)
-        s, _ = roc.expand([(p.labels[g][0], p.labels[g][1], p.labels[g][3]) for p in parts],
-                          bins)
-        q, _ = roc.expand([(p.labels[g][0], p.labels[g][1], p.labels[g][4]) for p in parts],
-                          bins)
-        counts.append(c)
-        sums.append(s)
-        squares.append(q)
-        exact &= e
-    return np.stack(counts), np.stack(sums), np.stack(squares), exact
+    spread = {value: [roc.expand([p.of(g, value) for p in parts], bins) for g in (0, 1)]
+              for value in ("count", "sum", "sq")}
+    counts, sums, squares = (np.stack([c for c, _ in spread[v]]) for v in ("count", "sum", "sq"))
+    exact = all(e for _, e in spread["count"])
+    return counts, sums, squares, exact
 
 
 def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, threshold: float | None,
@@ -286,14 +279,13 @@ def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, thresho
         return {**out, "auc": None, "reason": "only one label present"}
     with np.errstate(invalid="ignore", divide="ignore"):
         delong = val.combine_delong([hist], vc.level)  # SE undefined with one of a label
-    bound = roc.combine_auc(*[[(p.labels[g][0], p.labels[g][1], p.labels[g][2]) for p in parts]
-                              for g in (0, 1)])
+    bound = roc.combine_auc(*[[p.of(g) for p in parts] for g in (0, 1)])
     own = val.combine_youden([hist], edges)
     cut = own.threshold if threshold is None else threshold
-    diag = val.diagnostics(_confusion(hist, edges, cut), vc.level)
+    diag = val.diagnostics(val.combine_confusion([hist], edges, cut), vc.level)
     calibration = val.combine_calibration([hist], [sums], edges, vc.calibration_bins)
     slope = _calibration_slope(hist, edges)
-    tpr, fpr = _roc_curve(hist)
+    fpr, tpr = val.combine_roc_curve([hist])
     rates = {"acc": diag.accuracy, "sen": diag.sensitivity, "spe": diag.specificity,
              "ppv": diag.ppv, "npv": diag.npv, "f1": diag.f1}
     out.update({
@@ -325,23 +317,6 @@ def _calibration_slope(hist: np.ndarray, edges: np.ndarray) -> tuple[float | Non
     if fit.iterations >= 100 or not np.isfinite([fit.intercept, fit.slope]).all():
         return None, None
     return fit.intercept, fit.slope
-
-
-def _confusion(hist: np.ndarray, edges: np.ndarray, threshold: float) -> np.ndarray:
-    """[[TN, FP], [FN, TP]] at score ≥ threshold (a grid edge); spread cells are rounded
-    so that each label keeps its total."""
-    k = int(np.searchsorted(edges, threshold - 1e-12))
-    n0, n1 = (round(float(v)) for v in hist.sum(axis=1))
-    tn, fn = round(float(hist[0, :k].sum())), round(float(hist[1, :k].sum()))
-    return np.array([[tn, n0 - tn], [fn, n1 - fn]], dtype=np.int64)
-
-
-def _roc_curve(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """TPR and FPR at every grid edge, from the highest threshold down (ROC from (0,0))."""
-    tp = np.concatenate([[0.0], np.cumsum(hist[1][::-1])])
-    fp = np.concatenate([[0.0], np.cumsum(hist[0][::-1])])
-    keep = np.concatenate([[True], (np.diff(tp) > 0) | (np.diff(fp) > 0)])
-    return tp[keep] / tp[-1], fp[keep] / fp[-1]
 
 
 def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores],
@@ -386,8 +361,7 @@ def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores
                     for a, b in pairs]
             continue
         aucs, cov = val.combine_delong_covariance(deviations[name], moments)
-        exact = complete and all(pooled_histogram(_parts(scores, members, m, ALL), bins[m])[3]
-                                 for m in models)
+        exact = complete and all(_set_block(result[m], name).get("exact") for m in models)
         for a, b in pairs:
             out.append(_comparison(name, models[a], models[b],
                                    val.paired_delong(aucs, cov, a, b), exact))
@@ -398,8 +372,7 @@ def _same_patients(part: Payload, site: SiteScores, models: list[str]) -> bool:
     """The site's patients scored by all models are those of each model's histogram."""
     n = [int(v) for v in part["n"]]
     for model in models:
-        counts = site.cells[model][ALL].labels
-        if [int(np.sum(counts[g][2])) for g in (0, 1)] != n:
+        if [int(np.sum(site.cells[model][ALL].of(g)[2])) for g in (0, 1)] != n:
             return False
     return True
 

@@ -285,16 +285,28 @@ def combine_confusion(parts: list[np.ndarray], edges: np.ndarray,
     """[[TN, FP], [FN, TP]] at score ≥ threshold, from cumulative histogram counts.
 
     The threshold must be a grid edge (the bin containing any other threshold would be
-    split); for any other threshold, have the sites send `local_confusion`.
+    split); for any other threshold, have the sites send `local_confusion`. Fractional
+    counts (cells a site merged, spread over their bins) are rounded so that each label
+    keeps its total.
     """
-    counts = np.asarray(combine_sum(parts), dtype=np.int64)
+    counts = np.asarray(combine_sum(parts), dtype=np.float64)
     k = int(np.searchsorted(edges, threshold))
     if k > len(edges) - 1 or not np.isclose(edges[k], threshold, rtol=0, atol=1e-12):
         raise ValueError(f"threshold {threshold!r} is not an edge of the grid")
-    neg, pos = counts[0], counts[1]
-    tn, fp = int(neg[:k].sum()), int(neg[k:].sum())
-    fn, tp = int(pos[:k].sum()), int(pos[k:].sum())
-    return np.array([[tn, fp], [fn, tp]], dtype=np.int64)
+    n0, n1 = (round(float(v)) for v in counts.sum(axis=1))
+    tn, fn = (round(float(v)) for v in counts[:, :k].sum(axis=1))
+    return np.array([[tn, n0 - tn], [fn, n1 - fn]], dtype=np.int64)
+
+
+def combine_roc_curve(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every grid edge where either changes, from the highest threshold down
+    (the curve starts at (0, 0) and ends at (1, 1))."""
+    counts = np.asarray(combine_sum(parts), dtype=np.float64)
+    _check_both_labels(counts)
+    tp = np.concatenate([[0.0], np.cumsum(counts[1][::-1])])
+    fp = np.concatenate([[0.0], np.cumsum(counts[0][::-1])])
+    keep = np.concatenate([[True], (np.diff(tp) > 0) | (np.diff(fp) > 0)])
+    return fp[keep] / fp[-1], tp[keep] / tp[-1]
 
 
 @dataclass(frozen=True)

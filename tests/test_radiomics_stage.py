@@ -40,14 +40,19 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     frame = wisconsin()
     frame.insert(0, "patient_id", [f"w{i:04d}" for i in range(len(frame))])
     parts = non_iid_split(frame, by="mean area", n_sites=3, seed=2)
+    results = run_radiomics_study(root, parts, selection="paper", screen="chi2",
+                                  **{"screen-percentile": 50.0})
+    return {"results": results, "parts": parts, "frame": frame}
+
+
+def run_radiomics_study(root: Path, parts: list[pd.DataFrame], **extra) -> dict:
+    """The radiomics stage on feature-only sites made from `parts`; its results block."""
     folders = [write_feature_site(root / "sites", f"site-{i + 1}", p)
                for i, p in enumerate(parts)]
     config = StudyConfig(out_dir=str(root / "out"), task="label", stages=("radiomics",),
                          extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
-                                "lr-C": LR_C, "selection": "paper", "screen": "chi2",
-                                "screen-percentile": 50.0})
-    results = run_study(InProcessTransport(folders), config)
-    return {"results": results["radiomics"], "parts": parts, "frame": frame}
+                                "lr-C": LR_C, **extra})
+    return run_study(InProcessTransport(folders), config)["radiomics"]
 
 
 def features(frame: pd.DataFrame) -> list[str]:
@@ -134,13 +139,8 @@ def test_sites_refusing_pxp_matrices_reach_the_same_lasso(tmp_path: Path, study:
 
 def test_in_fold_selection_selects_inside_each_fold(tmp_path: Path, study: dict) -> None:
     parts = study["parts"]
-    folders = [write_feature_site(tmp_path / "sites", f"site-{i + 1}", p)
-               for i, p in enumerate(parts)]
-    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
-                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
-                                "lr-C": LR_C, "selection": "in-fold", "screen": "mi",
-                                "screen-percentile": 60.0})
-    results = run_study(InProcessTransport(folders), config)["radiomics"]
+    results = run_radiomics_study(tmp_path, parts, selection="in-fold", screen="mi",
+                                  **{"screen-percentile": 60.0})
     names = features(study["frame"])
     folds = [stratified_folds(p.label.to_numpy(), FOLDS, SEED, f"site-{i + 1}")
              for i, p in enumerate(parts)]
