@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
+from server.report_html import escape as _e
+from server.report_html import p_value as _p
+from server.report_html import table as _table
 from server.report_validation import (
     contribution_section,
     fusion_section,
@@ -58,16 +60,6 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _header(results: dict[str, Any]) -> str:
@@ -145,12 +137,6 @@ def _cohort_rows(covariates: dict[str, Any], site: str | None) -> list[list[str]
                          for c, t in zip(counts, totals, strict=True)]
                 rows.append([f"&nbsp;&nbsp;{_e(level)}", *cells, "", ""])
     return rows
-
-
-def _p(value: float | None) -> str:
-    if value is None or value != value:
-        return "—"
-    return "&lt;0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _cohort_figure(cohort: dict[str, Any], out: Path) -> str:

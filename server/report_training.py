@@ -4,7 +4,6 @@ out-of-fold AUC, bytes on the wire and time; the federated-vs-pooled comparison.
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +12,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+from server.report_html import escape as _e
+from server.report_html import table as _table
 
 
 def _f(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{float(value):.{digits}f}"
-
-
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def training_sections(results: dict[str, Any], out: Path) -> str:

@@ -8,7 +8,6 @@ or None (a site's policy refused its histogram, a stage failed): it is shown as 
 
 from __future__ import annotations
 
-import html
 import math
 import re
 from collections import Counter
@@ -21,9 +20,12 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-DASH = "—"
-# Run stages in their order, for the per-site contribution table.
-STAGE_ORDER = ("cohort", "radiomics", "dsfr", "deep", "fusion", "validation", "survival")
+from server.report_html import DASH
+from server.report_html import escape as _e
+from server.report_html import p_value as _p
+from server.report_html import table as _table
+from shared.config import STAGES
+
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
           "#17becf", "#7f7f7f", "#bcbd22"]
 CLASSIFICATION = (("acc", "ACC"), ("sen", "SEN"), ("spe", "SPE"), ("ppv", "PPV"),
@@ -34,10 +36,6 @@ MAX_LOG_ROWS = 500  # messages listed per site in the privacy section's wire log
 
 
 # --------------------------------------------------------------------------- formatting
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
 
 def _num(value: Any) -> float | None:
     """A finite float, or None for None / NaN / inf / anything not a number."""
@@ -77,13 +75,6 @@ def _with_ci(value: Any, ci: Any, digits: int = 3) -> str:
     return f"{text}<br><small class='muted'>{interval}</small>"
 
 
-def _p(value: Any) -> str:
-    number = _num(value)
-    if number is None:
-        return DASH
-    return "&lt;0.001" if number < 0.001 else f"{number:.3f}"
-
-
 def _n(value: Any) -> str:
     """(negatives, positives) as `40 / 25`; a suppressed count as <k."""
     if not isinstance(value, (list, tuple)) or not value:
@@ -99,13 +90,6 @@ def _bytes(size: Any) -> str:
         if number >= scale:
             return f"{number / scale:.1f} {unit}"
     return f"{int(number)} B"
-
-
-def _table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    attr = f" class='{cls}'" if cls else ""
-    return f"<table{attr}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -620,7 +604,7 @@ def contribution_section(results: dict[str, Any]) -> str:
     rows_by_site = {str(r.get("site_id")): r for r in _list(run.get("sites"))
                     if isinstance(r, dict)}
     wire = _wire(results)
-    stages = [s for s in STAGE_ORDER if isinstance(_dict(results.get(s)).get("sites"), dict)]
+    stages = [s for s in STAGES if isinstance(_dict(results.get(s)).get("sites"), dict)]
     rows = []
     for site in _site_ids(results):
         row = _dict(rows_by_site.get(site))
