@@ -10,7 +10,7 @@ DEMO_OUT  ?= runs/demo
 
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install dev demo test bench lint clean
+.PHONY: install dev demo test bench browser lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,15 @@ demo: install
 	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT) -c validation=loso \
 		-c survival-group=label,predicted:dlr
 
-test: dev
+test: dev browser
 	$(VENV)/bin/python -m pytest -q tests
+
+# The report test opens report.html in Debian's chromium; installed here when missing and
+# possible (root, apt-get), otherwise that test skips with a message.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && timeout 600 sh -c 'apt-get update -qq && apt-get install -y -qq chromium' >/dev/null 2>&1 \
+	  || echo "chromium not installed: the browser test of report.html will skip"; }
 
 # Long (about 10-20 min on 2 cores): every figure of docs/BENCHMARKS.md, one line each, and
 # bench/results.json. `make bench BENCH_ARGS=--quick` is a few-minute smoke run.
