@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from client import imaging
+from client import imaging, pretrained
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
 from shared import fedavg, networks, roc
@@ -75,10 +75,13 @@ class TrainParams:
     width: float = 1.0
     variant: str = "atto"
     size: int = 64
-    margin: int = 50
+    spacing: float = 1.0  # common spacing (mm) the images are resampled to; 0 = native
+    margin_mm: float = 3.0  # ROI margin around the tumour's bounding box
+    margin: int = 0  # > 0: the paper's ROI margin in pixels at the native spacing
     folds: int = 4  # CV folds (deep) or validation split 1/folds (dsfr)
     seed: int = 0
     epochs: int = 1
+    local_steps: int = 0  # > 0: optimizer steps per round instead of `epochs`
     batch_size: int = 16
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | adamw | sgd
@@ -97,6 +100,7 @@ class TrainParams:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     deterministic: bool = True
+    pretrained: str = ""  # PATH of the round-0 weights (client/pretrained.py), "" = none
     train_id: str = "local"
     round: int = 0
     units: tuple[str, ...] = (DSFR_UNIT,)
@@ -139,11 +143,17 @@ class TrainParams:
                 raise ValueError(f"{name} {value!r} is not one of {list(allowed)}")
         largest = 160 if self.model == "dl_mri" else 512  # a site's memory: 160³ per patient
         if not (8 <= self.size <= largest and 0 <= self.margin <= 1000 and self.folds >= 2
-                and self.batch_size >= 1 and self.epochs >= 0 and 0 < self.width <= 4):
+                and 0 <= self.margin_mm <= 200 and 0 <= self.spacing <= 20
+                and self.batch_size >= 1 and self.epochs >= 0 and 0 < self.width <= 4
+                and 0 <= self.local_steps <= 100_000):
             raise ValueError("training parameters out of range")
 
     def spec(self) -> networks.NetworkSpec:
         return networks.NetworkSpec(self.model, width=self.width, variant=self.variant)
+
+    def preparation(self) -> imaging.Preparation:
+        return imaging.Preparation(size=self.size, spacing=self.spacing,
+                                   margin_mm=self.margin_mm, margin_px=self.margin)
 
 
 @dataclass
@@ -214,32 +224,67 @@ def round_seed(seed: int, site: str, model: str, unit: str, round_no: int) -> in
 # --------------------------------------------------------------------------- data
 
 
-def prepare(root: Path, patients: list[str], paths: Callable[[str], dict[str, Path]],
-            y: np.ndarray, p: TrainParams) -> ModelData:
-    """Crop, normalize and resize every patient's images for model `p.model`; a patient
-    whose images cannot be prepared is left out with the reason (never silently)."""
+PREP_FORMAT = 2  # bump when the data path changes: old per-patient cache files are ignored
+
+
+def prepare_patient(found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
+    """One patient's inputs for model `p.model` (client/imaging.py's data path)."""
     image_kind, mask_kind = IMAGE_KINDS[p.model]
+    if image_kind not in found or mask_kind not in found:
+        raise ValueError(f"no {image_kind} image with mask")
+    make = {"dsfr": imaging.tumour_slices, "dl_mri": imaging.mri_roi,
+            "dl_us": imaging.us_roi}[p.model]
+    return make(found[image_kind], found[mask_kind], p.preparation())
+
+
+def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams) -> Path:
+    """`cache/training/<model>/<key>.npz`: the key covers the preparation settings and the
+    patient's image and mask files (name, size, modification time)."""
+    digest = hashlib.sha256(json.dumps([PREP_FORMAT, p.model, p.size, p.spacing,
+                                        p.margin_mm, p.margin]).encode())
+    for kind in IMAGE_KINDS[p.model]:
+        path = Path(found[kind])
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return folder / p.model / f"{digest.hexdigest()[:32]}.npz"
+
+
+def cached_patient(folder: Path, found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
+    """The patient's prepared inputs from the site's cache, made and cached if absent."""
+    image_kind, mask_kind = IMAGE_KINDS[p.model]
+    if image_kind not in found or mask_kind not in found:
+        raise ValueError(f"no {image_kind} image with mask")
+    path = patient_cache_file(folder, found, p)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                return imaging.Prepared(saved["x"], saved["mask"], float(saved["mm"]))
+        except (OSError, KeyError, ValueError):
+            path.unlink(missing_ok=True)  # a torn file: make it again
+    prepared = prepare_patient(found, p)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, x=prepared.x, mask=prepared.mask, mm=np.float64(prepared.mm_per_voxel))
+    os.replace(tmp, path)
+    return prepared
+
+
+def prepare(folder: Path, patients: list[str], paths: Callable[[str], dict[str, Path]],
+            y: np.ndarray, p: TrainParams) -> ModelData:
+    """Every patient's inputs for model `p.model` (cached per patient under `folder`); a
+    patient whose images cannot be prepared is left out with the reason (never silently)."""
     xs, masks, owner, kept, labels, failed = [], [], [], [], [], {}
     for i, patient in enumerate(patients):
         try:
-            found = paths(patient)
-            if image_kind not in found or mask_kind not in found:
-                raise ValueError(f"no {image_kind} image with mask")
-            if p.model == "dsfr":
-                x, m = imaging.tumour_slices(found[image_kind], found[mask_kind], p.size,
-                                             p.margin)
-            elif p.model == "dl_mri":
-                x, m = imaging.mri_roi(found[image_kind], found[mask_kind], p.size, p.margin)
-                x, m = x[None], m[None]
-            else:
-                x, m = imaging.us_roi(found[image_kind], found[mask_kind], p.size, p.margin)
-                x, m = x[None], m[None]
+            prepared = cached_patient(folder, paths(patient), p)
         except Exception as err:  # one bad patient never stops the site
             failed[patient] = f"{type(err).__name__}: {err}"
             continue
-        xs.append(x)
-        masks.append(m)
-        owner += [len(kept)] * len(x)
+        xs.append(prepared.x)
+        masks.append(prepared.mask)
+        owner += [len(kept)] * len(prepared.x)
         kept.append(patient)
         labels.append(int(y[i]))
     dims = (1, p.size, p.size) + ((p.size,) if p.model == "dl_mri" else ())
@@ -251,31 +296,21 @@ def prepare(root: Path, patients: list[str], paths: Callable[[str], dict[str, Pa
 
 
 def site_data(session: SiteSession, p: TrainParams) -> ModelData:
-    """The site's prepared samples (cached on its disk), with its folds for `p`."""
+    """The site's prepared samples (each patient's cached on the site's disk; the whole set
+    kept in the session while the site's data are unchanged), with its folds for `p`."""
     from client.handshake import data_hash
 
     site = session.site
     patients = [str(i) for i in site.clinical.index]
     labels = session.labels()
-    key = json.dumps([p.model, p.size, p.margin, session.task, patients, labels.tolist(),
-                      data_hash(site.root)]).encode()
-    path = site.root / CACHE / f"{p.model}-{hashlib.sha256(key).hexdigest()[:20]}.npz"
-    memo = session.cache.get(str(path))
-    if memo is None and path.is_file():
-        with np.load(path, allow_pickle=False) as saved:
-            memo = ModelData(patients=saved["patients"], y=saved["y"], x=saved["x"],
-                             mask=saved["mask"], owner=saved["owner"],
-                             failed=json.loads(str(saved["failed"])))
+    key = json.dumps([PREP_FORMAT, p.model, p.size, p.spacing, p.margin_mm, p.margin,
+                      session.task, patients, labels.tolist(), data_hash(site.root)])
+    memo = session.cache.get(key)
     if memo is None:
-        memo = prepare(site.root, patients, site.image_paths, labels, p)
+        memo = prepare(site.root / CACHE, patients, site.image_paths, labels, p)
         for patient, reason in memo.failed.items():
             session.log_exclusion(patient, f"{p.model} image preparation: {reason}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, patients=memo.patients, y=memo.y, x=memo.x, mask=memo.mask,
-                 owner=memo.owner, failed=np.array(json.dumps(memo.failed)))
-        os.replace(tmp, path)
-    session.cache[str(path)] = memo
+        session.cache[key] = memo
     data = ModelData(memo.patients, memo.y, memo.x, memo.mask, memo.owner, None, memo.failed)
     if "train" in site.config.roles:
         data.folds = stratified_folds(data.y, p.folds, p.seed, session.site_id)
@@ -409,80 +444,6 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor,
                                               pos_weight=weight)
 
 
-# --------------------------------------------------------------------------- augmentation
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Paper 2's augmentations on a batch (CPU, seeded): random flips (in-plane for MRI,
-    lateral for ultrasound), scaling (0.9–1.1)
-    and panning (±10 %), Gaussian noise, Gaussian blur, brightness/contrast."""
-    n, spatial = x.shape[0], x.dim() - 2
-
-    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
-
-    flips = torch.rand(n, spatial, generator=gen) < 0.5
-    axes = (1, 2) if spatial == 3 else (1,)  # in-plane for MRI, lateral for ultrasound
-    out = []
-    for i in range(n):
-        dims = [2 + d for d in axes if flips[i, d]]
-        out.append(torch.flip(x[i:i + 1], dims) if dims else x[i:i + 1])
-    x = torch.cat(out)
-    scale = uniform(0.9, 1.1, n)
-    shift = uniform(-0.1, 0.1, n, spatial)
-    theta = torch.zeros(n, spatial, spatial + 1)
-    for d in range(spatial):
-        theta[:, d, d] = 1.0 / scale
-        theta[:, d, spatial] = shift[:, d]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    noisy = (torch.rand(n, generator=gen) < 0.5).view(n, *([1] * (x.dim() - 1)))
-    x = x + noisy * 0.1 * torch.randn(x.shape, generator=gen)
-    if torch.rand(1, generator=gen).item() < 0.2:
-        x = _blur(x)
-    contrast = uniform(0.9, 1.1, n).view(n, *([1] * (x.dim() - 1)))
-    brightness = uniform(-0.1, 0.1, n).view(n, *([1] * (x.dim() - 1)))
-    return x * contrast + brightness
-
-
-def _blur(x: torch.Tensor, sigma: float = 0.8) -> torch.Tensor:
-    k = torch.exp(-0.5 * (torch.arange(-2, 3, dtype=x.dtype) / sigma) ** 2)
-    k = k / k.sum()
-    spatial = x.dim() - 2
-    conv = F.conv3d if spatial == 3 else F.conv2d
-    for d in range(spatial):
-        shape = [1, 1] + [5 if j == d else 1 for j in range(spatial)]
-        pad = [2 if j == d else 0 for j in range(spatial)]
-        x = conv(x, k.view(shape), padding=tuple(pad))
-    return x
-
-
-def mix(x: torch.Tensor, y: torch.Tensor,
-        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup (α 0.8) or CutMix (α 1.0), one of the two per batch (mmpretrain's ConvNeXt V2
-    recipe): images and soft labels mixed with a shuffled copy of the batch."""
-    n = x.shape[0]
-    if n < 2:
-        return x, y
-    perm = torch.randperm(n, generator=gen)
-    y = y.float()
-    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
-    if torch.rand(1, generator=gen).item() < 0.5:
-        lam = float(rng.beta(0.8, 0.8))
-        return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
-    lam = float(rng.beta(1.0, 1.0))
-    h, w = x.shape[-2:]
-    ch, cw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
-    cy, cx = (int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,),
-                                                                              generator=gen)))
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    x = x.clone()
-    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-    return x, lam * y + (1 - lam) * y[perm]
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -504,51 +465,67 @@ def _batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     return chunks
 
 
+def local_batches(samples: np.ndarray, p: TrainParams,
+                  gen: torch.Generator) -> list[np.ndarray]:
+    """The round's batches: `p.local_steps` batches when set (reshuffling at each pass over
+    the samples, so a small site still moves the model each round), else `p.epochs`
+    passes."""
+    batches: list[np.ndarray] = []
+    passes = 0
+    while len(samples) and (len(batches) < p.local_steps if p.local_steps
+                            else passes < p.epochs):
+        order = torch.from_numpy(samples)[torch.randperm(len(samples), generator=gen)]
+        batches += [b.numpy() for b in _batches(order, p.batch_size)]
+        passes += 1
+    return batches[:p.local_steps] if p.local_steps else batches
+
+
 def train_unit(net: nn.Module, data: ModelData, samples: np.ndarray, p: TrainParams,
                device: torch.device, gen: torch.Generator,
                anchor: dict[str, torch.Tensor] | None) -> tuple[float, int]:
-    """`p.epochs` local epochs on `samples`; returns (mean training loss, steps)."""
+    """Local training on `samples` (`local_batches`); returns (mean training loss, steps)."""
     dtype = amp_dtype(device, p.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     optimizer = _optimizer(net, p)
+    spatial = data.x.ndim - 2
+    augmenter = imaging.augmenter(spatial, p.size) if p.augment and p.model != "dsfr" else None
     net.train()
     total, steps = 0.0, 0
-    for _ in range(p.epochs):
-        order = torch.from_numpy(samples)[torch.randperm(len(samples), generator=gen)]
-        for batch in _batches(order, p.batch_size):
-            idx = batch.numpy()
-            x = torch.from_numpy(data.x[idx])
+    for idx in local_batches(samples, p, gen):
+        x = torch.from_numpy(data.x[idx])
+        if p.model == "dsfr":
+            target = torch.from_numpy(data.mask[idx]).float()
+        else:
+            target = torch.from_numpy(data.y[data.owner[idx]]).float()
+            if augmenter is not None:
+                seeds = torch.randint(2**31, (len(idx),), generator=gen).tolist()
+                x = imaging.augment(x, seeds, augmenter)
+            if p.mix:
+                x, target = imaging.mix_batch(x, target,
+                                              int(torch.randint(2**31, (1,), generator=gen)))
+        x, target = x.to(device), target.to(device)
+        autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype
+                    else nullcontext())
+        with autocast:
+            logits = net(x)
             if p.model == "dsfr":
-                target = torch.from_numpy(data.mask[idx]).float()
+                loss = focal_loss(logits.float(), target, p.focal_alpha, p.focal_gamma)
             else:
-                target = torch.from_numpy(data.y[data.owner[idx]]).float()
-                if p.augment:
-                    x = augment(x, gen)
-                if p.mix:
-                    x, target = mix(x, target, gen)
-            x, target = x.to(device), target.to(device)
-            autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype
-                        else nullcontext())
-            with autocast:
-                logits = net(x)
-                if p.model == "dsfr":
-                    loss = focal_loss(logits.float(), target, p.focal_alpha, p.focal_gamma)
-                else:
-                    loss = classification_loss(logits.float(), target, p)
-            if anchor is not None and p.strategy == "fedprox" and p.mu > 0:
-                prox = sum(((w - anchor[n]) ** 2).sum() for n, w in net.named_parameters()
-                           if n in anchor)
-                loss = loss + 0.5 * p.mu * prox
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            total += float(loss.detach())
-            steps += 1
+                loss = classification_loss(logits.float(), target, p)
+        if anchor is not None and p.strategy == "fedprox" and p.mu > 0:
+            prox = sum(((w - anchor[n]) ** 2).sum() for n, w in net.named_parameters()
+                       if n in anchor)
+            loss = loss + 0.5 * p.mu * prox
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += float(loss.detach())
+        steps += 1
     return total / max(steps, 1), steps
 
 
@@ -636,7 +613,7 @@ def histograms(scores: np.ndarray, y: np.ndarray, min_cell: int,
 
 
 def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, site: str,
-              *, train: bool, min_cell: int) -> list[Statistic]:
+              *, train: bool, min_cell: int, site_root: Path | None = None) -> list[Statistic]:
     """Validate the received weights, then (train=True) train every unit and return its
     update. The core of `train.<model>` / `evaluate.<model>`, also run by the pooled
     reference on all sites' data at once."""
@@ -648,7 +625,11 @@ def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, 
         net = build(p, device)
         state = net.state_dict()  # once: state_dict() walks every module
         received = received_weights(query, unit, p, {k: state[k] for k in shared_keys(net, p)})
-        load_weights(net, received, load_local(state_dir, p, unit, p.round - 1))
+        local = load_local(state_dir, p, unit, p.round - 1)
+        if p.pretrained and p.round == 1 and site_root is not None:
+            from_file = check_pretrained(net, p, site_root, received)  # every unit: w_0
+            local = from_file if p.fedbn else None
+        load_weights(net, received, local)
         nets[unit], starts[unit] = net, received
     out = validate(nets, data, p, device, min_cell)
     if train:
@@ -691,7 +672,8 @@ def train_round(session: SiteSession, query: Payload) -> list[Statistic]:
     """`train.<model>`: validate the received global weights, train, send the updates."""
     p = _params(query)
     return run_round(site_data(session, p), p, query, _state_dir(session), session.site_id,
-                     train=True, min_cell=session.site.config.privacy.min_cell_count)
+                     train=True, min_cell=session.site.config.privacy.min_cell_count,
+                     site_root=session.site.root)
 
 
 def evaluate_round(session: SiteSession, query: Payload) -> list[Statistic]:
@@ -721,7 +703,41 @@ def train_setup(session: SiteSession, query: Payload) -> list[Statistic]:
                                 "data_sha256": data_hash(session.site.root),
                                 "usable": len(labels) > 0}, n=None),
             Statistic("counts", counts, n=None, counts=tuple(counts)),
-            Statistic("device", {k: v for k, v in device_info().items()}, n=None)]
+            Statistic("device", {k: v for k, v in device_info().items()}, n=None),
+            *pretrained_hash(session, str(query.get("pretrained", "") or ""))]
+
+
+def pretrained_hash(session: SiteSession, path: str) -> list[Statistic]:
+    """The sha256 of the site's copy of the pretrained file, or why there is none (a
+    reason naming the file: missing, unreadable, not a weights file)."""
+    if not path:
+        return []
+    try:
+        target = pretrained.resolve(path, session.site.root)
+        if not target.is_file():
+            raise ValueError(f"pretrained file {path} is missing at this site ({target})")
+        values = {"sha256": pretrained.file_sha256(target), "error": ""}
+    except (OSError, ValueError) as err:
+        values = {"sha256": "", "error": str(err)}
+    return [Statistic("pretrained", values, n=None)]
+
+
+def check_pretrained(net: nn.Module, p: TrainParams, root: Path,
+                     received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Round 1 with pretrained weights: the site loads its own copy of the file, checks
+    that the global weights it received are the file's (as the wire dtype carries them),
+    and returns the file's values of the keys that are not sent (FedBN's local layers)."""
+    target = pretrained.resolve(p.pretrained, root)
+    probe = build(p, torch.device("cpu"))
+    pretrained.load_into(p.model, probe, target)
+    mine = pretrained.arrays(probe)
+    expected = fedavg.decode(fedavg.encode({k: mine[k] for k in received}, p.wire), p.wire,
+                             like=mine)
+    differ = [k for k in received if not np.array_equal(expected[k], received[k])]
+    if differ:
+        raise ValueError(f"the round-1 weights differ from this site's pretrained file "
+                         f"{p.pretrained} (e.g. {differ[0]})")
+    return {k: v for k, v in mine.items() if k not in received}
 
 
 # --------------------------------------------------------------------------- scoring

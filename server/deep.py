@@ -50,7 +50,7 @@ def run_deep(transport: Transport, config: StudyConfig, sites: list[str]) -> dic
     plans = {m: Plan.from_extra(config.extra, m) for m in deep_models(config.extra)}
     result: dict[str, Any] = {"models": {}, "skipped": {}, "comparison": {}, "sites": {}}
     for model, plan in plans.items():
-        st = setup(transport, config, model, sites, STAGE)
+        st = setup(transport, config, model, sites, STAGE, plan.pretrained)
         if not st.train:
             result["skipped"][model] = "no training site has the images it needs: " + \
                 "; ".join(f"{s}: {r}" for s, r in st.excluded.items())

@@ -58,7 +58,7 @@ def run_dsfr(transport: Transport, config: StudyConfig, sites: list[str]) -> dic
 
     layer = str(config.extra.get("dsfr-layer", DSFR_LAYER)).strip() or DSFR_LAYER
     _check_layer(layer)
-    st = setup(transport, config, "dsfr", sites, STAGE)
+    st = setup(transport, config, "dsfr", sites, STAGE, plan.pretrained)
     skip_if_empty(st, "dsfr")
     outcomes = train_model(transport, config, plan, st, STAGE)
     result: dict[str, Any] = {}

@@ -54,19 +54,46 @@ log = logging.getLogger("feddlr")
 
 MODES = ("federated", "pooled", "both")
 SELECT = ("final", "best")
+RECIPE_NAMES = ("scratch", "paper")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
 NEEDS = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}
-# Paper defaults per model (PIPELINE.md): DSFR Adam 1e-3, batch 6, focal loss; DL-MRI the
-# authors' code (SGD 1e-3, wd 1e-2; the paper: AdamW 4e-6), batch 16, BCE with pos_weight;
-# DL-US AdamW 2e-5, wd 0.05, batch 16, cosine schedule, label smoothing 0.2, Mixup/CutMix.
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 6,
-             "rounds": 4, "local_epochs": 3,  # the U-Net leaves all-background after ~10
-             # epochs on the demo cohort (focal loss)
-             "schedule": "constant", "smoothing": 0.0, "mix": False, "augment": False},
-    "dl_mri": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 16,
-               "schedule": "constant", "smoothing": 0.0, "mix": False, "augment": True},
-    "dl_us": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "batch_size": 16,
-              "schedule": "cosine", "smoothing": 0.2, "mix": True, "augment": True},
+# Recipes: per model, the defaults a run-config key overrides (README, "Training the CNNs").
+# `scratch` learns from random initialisation on CPU in the demo's time: AdamW at 1e-3, a
+# fixed number of local optimizer steps per round (a small site still moves the model),
+# images resampled to 1 mm with a 3 mm ROI margin. `paper` is each paper's recipe, meant
+# for pretrained weights on GPUs (PIPELINE.md): DSFR Adam 1e-3, batch 6, focal loss, 64²;
+# DL-MRI the authors' code (SGD 1e-3, wd 1e-2; the paper: AdamW 4e-6), batch 16, 96³, ROI
+# margin 50 px at the native spacing; DL-US AdamW 2e-5, wd 0.05, batch 16, 256², cosine
+# schedule, label smoothing 0.2, Mixup/CutMix, margin 50 px.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "scratch": {
+        "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 8,
+                 "rounds": 6, "local_epochs": 1, "local_steps": 12, "dsfr_size": 64,
+                 "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "constant",
+                 "smoothing": 0.0, "mix": False, "augment": False},
+        "dl_mri": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 8,
+                   "rounds": 8, "local_epochs": 1, "local_steps": 10, "mri_size": 0,
+                   "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "cosine",
+                   "smoothing": 0.0, "mix": False, "augment": True},
+        "dl_us": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 8,
+                  "rounds": 8, "local_epochs": 1, "local_steps": 10, "us_size": 0,
+                  "spacing": 0.0, "margin_mm": 3.0, "margin": 0, "schedule": "cosine",
+                  "smoothing": 0.0, "mix": False, "augment": True},
+    },
+    "paper": {
+        "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 6,
+                 "rounds": 4, "local_epochs": 3, "local_steps": 0, "dsfr_size": 64,
+                 "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
+                 "smoothing": 0.0, "mix": False, "augment": False},
+        "dl_mri": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 16,
+                   "rounds": 3, "local_epochs": 1, "local_steps": 0, "mri_size": 96,
+                   "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
+                   "smoothing": 0.0, "mix": False, "augment": True},
+        "dl_us": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "batch_size": 16,
+                  "rounds": 3, "local_epochs": 1, "local_steps": 0, "us_size": 256,
+                  "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "cosine",
+                  "smoothing": 0.2, "mix": True, "augment": True},
+    },
 }
 # "auto" sizes: (GPU at every training site, otherwise)
 AUTO = {"width": (1.0, 0.125), "mri_size": (96, 32), "us_size": (256, 64)}
@@ -93,31 +120,52 @@ def per_model(value: Any, model: str, parse: Callable[[Any], Any], default: Any)
         else default
 
 
+def _lower(value: Any) -> str:
+    return str(value).strip().lower()
+
+
+def _size(value: Any) -> int:
+    return 0 if str(value).strip() in ("auto", "") else int(value)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if str(value).strip() in ("", "default") else float(value)
+
+
 # run-config key -> (attribute, parse, per-model?)
 KEYS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
     "rounds": ("rounds", int, True),
     "local-epochs": ("local_epochs", int, True),
+    "local-steps": ("local_steps", int, True),
     "lr": ("lr", float, True),
     "batch-size": ("batch_size", int, True),
-    "optimizer": ("optimizer", lambda v: str(v).strip().lower(), True),
+    "optimizer": ("optimizer", _lower, True),
     "weight-decay": ("weight_decay", float, True),
     "cnn-width": ("width", lambda v: str(v).strip() if str(v).strip() == "auto" else float(v),
                   True),
-    "strategy": ("strategy", lambda v: str(v).strip().lower(), False),
+    "strategy": ("strategy", _lower, False),
     "proximal-mu": ("mu", float, False),
+    "server-lr": ("server_lr", _optional_float, False),
+    "server-momentum": ("server_momentum", float, False),
+    "server-beta1": ("beta_1", _optional_float, False),
+    "server-beta2": ("beta_2", _optional_float, False),
+    "server-tau": ("tau", _optional_float, False),
     "fedbn": ("fedbn", flag, False),
-    "wire-dtype": ("wire", lambda v: str(v).strip().lower(), False),
-    "mode": ("mode", lambda v: str(v).strip().lower(), False),
-    "mri-size": ("mri_size", lambda v: 0 if str(v).strip() in ("auto", "") else int(v), False),
-    "us-size": ("us_size", lambda v: 0 if str(v).strip() in ("auto", "") else int(v), False),
+    "wire-dtype": ("wire", _lower, False),
+    "mode": ("mode", _lower, False),
+    "mri-size": ("mri_size", _size, False),
+    "us-size": ("us_size", _size, False),
     "dsfr-size": ("dsfr_size", int, False),
-    "roi-margin": ("margin", int, False),
-    "us-variant": ("variant", lambda v: str(v).strip().lower(), False),
-    "device": ("device", lambda v: str(v).strip().lower(), False),
-    "amp": ("amp", lambda v: str(v).strip().lower(), False),
+    "spacing": ("spacing", float, True),
+    "roi-margin-mm": ("margin_mm", float, True),
+    "roi-margin": ("margin", int, True),
+    "us-variant": ("variant", _lower, False),
+    "device": ("device", _lower, False),
+    "amp": ("amp", _lower, False),
     "deep-cv-folds": ("cv_folds", int, False),
-    "select": ("select", lambda v: str(v).strip().lower(), False),
+    "select": ("select", _lower, False),
     "augment": ("augment", flag, True),
+    "pretrained": ("pretrained", str, True),
     "gradcam-patients": ("gradcam", int, False),
     "seed": ("seed", int, False),
     "deterministic": ("deterministic", flag, False),
@@ -126,11 +174,13 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
 
 @dataclass(frozen=True)
 class Plan:
-    """One model's training configuration (run config → per-model defaults → sites)."""
+    """One model's training configuration (run config → recipe defaults → sites)."""
 
     model: str
+    recipe: str = "scratch"
     rounds: int = 3
     local_epochs: int = 1
+    local_steps: int = 0
     lr: float = 1e-3
     batch_size: int = 16
     optimizer: str = "adam"
@@ -138,19 +188,27 @@ class Plan:
     width: float | str = "auto"
     strategy: str = "fedavg"
     mu: float = 0.01
+    server_lr: float | None = None  # None: Flower's default for the strategy
+    server_momentum: float = 0.9
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
     fedbn: bool = False
     wire: str = "float32"
     mode: str = "federated"
     mri_size: int = 0
     us_size: int = 0
     dsfr_size: int = 64
-    margin: int = 50
+    spacing: float = 1.0
+    margin_mm: float = 3.0
+    margin: int = 0
     variant: str = "atto"
     device: str = "auto"
     amp: str = "auto"
     cv_folds: int = 4
     select: str = "final"
     augment: bool = True
+    pretrained: str = ""
     gradcam: int = 2
     seed: int = 0
     deterministic: bool = True
@@ -160,10 +218,13 @@ class Plan:
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any], model: str) -> Plan:
-        values: dict[str, Any] = dict(MODEL_DEFAULTS[model])
+        recipe = _lower(extra.get("recipe", "scratch")) or "scratch"
+        if recipe not in RECIPES:
+            raise ConfigError(f"run config recipe: {recipe!r} is not one of {list(RECIPES)}")
+        values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe][model]}
         base = cls(model=model)
         for key, (attr, parse, by_model) in KEYS.items():
-            if key not in extra:
+            if key not in extra or str(extra[key]).strip() == "default":
                 continue
             default = values.get(attr, getattr(base, attr))
             try:
@@ -176,7 +237,7 @@ class Plan:
         return plan
 
     def validate(self) -> None:
-        choices = {"strategy": (self.strategy, ("fedavg", "fedprox")),
+        choices = {"strategy": (self.strategy, STRATEGIES),
                    "wire-dtype": (self.wire, fedavg.WIRE_DTYPES),
                    "mode": (self.mode, MODES), "select": (self.select, SELECT),
                    "optimizer": (self.optimizer, ("adam", "adamw", "sgd")),
@@ -192,8 +253,14 @@ class Plan:
                               f"{list(CONVNEXT_VARIANTS)}")
         if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
             raise ConfigError("run config rounds, local-epochs and batch-size must be >= 1")
+        if not 0 <= self.local_steps <= 100_000:
+            raise ConfigError("run config local-steps must be in [0, 100000] (0: epochs)")
         if not self.lr > 0 or self.weight_decay < 0 or self.mu < 0:
             raise ConfigError("run config lr must be > 0, weight-decay and proximal-mu >= 0")
+        if not (0 <= self.spacing <= 20 and 0 <= self.margin_mm <= 200
+                and 0 <= self.margin <= 1000):
+            raise ConfigError("run config spacing must be in [0, 20] mm (0: native grid), "
+                              "roi-margin-mm in [0, 200], roi-margin in [0, 1000] px")
         if self.cv_folds < 2:
             raise ConfigError("run config deep-cv-folds must be >= 2")
         if self.width != "auto" and not 0 < float(self.width) <= 4:
@@ -204,6 +271,23 @@ class Plan:
                 raise ConfigError(f"run config {key} must be auto or in [8, {largest}]")
         if not 16 <= self.dsfr_size <= 512 or self.dsfr_size % 16:
             raise ConfigError("run config dsfr-size must be a multiple of 16 in [16, 512]")
+        try:
+            self.server_optimizer()
+        except ValueError as err:
+            raise ConfigError(f"run config strategy {self.strategy}: {err}") from None
+
+    def server_optimizer(self) -> Any:  # shared.fedopt.ServerOptimizer
+        """The server's update rule: FedAvg (also for FedProx, whose term is at the sites),
+        FedAvgM, FedAdam or FedYogi with the run config's hyper-parameters (unset ones:
+        Flower's defaults)."""
+        from shared import fedopt
+
+        name = "fedavg" if self.strategy == "fedprox" else self.strategy
+        wanted = {"server_lr": self.server_lr, "momentum": self.server_momentum,
+                  "beta_1": self.beta_1, "beta_2": self.beta_2, "tau": self.tau}
+        known = set(fedopt.make_optimizer(name).params())
+        return fedopt.make_optimizer(name, **{k: v for k, v in wanted.items()
+                                              if k in known and v is not None})
 
     def resolved(self, gpu: bool) -> Plan:
         """`auto` sizes for where training runs: GPU sizes when every training site (or the
@@ -236,10 +320,13 @@ class Plan:
     def params(self, *, pooled: bool = False) -> dict[str, Any]:
         """The query fields of client.training.TrainParams (no round/units/weights)."""
         return {"model": self.model, "width": float(self.width), "variant": self.variant,
-                "size": self.size, "margin": self.margin, "folds": self.split_folds,
-                "seed": self.seed, "epochs": self.local_epochs, "batch_size": self.batch_size,
+                "size": self.size, "spacing": self.spacing, "margin_mm": self.margin_mm,
+                "margin": self.margin, "folds": self.split_folds, "seed": self.seed,
+                "epochs": self.local_epochs, "local_steps": self.local_steps,
+                "batch_size": self.batch_size,
                 "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "strategy": self.strategy, "mu": self.mu,
+                "strategy": "fedprox" if self.strategy == "fedprox" else "fedavg",
+                "mu": self.mu,
                 "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
                 "amp": self.amp, "augment": self.augment, "mix": self.mix,
                 "smoothing": self.smoothing, "deterministic": self.deterministic}
@@ -365,18 +452,24 @@ class Checkpoints:
         return out
 
     def save_round(self, round_no: int, weights: Mapping[str, Mapping[str, np.ndarray]],
-                   state: dict[str, Any]) -> None:
+                   state: dict[str, Any],
+                   server_state: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+        """Weights of every unit after `round_no`, the server optimizers' state (moments,
+        step count) and the engine's record, each replaced atomically."""
         self._write_npz(f"round-{round_no}.npz", weights)
+        self._write_npz(f"server-state-{round_no}.npz", server_state or {})
         record = dict(state, round=round_no, weights=f"round-{round_no}.npz",
+                      server_state=f"server-state-{round_no}.npz",
                       written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         path = self.folder / "checkpoint.json"
         tmp = path.with_name(f".checkpoint.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(_plain(record), indent=1, allow_nan=False) + "\n",
                        encoding="utf-8")
         os.replace(tmp, path)
-        for old in self.folder.glob("round-*.npz"):
-            if old.name != f"round-{round_no}.npz":
-                old.unlink(missing_ok=True)
+        for pattern in ("round-*.npz", "server-state-*.npz"):
+            for old in self.folder.glob(pattern):
+                if not old.name.endswith(f"-{round_no}.npz"):
+                    old.unlink(missing_ok=True)
 
     def save(self, name: str, weights: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
         return self._write_npz(name, weights)
@@ -396,6 +489,7 @@ class Checkpoints:
                           "checkpoint")
         try:
             state["weights_arrays"] = self.read_npz(self.folder / state["weights"])
+            state["server_arrays"] = self.read_npz(self.folder / state["server_state"])
         except (OSError, KeyError, ValueError) as err:
             return None, f"checkpoint weights unreadable ({err})"
         return state, "ok"
@@ -458,11 +552,25 @@ class Trainer:
 
         plan = self.plan
         net = plan.spec().build(plan.seed)
+        pretrained: dict[str, Any] = {}
+        if plan.pretrained:
+            from client import pretrained as files
+
+            target = server_pretrained(plan.pretrained)
+            try:
+                notes = files.load_into(plan.model, net, target)
+            except ValueError as err:
+                raise StageError(str(err)) from None
+            pretrained = {"path": plan.pretrained, "sha256": files.file_sha256(target),
+                          "notes": notes}
         init = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+        self.checkpoints.save("init.npz", {u: init for u in plan.units})
         local = networks.norm_keys(net) if plan.fedbn and self.backend.kind == "federated" \
             else set()
         keys = [k for k in init if k not in local]
+        buffers = set(init) - {k for k, _ in net.named_parameters()}  # BatchNorm statistics
         weights = {u: {k: v.copy() for k, v in init.items()} for u in plan.units}
+        optimizers = {u: plan.server_optimizer() for u in plan.units}
         history: list[dict[str, Any]] = []
         validation: dict[int, dict[str, Any]] = {}
         best: dict[str, Any] = {"round": None, "value": None}
@@ -471,6 +579,8 @@ class Trainer:
             state, why = self.checkpoints.load(self.fingerprint)
             if state is not None:
                 weights = state.pop("weights_arrays")
+                for unit, arrays in state.pop("server_arrays").items():
+                    optimizers[unit].load_state_dict(arrays)
                 start = int(state["round"]) + 1
                 history = state["history"]
                 validation = {int(k): v for k, v in state["validation"].items()}
@@ -519,7 +629,7 @@ class Trainer:
                     info.setdefault("n", {})[unit] = int(payload[f"{unit}.n"])
                 if updates:
                     mean = fedavg.fedavg(updates, skip=local)
-                    weights[unit] = fedavg.apply_update(weights[unit], mean)
+                    weights[unit] = optimizers[unit].step(weights[unit], mean, plain=buffers)
                 entry["units"][unit] = {"sites": len(updates)}
             for site in sites:
                 payload = replies[site].payload
@@ -537,8 +647,9 @@ class Trainer:
                 "plan": asdict(plan), "sites": sites, "history": history,
                 "validation": validation, "best": best, "train_id": self.train_id,
                 "strategy": {"name": plan.strategy, "proximal_mu": plan.mu,
-                             "fedbn": bool(local), "server_state": "global weights only "
-                             "(FedAvg/FedProx keep no other server state)"}})
+                             "fedbn": bool(local),
+                             "server_optimizer": repr(optimizers[plan.units[0]])}},
+                {u: o.state_dict() for u, o in optimizers.items()})
         # validation of the final weights
         query = {**self._base(plan.rounds + 1, 0.0, 0), **self.weights_query(weights, keys)}
         replies = self.backend.ask(f"evaluate.{plan.model}", query, sites)
@@ -568,6 +679,7 @@ class Trainer:
                      else {"note": "pooled: trained in one process, nothing sent"}),
             "pos_weight": self.pos_weight,
             "train_id": self.train_id,
+            "pretrained": pretrained or None,
         }
         return Outcome(self.name, plan, chosen, chosen_round, result)
 
@@ -709,13 +821,35 @@ class Setup:
     gpu: bool
     excluded: dict[str, str]
     sizes: dict[str, int] = field(default_factory=dict)
+    pretrained: dict[str, str] = field(default_factory=dict)  # path and sha256
+
+
+def server_pretrained(path: str) -> Path:
+    """The coordinator's copy of the pretrained file (relative to the working directory)."""
+    from client import pretrained as files
+
+    try:
+        target = files.resolve(path, Path.cwd())
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    if not target.is_file():
+        raise StageError(f"pretrained file {path}: the coordinator needs its own copy of "
+                         f"the file the sites use (not found at {target})")
+    return target
 
 
 def setup(transport: Transport, config: StudyConfig, model: str, sites: list[str],
-          stage: str) -> Setup:
-    """Ask every site which patients can serve `model`, its roles and device; training
-    sites are those with role train and usable patients."""
-    query = {"task": config.task, "needs": NEEDS[model], "model": model}
+          stage: str, pretrained: str = "") -> Setup:
+    """Ask every site which patients can serve `model`, its roles and device (and the
+    sha256 of its copy of the pretrained file); training sites are those with role train,
+    usable patients and, with pretrained weights, the coordinator's file."""
+    reference = ""
+    if pretrained:
+        from client.pretrained import file_sha256
+
+        reference = file_sha256(server_pretrained(pretrained))
+    query = {"task": config.task, "needs": NEEDS[model], "model": model,
+             "pretrained": pretrained}
     replies = transport.ask(schema.TRAIN_SETUP, query, sites)
     report_round(f"{stage}:{model}:setup", 1, 1, replies)
     train, external, devices, excluded = [], [], {}, {}
@@ -739,6 +873,12 @@ def setup(transport: Transport, config: StudyConfig, model: str, sites: list[str
         size = int(np.asarray(p.get("counts.n", [-1])).reshape(-1)[0])
         if size >= 0:
             sizes[site] = size
+        if "train" in roles and reference:
+            problem = _pretrained_problem(p, pretrained, reference)
+            if problem:
+                excluded[site] = problem
+                log.warning("[%s] %s: %s is left out: %s", stage, model, site, problem)
+                continue
         if "train" in roles:
             train.append(site)
             labels = np.asarray(p.get("counts.labels", [-1, -1])).reshape(-1)
@@ -750,7 +890,22 @@ def setup(transport: Transport, config: StudyConfig, model: str, sites: list[str
             external.append(site)
     weight = float(neg / pos) if counted and pos > 0 and neg > 0 else 1.0
     gpu = bool(train) and all(bool(devices[s].get("cuda")) for s in train)
-    return Setup(train, external, devices, weight, identity, gpu, excluded, sizes)
+    return Setup(train, external, devices, weight, identity, gpu, excluded, sizes,
+                 {"path": pretrained, "sha256": reference} if pretrained else {})
+
+
+def _pretrained_problem(payload: Mapping[str, Any], path: str, reference: str) -> str:
+    """Why a training site cannot start from the pretrained file ("" when it can)."""
+    error = str(payload.get("pretrained.error", "") or "")
+    digest = str(payload.get("pretrained.sha256", "") or "")
+    if error:
+        return error
+    if not digest:
+        return f"pretrained file {path}: the site sent no sha256"
+    if digest != reference:
+        return (f"pretrained file {path} at the site has sha256 {digest[:16]}…, the "
+                f"coordinator's {reference[:16]}… (a different file)")
+    return ""
 
 
 def skip_if_empty(setup_: Setup, model: str) -> None:
@@ -782,8 +937,11 @@ def train_model(transport: Transport, config: StudyConfig, plan: Plan, setup_: S
         except RuntimeError as err:
             raise StageError(f"mode={plan.mode}: the pooled reference trains here: {err}") \
                 from None
+        # nothing travels, one "site"; with local-steps it takes the steps of all the
+        # training sites together, so both see the same number of batches per round
         resolved = replace(plan.resolved(gpu if plan.mode == "pooled" else setup_.gpu),
-                           wire="float32", fedbn=False)  # nothing travels, one "site"
+                           wire="float32", fedbn=False,
+                           local_steps=plan.local_steps * max(len(setup_.train), 1))
         name = plan.model if plan.mode == "pooled" else f"{plan.model}_pooled"
         data = pooled_data(config, resolved, setup_.train, setup_.identity)
         n0, n1 = int(np.sum(data.y == 0)), int(np.sum(data.y == 1))

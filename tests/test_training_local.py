@@ -88,17 +88,26 @@ def test_per_model_values_and_paper_defaults() -> None:
     assert per_model("default", "dsfr", float, 1e-3) == 1e-3
     with pytest.raises(ValueError):
         per_model("resnet=3", "dsfr", int, 1)
-    dsfr, mri, us = (Plan.from_extra({}, m) for m in ("dsfr", "dl_mri", "dl_us"))
+    paper = {"recipe": "paper"}
+    dsfr, mri, us = (Plan.from_extra(paper, m) for m in ("dsfr", "dl_mri", "dl_us"))
     assert (dsfr.optimizer, dsfr.lr, dsfr.batch_size) == ("adam", 1e-3, 6)
+    assert (mri.margin, mri.spacing, mri.mri_size, us.us_size) == (50, 0.0, 96, 256)
     assert (mri.optimizer, mri.lr, mri.weight_decay, mri.batch_size) == ("sgd", 1e-3, 1e-2, 16)
     assert (us.optimizer, us.lr, us.weight_decay, us.smoothing, us.mix, us.schedule) == \
         ("adamw", 2e-5, 0.05, 0.2, True, "cosine")
     assert us.lr_at(1) == pytest.approx(2e-5) and us.lr_at(us.rounds) < 2e-5
     assert Plan.from_extra({"lr": "dl_mri=4e-6", "optimizer": "dl_mri=adamw"},
                            "dl_mri").optimizer == "adamw"
-    assert mri.resolved(gpu=True).mri_size == 96 and mri.resolved(gpu=False).mri_size == 32
+    scratch = Plan.from_extra({"mri-size": "default"}, "dl_mri")  # pyproject's value
+    assert (scratch.recipe, scratch.optimizer, scratch.local_steps, scratch.margin) == \
+        ("scratch", "adamw", 10, 0)
+    assert scratch.resolved(gpu=True).mri_size == 96
+    assert scratch.resolved(gpu=False).mri_size == 32
+    assert Plan.from_extra({"mri-size": "auto", **paper}, "dl_mri").mri_size == 0
     for bad in ({"wire-dtype": "int8"}, {"strategy": "scaffold"}, {"mode": "central"},
-                {"rounds": 0}, {"us-variant": "huge"}, {"cnn-width": "wide"}):
+                {"rounds": 0}, {"us-variant": "huge"}, {"cnn-width": "wide"},
+                {"recipe": "fast"}, {"local-steps": -1}, {"spacing": -1},
+                {"strategy": "fedadam", "server-lr": -0.1}):
         with pytest.raises(ConfigError):
             Plan.from_extra(bad, "dl_us")
 
