@@ -305,12 +305,18 @@ def augment(x: torch.Tensor, seeds: list[int], transform: Compose) -> torch.Tens
 def mix_batch(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor,
                                                                     torch.Tensor]:
     """MONAI's MixUp (α 0.8) or CutMix (α 1.0), one of the two per batch (mmpretrain's
-    ConvNeXt V2 recipe): images and soft labels mixed with a shuffled copy of the batch."""
+    ConvNeXt V2 recipe): images and soft labels mixed with a shuffled copy of the batch.
+
+    The soft label is the share of each image that came from each label: the same mix
+    applied to an image filled with the labels, averaged (for CutMix this counts the box
+    as it was cut, clipped at the border, where MONAI's own label weight would not)."""
     n = x.shape[0]
     if n < 2:
         return x, y.float()
     rng = np.random.RandomState(seed % 2**32)
     mixer = MixUp(n, alpha=0.8) if rng.rand() < 0.5 else CutMix(n, alpha=1.0)
     mixer.set_random_state(seed=int(rng.randint(2**31)))
-    mixed, soft = mixer(x, y.float().view(n, 1, 1, 1))  # MONAI wants spatial label dims
-    return torch.as_tensor(mixed).float(), torch.as_tensor(soft).float().view(n)
+    mixed = torch.as_tensor(mixer(x)).float()
+    labels = y.float().view(n, *([1] * (x.dim() - 1))).expand_as(x).contiguous()
+    soft = torch.as_tensor(mixer.apply(labels)).float().flatten(1).mean(dim=1)
+    return mixed, soft

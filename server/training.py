@@ -329,6 +329,7 @@ class Plan:
                 "mu": self.mu,
                 "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
                 "amp": self.amp, "augment": self.augment, "mix": self.mix,
+                "pretrained": self.pretrained,
                 "smoothing": self.smoothing, "deterministic": self.deterministic}
 
     def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported lazily)

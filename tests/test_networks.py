@@ -47,7 +47,7 @@ def test_width_scales_every_model() -> None:
     mri = NetworkSpec("dl_mri", width=0.25).build(0)
     assert isinstance(mri, ResNet) and mri.layer4[0].conv1.out_channels == 128
     us = NetworkSpec("dl_us", width=0.5, variant="atto").build(0)
-    assert us.head.in_features == 160
+    assert us.head.fc.in_features == 160
 
 
 def test_resnet18_is_monais_with_one_channel_and_one_logit() -> None:
@@ -65,8 +65,8 @@ def test_resnet18_is_monais_with_one_channel_and_one_logit() -> None:
 def test_convnext_v2_variants(variant: str) -> None:
     depths, dims = CONVNEXT_VARIANTS[variant]
     net = ConvNeXtV2(variant)
-    assert [len(stage) for stage in net.stages] == list(depths)
-    assert [stage[0].dwconv.in_channels for stage in net.stages] == list(dims)
+    assert [len(stage.blocks) for stage in net.stages] == list(depths)
+    assert [stage.blocks[0].conv_dw.in_channels for stage in net.stages] == list(dims)
     assert sum(isinstance(m, GRN) for m in net.modules()) == sum(depths)
     if variant == "atto":
         assert 3.3e6 < networks.count_parameters(net) < 3.8e6  # the paper's 3.7M (3 ch in)
@@ -79,8 +79,8 @@ def test_grn_is_the_papers_formula() -> None:
     x = torch.randn(2, 5, 5, 6)
     assert torch.equal(grn(x), x)  # γ = β = 0 at init: identity
     with torch.no_grad():
-        grn.gamma.fill_(0.5)
-        grn.beta.fill_(0.1)
+        grn.weight.fill_(0.5)
+        grn.bias.fill_(0.1)
     gx = x.pow(2).sum(dim=(1, 2), keepdim=True).sqrt()
     nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(grn(x), 0.5 * x * nx + 0.1 + x)
