@@ -10,8 +10,9 @@ ReLU layers of the DSFR U-Net (its feature maps are DSFR's features).
   forward order (`activation`, `activation_1`, …), so the authors' layer "activation_9"
   is the second ReLU of the 1024-channel bottleneck.
 - `dl_mri`: 3D ResNet18 from MONAI (`monai.networks.nets.resnet18`, 1 input channel, one
-  logit), with a MedicalNet-style stem (conv1 stride 2, as the PIPELINE's "MedicalNet style"
-  model; MONAI's own default is stride 1).
+  logit) built as MedicalNet's ResNet-18 (conv1 stride 2 and shortcut type A — identity
+  with zero-padded channels, no downsample weights; MONAI's defaults are stride 1 and B),
+  so a MedicalNet state dict loads (its `conv_seg` head dropped).
 - `dl_us`: ConvNeXt V2 (Woo et al., 2023: depthwise 7×7 conv → LayerNorm → pointwise 4×
   MLP with GELU and Global Response Normalization → residual), written here to timm's
   `timm.models.convnext.ConvNeXt` with its `convnextv2_*` settings (timm itself is not a
@@ -336,7 +337,8 @@ class NetworkSpec:
                 from monai.networks.nets import resnet18
 
                 return resnet18(spatial_dims=3, n_input_channels=1, num_classes=1,
-                                widen_factor=self.width, conv1_t_stride=2)
+                                widen_factor=self.width, conv1_t_stride=2,
+                                shortcut_type="A")
             if self.model == "dl_us":
                 return ConvNeXtV2(self.variant, width=self.width, drop_path=self.drop_path)
         raise ValueError(f"unknown model {self.model!r}; known: {list(MODELS)}")
@@ -445,8 +447,12 @@ def adapt_pretrained(model: str, net: nn.Module, state: Mapping[str, torch.Tenso
 
     unknown = [k for k in out if k not in ours]
     if unknown:
+        hint = ""
+        if model == "dl_mri" and all(".downsample." in k for k in unknown):
+            hint = (" (this file's ResNet-18 has shortcut type B, MONAI's default, with "
+                    "downsample convolutions; dl_mri is MedicalNet's ResNet-18, type A)")
         raise ValueError(f"{model}: checkpoint keys the network does not have: "
-                         f"{listing(unknown)}")
+                         f"{listing(unknown)}{hint}")
     wrong = [f"{k} {shape(k)} vs {tuple(ours[k].shape)}" for k in out
              if shape(k) != tuple(ours[k].shape)]
     if wrong:
@@ -456,10 +462,7 @@ def adapt_pretrained(model: str, net: nn.Module, state: Mapping[str, torch.Tenso
                and not k.endswith(".num_batches_tracked")]
     if missing:
         hint = ""
-        if model == "dl_mri" and all(".downsample." in k for k in missing):
-            hint = (" (MedicalNet's ResNet-18 uses shortcut type A, without downsample "
-                    "weights; this network uses MONAI's default B)")
-        elif model == "dl_us" and all(k.startswith("head.") for k in missing):
+        if model == "dl_us" and all(k.startswith("head.") for k in missing):
             hint = " (a timm FCMAE pre-training checkpoint has no head.norm; use a fine-tuned one)"
         raise ValueError(f"{model}: network keys the checkpoint lacks: {listing(missing)}{hint}")
     absent = [k for k in ours if k not in out and k not in dropped]

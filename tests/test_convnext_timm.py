@@ -213,7 +213,8 @@ def test_checkpoint_of_another_variant_or_an_incomplete_one_is_refused() -> None
 def mri(seed: int, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     return resnet18(**{"spatial_dims": 3, "n_input_channels": 1, "num_classes": 1,
-                       "widen_factor": 0.25, "conv1_t_stride": 2, **kwargs})
+                       "widen_factor": 0.25, "conv1_t_stride": 2, "shortcut_type": "A",
+                       **kwargs})
 
 
 def test_medicalnet_checkpoint_adapts_into_dl_mri() -> None:
@@ -240,11 +241,12 @@ def test_medicalnet_checkpoint_adapts_into_dl_mri() -> None:
         adapt_pretrained("dl_mri", net, {**state, "layer5.0.conv1.weight": torch.ones(1)})
 
 
-def test_medicalnet_shortcut_a_file_is_refused_with_the_reason() -> None:
-    # MedicalNet's ResNet-18 has shortcut type A (no downsample weights); our dl_mri has B
-    state = mri(1, shortcut_type="A").state_dict()
+def test_a_shortcut_b_resnet_is_refused_with_the_reason() -> None:
+    # dl_mri is MedicalNet's ResNet-18 (shortcut type A: no downsample weights); a file of
+    # MONAI's default type B carries downsample convolutions the network does not have
+    state = mri(1, shortcut_type="B").state_dict()
     net = NetworkSpec("dl_mri", width=0.25).build(0)
-    with pytest.raises(ValueError, match=r"layer2\.0\.downsample\.0\.weight.*shortcut type A"):
+    with pytest.raises(ValueError, match=r"layer2\.0\.downsample\.0\.weight.*shortcut type B"):
         adapt_pretrained("dl_mri", net, state)
 
 

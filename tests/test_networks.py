@@ -57,6 +57,7 @@ def test_resnet18_is_monais_with_one_channel_and_one_logit() -> None:
     assert [len(layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)] == \
         [2, 2, 2, 2]  # ResNet18's basic blocks
     assert net.conv1.stride == (2, 2, 2)  # MedicalNet-style stem
+    assert not any(".downsample." in k for k in net.state_dict())  # MedicalNet's shortcut A
     with torch.no_grad():
         assert net(torch.randn(2, 1, 32, 32, 32)).shape == (2, 1)
 
