@@ -13,8 +13,10 @@ The data path, per patient (paper 2: "ROI dilated by 50 pixels, intensity scalin
    the paper's `margin_px` pixels at the native in-plane spacing), made a cube (a square for
    2D) around the box centre so resizing keeps the aspect, cut with MONAI's `SpatialCrop`
    (clipped to the image) and padded back to a cube where the image border cut it.
-4. **Z-score** over the ROI (MONAI `NormalizeIntensity`; removes the site's scanner scale
-   and offset), then **resize** to `size`ⁿ (MONAI `Resize`; the mask interpolated and
+4. **Z-score** (MONAI `NormalizeIntensity`; removes the site's scanner scale and offset)
+   over the tissue around the tumour in the ROI (`reference = tissue`: the tumour's
+   enhancement relative to its surroundings is what the network sees) or over the whole
+   ROI (`roi`, ultrasound), then **resize** to `size`ⁿ (MONAI `Resize`; the mask interpolated and
    kept at ≥ 0.5, so a tumour smaller than a voxel does not vanish).
 
 DSFR (paper 1) takes the same in-plane ROI over every axial slice with tumour, z-scored
@@ -61,6 +63,7 @@ class Preparation:
     spacing: float = 1.0  # common spacing (mm, isotropic); 0 = the native grid
     margin_mm: float = 5.0  # ROI margin around the mask's bounding box
     margin_px: int = 0  # > 0: the paper's margin in pixels at the native in-plane spacing
+    reference: str = "tissue"  # z-score over the tissue around the tumour | the whole ROI
 
     def margin(self, native_inplane: float) -> float:
         """The margin in mm for an image of this native in-plane spacing."""
@@ -193,11 +196,12 @@ def _common_grid(picture: sitk.Image, labels: sitk.Image, prep: Preparation,
             float(picture.GetSpacing()[0]))
 
 
-def roi(image: np.ndarray, mask: np.ndarray, margin_vox: float,
-        axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def roi(image: np.ndarray, mask: np.ndarray, margin_vox: float, axes: tuple[int, ...],
+        reference: str = "tissue") -> tuple[np.ndarray, np.ndarray]:
     """The cubic ROI (bounding box + margin, on `axes` in numpy order; other axes: the
     mask's extent) cut with MONAI's SpatialCrop, padded to a cube where clipped: the image
-    z-scored over the ROI (MONAI NormalizeIntensity), padded with 0 (the ROI mean)."""
+    z-scored (MONAI NormalizeIntensity) over the tissue around the tumour or the whole ROI
+    (`reference`), padded with 0 (the reference's mean)."""
     lo, hi = bounding_box(mask)
     side = int(np.ceil(max(hi[a] - lo[a] for a in axes) + 2 * margin_vox))
     start, stop = lo.copy(), hi.copy()
@@ -207,10 +211,23 @@ def roi(image: np.ndarray, mask: np.ndarray, margin_vox: float,
     crop = SpatialCrop(roi_start=np.maximum(start, 0), roi_end=np.minimum(stop, mask.shape))
     x = crop(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None])
     m = crop(torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None])
-    x = NormalizeIntensity()(x)
+    x = NormalizeIntensity(**_reference(x, m, reference))(x)
     target = [side if a in axes else m.shape[1 + a] for a in range(mask.ndim)]
     pad = SpatialPad(spatial_size=target, mode="constant")
     return np.asarray(pad(x), np.float32), np.asarray(pad(m), np.float32)
+
+
+def _reference(x: torch.Tensor, m: torch.Tensor, reference: str) -> dict[str, float]:
+    """Z-score reference: `tissue` = the tissue around the tumour inside the ROI (so the
+    tumour's enhancement relative to it is what the network sees, as a radiologist reads
+    DCE-MRI; the whole ROI when the margin holds fewer than 64 voxels), `roi` = the whole
+    ROI (ultrasound: the posterior region below a lesion is itself a finding)."""
+    if reference not in ("tissue", "roi"):
+        raise ValueError(f"unknown intensity reference {reference!r}; known: tissue, roi")
+    around = x[m == 0]
+    values = around if reference == "tissue" and around.numel() >= 64 else x.flatten()
+    std = float(values.std())
+    return {"subtrahend": float(values.mean()), "divisor": std if std > 1e-8 else 1.0}
 
 
 def _resize(x: np.ndarray, m: np.ndarray, size: tuple[int, ...]) -> tuple[np.ndarray,
@@ -236,7 +253,7 @@ def mri_roi(image: Path, mask: Path, prep: Preparation) -> Prepared:
     """DL-MRI input: the ROI cube at the common spacing, z-scored, resized to size³."""
     picture, labels = _pair(image, mask, 3)
     array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1, 2))
-    x, m = roi(array, target, margin_mm / spacing, (0, 1, 2))
+    x, m = roi(array, target, margin_mm / spacing, (0, 1, 2), prep.reference)
     side_mm = x.shape[-1] * spacing
     x, m = _resize(x, m, (prep.size,) * 3)
     return Prepared(x, m, side_mm / prep.size)
@@ -246,7 +263,7 @@ def us_roi(image: Path, mask: Path, prep: Preparation) -> Prepared:
     """DL-US input: the square ROI (common spacing, or native pixels), z-scored, size²."""
     picture, labels = _pair(image, mask, 2)
     array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1))
-    x, m = roi(array, target, margin_mm / spacing, (0, 1))
+    x, m = roi(array, target, margin_mm / spacing, (0, 1), prep.reference)
     side_mm = x.shape[-1] * spacing
     x, m = _resize(x, m, (prep.size,) * 2)
     return Prepared(x, m, side_mm / prep.size)
@@ -257,7 +274,7 @@ def tumour_slices(image: Path, mask: Path, prep: Preparation) -> Prepared:
     spacing), z-scored over the patient's ROI slab, resized to size²: (k, 1, size, size)."""
     picture, labels = _pair(image, mask, 3)
     array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1))
-    x, m = roi(array, target, margin_mm / spacing, (1, 2))  # numpy (z, y, x)
+    x, m = roi(array, target, margin_mm / spacing, (1, 2), prep.reference)  # (z, y, x)
     side_mm = x.shape[-1] * spacing
     keep = np.flatnonzero(m[0].any(axis=(1, 2)))
     slices = [_resize(x[:, z], m[:, z], (prep.size,) * 2) for z in keep]

@@ -78,6 +78,7 @@ class TrainParams:
     spacing: float = 1.0  # common spacing (mm) the images are resampled to; 0 = native
     margin_mm: float = 3.0  # ROI margin around the tumour's bounding box
     margin: int = 0  # > 0: the paper's ROI margin in pixels at the native spacing
+    reference: str = "tissue"  # intensity z-score over: tissue around the tumour | roi
     folds: int = 4  # CV folds (deep) or validation split 1/folds (dsfr)
     seed: int = 0
     epochs: int = 1
@@ -138,7 +139,8 @@ class TrainParams:
         for name, value, allowed in (("optimizer", self.optimizer, ("adam", "adamw", "sgd")),
                                      ("strategy", self.strategy, ("fedavg", "fedprox")),
                                      ("device", self.device, ("auto", "cpu", "cuda")),
-                                     ("amp", self.amp, ("auto", "off", "bf16", "fp16"))):
+                                     ("amp", self.amp, ("auto", "off", "bf16", "fp16")),
+                                     ("reference", self.reference, ("tissue", "roi"))):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not one of {list(allowed)}")
         largest = 160 if self.model == "dl_mri" else 512  # a site's memory: 160³ per patient
@@ -153,7 +155,8 @@ class TrainParams:
 
     def preparation(self) -> imaging.Preparation:
         return imaging.Preparation(size=self.size, spacing=self.spacing,
-                                   margin_mm=self.margin_mm, margin_px=self.margin)
+                                   margin_mm=self.margin_mm, margin_px=self.margin,
+                                   reference=self.reference)
 
 
 @dataclass
@@ -224,7 +227,7 @@ def round_seed(seed: int, site: str, model: str, unit: str, round_no: int) -> in
 # --------------------------------------------------------------------------- data
 
 
-PREP_FORMAT = 2  # bump when the data path changes: old per-patient cache files are ignored
+PREP_FORMAT = 3  # bump when the data path changes: old per-patient cache files are ignored
 
 
 def prepare_patient(found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
@@ -241,7 +244,7 @@ def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams) -> 
     """`cache/training/<model>/<key>.npz`: the key covers the preparation settings and the
     patient's image and mask files (name, size, modification time)."""
     digest = hashlib.sha256(json.dumps([PREP_FORMAT, p.model, p.size, p.spacing,
-                                        p.margin_mm, p.margin]).encode())
+                                        p.margin_mm, p.margin, p.reference]).encode())
     for kind in IMAGE_KINDS[p.model]:
         path = Path(found[kind])
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -304,7 +307,7 @@ def site_data(session: SiteSession, p: TrainParams) -> ModelData:
     patients = [str(i) for i in site.clinical.index]
     labels = session.labels()
     key = json.dumps([PREP_FORMAT, p.model, p.size, p.spacing, p.margin_mm, p.margin,
-                      session.task, patients, labels.tolist(), data_hash(site.root)])
+                      p.reference, session.task, patients, labels.tolist(), data_hash(site.root)])
     memo = session.cache.get(key)
     if memo is None:
         memo = prepare(site.root / CACHE, patients, site.image_paths, labels, p)

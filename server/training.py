@@ -70,29 +70,29 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 8,
                  "rounds": 6, "local_epochs": 1, "local_steps": 12, "dsfr_size": 64,
                  "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "constant",
-                 "smoothing": 0.0, "mix": False, "augment": False},
+                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.75},
         "dl_mri": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 8,
                    "rounds": 8, "local_epochs": 1, "local_steps": 10, "mri_size": 0,
                    "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "cosine",
                    "smoothing": 0.0, "mix": False, "augment": True},
         "dl_us": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 8,
                   "rounds": 8, "local_epochs": 1, "local_steps": 10, "us_size": 0,
-                  "spacing": 0.0, "margin_mm": 3.0, "margin": 0, "schedule": "cosine",
-                  "smoothing": 0.0, "mix": False, "augment": True},
+                  "spacing": 0.0, "margin_mm": 3.0, "margin": 0, "reference": "roi",
+                  "schedule": "cosine", "smoothing": 0.0, "mix": False, "augment": True},
     },
     "paper": {
         "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 6,
                  "rounds": 4, "local_epochs": 3, "local_steps": 0, "dsfr_size": 64,
                  "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
-                 "smoothing": 0.0, "mix": False, "augment": False},
+                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.25},
         "dl_mri": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 16,
                    "rounds": 3, "local_epochs": 1, "local_steps": 0, "mri_size": 96,
                    "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
                    "smoothing": 0.0, "mix": False, "augment": True},
         "dl_us": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "batch_size": 16,
                   "rounds": 3, "local_epochs": 1, "local_steps": 0, "us_size": 256,
-                  "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "cosine",
-                  "smoothing": 0.2, "mix": True, "augment": True},
+                  "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "reference": "roi",
+                  "schedule": "cosine", "smoothing": 0.2, "mix": True, "augment": True},
     },
 }
 # "auto" sizes: (GPU at every training site, otherwise)
@@ -159,12 +159,14 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
     "spacing": ("spacing", float, True),
     "roi-margin-mm": ("margin_mm", float, True),
     "roi-margin": ("margin", int, True),
+    "intensity-reference": ("reference", _lower, True),
     "us-variant": ("variant", _lower, False),
     "device": ("device", _lower, False),
     "amp": ("amp", _lower, False),
     "deep-cv-folds": ("cv_folds", int, False),
     "select": ("select", _lower, False),
     "augment": ("augment", flag, True),
+    "focal-alpha": ("focal_alpha", float, True),
     "pretrained": ("pretrained", str, True),
     "gradcam-patients": ("gradcam", int, False),
     "seed": ("seed", int, False),
@@ -202,6 +204,7 @@ class Plan:
     spacing: float = 1.0
     margin_mm: float = 3.0
     margin: int = 0
+    reference: str = "tissue"
     variant: str = "atto"
     device: str = "auto"
     amp: str = "auto"
@@ -215,6 +218,7 @@ class Plan:
     schedule: str = "constant"
     smoothing: float = 0.0
     mix: bool = False
+    focal_alpha: float = 0.25  # DSFR's focal loss: weight of the tumour pixels
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any], model: str) -> Plan:
@@ -242,7 +246,8 @@ class Plan:
                    "mode": (self.mode, MODES), "select": (self.select, SELECT),
                    "optimizer": (self.optimizer, ("adam", "adamw", "sgd")),
                    "device": (self.device, ("auto", "cpu", "cuda")),
-                   "amp": (self.amp, ("auto", "off", "bf16", "fp16"))}
+                   "amp": (self.amp, ("auto", "off", "bf16", "fp16")),
+                   "intensity-reference": (self.reference, ("tissue", "roi"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"run config {key}: {value!r} is not one of {list(allowed)}")
@@ -255,6 +260,8 @@ class Plan:
             raise ConfigError("run config rounds, local-epochs and batch-size must be >= 1")
         if not 0 <= self.local_steps <= 100_000:
             raise ConfigError("run config local-steps must be in [0, 100000] (0: epochs)")
+        if not 0 < self.focal_alpha < 1:
+            raise ConfigError("run config focal-alpha must be in (0, 1)")
         if not self.lr > 0 or self.weight_decay < 0 or self.mu < 0:
             raise ConfigError("run config lr must be > 0, weight-decay and proximal-mu >= 0")
         if not (0 <= self.spacing <= 20 and 0 <= self.margin_mm <= 200
@@ -321,7 +328,8 @@ class Plan:
         """The query fields of client.training.TrainParams (no round/units/weights)."""
         return {"model": self.model, "width": float(self.width), "variant": self.variant,
                 "size": self.size, "spacing": self.spacing, "margin_mm": self.margin_mm,
-                "margin": self.margin, "folds": self.split_folds, "seed": self.seed,
+                "margin": self.margin, "reference": self.reference,
+                "folds": self.split_folds, "seed": self.seed,
                 "epochs": self.local_epochs, "local_steps": self.local_steps,
                 "batch_size": self.batch_size,
                 "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
@@ -329,7 +337,7 @@ class Plan:
                 "mu": self.mu,
                 "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
                 "amp": self.amp, "augment": self.augment, "mix": self.mix,
-                "pretrained": self.pretrained,
+                "pretrained": self.pretrained, "focal_alpha": self.focal_alpha,
                 "smoothing": self.smoothing, "deterministic": self.deterministic}
 
     def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported lazily)

@@ -19,14 +19,31 @@ Generative model, per site and patient (all draws from numpy Generators seeded b
    ``COVARIATE_CODING`` (``cox_covariates`` builds them from clinical.csv), censored by the
    minimum of administrative censoring (staggered accrual) and exponential drop-out.
 5. **Images.** An image phenotype ``z = noise + effect_size * shift[class]`` (tumour
-   heterogeneity, margin irregularity, enhancement, ultrasound posterior feature) drives
-   an MRI phantom (fibroglandular/fat background, ellipsoidal tumour with lobulated and
-   spiculated margin whose physical size is ``IMAGE_MM_PER_CLINICAL_MM * tumour_size_mm``)
-   and a 2D ultrasound phantom (speckle, hypoechoic lesion, posterior shadowing or
-   enhancement). ``effect_size = 0`` makes images independent of HER2. The site's scanner
-   profile is applied last. Reader 1's mask is the phantom's true extent; reader 2's mask
-   perturbs the boundary by about one voxel (outward in some parts, inward in others) and
-   shifts it slightly.
+   heterogeneity, margin irregularity, enhancement, ultrasound posterior feature; SD 1) is the
+   only class-dependent image signal besides tumour size; ``appearance`` / ``APPEARANCE`` say
+   how each SD shows in the pixels. MRI: an in-plane FOV of ``image_size * 0.8`` mm (0.6 x
+   that through-plane) of fat and enhancing fibroglandular tissue, with an ellipsoidal tumour
+   (lobulated, spiculated margin; diameter ``mri_mm_per_clinical_mm(image_size) *
+   tumour_size_mm``, so the largest possible tumour spans at most 1 / 2.5 of the in-plane FOV
+   at every image size) at a uniformly random position, in a patch of gland. Tumour
+   intensity is ``exp(0.3 z)`` times a fixed level (about 1.9 x the gland, +35 % per SD,
+   well above the sites' scanner noise of 2-7 % of that level), texture inside it has a
+   log-SD (about the coefficient of variation) of ``0.16 exp(0.4 z)``. Ultrasound
+   (64 x 64 mm): skin, fat, gland and muscle with speckle, a hypoechoic lesion (echo
+   ``0.15 exp(0.35 z_enhancement)``, textured, same margin model, at most about half the
+   width) at a random lateral position and depth, shadowing or posterior enhancement below.
+   ``effect_size = 0`` makes images independent of HER2. The site's scanner profile is
+   applied last (spacing, intensity scale/offset, noise, bias field); placement, FOV and
+   scaling never depend on the class. Reader 1's mask is the phantom's true extent; reader
+   2's mask perturbs the boundary by about one voxel (outward in some parts, inward in
+   others) and shifts it slightly.
+6. **Ceiling.** ``truth["ceiling"]`` holds, per task (her2-positive: positive vs zero + low;
+   her2-low: low vs zero; latent class, IHC2+ without ISH excluded), the AUC attainable from
+   what generated the images (phenotype + log tumour size) with the Bayes-optimal score
+   (``optimal_score``): the population value (``attainable_auc``, seeded Monte Carlo) and
+   the sample value on the drawn patients, pooled and per site. her2-positive population
+   ceiling by effect size: 0.5 -> 0.74, 1 (default) -> 0.90, 1.5 -> 0.97, 2 -> 0.99,
+   3 -> 1.00; her2-low: 0.63, 0.75, 0.84, 0.91, 0.98.
 
 Everything that generated the data is written to ``<out>/truth.json``; the pipeline never
 reads it.
@@ -48,9 +65,10 @@ import SimpleITK as sitk
 import yaml
 from PIL import Image
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 GENERATOR = "feddlr.simulation.cohort"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 HER2_CLASSES: tuple[str, ...] = ("zero", "low", "positive")
 CLINICAL_COLUMNS: tuple[str, ...] = (
@@ -99,17 +117,38 @@ PHENOTYPES: tuple[str, ...] = ("heterogeneity", "irregularity", "enhancement", "
 PHENOTYPE_SHIFTS: dict[str, dict[str, float]] = {
     "zero": {"heterogeneity": 0.0, "irregularity": 0.6, "enhancement": 0.0, "posterior": 0.0},
     "low": {"heterogeneity": 0.5, "irregularity": 0.0, "enhancement": 0.4, "posterior": 0.3},
-    "positive": {"heterogeneity": 1.0, "irregularity": 1.0, "enhancement": 1.0,
-                 "posterior": 1.0},
+    "positive": {"heterogeneity": 0.8, "irregularity": 1.0, "enhancement": 1.6,
+                 "posterior": 0.8},
 }
 LOG_SIZE_SHIFTS: dict[str, float] = {"zero": 0.0, "low": 0.05, "positive": 0.15}
-IMAGE_MM_PER_CLINICAL_MM = 0.5  # MRI phantom diameter = 0.5 x tumour_size_mm
-US_MM_PER_CLINICAL_MM = 0.8
-US_SIZE_PX = 96
-US_PIXEL_MM = 0.5
-REFERENCE_INPLANE_MM = 0.8  # FOV in-plane = image_size x 0.8 mm at every site
-REFERENCE_SLICE_MM = 2.0  # FOV through-plane = (image_size // 2) x 2 mm
+LOG_SIZE_SD = 0.38  # patient-level SD of log tumour size
 TUMOUR_SIZE_RANGE_MM = (10.0, 45.0)
+# how each phenotype (z, in SD units) shows in the pixels; ``appearance`` implements it
+APPEARANCE: dict[str, str] = {
+    "enhancement": "MRI tumour intensity = TUMOUR_LEVEL * exp(0.3 z) (clip 0.35-3) over "
+                   "fibroglandular tissue ~0.45 and fat 0.12, before the scanner: +35 % per SD",
+    "heterogeneity": "MRI and US texture inside the tumour: log-normal (MRI: tails bounded "
+                     "at 1.5 SD), log-SD 0.16 * exp(0.4 z) (clip 0.03-0.5; US x 1.4), "
+                     "correlation ~1 mm; scanner noise is 0.02-0.07 of TUMOUR_LEVEL",
+    "irregularity": "u = 1 / (1 + exp(-1.1 z)): MRI lobulation up to 0.04 + 0.21 u of the "
+                    "radius and 2 + 14 u spicules of (0.05 + 0.35 u) x the semi-axis; US "
+                    "lobulation up to 0.04 + 0.12 u and 2 + 12 u spicules of the same length",
+    "posterior": "US echo below the lesion x (1 + p), p = -0.25 + 0.45 z (clip -0.85-1.2): "
+                 "shadowing (p < 0) to posterior enhancement (p > 0)",
+    "echogenicity": "US lesion echo 0.15 * exp(0.35 z_enhancement) (clip 0.04-0.6) vs gland "
+                    "0.70 and fat 0.22: hypoechoic, brighter when enhancing",
+}
+TUMOUR_LEVEL = 0.85  # x exp(0.3 z): about 1.9 x the gland at z = 0
+DEFAULT_IMAGE_SIZE = 96
+REFERENCE_INPLANE_MM = 0.8  # MRI FOV in-plane = image_size x 0.8 mm at every site
+FOV_Z_FRACTION = 0.6  # MRI FOV through-plane = 0.6 x the in-plane FOV
+FOV_PER_TUMOUR = 2.5  # in-plane FOV / extent of the largest possible tumour
+MAX_RADIUS_FACTOR = 1.65  # largest margin radius / semi-major axis (lobes 1.25 + spicules 0.4)
+US_MM_PER_CLINICAL_MM = 0.5  # ultrasound lesion width per clinical mm
+US_SIZE_PX = 128
+US_PIXEL_MM = 0.5
+CEILING_DRAWS = 200_000  # Monte Carlo draws per class for the population ceiling
+CEILING_SEED = 20_240_607
 
 # stream ids inside SeedSequence spawn keys
 _COHORT, _SITE = 0, 1
@@ -169,7 +208,7 @@ def simulate_cohort(
     seed: int = 0,
     *,
     effect_size: float = 1.0,
-    image_size: int = 48,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     progress: Callable[[str], None] | None = None,
     external_sites: int = 0,
     images: bool = True,
@@ -186,6 +225,7 @@ def simulate_cohort(
     say = progress or (lambda _msg: None)
     plans = _plan_sites(seed, n_sites, n_patients, external_sites)
     truth = _truth_header(seed, n_sites, n_patients, effect_size, image_size, images)
+    draws = {}
     for plan in plans:
         draw = _draw_site(seed, plan, effect_size)
         site_dir = out / plan.site_id
@@ -196,6 +236,8 @@ def simulate_cohort(
         say(f"{plan.site_id}: {plan.n_patients} patients written")
         truth["sites"][plan.site_id] = _site_truth(plan, draw)
         truth["patients"].update(_patient_truth(plan, draw))
+        draws[plan.site_id] = (plan, draw)
+    truth["ceiling"] = _ceiling_truth(draws, effect_size)
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth
 
@@ -435,7 +477,7 @@ def _draw_covariates(rng: np.random.Generator, cls: np.ndarray, plan: SitePlan,
     ki67 = np.clip(np.round(ki67), 1, 95).astype(int)
     log_size = (math.log(20.0) + shift["log_tumour_size"]
                 + effect_size * np.array([LOG_SIZE_SHIFTS[c] for c in cls])
-                + rng.normal(0.0, 0.38, n))
+                + rng.normal(0.0, LOG_SIZE_SD, n))
     size = np.clip(np.round(np.exp(log_size)), *TUMOUR_SIZE_RANGE_MM).astype(int)
     p_nm = np.array([prev["non_mass"][c] for c in cls]) + shift["non_mass_probability"]
     non_mass = rng.random(n) < p_nm
@@ -500,6 +542,27 @@ def _write_site_images(seed: int, plan: SitePlan, draw: SiteDraw, site_dir: Path
 
 
 # ---------------------------------------------------------------------------------------
+# phenotype -> appearance (shared by the MRI and the ultrasound phantom)
+# ---------------------------------------------------------------------------------------
+def appearance(pheno: dict[str, float]) -> dict[str, float]:
+    """What each phenotype does to the pixels (see ``APPEARANCE``); monotone in each SD."""
+    return {
+        "enhancement": float(np.clip(np.exp(0.3 * pheno["enhancement"]), 0.35, 3.0)),
+        "heterogeneity": float(np.clip(0.16 * np.exp(0.4 * pheno["heterogeneity"]), 0.03, 0.5)),
+        "irregularity": float(1.0 / (1.0 + np.exp(-1.1 * pheno["irregularity"]))),
+        "posterior": float(np.clip(-0.25 + 0.45 * pheno["posterior"], -0.85, 1.2)),
+        "echogenicity": float(np.clip(0.15 * np.exp(0.35 * pheno["enhancement"]), 0.04, 0.6)),
+    }
+
+
+def mri_mm_per_clinical_mm(image_size: int) -> float:
+    """MRI phantom diameter per clinical mm: the largest possible tumour (TUMOUR_SIZE_RANGE_MM
+    top, most irregular margin) spans 1 / FOV_PER_TUMOUR of the in-plane FOV."""
+    fov = image_size * REFERENCE_INPLANE_MM
+    return fov / (FOV_PER_TUMOUR * MAX_RADIUS_FACTOR * TUMOUR_SIZE_RANGE_MM[1])
+
+
+# ---------------------------------------------------------------------------------------
 # MRI phantom
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -512,42 +575,65 @@ class _Tumour:
     lobe_amplitude: float  # relative
     spicule_dirs: np.ndarray  # (m, 3) unit
     spicule_length_mm: float
+    half_extent: np.ndarray  # mm, (x, y, z): the margin lies inside center +- half_extent
 
 
 def mri_phantom(rng: np.random.Generator, scanner: ScannerProfile, pheno: dict[str, float],
-                size_mm: float, image_size: int = 48) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
-    """One DCE-MRI-like volume (int16) with reader-1 and reader-2 masks (uint8, same grid)."""
+                size_mm: float, image_size: int = DEFAULT_IMAGE_SIZE
+                ) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """One DCE-MRI-like volume (int16) with reader-1 and reader-2 masks (uint8, same grid).
+
+    The in-plane FOV is ``image_size * REFERENCE_INPLANE_MM`` at every site; the tumour sits
+    at a random position inside it, in fibroglandular tissue surrounded by fat and gland.
+    Everything tumour-related is computed in the tumour's bounding box only (speed)."""
     spacing = np.array([scanner.inplane_spacing_mm, scanner.inplane_spacing_mm,
                         scanner.slice_thickness_mm])
     shape_xyz = _mri_matrix(spacing, image_size)
-    coords = _mm_grid(shape_xyz, spacing)  # (x, y, z) arrays broadcastable over (z, y, x)
-    tumour = _tumour(rng, pheno, size_mm, shape_xyz, spacing)
+    shape_zyx = shape_xyz[::-1]
+    look = appearance(pheno)
+    tumour = _tumour(rng, look, size_mm, mri_mm_per_clinical_mm(image_size), shape_xyz, spacing)
+    box = _tumour_box(tumour, shape_xyz, spacing)
+    coords = _mm_grid(shape_xyz, spacing, box)  # (x, y, z), broadcastable over the box
     inside = _tumour_margin(coords, tumour)  # mm, > 0 inside
-    mask1 = inside >= 0
-    if not mask1.any():  # a voxel centre always falls inside; keep the guarantee explicit
-        mask1[_nearest_voxel(tumour.center, shape_xyz, spacing)] = True
-    mask2 = _reader2_mask(rng, coords, tumour, mask1, spacing)
-    signal = _background(rng, coords, spacing)
-    signal = _add_tumour(rng, signal, inside, pheno, spacing)
-    values = _apply_scanner(rng, signal, coords, shape_xyz, spacing, scanner)
+    mask1_box = inside >= 0
+    if not mask1_box.any():  # a tiny tumour between voxel centres: keep its nearest voxel
+        mask1_box[tuple(i - s.start for i, s in
+                        zip(_nearest_voxel(tumour.center, shape_xyz, spacing), box,
+                            strict=True))] = True
+    mask2_box = _reader2_mask(rng, coords, tumour, mask1_box, spacing)
+    signal = _background(rng, shape_xyz, spacing, tumour)
+    signal[box] = _add_tumour(rng, signal[box], inside, look, spacing)
+    values = _apply_scanner(rng, signal, _mm_grid(shape_xyz, spacing), shape_xyz, spacing,
+                            scanner)
     origin = np.array(scanner.origin_mm) + rng.uniform(-5.0, 5.0, 3)
-    image = _to_sitk(values.astype(np.int16), spacing, origin)
-    return image, _to_sitk(mask1.astype(np.uint8), spacing, origin), \
-        _to_sitk(mask2.astype(np.uint8), spacing, origin)
+    masks = []
+    for part in (mask1_box, mask2_box):
+        full = np.zeros(shape_zyx, np.uint8)
+        full[box] = part
+        masks.append(_to_sitk(full, spacing, origin))
+    return _to_sitk(values.astype(np.int16), spacing, origin), masks[0], masks[1]
 
 
 def _mri_matrix(spacing: np.ndarray, image_size: int) -> tuple[int, int, int]:
     """Voxel counts covering a fixed physical FOV (sites differ in matrix, not anatomy)."""
-    nxy = max(16, round(image_size * REFERENCE_INPLANE_MM / spacing[0]))
-    nz = max(8, round((image_size // 2) * REFERENCE_SLICE_MM / spacing[2]))
+    fov = image_size * REFERENCE_INPLANE_MM
+    nxy = max(16, round(fov / spacing[0]))
+    nz = max(8, round(FOV_Z_FRACTION * fov / spacing[2]))
     return nxy, nxy, nz
 
 
-def _mm_grid(shape_xyz: tuple[int, int, int], spacing: np.ndarray) -> tuple[np.ndarray, ...]:
-    nx, ny, nz = shape_xyz
-    x = (np.arange(nx) - (nx - 1) / 2) * spacing[0]
-    y = (np.arange(ny) - (ny - 1) / 2) * spacing[1]
-    z = (np.arange(nz) - (nz - 1) / 2) * spacing[2]
+def _axis_mm(n: int, step: float) -> np.ndarray:
+    return (np.arange(n) - (n - 1) / 2) * step
+
+
+def _mm_grid(shape_xyz: tuple[int, int, int], spacing: np.ndarray,
+             box: tuple[slice, ...] | None = None) -> tuple[np.ndarray, ...]:
+    """Voxel-centre coordinates (mm, FOV centre = 0) as (x, y, z) arrays broadcastable over
+    (z, y, x), for the whole grid or the ``box`` (numpy order slices) of it."""
+    axes = [_axis_mm(shape_xyz[i], spacing[i]) for i in range(3)]
+    if box is not None:
+        axes = [axes[i][box[2 - i]] for i in range(3)]
+    x, y, z = axes
     return x[None, None, :], y[None, :, None], z[:, None, None]
 
 
@@ -556,27 +642,39 @@ def _unit_vectors(rng: np.random.Generator, k: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _tumour(rng: np.random.Generator, pheno: dict[str, float], size_mm: float,
+def _tumour(rng: np.random.Generator, look: dict[str, float], size_mm: float, scale: float,
             shape_xyz: tuple[int, int, int], spacing: np.ndarray) -> _Tumour:
-    irregular = float(np.clip(0.5 + 0.25 * pheno["irregularity"], 0.05, 1.5))
-    semi = 0.5 * IMAGE_MM_PER_CLINICAL_MM * size_mm
+    """Ellipsoid with lobulated and spiculated margin, at a random place in the FOV."""
+    irregular = look["irregularity"]
+    semi = 0.5 * scale * size_mm
     axes = semi * np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.6, 0.95)])
     rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-    lobe_amp = 0.18 * irregular
-    spicule_len = min(4.0, 0.35 * semi + 0.8) * irregular
-    n_spicules = 4 + round(8 * irregular)
-    half_fov = np.array(shape_xyz) * spacing / 2 - 1.5 * spacing
-    extent = axes.max() * (1 + 1.5 * lobe_amp) + 1.5 * spicule_len
-    shrink = min(1.0, float(half_fov.min()) / extent)
-    axes, spicule_len, extent = axes * shrink, spicule_len * shrink, extent * shrink
-    room = np.maximum(half_fov - extent, 0.0)
-    center = rng.uniform(-0.5, 0.5, 3) * room
+    lobe_amp = 0.04 + 0.21 * irregular  # <= 0.25
+    spicule_len = (0.05 + 0.35 * irregular) * semi  # <= 0.4 semi: MAX_RADIUS_FACTOR 1.65
+    n_spicules = 2 + round(14 * irregular)
+    lobe_dirs, lobe_weights = _unit_vectors(rng, 5), rng.uniform(0.4, 1.0, 5)
+    spicule_dirs = _unit_vectors(rng, n_spicules)
+    # per-axis extent of the rotated ellipsoid, grown by the lobes, plus the spicules
+    half = np.sqrt(((rotation * axes) ** 2).sum(axis=1)) * (1.0 + lobe_amp) + spicule_len
+    reach = (np.array(shape_xyz) - 1) / 2 * spacing - half - spacing
+    center = rng.uniform(-1.0, 1.0, 3) * np.maximum(reach, 0.0)
     return _Tumour(
-        center=center, rotation=rotation, axes=axes,
-        lobe_dirs=_unit_vectors(rng, 6), lobe_weights=rng.uniform(0.3, 1.0, 6),
-        lobe_amplitude=lobe_amp, spicule_dirs=_unit_vectors(rng, n_spicules),
-        spicule_length_mm=spicule_len,
+        center=center, rotation=rotation, axes=axes, lobe_dirs=lobe_dirs,
+        lobe_weights=lobe_weights, lobe_amplitude=lobe_amp, spicule_dirs=spicule_dirs,
+        spicule_length_mm=spicule_len, half_extent=half,
     )
+
+
+def _tumour_box(tumour: _Tumour, shape_xyz: tuple[int, int, int], spacing: np.ndarray
+                ) -> tuple[slice, ...]:
+    """Numpy-order slices of the voxels within the tumour's extent plus room for the soft
+    edge and reader 2's boundary (2 voxels + 1 mm)."""
+    n = np.array(shape_xyz)
+    pad = tumour.half_extent + 2.0 * spacing + 1.0
+    lo = np.floor((tumour.center - pad) / spacing + (n - 1) / 2).astype(int)
+    hi = np.ceil((tumour.center + pad) / spacing + (n - 1) / 2).astype(int) + 1
+    lo, hi = np.clip(lo, 0, n), np.clip(hi, 0, n)
+    return tuple(slice(int(lo[i]), int(hi[i])) for i in (2, 1, 0))
 
 
 def _local_directions(coords: tuple[np.ndarray, ...], tumour: _Tumour,
@@ -599,9 +697,8 @@ def _bumps(u: np.ndarray, dirs: np.ndarray, kappa: float) -> np.ndarray:
 def _boundary(u: np.ndarray, tumour: _Tumour) -> np.ndarray:
     """Radius (mm) of the tumour surface along direction u (tumour axes)."""
     ellipse = 1.0 / np.sqrt(((u / tumour.axes) ** 2).sum(axis=-1))
-    local_dirs = tumour.lobe_dirs
-    lobes = np.minimum((_bumps(u, local_dirs, 4.0) * tumour.lobe_weights).sum(-1), 1.5)
-    spikes = np.minimum(_bumps(u, tumour.spicule_dirs, 40.0).sum(-1), 1.5)
+    lobes = np.minimum((_bumps(u, tumour.lobe_dirs, 5.0) * tumour.lobe_weights).sum(-1), 1.0)
+    spikes = np.minimum(_bumps(u, tumour.spicule_dirs, 60.0).sum(-1), 1.0)
     return ellipse * (1.0 + tumour.lobe_amplitude * lobes) + tumour.spicule_length_mm * spikes
 
 
@@ -653,31 +750,75 @@ def _nearest_voxel(center: np.ndarray, shape_xyz: tuple[int, int, int],
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: np.ndarray
                   ) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=sigma_vox, mode="reflect")
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    field = ndimage.gaussian_filter(noise, sigma=sigma_vox, mode="reflect", truncate=3.0)
     return field / (field.std() + 1e-12)
 
 
-def _background(rng: np.random.Generator, coords: tuple[np.ndarray, ...],
-                spacing: np.ndarray) -> np.ndarray:
-    """Fat (dark) and fibroglandular tissue (enhancing) in physical-space texture."""
-    shape = np.broadcast_shapes(*(c.shape for c in coords))
-    zyx_spacing = spacing[::-1]
-    coarse = _smooth_field(rng, shape, 4.0 / zyx_spacing)
-    fine = _smooth_field(rng, shape, 0.8 / zyx_spacing)
-    threshold = rng.uniform(-0.2, 0.6)
+def _coarse_field(rng: np.random.Generator, shape_zyx: tuple[int, ...],
+                  spacing_zyx: np.ndarray, sigma_mm: float,
+                  extra: Callable[[tuple[np.ndarray, ...]], np.ndarray] | None = None
+                  ) -> np.ndarray:
+    """Smooth random field (unit SD) drawn on a grid of sigma/2 mm spanning the same corners,
+    plus ``extra(coarse coordinates)``, linearly interpolated to ``shape_zyx`` (fast)."""
+    extent = (np.array(shape_zyx) - 1) * spacing_zyx
+    coarse = tuple(int(max(2, min(n, math.ceil(e / (0.5 * sigma_mm)) + 1)))
+                   for n, e in zip(shape_zyx, extent, strict=True))
+    step = extent / np.maximum(np.array(coarse) - 1, 1)
+    field = _smooth_field(rng, coarse, sigma_mm / np.maximum(step, 1e-6))
+    if extra is not None:
+        grid = [(np.arange(c) - (c - 1) / 2) * s for c, s in zip(coarse, step, strict=True)]
+        field = field + extra((grid[0][:, None, None], grid[1][None, :, None],
+                               grid[2][None, None, :]))
+    wz, wy, wx = (_linear_weights(n, c) for n, c in zip(shape_zyx, coarse, strict=True))
+    field = np.einsum("zc,cyx->zyx", wz, field.astype(np.float32))
+    return np.matmul(np.matmul(wy, field), wx.T)
+
+
+def _linear_weights(n: int, c: int) -> np.ndarray:
+    """(n, c) matrix of linear interpolation from c to n samples spanning the same corners."""
+    pos = np.arange(n) * (c - 1) / max(n - 1, 1)
+    lo = np.minimum(np.floor(pos).astype(int), c - 2) if c > 1 else np.zeros(n, int)
+    frac = pos - lo
+    weights = np.zeros((n, c), np.float32)
+    weights[np.arange(n), lo] = 1.0 - frac
+    if c > 1:
+        weights[np.arange(n), lo + 1] += frac
+    return weights
+
+
+def _background(rng: np.random.Generator, shape_xyz: tuple[int, int, int],
+                spacing: np.ndarray, tumour: _Tumour) -> np.ndarray:
+    """Fat (dark) and enhancing fibroglandular tissue; the tumour lies in a gland region
+    (a bump of the gland field around it), the rest of the FOV is random fat/gland."""
+    shape_zyx, spacing_zyx = shape_xyz[::-1], spacing[::-1]
+    threshold = rng.uniform(-0.3, 0.5)
+    bed_radius = 1.3 * float(tumour.axes.max()) + 6.0  # size only, not the margin
+    c = tumour.center
+
+    def tumour_bed(zyx: tuple[np.ndarray, ...]) -> np.ndarray:
+        d2 = (zyx[2] - c[0]) ** 2 + (zyx[1] - c[1]) ** 2 + (zyx[0] - c[2]) ** 2
+        return 2.0 * np.exp(-d2 / bed_radius**2)
+
+    coarse = _coarse_field(rng, shape_zyx, spacing_zyx, 5.0, tumour_bed)
+    fine = _smooth_field(rng, shape_zyx, 0.7 / spacing_zyx)
     gland = 1.0 / (1.0 + np.exp(-(coarse - threshold) / 0.15))
-    return 0.22 + 0.30 * gland + 0.025 * fine + 0.02 * gland * fine
+    gland_level = 0.45 * float(np.exp(rng.normal(0.0, 0.05)))  # background enhancement
+    fat_level = 0.12
+    signal = fat_level + (gland_level - fat_level) * gland + 0.06 * gland_level * gland * fine
+    return (signal + 0.01 * fine).astype(np.float32)
 
 
 def _add_tumour(rng: np.random.Generator, signal: np.ndarray, inside: np.ndarray,
-                pheno: dict[str, float], spacing: np.ndarray) -> np.ndarray:
-    """Enhancing tumour with heterogeneous texture, partial-volume edge."""
-    enhancement = float(np.clip(1.0 + 0.18 * pheno["enhancement"], 0.55, 1.9))
-    heterogeneity = float(np.clip(0.07 * np.exp(0.45 * pheno["heterogeneity"]), 0.02, 0.45))
-    texture = _smooth_field(rng, signal.shape, 1.0 / spacing[::-1])
-    tumour = enhancement * (1.0 + heterogeneity * texture)
+                look: dict[str, float], spacing: np.ndarray) -> np.ndarray:
+    """Enhancing tumour with heterogeneous (log-normal, mean-preserving) texture and a
+    partial-volume edge, inside the tumour box."""
+    h = look["heterogeneity"]
+    texture = _smooth_field(rng, signal.shape, 0.9 / spacing[::-1])
+    texture = np.exp(h * 1.5 * np.tanh(texture / 1.5))  # log-normal-like, bounded tails
+    tumour = TUMOUR_LEVEL * look["enhancement"] * texture / texture.mean()
     soft = 1.0 / (1.0 + np.exp(-inside / (0.3 * spacing.min())))
-    return signal * (1.0 - soft) + np.maximum(tumour, 0.05) * soft
+    return (signal * (1.0 - soft) + tumour * soft).astype(np.float32)
 
 
 def _apply_scanner(rng: np.random.Generator, signal: np.ndarray,
@@ -689,8 +830,8 @@ def _apply_scanner(rng: np.random.Generator, signal: np.ndarray,
     direction /= np.linalg.norm(direction)
     linear = sum(direction[i] * coords[i] / half[i] for i in range(3))
     radial = (coords[0] / half[0]) ** 2 + (coords[1] / half[1]) ** 2 - 0.66
-    bias = np.exp(scanner.bias_field_strength * (linear + 0.5 * radial))
-    noise = rng.normal(0.0, scanner.noise_sd, signal.shape)
+    bias = np.exp(scanner.bias_field_strength * (linear + 0.5 * radial)).astype(np.float32)
+    noise = rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(scanner.noise_sd)
     values = scanner.intensity_scale * (signal * bias + noise) + scanner.intensity_offset
     return np.clip(np.round(values), 0, 32767)
 
@@ -708,47 +849,58 @@ def _to_sitk(array_zyx: np.ndarray, spacing: np.ndarray, origin: np.ndarray) -> 
 # ---------------------------------------------------------------------------------------
 def ultrasound_phantom(rng: np.random.Generator, scanner: ScannerProfile,
                        pheno: dict[str, float], size_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """96x96 B-mode-like image (uint8) and lesion mask (uint8, 0/255)."""
+    """US_SIZE_PX² B-mode-like image (uint8) and lesion mask (uint8, 0/255): skin, fat,
+    gland, pectoral muscle; a hypoechoic lesion at a random place in the gland layer."""
     n = US_SIZE_PX
     depth = (np.arange(n)[:, None] + 0.5) * US_PIXEL_MM  # rows = depth, mm
     lateral = (np.arange(n)[None, :] - (n - 1) / 2) * US_PIXEL_MM
-    echo = _us_tissue(rng, depth, lateral)
-    margin, bottom, half_width, cx = _us_lesion_shape(rng, pheno, size_mm, depth, lateral)
+    look = appearance(pheno)
+    echo, fat_end, gland_end = _us_tissue(rng, depth, lateral)
+    margin, bottom, half_width, cx = _us_lesion_shape(rng, look, size_mm, depth, lateral,
+                                                      fat_end, gland_end)
     mask = margin >= 0
     soft = 1.0 / (1.0 + np.exp(-margin / 0.4))
-    lesion_level = float(np.clip(0.14 * np.exp(0.25 * pheno["enhancement"]), 0.05, 0.4))
-    hetero = float(np.clip(0.2 * np.exp(0.35 * pheno["heterogeneity"]), 0.05, 0.6))
-    inner = lesion_level * np.exp(hetero * _smooth_field(rng, (n, n), np.array([2.0, 2.0])) - 0.1)
+    hetero = 1.4 * look["heterogeneity"]
+    texture = _smooth_field(rng, (n, n), np.array([1.5, 2.0]))
+    inner = look["echogenicity"] * np.exp(hetero * texture - 0.5 * hetero * hetero)
     echo = echo * (1 - soft) + inner * soft
-    posterior = float(np.clip(-0.6 + 0.35 * pheno["posterior"], -0.85, 0.8))
-    below = np.clip((depth - bottom) / 2.0, 0.0, 1.0) * np.exp(-np.maximum(depth - bottom, 0) / 12)
+    below = np.clip((depth - bottom) / 2.0, 0.0, 1.0) * np.exp(-np.maximum(depth - bottom, 0) / 14)
     columns = np.exp(-(((lateral - cx) / max(half_width, 1.0)) ** 8))
-    echo = echo * (1.0 + posterior * below * columns)
+    echo = echo * (1.0 + look["posterior"] * below * columns)
     return _us_render(rng, echo, depth, scanner), (mask * 255).astype(np.uint8)
 
 
-def _us_tissue(rng: np.random.Generator, depth: np.ndarray, lateral: np.ndarray) -> np.ndarray:
+def _us_tissue(rng: np.random.Generator, depth: np.ndarray, lateral: np.ndarray
+               ) -> tuple[np.ndarray, float, float]:
+    """Echo map of skin, subcutaneous fat, gland and muscle; (echo, fat end, gland end) mm."""
     n = depth.shape[0]
     smooth = _smooth_field(rng, (n, n), np.array([3.0, 8.0]))
-    fat_end = 7.0 + rng.uniform(-2.0, 3.0) + 1.5 * np.sin(lateral / 9.0 + rng.uniform(0, 6))
-    gland_end = 36.0 + rng.uniform(-4.0, 4.0) + 2.0 * smooth[:1, :]
+    fat_mean = 8.0 + rng.uniform(-2.0, 3.0)
+    gland_mean = 40.0 + rng.uniform(-4.0, 4.0)
+    fat_end = fat_mean + 1.5 * np.sin(lateral / 9.0 + rng.uniform(0, 6))
+    gland_end = gland_mean + 2.0 * smooth[:1, :]
     echo = np.where(depth < 1.5, 0.9, 0.0)
     echo = echo + np.where((depth >= 1.5) & (depth < fat_end), 0.22 + 0.06 * smooth, 0.0)
     echo = echo + np.where((depth >= fat_end) & (depth < gland_end), 0.70 + 0.12 * smooth, 0.0)
     muscle = 0.42 + 0.08 * np.sin(depth * 2 * np.pi / 1.6)
-    return echo + np.where(depth >= gland_end, muscle, 0.0)
+    wall = gland_end + 9.0
+    echo = echo + np.where((depth >= gland_end) & (depth < wall), muscle, 0.0)
+    echo = echo + np.where(depth >= wall, 0.12 + 0.03 * smooth, 0.0)
+    return echo, fat_mean + 1.5, gland_mean - 2.0
 
 
-def _us_lesion_shape(rng: np.random.Generator, pheno: dict[str, float], size_mm: float,
-                     depth: np.ndarray, lateral: np.ndarray
+def _us_lesion_shape(rng: np.random.Generator, look: dict[str, float], size_mm: float,
+                     depth: np.ndarray, lateral: np.ndarray, fat_end: float, gland_end: float
                      ) -> tuple[np.ndarray, float, float, float]:
     """Signed margin (mm, > 0 inside), lesion bottom depth, half width, lateral centre."""
-    irregular = float(np.clip(0.5 + 0.25 * pheno["irregularity"], 0.05, 1.5))
+    irregular = look["irregularity"]
     fov = US_SIZE_PX * US_PIXEL_MM
-    a = min(0.5 * US_MM_PER_CLINICAL_MM * size_mm, 0.36 * fov)
+    a = 0.5 * US_MM_PER_CLINICAL_MM * size_mm
     b = a * rng.uniform(0.55, 0.9)
-    cx = rng.uniform(-0.08, 0.08) * fov
-    cz = float(np.clip(rng.uniform(18.0, 24.0), b + 4.0, fov - b - 8.0))
+    reach = 0.5 * fov - 1.5 * a - 2.0
+    cx = rng.uniform(-1.0, 1.0) * max(reach, 0.0)
+    top, deepest = max(fat_end + 0.3 * b, 1.3 * b + 3.0), min(gland_end, fov - 1.3 * b - 12.0)
+    cz = rng.uniform(min(top, deepest), deepest)
     tilt = rng.uniform(-0.3, 0.3)
     dx, dz = lateral - cx, depth - cz
     lx = dx * np.cos(tilt) + dz * np.sin(tilt)
@@ -757,12 +909,14 @@ def _us_lesion_shape(rng: np.random.Generator, pheno: dict[str, float], size_mm:
     r = np.hypot(lx, lz)
     ellipse = a * b / np.sqrt((b * np.cos(theta)) ** 2 + (a * np.sin(theta)) ** 2)
     k = np.arange(2, 7)
-    lobes = (rng.uniform(0.2, 1.0, k.size)[:, None, None]
+    weights = rng.uniform(0.2, 1.0, k.size)
+    lobes = (weights[:, None, None]
              * np.cos(k[:, None, None] * theta + rng.uniform(0, 2 * np.pi, k.size)[:, None, None]))
-    lobulation = 0.07 * irregular * lobes.sum(0)
-    spike_angles = rng.uniform(-np.pi, np.pi, 3 + round(6 * irregular))
-    spikes = np.exp(25.0 * (np.cos(theta[None] - spike_angles[:, None, None]) - 1.0)).sum(0)
-    boundary = ellipse * (1.0 + lobulation) + min(3.0, 0.3 * a) * irregular * np.minimum(spikes, 1)
+    lobulation = (0.04 + 0.12 * irregular) * lobes.sum(0) / weights.sum()  # |.| <= 0.16
+    spike_angles = rng.uniform(-np.pi, np.pi, 2 + round(12 * irregular))
+    spikes = np.exp(40.0 * (np.cos(theta[None] - spike_angles[:, None, None]) - 1.0)).sum(0)
+    spike_len = (0.05 + 0.35 * irregular) * a
+    boundary = ellipse * (1.0 + lobulation) + spike_len * np.minimum(spikes, 1.0)
     margin = boundary - r
     rows = np.flatnonzero((margin >= 0).any(axis=1))
     bottom = float(depth[rows[-1], 0]) if rows.size else cz + b
@@ -783,12 +937,113 @@ def _us_render(rng: np.random.Generator, echo: np.ndarray, depth: np.ndarray,
     compressed = np.log1p(dr * amplitude) / np.log1p(dr * 1.6)
     return np.clip(np.round(255.0 * compressed), 0, 255).astype(np.uint8)
 
+# ---------------------------------------------------------------------------------------
+# attainable AUC (ceiling)
+# ---------------------------------------------------------------------------------------
+CEILING_TASKS: tuple[str, ...] = ("her2-positive", "her2-low")
+
+
+def _class_means(effect_size: float) -> dict[str, np.ndarray]:
+    """Mean of the ceiling features (phenotype, standardized log tumour size) per class."""
+    return {c: effect_size * np.array([*(PHENOTYPE_SHIFTS[c][p] for p in PHENOTYPES),
+                                       LOG_SIZE_SHIFTS[c] / LOG_SIZE_SD])
+            for c in HER2_CLASSES}
+
+
+def optimal_score(x: np.ndarray, task: str, effect_size: float, low_share: float) -> np.ndarray:
+    """Bayes-optimal score (log-likelihood ratio) of the generating Gaussian model for
+    ``x`` = (phenotype, (log tumour size - site mean) / LOG_SIZE_SD), rows = patients.
+
+    her2-positive: positive vs the zero/low mixture with ``low_share`` low; her2-low: low
+    vs zero. Identity covariance, class means ``effect_size`` x the shifts."""
+    means = _class_means(effect_size)
+    ll = {c: -0.5 * ((x - m) ** 2).sum(axis=-1) for c, m in means.items()}
+    if task == "her2-low":
+        return ll["low"] - ll["zero"]
+    if task != "her2-positive":
+        raise ValueError(f"task must be one of {CEILING_TASKS}, got {task!r}")
+    q = min(max(low_share, 1e-12), 1 - 1e-12)
+    return ll["positive"] - np.logaddexp(ll["zero"] + math.log(1 - q), ll["low"] + math.log(q))
+
+
+def attainable_auc(effect_size: float, low_share: float = 0.6, draws: int = CEILING_DRAWS,
+                   seed: int = CEILING_SEED) -> dict[str, float]:
+    """Population ceiling per task: AUC (scikit-learn) of ``optimal_score`` on a seeded
+    Monte Carlo draw of ``draws`` patients per class (negatives of her2-positive: zero/low
+    at ``low_share``). Depends only on the arguments; 0.5 at effect size 0."""
+    rng = np.random.default_rng(seed)
+    means = _class_means(effect_size)
+    k = len(PHENOTYPES) + 1
+    pos = means["positive"] + rng.standard_normal((draws, k))
+    is_low = rng.random(draws) < low_share
+    neg = np.where(is_low[:, None], means["low"], means["zero"]) + rng.standard_normal((draws, k))
+    low = means["low"] + rng.standard_normal((draws, k))
+    zero = means["zero"] + rng.standard_normal((draws, k))
+    y = np.r_[np.ones(draws), np.zeros(draws)]
+    return {
+        "her2-positive": float(roc_auc_score(y, optimal_score(
+            np.vstack([pos, neg]), "her2-positive", effect_size, low_share))),
+        "her2-low": float(roc_auc_score(y, optimal_score(
+            np.vstack([low, zero]), "her2-low", effect_size, low_share))),
+    }
+
+
+def _ceiling_features(plan: SitePlan, draw: SiteDraw) -> np.ndarray:
+    size = draw.clinical["tumour_size_mm"].to_numpy(float)
+    log_size = (np.log(size) - math.log(20.0) - plan.shifts["log_tumour_size"]) / LOG_SIZE_SD
+    return np.column_stack([draw.phenotype, log_size])
+
+
+def _sample_auc(task: str, cls: np.ndarray, known: np.ndarray, score: np.ndarray
+                ) -> float | None:
+    keep = known & (cls != "positive") if task == "her2-low" else known
+    y = cls[keep] == ("low" if task == "her2-low" else "positive")
+    if y.all() or not y.any():
+        return None
+    return round(float(roc_auc_score(y, score[keep])), 4)
+
+
+def _ceiling_truth(draws: dict[str, tuple[SitePlan, SiteDraw]], effect_size: float
+                   ) -> dict[str, Any]:
+    low_share = float(np.mean([plan.prevalence["her2_low_among_negative"]
+                               for plan, _ in draws.values()]))
+    population = attainable_auc(effect_size, low_share)
+    out: dict[str, Any] = {}
+    for task in CEILING_TASKS:
+        parts = []
+        for plan, draw in draws.values():
+            cl = draw.clinical
+            known = ~((cl["her2_ihc"] == 2) & (cl["her2_ish"] == "")).to_numpy()
+            score = optimal_score(_ceiling_features(plan, draw), task, effect_size, low_share)
+            parts.append((plan.site_id, draw.her2_class, known, score))
+        pooled = [np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)]
+        out[task] = {
+            "population": round(population[task], 4),
+            "sample": _sample_auc(task, *pooled),
+            "sites": {site: _sample_auc(task, cls, known, score)
+                      for site, cls, known, score in parts},
+        }
+    out["low_share_among_negative"] = round(low_share, 4)
+    out["method"] = (
+        "AUC (sklearn roc_auc_score) of the Bayes-optimal score, the log-likelihood ratio of "
+        "the generating Gaussian model: features = the 4 phenotypes and (log tumour size - "
+        "log 20 mm - site shift) / LOG_SIZE_SD, identity covariance, class means effect_size "
+        "x (PHENOTYPE_SHIFTS, LOG_SIZE_SHIFTS / LOG_SIZE_SD); her2-positive = positive vs the "
+        "zero/low mixture at the cohort's mean low share among negatives, her2-low = low vs "
+        "zero among negatives; latent class, IHC2+ without ISH excluded. population: "
+        f"seeded Monte Carlo, {CEILING_DRAWS} draws per class (seed {CEILING_SEED}); "
+        "sample: the drawn patients (clinical tumour size, rounded and clipped), pooled and "
+        "per site (null where a site lacks a class)."
+    )
+    return out
+
 
 # ---------------------------------------------------------------------------------------
 # truth.json
 # ---------------------------------------------------------------------------------------
 def _truth_header(seed: int, n_sites: int, n_patients: int, effect_size: float,
                   image_size: int, images: bool) -> dict[str, Any]:
+    fov = image_size * REFERENCE_INPLANE_MM
     return {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
@@ -823,11 +1078,15 @@ def _truth_header(seed: int, n_sites: int, n_patients: int, effect_size: float,
             "phenotype_shifts": PHENOTYPE_SHIFTS,
             "log_tumour_size_shifts": LOG_SIZE_SHIFTS,
             "shift_multiplier": "effect_size",
-            "mri_mm_per_clinical_mm": IMAGE_MM_PER_CLINICAL_MM,
+            "log_tumour_size_sd": LOG_SIZE_SD,
+            "appearance": APPEARANCE,
+            "mri_mm_per_clinical_mm": round(mri_mm_per_clinical_mm(image_size), 6),
+            "mri_fov_mm": [round(fov, 3), round(fov, 3), round(FOV_Z_FRACTION * fov, 3)],
+            "mri_fov_per_largest_tumour": FOV_PER_TUMOUR,
+            "mri_tumour_placement": "uniform over the FOV where the whole margin fits",
             "us_mm_per_clinical_mm": US_MM_PER_CLINICAL_MM,
             "us_pixel_mm": US_PIXEL_MM,
-            "mri_fov_mm": [image_size * REFERENCE_INPLANE_MM, image_size * REFERENCE_INPLANE_MM,
-                           (image_size // 2) * REFERENCE_SLICE_MM],
+            "us_fov_mm": [US_SIZE_PX * US_PIXEL_MM, US_SIZE_PX * US_PIXEL_MM],
         },
         "sites": {},
         "patients": {},

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import yaml
+
+from simulation.cli import main
+from simulation.cohort import simulate_cohort
 
 FEDDLR = str(Path(sys.executable).parent / "feddlr")
 
@@ -25,6 +31,48 @@ def test_simulate_then_check_site_passes(tmp_path: Path) -> None:
     check = feddlr("check-site", str(tmp_path / "c" / "site-1"), str(tmp_path / "c" / "site-2"))
     assert check.returncode == 0, check.stdout
     assert "site-1: OK" in check.stdout and "site-2: OK" in check.stdout
+
+
+def test_simulate_passes_effect_size_image_size_and_external_sites(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    done = feddlr("simulate", "--sites", "2", "--patients", "20", "--seed", "3",
+                  "--effect-size", "0.5", "--image-size", "24", "--external-sites", "1",
+                  "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["effect_size"] == 0.5 and truth["image_size"] == 24
+    assert truth["image_model"]["mri_fov_mm"][0] == pytest.approx(24 * 0.8)
+    assert yaml.safe_load((out / "site-2" / "site.yaml").read_text())["roles"] == [
+        "external", "survival"]
+    assert 0.6 < truth["ceiling"]["her2-positive"]["population"] < 0.8
+
+
+def test_simulate_defaults_are_simulate_cohorts(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = {k: v.default for k, v in inspect.signature(simulate_cohort).parameters.items()}
+    passed: dict = {}
+    monkeypatch.setattr("simulation.cohort.simulate_cohort",
+                        lambda out, **kwargs: passed.update(kwargs) or {})
+    assert main(["simulate", "--out", "unused"]) == 0
+    for name in ("n_sites", "n_patients", "seed", "effect_size", "image_size",
+                 "external_sites"):
+        assert passed[name] == defaults[name], name
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--effect-size", "-1"], "effect_size must be a finite number >= 0"),
+    (["--effect-size", "nan"], "effect_size must be a finite number >= 0"),
+    (["--effect-size", "big"], "invalid float value"),
+    (["--image-size", "8"], "image_size must be an integer >= 16"),
+    (["--image-size", "2.5"], "invalid int value"),
+    (["--external-sites", "2"], "external_sites must be an integer in [0, n_sites - 1]"),
+])
+def test_simulate_rejects_bad_values_with_exit_2(tmp_path: Path, args: list[str],
+                                                 message: str) -> None:
+    done = feddlr("simulate", "--sites", "2", "--patients", "20", *args,
+                  "--out", str(tmp_path / "c"))
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "c" / "truth.json").exists()
 
 
 def test_check_site_names_a_broken_patient_without_traceback(tmp_path: Path) -> None:

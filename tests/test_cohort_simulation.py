@@ -1,7 +1,9 @@
-"""The synthetic cohort generator: layout, determinism, geometry, HER2 mix, survival truth."""
+"""The synthetic cohort generator: layout, determinism, geometry, HER2 mix, image signal,
+attainable AUC (ceiling), survival truth."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -13,13 +15,19 @@ import SimpleITK as sitk
 import yaml
 from lifelines import CoxPHFitter
 from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 from simulation.cohort import (
     CLINICAL_COLUMNS,
     COX_COEFFICIENTS,
+    LOG_SIZE_SD,
+    PHENOTYPES,
     SITE_PRIVACY,
+    attainable_auc,
     cox_covariates,
     her2_labels,
+    optimal_score,
     simulate_cohort,
 )
 
@@ -279,6 +287,117 @@ def test_effect_size_zero_removes_her2_dependence(tmp_path: Path) -> None:
                           for p in strong["patients"].values()])
     gap = pheno.groupby("cls").mean().loc["positive"] - pheno.groupby("cls").mean().loc["zero"]
     assert (gap[["heterogeneity", "enhancement"]] > 0.7).all()
+
+
+def test_mri_tumour_is_small_and_anywhere_in_the_fov(cohort: tuple[Path, dict, list[str]]
+                                                     ) -> None:
+    """In-plane, the FOV is at least 2.5x the tumour's bounding box (typically > 6x) and the
+    tumour sits anywhere in it; the ultrasound lesion is a minority of its image too."""
+    out, truth, _ = cohort
+    fov = truth["image_model"]["mri_fov_mm"]
+    rows = []
+    for pid, info in truth["patients"].items():
+        folder = out / info["site_id"] / "images" / pid
+        mask = sitk.ReadImage(str(folder / "mri_mask.nii.gz"))
+        m = sitk.GetArrayFromImage(mask).astype(bool)
+        spacing = np.array(mask.GetSpacing())[::-1]  # z, y, x
+        assert np.allclose(np.array(m.shape) * spacing, fov[::-1], rtol=0.05, atol=2.0)
+        idx = np.argwhere(m)
+        lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+        us = np.asarray(Image.open(folder / "us_mask.png")) > 0
+        cols = np.flatnonzero(us.any(axis=0))
+        rows.append({
+            "extent_y": (hi[1] - lo[1]) / m.shape[1], "extent_x": (hi[2] - lo[2]) / m.shape[2],
+            "offset_y": (lo[1] + hi[1]) / 2 / m.shape[1] - 0.5,
+            "offset_x": (lo[2] + hi[2]) / 2 / m.shape[2] - 0.5,
+            "inside": bool(lo[1:].min() > 0 and (np.array(m.shape[1:]) - hi[1:]).min() > 0),
+            "us_width": (cols[-1] - cols[0] + 1) / us.shape[1], "us_area": us.mean(),
+            "us_offset": (cols[0] + cols[-1]) / 2 / us.shape[1] - 0.5,
+        })
+    frame = pd.DataFrame(rows)
+    extents = frame[["extent_y", "extent_x"]]
+    assert (extents.max() <= 1 / 2.5).all(), extents.max()
+    assert (extents.median() < 1 / 6).all(), extents.median()
+    assert frame.inside.all()  # in-plane the whole tumour and a voxel of tissue around it
+    offsets = frame[["offset_y", "offset_x"]].abs()
+    assert (offsets.median() > 0.1).all() and (offsets.max() > 0.3).all(), offsets.describe()
+    assert frame.us_width.max() < 0.55 and frame.us_width.median() < 0.3
+    assert frame.us_area.max() < 0.15
+    assert frame.us_offset.abs().max() > 0.2
+
+
+def tumour_to_shell(folder: Path) -> float:
+    """Mean MRI intensity inside reader 1's mask / mean in a 1-4 mm shell around it."""
+    image = sitk.ReadImage(str(folder / "mri.nii.gz"))
+    spacing = np.array(image.GetSpacing()[::-1])
+    mask = array(folder / "mri_mask.nii.gz").astype(bool)
+    idx = np.argwhere(mask)
+    grow = np.ceil(5.0 / spacing).astype(int)
+    box = tuple(slice(max(a - g, 0), b + g + 1)
+                for a, b, g in zip(idx.min(0), idx.max(0), grow, strict=True))
+    values, mask = sitk.GetArrayFromImage(image)[box].astype(float), mask[box]
+    distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    shell = (distance > 1.0) & (distance <= 4.0)
+    return float(values[mask].mean() / values[shell].mean())
+
+
+@pytest.mark.parametrize(("effect_size", "low", "high"), [(1.0, 0.7, 1.0), (0.0, 0.0, 0.62)])
+def test_her2_signal_is_in_the_pixels(tmp_path: Path, effect_size: float, low: float,
+                                      high: float) -> None:
+    """A one-number image statistic (tumour / surrounding tissue intensity) separates
+    HER2-positive at the default effect size, and does not at effect size 0."""
+    out = tmp_path / "signal"
+    truth = simulate_cohort(out, 3, 60, seed=3, effect_size=effect_size)
+    patients = truth["patients"]
+    ratio = [tumour_to_shell(out / p["site_id"] / "images" / pid) for pid, p in patients.items()]
+    positive = [p["her2_class"] == "positive" for p in patients.values()]
+    auc = roc_auc_score(positive, ratio)
+    assert low <= auc < high, auc
+
+
+# --- attainable AUC (ceiling) -------------------------------------------------------------
+def test_ceiling_is_in_truth_and_recomputes(cohort: tuple[Path, dict, list[str]]) -> None:
+    out, truth, _ = cohort
+    ceiling = json.loads((out / "truth.json").read_text())["ceiling"]
+    assert {"her2-positive", "her2-low", "method"} <= set(ceiling)
+    assert "Bayes-optimal" in ceiling["method"] and "Monte Carlo" in ceiling["method"]
+    assert 0.85 <= ceiling["her2-positive"]["population"] <= 0.95  # the default effect size
+    assert 0.65 <= ceiling["her2-low"]["population"] < ceiling["her2-positive"]["population"]
+    pooled = read_pooled(out, truth)
+    info = pooled.patient_id.map(truth["patients"])
+    cls = info.map(lambda p: p["her2_class"])
+    shift = pooled.site_id.map(lambda s: truth["sites"][s]["covariate_shifts"]["log_tumour_size"])
+    x = np.column_stack([
+        np.array([[p["phenotype"][k] for k in PHENOTYPES] for p in info]),
+        (np.log(pooled.tumour_size_mm) - np.log(20.0) - shift) / LOG_SIZE_SD,
+    ])
+    known = ~((pooled.her2_ihc == 2) & (pooled.her2_ish == ""))
+    q = ceiling["low_share_among_negative"]
+    for task, keep, target in (("her2-positive", known, "positive"),
+                               ("her2-low", known & (cls != "positive"), "low")):
+        block = ceiling[task]
+        assert set(block["sites"]) == set(truth["sites"])
+        score = optimal_score(x, task, truth["effect_size"], q)
+        sample = roc_auc_score(cls[keep] == target, score[keep.to_numpy()])
+        assert block["sample"] == pytest.approx(sample, abs=1e-4)
+        for site, value in block["sites"].items():
+            part = keep & (pooled.site_id == site)
+            assert value == pytest.approx(
+                roc_auc_score(cls[part] == target, score[part.to_numpy()]), abs=1e-4)
+        # 120 patients: the sample ceiling is near the population one
+        assert abs(block["sample"] - block["population"]) < 0.12
+
+
+def test_population_ceiling_rises_with_effect_size() -> None:
+    values = {es: attainable_auc(es) for es in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)}
+    for task in ("her2-positive", "her2-low"):
+        curve = [values[es][task] for es in sorted(values)]
+        assert curve[0] == pytest.approx(0.5, abs=0.01)
+        assert all(b > a for a, b in itertools.pairwise(curve)), curve
+    assert 0.85 <= values[1.0]["her2-positive"] <= 0.95
+    assert attainable_auc(1.0) == attainable_auc(1.0)  # seeded
+    with pytest.raises(ValueError, match="task"):
+        optimal_score(np.zeros((1, 5)), "her2-zero", 1.0, 0.6)
 
 
 # --- survival truth -----------------------------------------------------------------------
