@@ -34,7 +34,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 demo: install
-	$(VENV)/bin/feddlr simulate --sites 3 --patients 40 --seed 7 --out $(DEMO_DATA)
+	$(VENV)/bin/feddlr simulate --sites 3 --patients 40 --seed 7 --effect-size 1.5 --out $(DEMO_DATA)
 	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT) -c validation=loso \
 		-c survival-group=label,predicted:dlr
 

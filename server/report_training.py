@@ -39,12 +39,13 @@ def training_sections(results: dict[str, Any], out: Path) -> str:
         rows.append([
             _e(name), _e(model["mode"]),
             _e(plan["strategy"] + (" + FedBN" if plan["fedbn"] else "")),
-            _e(f"{plan['rounds']} × {plan['local_epochs']}"), _e(plan["width"]),
+            _e(_local_work(plan)), _e(plan["width"]),
             _e(f"{model['network']['parameters']:,}"), _e(model["chosen_round"]),
             _f((auc.get("train_oof") or {}).get("auc")),
             _e(f"{wire['mean_up'] / 2**20:.2f} MiB {wire['dtype']}") if wire.get("mean_up")
             else "—", _f(model["seconds"], 1)])
-    parts.append(_table(["model", "mode", "strategy", "rounds × epochs", "width", "parameters",
+    parts.append(_table(["model", "mode", "strategy", "rounds × local work", "width",
+                         "parameters",
                          "chosen round", "AUC (out-of-fold)", "update per site·round",
                          "seconds"], rows))
     comparisons = dict((results.get("deep") or {}).get("comparison", {}))
@@ -56,11 +57,33 @@ def training_sections(results: dict[str, Any], out: Path) -> str:
                             [[_e(m), _f(c["auc_federated"]), _f(c["auc_pooled"]),
                               _f(c["delta_auc"]), _f(c["wall_time_ratio"], 2)]
                              for m, c in comparisons.items()]))
+    if "training" in dsfr:
+        parts.append(_dsfr_table(dsfr))
     parts.append(f"<img src='{_curves(models, out)}' alt='validation per round'>")
     parts.append("<p class='muted'>Validation of the global weights of each round on the "
                  "sites' held-out rows (deep models: BCE loss; DSFR: Dice), pooled over sites "
                  "(thick) and per site. Probabilities and Grad-CAM maps stay at the sites.</p>")
     return "\n".join(parts)
+
+
+def _local_work(plan: dict[str, Any]) -> str:
+    steps = plan.get("local_steps") or 0
+    return (f"{plan['rounds']} × {steps} steps" if steps
+            else f"{plan['rounds']} × {plan['local_epochs']} epochs")
+
+
+def _dsfr_table(dsfr: dict[str, Any]) -> str:
+    """DSFR: the segmentation's Dice per round and the AUC of the features' LR head."""
+    validation = dsfr["training"].get("validation", {})
+    dice = ", ".join(f"{r}: {_f(validation[r]['pooled'].get('dice'), 2)}"
+                     for r in sorted(validation, key=int))
+    auc = (dsfr.get("auc") or {}).get("train_oof") or {}
+    features = dsfr.get("features") or {}
+    return _table(["DSFR", "value"], [
+        ["feature layer", _e(features.get("layer", "—"))],
+        ["Dice per round (pooled validation, weights after round r)", _e(dice or "—")],
+        ["features selected", _e(len(dsfr.get("selected") or []))],
+        ["AUC of the DSFR features (LR head, out-of-fold)", _f(auc.get("auc"))]])
 
 
 def _curves(models: dict[str, tuple[dict[str, Any], dict[str, Any]]], out: Path) -> str:

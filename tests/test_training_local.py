@@ -213,3 +213,20 @@ def test_the_server_leaves_out_malformed_updates() -> None:
     assert "shape" in _bad_update({**good, "b": np.ones(4, np.float32)}, weights, ["w", "b"])
     nan = {**good, "w": np.full((2, 3), np.nan, np.float32)}
     assert "not finite" in _bad_update(nan, weights, ["w", "b"])
+
+
+def test_every_cnn_key_is_in_pyproject_and_the_readme() -> None:
+    """Flower refuses run-config keys missing from pyproject; users read the README."""
+    import tomllib
+
+    from server.training import KEYS
+
+    root = Path(__file__).resolve().parents[1]
+    defaults = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    readme = (root / "README.md").read_text()
+    for key in [*KEYS, "recipe", "dsfr-layer", "dsfr-lasso-C"]:
+        assert key in defaults, key
+        assert f"`{key}`" in readme, key
+    for model in ("dsfr", "dl_mri", "dl_us"):  # every pyproject default parses
+        Plan.from_extra(defaults, model)
