@@ -7,7 +7,9 @@ Messages (see shared/schema.py):
 - `train.<model>`: the global weights of every unit (CV fold `f<k>`, or `all` for DSFR) in
   the ArrayRecord. The site first validates the weights it received on its held-out rows
   (the unit's fold; for DSFR a fixed validation split), then trains each unit for
-  `epochs` local epochs and replies with the update (local − received) in the wire dtype.
+  `local_steps` optimizer steps (or `epochs` local epochs) and replies with the update
+  (local − received) in the wire dtype. With pretrained weights, round 1 also checks that
+  the received weights are the site's own copy of the file.
 - `evaluate.<model>`: the validation half alone (after the last round).
 - `query.train_score`: the chosen fold models; each training patient is scored by the
   model of the fold that held it out (out-of-fold), an external site's patients by the mean
@@ -23,9 +25,10 @@ A weight update is a statistic over the patients trained on: the guard refuses i
 they are fewer than `min_patients` (the server then averages the other sites).
 
 State between messages lives on the site's disk (in the Simulation Engine consecutive
-messages of one site may run in different processes): the prepared crops in
-`cache/training/<model>-<hash>.npz` (keyed by preparation parameters and the site's data),
-FedBN's local normalization layers per unit and round in `cache/training/<train-id>/`.
+messages of one site may run in different processes): each patient's prepared inputs
+(client/imaging.py's data path) in `cache/training/<model>/<key>.npz` (keyed by the
+preparation settings and the patient's image files), FedBN's local normalization layers
+per unit and round in `cache/training/<train-id>/`.
 Every random draw (shuffling, augmentation, Mixup, dropout) comes from a generator seeded
 by (seed, site, model, unit, round), so a round replayed after a crash gives the same
 update. Optimizer state starts afresh each round (the server holds no client state).
