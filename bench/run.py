@@ -2,10 +2,14 @@
 
 Each script prints `name: value  (what it means)` lines (streamed here as they come) and
 writes its figures with `--json`; this driver gathers them, with the machine, the commands
-and each script's wall time, into bench/results.json. Long: about 10-20 minutes on 2 cores
-(`--quick`: a few minutes, smaller sizes, numbers not comparable with docs/BENCHMARKS.md).
+and each script's wall time, into bench/results.json. Long: the learning part alone is
+3 seeds x a 4-stage Simulation Engine run (see docs/BENCHMARKS.md for its measured time);
+`--quick` is a smoke test (1 seed, smaller sizes, numbers not comparable).
 
-    .venv/bin/python bench/run.py [--quick] [--only training,rounds,extraction]
+    .venv/bin/python bench/run.py [--quick] [--only learning,wire,rounds,extraction]
+    .venv/bin/python bench/run.py --only learning     # issue 12: CNN quality, 3 seeds
+
+`training` in `--only` stands for `learning,wire` (both parts of bench/training.py).
 """
 
 from __future__ import annotations
@@ -26,25 +30,32 @@ from bench.figures import machine
 BENCH = Path(__file__).resolve().parent
 # name -> (script, extra args, what it measures: issue 8's figures)
 SCRIPTS = {
-    "training": ("training.py", [], "1 federation overhead, 2 CNN quality, 3 wire, 7 memory"),
+    "learning": ("training.py", ["--skip-wire"],
+                 "CNN quality federated vs pooled over 3 seeds (issue 12), 1 federation "
+                 "overhead, 7 memory"),
+    "wire": ("training.py", ["--skip-learning"], "3 wire bytes"),
     "rounds": ("flower_rounds.py", [], "2 Cox quality, 4 statistics rounds, 5 scale"),
     "extraction": ("extraction.py", [], "6 extraction throughput"),
     "coverage": ("survival_coverage.py", ["--seeds", "5", "--sizes", "40"],
                  "Cox CI coverage of the simulated truth (not an issue-8 figure)"),
 }
-DEFAULT = ("training", "rounds", "extraction")
+DEFAULT = ("learning", "wire", "rounds", "extraction")
+ALIASES = {"training": ("learning", "wire")}  # the whole of bench/training.py
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     parser.add_argument("--only", default=",".join(DEFAULT),
-                        help=f"scripts to run, comma-separated, of {', '.join(SCRIPTS)}")
+                        help=f"scripts to run, comma-separated, of {', '.join(SCRIPTS)} "
+                             "(training = learning,wire)")
     parser.add_argument("--out", type=Path, default=BENCH / "results.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other scripts' entries already in --out")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    names = []
+    for name in (n.strip() for n in args.only.split(",") if n.strip()):
+        names += [n for n in ALIASES.get(name, (name,)) if n not in names]
     unknown = [n for n in names if n not in SCRIPTS]
     if unknown:
         parser.error(f"unknown script(s) {unknown}; known: {', '.join(SCRIPTS)}")
@@ -52,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                     "quick": args.quick, "machine": machine(), "scripts": {}, "figures": {}}
     if args.merge and args.out.is_file():
         previous = json.loads(args.out.read_text(encoding="utf-8"))
+        # entries of the old all-in-one `training` script are replaced by learning/wire
+        replaced = set(names) | ({"training"} if set(names) & set(ALIASES["training"])
+                                 else set())
         report["scripts"] = {k: v for k, v in previous.get("scripts", {}).items()
-                             if k not in names}
+                             if k not in replaced}
         report["figures"] = {k: v for k, v in previous.get("figures", {}).items()
-                             if v.get("script") not in names}
+                             if v.get("script") not in replaced}
         report["merged_from"] = {k: previous.get(k) for k in ("started", "machine")}
     failed = []
     with tempfile.TemporaryDirectory(prefix="feddlr-bench-") as tmp:

@@ -55,7 +55,7 @@ log = logging.getLogger("feddlr")
 MODES = ("federated", "pooled", "both")
 SELECT = ("final", "best")
 RECIPE_NAMES = ("scratch", "paper")
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
+STRATEGIES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")
 NEEDS = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}
 # Recipes: per model, the defaults a run-config key overrides (README, "Training the CNNs").
 # `scratch` learns from random initialisation on CPU in the demo's time: AdamW at 1e-3, a
