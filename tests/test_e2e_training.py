@@ -79,8 +79,9 @@ def test_bfloat16_weights_on_the_wire(run: dict) -> None:
 
 def test_dsfr_features_and_head(run: dict) -> None:
     dsfr = run["results"]["dsfr"]
-    assert dsfr["features"]["n_extracted"] == 64  # activation_9 at width 1/16: 1024 / 16
-    assert dsfr["features"]["layer"] == "activation_9"
+    # the scratch recipe's layer: the last encoder block, 512 channels at width 1 (/16)
+    assert dsfr["features"]["n_extracted"] == 32
+    assert dsfr["features"]["layer"] == "activation_7"
     assert dsfr["screen"]["method"] == "mi" and len(dsfr["folds"]) == 3
     assert dsfr["auc"]["train_oof"]["n"] is not None
     dice = dsfr["training"]["validation"]["2"]["sites"]
