@@ -950,13 +950,23 @@ def _class_means(effect_size: float) -> dict[str, np.ndarray]:
             for c in HER2_CLASSES}
 
 
-def optimal_score(x: np.ndarray, task: str, effect_size: float, low_share: float) -> np.ndarray:
+# ceiling features an MRI shows: every phenotype but the ultrasound's posterior feature,
+# and the tumour size (columns of `_class_means`)
+MRI_COLUMNS = (*(i for i, p in enumerate(PHENOTYPES) if p != "posterior"), len(PHENOTYPES))
+
+
+def optimal_score(x: np.ndarray, task: str, effect_size: float, low_share: float,
+                  columns: tuple[int, ...] | None = None) -> np.ndarray:
     """Bayes-optimal score (log-likelihood ratio) of the generating Gaussian model for
     ``x`` = (phenotype, (log tumour size - site mean) / LOG_SIZE_SD), rows = patients.
 
     her2-positive: positive vs the zero/low mixture with ``low_share`` low; her2-low: low
-    vs zero. Identity covariance, class means ``effect_size`` x the shifts."""
+    vs zero. Identity covariance, class means ``effect_size`` x the shifts. ``columns``:
+    the features one modality shows (identity covariance: the others marginalize out)."""
     means = _class_means(effect_size)
+    if columns is not None:
+        x = x[..., list(columns)]
+        means = {c: m[list(columns)] for c, m in means.items()}
     ll = {c: -0.5 * ((x - m) ** 2).sum(axis=-1) for c, m in means.items()}
     if task == "her2-low":
         return ll["low"] - ll["zero"]
@@ -967,7 +977,8 @@ def optimal_score(x: np.ndarray, task: str, effect_size: float, low_share: float
 
 
 def attainable_auc(effect_size: float, low_share: float = 0.6, draws: int = CEILING_DRAWS,
-                   seed: int = CEILING_SEED) -> dict[str, float]:
+                   seed: int = CEILING_SEED,
+                   columns: tuple[int, ...] | None = None) -> dict[str, float]:
     """Population ceiling per task: AUC (scikit-learn) of ``optimal_score`` on a seeded
     Monte Carlo draw of ``draws`` patients per class (negatives of her2-positive: zero/low
     at ``low_share``). Depends only on the arguments; 0.5 at effect size 0."""
@@ -982,9 +993,9 @@ def attainable_auc(effect_size: float, low_share: float = 0.6, draws: int = CEIL
     y = np.r_[np.ones(draws), np.zeros(draws)]
     return {
         "her2-positive": float(roc_auc_score(y, optimal_score(
-            np.vstack([pos, neg]), "her2-positive", effect_size, low_share))),
+            np.vstack([pos, neg]), "her2-positive", effect_size, low_share, columns))),
         "her2-low": float(roc_auc_score(y, optimal_score(
-            np.vstack([low, zero]), "her2-low", effect_size, low_share))),
+            np.vstack([low, zero]), "her2-low", effect_size, low_share, columns))),
     }
 
 
@@ -1008,20 +1019,25 @@ def _ceiling_truth(draws: dict[str, tuple[SitePlan, SiteDraw]], effect_size: flo
     low_share = float(np.mean([plan.prevalence["her2_low_among_negative"]
                                for plan, _ in draws.values()]))
     population = attainable_auc(effect_size, low_share)
+    mri = attainable_auc(effect_size, low_share, columns=MRI_COLUMNS)
     out: dict[str, Any] = {}
     for task in CEILING_TASKS:
         parts = []
         for plan, draw in draws.values():
             cl = draw.clinical
             known = ~((cl["her2_ihc"] == 2) & (cl["her2_ish"] == "")).to_numpy()
-            score = optimal_score(_ceiling_features(plan, draw), task, effect_size, low_share)
-            parts.append((plan.site_id, draw.her2_class, known, score))
-        pooled = [np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)]
+            x = _ceiling_features(plan, draw)
+            parts.append((plan.site_id, draw.her2_class, known,
+                          optimal_score(x, task, effect_size, low_share),
+                          optimal_score(x, task, effect_size, low_share, MRI_COLUMNS)))
+        pooled = [np.concatenate([p[i] for p in parts]) for i in (1, 2, 3, 4)]
         out[task] = {
             "population": round(population[task], 4),
-            "sample": _sample_auc(task, *pooled),
+            "sample": _sample_auc(task, *pooled[:3]),
             "sites": {site: _sample_auc(task, cls, known, score)
-                      for site, cls, known, score in parts},
+                      for site, cls, known, score, _ in parts},
+            "mri": {"population": round(mri[task], 4),
+                    "sample": _sample_auc(task, pooled[0], pooled[1], pooled[3])},
         }
     out["low_share_among_negative"] = round(low_share, 4)
     out["method"] = (
@@ -1033,7 +1049,8 @@ def _ceiling_truth(draws: dict[str, tuple[SitePlan, SiteDraw]], effect_size: flo
         "zero among negatives; latent class, IHC2+ without ISH excluded. population: "
         f"seeded Monte Carlo, {CEILING_DRAWS} draws per class (seed {CEILING_SEED}); "
         "sample: the drawn patients (clinical tumour size, rounded and clipped), pooled and "
-        "per site (null where a site lacks a class)."
+        "per site (null where a site lacks a class). mri: the same without the ultrasound's "
+        "posterior feature, the ceiling of a model that sees only the MRI."
     )
     return out
 

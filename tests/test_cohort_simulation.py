@@ -416,3 +416,16 @@ def test_cox_fit_recovers_truth(tmp_path: Path) -> None:
     z = (summary["coef"] - beta).abs() / summary["se(coef)"]
     assert inside.sum() >= len(beta) - 1, summary
     assert (z < 3).all(), z
+
+
+def test_mri_ceiling_leaves_out_the_ultrasound_feature() -> None:
+    """A model that sees only the MRI cannot use the posterior feature: its ceiling lies
+    below the full one, above chance, and equals it when the posterior carries no shift."""
+    from simulation import cohort
+
+    full = cohort.attainable_auc(1.0, draws=50_000)
+    mri = cohort.attainable_auc(1.0, draws=50_000, columns=cohort.MRI_COLUMNS)
+    assert 0.8 < mri["her2-positive"] < full["her2-positive"] - 0.005
+    assert cohort.PHENOTYPES.index("posterior") not in cohort.MRI_COLUMNS
+    everything = tuple(range(len(cohort.PHENOTYPES) + 1))
+    assert cohort.attainable_auc(1.0, draws=50_000, columns=everything) == full
