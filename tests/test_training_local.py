@@ -222,8 +222,8 @@ def test_every_cnn_key_is_in_pyproject_and_the_readme() -> None:
     from server.training import KEYS
 
     root = Path(__file__).resolve().parents[1]
-    defaults = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"][
-        "config"]
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    defaults = project["tool"]["flwr"]["app"]["config"]
     readme = (root / "README.md").read_text(encoding="utf-8")
     for key in [*KEYS, "recipe", "dsfr-layer", "dsfr-lasso-C"]:
         assert key in defaults, key
