@@ -395,20 +395,16 @@ def learning_figures(figures: Figures, measured: dict, seeds: list[int]) -> dict
     figures.add("quality.fusion.auc_federated_site_file", fusion["mean"],
                 f"the run's own federated fusion file (LR fitted on all training rows: "
                 f"in-sample for the LR); {per}: {_values(fusion)}")
-    for model in CNNS:
-        delta = summary["models"][model]["delta"]
-        met = delta["mean"] >= TARGET_DELTA
-        seeds_met = sum(v >= TARGET_DELTA for v in delta["values"])
-        figures.add(f"target.{model}.delta_auc", "pass" if met else "fail",
-                    f"{NAMES[model]} federated - pooled >= {TARGET_DELTA}: mean "
-                    f"{delta['mean']:+.3f}; {seeds_met} of {delta['n']} seeds meet it")
-    for model in DEEP:
-        ratio = summary["models"][model]["pooled_vs_ceiling"]
-        met = ratio["mean"] >= TARGET_CEILING
-        seeds_met = sum(v >= TARGET_CEILING for v in ratio["values"])
-        figures.add(f"target.{model}.pooled_vs_ceiling", "pass" if met else "fail",
-                    f"pooled {NAMES[model]} >= {TARGET_CEILING} x sample ceiling: mean "
-                    f"{ratio['mean']:.3f}; {seeds_met} of {ratio['n']} seeds meet it")
+    targets = [(m, "delta", "delta_auc", TARGET_DELTA, f"{NAMES[m]} federated - pooled")
+               for m in CNNS] + [
+        (m, "pooled_vs_ceiling", "pooled_vs_ceiling", TARGET_CEILING,
+         f"pooled {NAMES[m]} / sample ceiling") for m in DEEP]
+    for model, block, key, target, what in targets:
+        values = summary["models"][model][block]
+        seeds_met = sum(v >= target for v in values["values"])
+        figures.add(f"target.{model}.{key}", "pass" if values["mean"] >= target else "fail",
+                    f"{what} >= {target}: mean {values['mean']:+.3f}; {seeds_met} of "
+                    f"{values['n']} seeds meet it")
     for model in DEEP:
         timing = summary["time_to_auc"][model]
         rows = [r["time_to_auc"][model] for r in measured["seeds"].values()]
