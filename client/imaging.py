@@ -105,12 +105,6 @@ def read_image(path: Path) -> sitk.Image:
     return image
 
 
-def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """(array in numpy order — (z, y, x) or (y, x) —, spacing in ITK order (x, y[, z]))."""
-    image = read_image(path)
-    return sitk.GetArrayFromImage(image), tuple(float(s) for s in image.GetSpacing())
-
-
 def _pair(image: Path, mask: Path, dims: int) -> tuple[sitk.Image, sitk.Image]:
     picture, labels = read_image(image), read_image(mask)
     if picture.GetDimension() != dims or labels.GetDimension() != dims:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -75,7 +74,3 @@ def load_into(model: str, net: nn.Module, path: Path) -> list[str]:
     if unexpected:
         raise ValueError(f"pretrained file {path.name}: unknown keys {unexpected[:3]}")
     return notes + ([f"kept from the initialisation: {', '.join(missing)}"] if missing else [])
-
-
-def arrays(net: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}

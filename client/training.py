@@ -43,7 +43,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -236,18 +236,20 @@ PREP_FORMAT = 3  # bump when the data path changes: old per-patient cache files 
 def prepare_patient(found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
     """One patient's inputs for model `p.model` (client/imaging.py's data path)."""
     image_kind, mask_kind = IMAGE_KINDS[p.model]
-    if image_kind not in found or mask_kind not in found:
-        raise ValueError(f"no {image_kind} image with mask")
     make = {"dsfr": imaging.tumour_slices, "dl_mri": imaging.mri_roi,
             "dl_us": imaging.us_roi}[p.model]
     return make(found[image_kind], found[mask_kind], p.preparation())
 
 
+def preparation_key(p: TrainParams) -> str:
+    """What a prepared input depends on besides the image files."""
+    return json.dumps([PREP_FORMAT, p.model, asdict(p.preparation())], sort_keys=True)
+
+
 def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams) -> Path:
     """`cache/training/<model>/<key>.npz`: the key covers the preparation settings and the
     patient's image and mask files (name, size, modification time)."""
-    digest = hashlib.sha256(json.dumps([PREP_FORMAT, p.model, p.size, p.spacing,
-                                        p.margin_mm, p.margin, p.reference]).encode())
+    digest = hashlib.sha256(preparation_key(p).encode())
     for kind in IMAGE_KINDS[p.model]:
         path = Path(found[kind])
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -309,8 +311,8 @@ def site_data(session: SiteSession, p: TrainParams) -> ModelData:
     site = session.site
     patients = [str(i) for i in site.clinical.index]
     labels = session.labels()
-    key = json.dumps([PREP_FORMAT, p.model, p.size, p.spacing, p.margin_mm, p.margin,
-                      p.reference, session.task, patients, labels.tolist(), data_hash(site.root)])
+    key = json.dumps([preparation_key(p), session.task, patients, labels.tolist(),
+                      data_hash(site.root)])
     memo = session.cache.get(key)
     if memo is None:
         memo = prepare(site.root / CACHE, patients, site.image_paths, labels, p)
@@ -627,14 +629,17 @@ def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, 
     device = pick_device(p.device)
     set_determinism(p.deterministic, device)
     nets, starts = {}, {}
+    file: dict[str, np.ndarray] | None = None  # the pretrained file's weights (round 1)
+    if p.pretrained and p.round == 1 and site_root is not None:
+        file = pretrained_weights(p, site_root)
     for unit in p.units:
         net = build(p, device)
         state = net.state_dict()  # once: state_dict() walks every module
         received = received_weights(query, unit, p, {k: state[k] for k in shared_keys(net, p)})
         local = load_local(state_dir, p, unit, p.round - 1)
-        if p.pretrained and p.round == 1 and site_root is not None:
-            from_file = check_pretrained(net, p, site_root, received)  # every unit: w_0
-            local = from_file if p.fedbn else None
+        if file is not None:  # every unit starts from the file (w_0)
+            local_keys = check_pretrained(file, p, received)
+            local = local_keys if p.fedbn else None
         load_weights(net, received, local)
         nets[unit], starts[unit] = net, received
     out = validate(nets, data, p, device, min_cell)
@@ -728,15 +733,18 @@ def pretrained_hash(session: SiteSession, path: str) -> list[Statistic]:
     return [Statistic("pretrained", values, n=None)]
 
 
-def check_pretrained(net: nn.Module, p: TrainParams, root: Path,
-                     received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Round 1 with pretrained weights: the site loads its own copy of the file, checks
-    that the global weights it received are the file's (as the wire dtype carries them),
-    and returns the file's values of the keys that are not sent (FedBN's local layers)."""
-    target = pretrained.resolve(p.pretrained, root)
+def pretrained_weights(p: TrainParams, root: Path) -> dict[str, np.ndarray]:
+    """The site's own copy of the pretrained file, as the network's state."""
     probe = build(p, torch.device("cpu"))
-    pretrained.load_into(p.model, probe, target)
-    mine = pretrained.arrays(probe)
+    pretrained.load_into(p.model, probe, pretrained.resolve(p.pretrained, root))
+    return numpy_state(probe, list(probe.state_dict()))
+
+
+def check_pretrained(mine: dict[str, np.ndarray], p: TrainParams,
+                     received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Round 1 with pretrained weights: the global weights the site received must be its
+    own file's (as the wire dtype carries them); returns the file's values of the keys
+    that are not sent (FedBN's local layers)."""
     expected = fedavg.decode(fedavg.encode({k: mine[k] for k in received}, p.wire), p.wire,
                              like=mine)
     differ = [k for k in received if not np.array_equal(expected[k], received[k])]
