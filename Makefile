@@ -48,7 +48,7 @@ browser:
 	  && timeout 600 sh -c 'apt-get update -qq && apt-get install -y -qq chromium' >/dev/null 2>&1 \
 	  || echo "chromium not installed: the browser test of report.html will skip"; }
 
-# Long (about 10-20 min on 2 cores): every figure of docs/BENCHMARKS.md, one line each, and
+# Long (about 25-30 min on 2 cores, most of it the CNN learning part): every figure of docs/BENCHMARKS.md, one line each, and
 # bench/results.json. `make bench BENCH_ARGS=--quick` is a few-minute smoke run.
 BENCH_ARGS ?=
 bench: dev
