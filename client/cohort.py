@@ -46,13 +46,13 @@ def cohort_squares(session: SiteSession, query: Payload) -> list[Statistic]:
     y = session.labels()
     out = []
     for name in _covariates(query):
-        means = query.get(f"means.{name}")
+        means = np.asarray(query.get(f"means.{name}", []), dtype=np.float64).reshape(-1)
         column = _column(session, name)
-        if means is None or column is None or not _is_numeric(column):
+        if means.shape != (2,) or column is None or not _is_numeric(column):
             continue
         x = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
         n, _ = cohort.local_group_sums(x, y)
-        ss = cohort.local_group_squares(x, y, np.asarray(means, dtype=np.float64))
+        ss = cohort.local_group_squares(x, y, means)
         out += [Statistic(f"squares.{name}.g{g}", {"ss": float(ss[g])}, n=int(n[g]))
                 for g in (0, 1)]
     return out

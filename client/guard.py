@@ -20,6 +20,7 @@ import numpy as np
 
 from shared.policy import PrivacyPolicy
 from shared.schema import (
+    HANDSHAKE,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_REFUSED,
@@ -97,6 +98,8 @@ class EgressGuard:
 
     def _fail(self, action: str, run_id: str, status: str, reason: str) -> Payload:
         payload: Payload = {"status": status, "reason": self.scrub(reason)[:2000]}
+        if action == HANDSHAKE:  # so the server names the site that cannot serve
+            payload["site.site_id"] = self.site_id
         self._audit(action, run_id, payload, {})
         return payload
 

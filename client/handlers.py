@@ -9,9 +9,18 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from client.guard import EgressGuard, PolicyRefusal, Statistic
 from client.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
-from client.site import CLINICAL_CSV, FEATURES_CSV, PREDICTIONS_CSV, SiteError
+from client.site import (
+    CLINICAL_CSV,
+    FEATURES_CSV,
+    PREDICTIONS_CSV,
+    SITE_ID_PATTERN,
+    SITE_YAML,
+    SiteError,
+)
 from shared import schema
 from shared.labels import TASKS
 from shared.policy import PrivacyPolicy
@@ -93,18 +102,30 @@ def _fallback_guard(site_root: Path) -> EgressGuard:
                         if len(r) > column >= 0 and r[column].strip())
     except (OSError, ValueError, csv.Error):
         pass
-    return EgressGuard(site_root.name, PrivacyPolicy(), ids, site_root / AUDIT_DIR / EGRESS_LOG)
+    return EgressGuard(_site_name(site_root), PrivacyPolicy(), ids,
+                       site_root / AUDIT_DIR / EGRESS_LOG)
+
+
+def _site_name(site_root: Path) -> str:
+    """site.yaml's site_id where it can be read and is valid, else the folder's name."""
+    try:
+        raw = yaml.safe_load((site_root / SITE_YAML).read_text(encoding="utf-8"))
+        name = str(raw.get("site_id", "")) if isinstance(raw, dict) else ""
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        name = ""
+    return name if SITE_ID_PATTERN.match(name) else site_root.name
 
 
 def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload:
-    task = str(query.get("task", "her2-positive"))
-    needs = _needs(site_root, _names(query.get("needs", "")))
+    task = str(query.get("task", "her2-positive"))  # "": the query needs no task label
+    needs = _needs(site_root, _names(query.get("needs", "")) + (["label"] if task else []))
     try:
-        session = open_session(str(site_root), task if task in TASKS else "her2-positive", needs)
+        session = open_session(str(site_root), (task if task in TASKS else "her2-positive")
+                               if task else None, needs)
     except (SiteError, ValueError) as err:
         return error_reply(site_root, action, run_id, _site_error_text(site_root, err))
     guard = session.guard
-    if task not in TASKS:
+    if task and task not in TASKS:
         return guard.fail(action, run_id, f"unknown task {task!r}; known: {list(TASKS)}")
     handler = HANDLERS.get(action)
     if handler is None:

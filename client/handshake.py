@@ -19,11 +19,13 @@ def handshake(session: SiteSession, query: Payload) -> list[Statistic]:
 
     Crosses the wire: site id, roles, time unit, software and schema versions, a hash of the
     site's files (provenance), and counts of included/excluded patients and of each label,
-    each count in 1 … min_cell_count−1 replaced by −1 (small-cell suppression).
+    each count in 1 … min_cell_count−1 replaced by −1 (small-cell suppression). A handshake
+    without a task (no stage of the study needs the label) sends no label counts.
     """
     site, policy = session.site, session.site.config.privacy
-    labels = session.labels()
-    label_counts = np.array([suppress_small(int(np.sum(labels == g)), policy) for g in (0, 1)])
+    labels = session.labels() if session.task is not None else None
+    label_counts = np.array([suppress_small(int(np.sum(labels == g)), policy) for g in (0, 1)]
+                            if labels is not None else [], dtype=np.int64)
     identity = {
         "site_id": site.config.site_id,
         "roles": list(site.config.roles),

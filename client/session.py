@@ -28,7 +28,7 @@ SITE_LOG = "site.log"
 class SiteSession:
     site: Site
     guard: EgressGuard
-    task: str
+    task: str | None  # None: the query needs no task label
     cache: dict[str, Any] = field(default_factory=dict)  # a stage's working data, per process
 
     @property
@@ -37,6 +37,8 @@ class SiteSession:
 
     def labels(self) -> np.ndarray:
         """The task label (0/1) of every included patient, in `site.clinical` order."""
+        if self.task is None:
+            raise ValueError("this query names no task, so the site has no task label")
         rows = self.site.clinical
         label = rows["label"] if "label" in rows else [None] * len(rows)
         return np.array(
@@ -53,9 +55,10 @@ class SiteSession:
 
 
 @lru_cache(maxsize=16)
-def open_session(root: str, task: str, needs: tuple[str, ...] = ("clinical",)) -> SiteSession:
-    """Load the site folder for `task` and the inputs a stage `needs` (see
-    `client.site.NEEDS`) and build its guard; cached per process."""
+def open_session(root: str, task: str | None,
+                 needs: tuple[str, ...] = ("clinical",)) -> SiteSession:
+    """Load the site folder for `task` (None: no task label) and the inputs a stage `needs`
+    (see `client.site.NEEDS`) and build its guard; cached per process."""
     site = load_site(Path(root), task=task, needs=needs)
     patient_ids = frozenset(map(str, site.clinical.index)) | frozenset(site.excluded)
     audit = Path(root) / AUDIT_DIR

@@ -46,7 +46,9 @@ from shared.labels import (
 )
 from shared.policy import PolicyError, PrivacyPolicy
 
-NEEDS = ("clinical", "survival", "mri", "mri_r2", "us", "features", "predictions")
+# what a stage can need of a site folder; `label` = the task label's columns (a survival-only or
+# cohort-without-label query does not need them)
+NEEDS = ("clinical", "label", "survival", "mri", "mri_r2", "us", "features", "predictions")
 ROLES = ("train", "external", "survival")
 TIME_UNITS = ("days", "months", "years")
 FREE_FORM_KEYS = ("scanner", "description", "contact")
@@ -375,7 +377,7 @@ class _Inspection:
 
     def _present_needs(self) -> tuple[str, ...]:
         assert self.raw is not None
-        needs = ["clinical"]
+        needs = ["clinical", "label"]
         if any(column in self.raw.columns for column in SURVIVAL_COLUMNS):
             needs.append("survival")
         images = self.root / IMAGES_DIR
@@ -470,13 +472,14 @@ class _Inspection:
                     self.patient_problem(patient, CLINICAL_CSV, message)
 
     def _label_columns(self) -> tuple[str, ...]:
-        """The label columns required and validated: the task's, or (no task, needs
-        clinical) the HER2 pair unless the file has only `label`, plus `label` if present."""
+        """The label columns required and validated where the stage needs the label: the
+        task's, or (no task: a site check) the HER2 pair unless the file has only `label`,
+        plus `label` if present. A query that needs no label reads none of them."""
         assert self.raw is not None
+        if "label" not in self.needs:
+            return ()
         if self.task is not None:
             return TASK_COLUMNS[self.task]
-        if "clinical" not in self.needs:
-            return ()
         present = set(self.raw.columns)
         columns: tuple[str, ...] = ()
         if present & {"her2_ihc", "her2_ish"} or "label" not in present:
@@ -599,7 +602,7 @@ class _Inspection:
 
     def _apply_task(self) -> None:
         """Targets for the task; valid patients outside it are excluded with the reason."""
-        if self.task is None or self.raw is None:
+        if self.task is None or self.raw is None or "label" not in self.needs:
             return
         for patient, row in self._rows():
             if patient in self.reasons:
@@ -625,7 +628,7 @@ class _Inspection:
         assert self.config is not None and self.raw is not None
         usable = self.usable_ids()
         clinical = _typed_clinical(self.raw, usable)
-        if self.task is not None:
+        if self.task is not None and "label" in self.needs:
             clinical["target"] = [self.targets[p] for p in usable]
         features = self.features.loc[usable] if self.features is not None else None
         predictions = None

@@ -44,8 +44,9 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
     def tables(used: list[str]) -> dict[str, Any]:
         """The pooled cohort table over exactly `used` (round 2 asked of them alone)."""
         means = {name: _pooled_means(first, used, name) for name in numeric}
-        query2 = dict(query, **{f"means.{name}": m[1] for name, m in means.items()})
-        second = ask_same_sites(transport, COHORT_SQUARES, query2, used) if numeric else {}
+        asked = {f"means.{name}": m[1] for name, m in means.items() if m[2]}
+        second = ask_same_sites(transport, COHORT_SQUARES, dict(query, **asked), used) \
+            if asked else {}
         if second:
             report_round("cohort", 2, 2, second)
         out: dict[str, Any] = {"n": _label_counts(first, used), "covariates": {}}
@@ -127,6 +128,10 @@ def _numeric_table(name: str, first: dict[str, Reply], second: dict[str, Reply],
         if reply is not None and reply.ok and all("ss" in p for p in parts):
             squares[s] = np.array([p["ss"] for p in parts], dtype=np.float64)
     complete = [s for s in used if s in squares]
+    if not complete:  # every site refused (or lacks) this covariate's sums or squares
+        return {"type": "numeric", "n": None, "mean": None, "sd": None, "t_test": None,
+                "welch": None, "sites_missing": list(sites), "sites": {},
+                "reason": "no site released its sums and squares (site policy)"}
     if complete != used:  # a site released sums but not squares: pool the others exactly,
         n, new_mean, _ = _pooled_means(first, complete, name)  # re-centring their squares
         squares = {s: cohort.recenter_squares(squares[s], *_group_sums(first[s], name), mean,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from server.report_validation import (
     validation_sections,
 )
 
+log = logging.getLogger("feddlr")
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -38,21 +42,26 @@ SCRIPT = ("addEventListener('load',function(){var n=0,i=document.images;for(var 
 
 
 def write_report(results: dict[str, Any], out: Path) -> Path:
-    """Render results into `out/report.html` (+ PNG figures) and return its path."""
-    sections = [_header(results), _sites(results)]
-    if "cohort" in results:
-        sections.append(_cohort(results["cohort"], out))
-    if "radiomics" in results:
-        sections.append(_radiomics(results["radiomics"], out))
-    if "dsfr" in results or "deep" in results:
-        from server.report_training import training_sections
+    """Render results into `out/report.html` (+ PNG figures) and return its path. A section
+    that cannot be drawn says so in its place (and in the log); the others still are."""
+    from server.report_training import training_sections
 
-        sections.append(training_sections(results, out))
-    sections += [fusion_section(results), validation_sections(results, out)]
+    parts: list[tuple[str, Callable[[], str]]] = [
+        ("header", lambda: _header(results)), ("sites", lambda: _sites(results))]
+    if "cohort" in results:
+        parts.append(("cohort", lambda: _cohort(results["cohort"], out)))
+    if "radiomics" in results:
+        parts.append(("radiomics", lambda: _radiomics(results["radiomics"], out)))
+    if "dsfr" in results or "deep" in results:
+        parts.append(("training", lambda: training_sections(results, out)))
+    parts += [("fusion", lambda: fusion_section(results)),
+              ("validation", lambda: validation_sections(results, out))]
     if "survival" in results:
-        sections.append(_survival(results["survival"], out))
-    sections += [contribution_section(results), privacy_section(results), _stages(results),
-                 _provenance(results)]
+        parts.append(("survival", lambda: _survival(results["survival"], out)))
+    parts += [("contributions", lambda: contribution_section(results)),
+              ("privacy", lambda: privacy_section(results)), ("stages", lambda: _stages(results)),
+              ("provenance", lambda: _provenance(results))]
+    sections = [_section(name, draw) for name, draw in parts]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>FedDLR study report</title><style>{STYLE}</style>"
             f"<script>{SCRIPT}</script></head><body>"
@@ -60,6 +69,15 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _section(name: str, draw: Callable[[], str]) -> str:
+    try:
+        return draw()
+    except Exception as err:  # a drawing bug must not cost the rest of the report
+        log.exception("report: the %s section could not be drawn", name)
+        return (f"<h2>{_e(name)}</h2><p class='bad'>This section could not be drawn "
+                f"({_e(type(err).__name__)}: {_e(err)}); results.json holds its numbers.</p>")
 
 
 def _header(results: dict[str, Any]) -> str:
@@ -122,7 +140,7 @@ def _cohort_rows(covariates: dict[str, Any], site: str | None) -> list[list[str]
     rows = []
     for name, var in covariates.items():
         entry = var if site is None else var.get("sites", {}).get(site)
-        if entry is None:
+        if entry is None or entry.get("mean", 0) is None:
             rows.append([_e(name), "—", "—", "not released", ""])
         elif var["type"] == "numeric":
             cells = [f"{m:.2f} ± {s:.2f} <span class='muted'>(n={n})</span>"

@@ -100,6 +100,14 @@ def model_query(config: StudyConfig, groups: list[str], terms: list[str]) -> dic
     return query
 
 
+def needs_label(config: StudyConfig) -> bool:
+    """Whether the survival stage reads the task label: only to group or adjust by `label`
+    (`her2_class` and model outputs come from their own columns and files)."""
+    names = [g.strip() for g in config.survival_group.split(",")]
+    names += [split_spec(t)[0] for t in config.survival_covariates]
+    return "label" in names
+
+
 def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
     if not sites:
         raise StageError("no usable site has role 'survival'")
@@ -108,7 +116,8 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) ->
     group = groups[0] if groups else ""
     terms = list(dict.fromkeys(config.survival_covariates))
     names = list(dict.fromkeys(split_spec(t)[0] for t in terms))  # `column:reference`
-    base = {"task": config.task, "needs": "survival", **model_query(config, groups, terms)}
+    task = config.task if needs_label(config) else ""  # "": the sites need no label columns
+    base = {"task": task, "needs": "survival", **model_query(config, groups, terms)}
     setup = transport.ask(SURVIVAL_SETUP, {**base, "group": group, "covariates": names}, sites)
     rounds(setup, "setup")
     answered = [s for s in sites if setup[s].ok]
@@ -119,7 +128,7 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) ->
                                      if not setup[s].ok))
     time_bin, time_unit = _agreed_time_policy(setup, answered)
     result: dict[str, Any] = {
-        "task": config.task,
+        "task": task or None,
         "time_bin": time_bin,
         "time_unit": time_unit,
         "group": group or None,

@@ -20,6 +20,7 @@ from server.fusion import run_fusion
 from server.progress import report_round
 from server.radiomics import run_radiomics
 from server.report import write_report
+from server.survival import needs_label as survival_needs_label
 from server.survival import run_survival
 from server.transport import (
     Reply,
@@ -73,7 +74,14 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
                 done[stage] = {"status": status, "result": results[stage], "run_id": run_id}
                 checkpoint.save(out, config, hashes, done, run_id)
             sites = _still_usable(transport, config, sites, results, stage)
+    except StudyError as err:
+        results["run"].update(status="stopped", reason=str(err))
+        raise
+    else:
+        results["run"].update(run_status(results["run"]["stages"], config.stages))
     finally:
+        if "status" not in results["run"]:
+            results["run"].update(status="stopped", reason="the server stopped unexpectedly")
         results["run"]["finished"] = _now()
         results["run"]["wire"] = getattr(transport, "wire", {})
         results["provenance"] = provenance(config, results)
@@ -83,9 +91,23 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
     return results
 
 
+def run_status(stages: dict[str, dict[str, Any]], requested: tuple[str, ...]
+               ) -> dict[str, Any]:
+    """`run.status` and `run.reason`: `ok` only when every requested stage is ok (or taken
+    from a checkpoint); otherwise `incomplete`, naming each stage that failed or was skipped.
+    (A study that stopped — too few sites — is `stopped`.)"""
+    bad = {s: stages.get(s, {"status": "not run"}) for s in requested
+           if stages.get(s, {}).get("status") != "ok"}
+    if not bad:
+        return {"status": "ok", "reason": None}
+    return {"status": "incomplete", "reason": "; ".join(
+        f"{s} {v['status']}" + (f": {v['reason']}" if v.get("reason") else "")
+        for s, v in bad.items())}
+
+
 def connect(transport: Transport, config: StudyConfig, results: dict[str, Any]) -> list[str]:
     """Handshake; refuse sites on another schema major version; enforce min-sites."""
-    replies = transport.handshake({"task": config.task})
+    replies = transport.handshake({"task": config.task if study_needs_label(config) else ""})
     report_round("handshake", 1, 1, replies)
     rows = [_site_row(site_id, reply) for site_id, reply in sorted(replies.items())]
     results["run"]["sites"] = rows
@@ -95,6 +117,12 @@ def connect(transport: Transport, config: StudyConfig, results: dict[str, Any]) 
                          + "; ".join(f"{r['site_id']}: {r['reason']}" for r in rows
                                      if r["status"] != schema.STATUS_OK))
     return usable
+
+
+def study_needs_label(config: StudyConfig) -> bool:
+    """Whether any requested stage reads the task label (every stage but a survival stage
+    that neither groups nor adjusts by it): if none does, sites need no label columns."""
+    return any(stage != "survival" or survival_needs_label(config) for stage in config.stages)
 
 
 def _site_row(site_id: str, reply: Reply) -> dict[str, Any]:
@@ -157,6 +185,11 @@ def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: lis
     except StageSkipped as err:
         log.info("[%s] skipped: %s", stage, err)
         return {"status": "skipped", "reason": str(err)}
+    except Exception as err:  # a server bug must end this stage, not the study's record of it
+        log.exception("[%s] failed with an internal error", stage)
+        results.pop(stage, None)
+        return {"status": "failed", "reason": f"internal error: {type(err).__name__}: {err}",
+                "seconds": round(time.monotonic() - started, 3)}
     _mark_sites(results, stage)
     log.info("[%s] done in %.1fs", stage, time.monotonic() - started)
     return {"status": "ok", "seconds": round(time.monotonic() - started, 3)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -71,7 +72,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from simulation.launcher import LaunchError, run_simulation
+    """Exit 0 only when every requested stage is ok (`run.status` in results.json); 1 when
+    a stage failed or was skipped, or the study stopped; 2 for usage or configuration."""
+    from shared.config import ConfigError
+    from simulation.launcher import LaunchError, check_run_config, run_simulation
 
     overrides = {}
     for item in args.config:
@@ -81,13 +85,38 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         overrides[key.strip()] = value.strip()
     try:
-        rc = run_simulation(args.sites_dir, args.out, overrides, num_cpus_per_site=args.num_cpus,
-                            num_gpus_per_site=args.num_gpus)
+        check_run_config(overrides)
+    except ConfigError as err:
+        print(f"feddlr run: {err}", file=sys.stderr)
+        return 2
+    try:
+        run_simulation(args.sites_dir, args.out, overrides, num_cpus_per_site=args.num_cpus,
+                       num_gpus_per_site=args.num_gpus)
     except LaunchError as err:
         print(f"feddlr run: {err}", file=sys.stderr)
         return 1
+    run = json.loads((args.out / "results.json").read_text(encoding="utf-8")).get("run", {})
+    print(summary(run))
     print(f"results: {args.out / 'results.json'}\nreport:  {args.out / 'report.html'}")
-    return rc
+    return 0 if run.get("status") == "ok" else 1
+
+
+def summary(run: dict) -> str:
+    """The closing lines of a run: one per stage (status, seconds, reason), one per site
+    that did not serve, and the run's status."""
+    lines = ["stage        status      seconds  reason"]
+    for stage, info in run.get("stages", {}).items():
+        seconds = info.get("seconds")
+        lines.append(f"{stage:<12} {info.get('status', '?'):<10} "
+                     f"{'' if seconds is None else f'{seconds:8.1f}':>8}  "
+                     f"{info.get('reason') or ''}".rstrip())
+    for site in run.get("sites", []):
+        if site.get("status") != "ok":
+            lines.append(f"site {site.get('site_id')}: {site.get('status')}: "
+                         f"{site.get('reason') or ''}".rstrip())
+    lines.append(f"run status: {run.get('status', 'unknown')}"
+                 + (f" ({run['reason']})" if run.get("reason") else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

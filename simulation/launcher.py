@@ -73,6 +73,34 @@ def run_simulation(sites_dir: Path, out: Path, overrides: Mapping[str, str] | No
     return rc
 
 
+def run_config_defaults() -> dict[str, object]:
+    """The app's run-config keys and defaults (`[tool.flwr.app.config]` in pyproject.toml)."""
+    project = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
+    return dict(project["tool"]["flwr"]["app"]["config"])
+
+
+def check_run_config(overrides: Mapping[str, str]) -> None:
+    """Stop a run with a bad key or value before any site is contacted (ConfigError): an
+    unknown key names the nearest known one; the values go through the ServerApp's parser."""
+    import difflib
+
+    from shared.config import ConfigError, StudyConfig
+
+    defaults = run_config_defaults()
+    for key in overrides:
+        if key not in defaults:
+            near = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown run-config key {key!r}{hint}")
+    merged = {**defaults}
+    for key, value in overrides.items():
+        try:
+            merged[key] = tomllib.loads(f"v = {toml_value(value)}")["v"]
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"run config {key}: {err}") from None
+    StudyConfig.from_run_config(merged)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -100,3 +100,42 @@ def test_run_without_site_folders_says_so(tmp_path: Path) -> None:
     done = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"))
     assert done.returncode == 1 and "no site folders" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_run_rejects_an_unknown_key_naming_the_nearest_one(tmp_path: Path) -> None:
+    done = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                  "-c", "rouns=3")
+    assert done.returncode == 2
+    assert "unknown run-config key 'rouns'; did you mean 'rounds'?" in done.stderr
+    bad = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "-c", "stages=cohort,radiomix")
+    assert bad.returncode == 2 and "unknown ['radiomix']" in bad.stderr
+
+
+@pytest.mark.parametrize(("case", "rc", "status"), [
+    ("survival-only", 0, "ok"),              # no HER2 columns, none needed
+    ("cohort-without-labels", 1, "stopped"),  # every site fails the handshake
+    ("survival-failing", 1, "incomplete"),    # the sites disagree on time_bin: stage failed
+])
+def test_run_exit_status_tells_what_happened(tmp_path: Path, case: str, rc: int,
+                                             status: str) -> None:
+    from tests.test_stage_inputs import gbsg2_parts, write_sites
+
+    parts = gbsg2_parts()[:2]
+    folders = write_sites(tmp_path / "sites", parts)
+    if case == "survival-failing":
+        policy = yaml.safe_load((folders[1] / "site.yaml").read_text(encoding="utf-8"))
+        policy["privacy"]["time_bin"] = 7
+        (folders[1] / "site.yaml").write_text(yaml.safe_dump(policy), encoding="utf-8")
+    stages = "cohort" if case == "cohort-without-labels" else "survival"
+    done = feddlr("run", "--sites-dir", str(tmp_path / "sites"), "--out", str(tmp_path / "o"),
+                  "-c", f"stages={stages}", "-c", "survival-group=hor_th",
+                  "-c", "survival-covariates=age,tsize", "-c", "stepwise=none")
+    assert done.returncode == rc, done.stdout[-3000:]
+    run = json.loads((tmp_path / "o" / "results.json").read_text(encoding="utf-8"))["run"]
+    assert run["status"] == status
+    assert f"run status: {status}" in done.stdout
+    if case == "cohort-without-labels":  # sites named by site_id, not by Flower node id
+        assert "site site-1: failed: " in done.stdout and "node-" not in done.stdout
+    if case == "survival-failing":
+        assert "disagree on privacy.time_bin" in run["stages"]["survival"]["reason"]
