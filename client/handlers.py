@@ -118,7 +118,7 @@ def _site_name(site_root: Path) -> str:
 
 def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload:
     task = str(query.get("task", "her2-positive"))  # "": the query needs no task label
-    needs = _needs(site_root, _names(query.get("needs", "")) + (["label"] if task else []))
+    needs = _needs(site_root, _names(query.get("needs", "")))
     try:
         session = open_session(str(site_root), (task if task in TASKS else "her2-positive")
                                if task else None, needs)

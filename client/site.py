@@ -191,8 +191,9 @@ def load_site(
     completeness check of NIfTI files); masks are always read to check they are non-empty.
     """
     needs = _check_needs(needs)
-    if task is not None:
+    if task is not None:  # a task's label is always needed; without one, only if asked
         check_task(task)
+        needs = _check_needs((*needs, "label"))
     inspection = _Inspection(Path(root), task, needs, full_read=full_read, stop_on_fatal=True)
     inspection.run()
     if inspection.fatal:

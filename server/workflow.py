@@ -185,6 +185,8 @@ def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: lis
     except StageSkipped as err:
         log.info("[%s] skipped: %s", stage, err)
         return {"status": "skipped", "reason": str(err)}
+    except StudyError:
+        raise
     except Exception as err:  # a server bug must end this stage, not the study's record of it
         log.exception("[%s] failed with an internal error", stage)
         results.pop(stage, None)

@@ -293,15 +293,25 @@ class CoxSummary:
     aic: float
 
 
+def _inverse_information(hessian: np.ndarray) -> np.ndarray:
+    """(−H)⁻¹, or NaN where the information is singular or not finite (too few events for
+    the model, a constant column): the standard errors are then undefined, not an error."""
+    k = hessian.shape[0]
+    if not np.all(np.isfinite(hessian)):
+        return np.full((k, k), np.nan)
+    try:
+        return np.linalg.inv(-hessian)
+    except np.linalg.LinAlgError:
+        return np.full((k, k), np.nan)
+
+
 def summarize(fit: CoxFit, names: Sequence[str], alpha: float = 0.05) -> CoxSummary:
     """Wald summary as lifelines' `CoxPHFitter.summary`: SE from the inverse observed
     information, p = P(χ²₁ > z²), HR = e^β with CI e^{β ± z_{1−α/2} SE}, AIC = −2ℓ + 2k."""
     k = fit.k
     if k:
         with np.errstate(invalid="ignore"):
-            variance = np.linalg.inv(-fit.hessian) if np.all(np.isfinite(fit.hessian)) \
-                else np.full((k, k), np.nan)
-            se = np.sqrt(np.diag(variance))
+            se = np.sqrt(np.diag(_inverse_information(fit.hessian)))
     else:
         se = np.zeros(0)
     z_crit = Z95 if alpha == 0.05 else float(stats.norm.ppf(1 - alpha / 2))

@@ -87,7 +87,7 @@ def test_fewer_usable_sites_than_min_sites_stops_with_a_clear_error(gbsg2_sites,
     (folders[0] / "clinical.csv").unlink()
     config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", min_sites=3)
     with pytest.raises(StudyError, match=r"only 2 usable site\(s\), min-sites is 3: "
-                                         r"node-0: site folder site-1 cannot serve"):
+                                         r"site-1: site folder site-1 cannot serve"):
         run_study(InProcessTransport(folders), config)
 
 

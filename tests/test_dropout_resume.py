@@ -350,8 +350,12 @@ class CountingTransport(InProcessTransport):
         return super().ask(action, query, sites)
 
 
+class ServerKilled(BaseException):
+    """The server process dying mid-stage (a signal, not an error a stage can report)."""
+
+
 def crashing_stage(transport, cfg, sites):
-    raise RuntimeError("server killed in the middle of the dsfr stage")
+    raise ServerKilled("server killed in the middle of the dsfr stage")
 
 
 def test_resume_continues_from_the_last_completed_stage(tmp_path, monkeypatch):
@@ -359,7 +363,7 @@ def test_resume_continues_from_the_last_completed_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(workflow, "write_report", lambda results, out: None)
     monkeypatch.setitem(workflow.STAGE_RUNNERS, "dsfr", crashing_stage)
     cfg = config(tmp_path, stages=("cohort", "dsfr"))
-    with pytest.raises(RuntimeError, match="server killed"):
+    with pytest.raises(ServerKilled, match="server killed"):
         workflow.run_study(CountingTransport(folders), cfg, run_id="run-1")
     saved = json.loads((tmp_path / "out" / "checkpoint.json").read_text())
     assert saved["run_id"] == "run-1" and list(saved["stages"]) == ["cohort"]

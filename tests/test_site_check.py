@@ -26,7 +26,7 @@ from shared.policy import PrivacyPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (8, 16, 16)  # numpy order z, y, x -> SimpleITK size (16, 16, 8)
-ALL_NEEDS = ("clinical", "survival", "mri", "mri_r2", "us")
+ALL_NEEDS = ("clinical", "label", "survival", "mri", "mri_r2", "us")
 
 # patient -> (her2_ihc, her2_ish, dfs_time, dfs_event)
 PATIENTS = {
