@@ -1,4 +1,5 @@
-"""`feddlr check-site DIR [DIR ...] [--task TASK]`: every problem of a site folder at once.
+"""`feddlr check-site DIR [DIR ...] [--task TASK] [--stages S,…]`: every problem of a site
+folder at once — of everything it holds, or (`--stages`) of just what those stages need.
 
 Prints one line per problem (`site: file: patient ID: message`) and a summary per site;
 returns 0 when no problem is found, 1 when any is, 2 when a DIR does not exist. A DIR that
@@ -14,8 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
-from client.site import SITE_YAML, SiteCheck, inspect_site
+from client.site import FEATURES_CSV, PREDICTIONS_CSV, SITE_YAML, SiteCheck, inspect_site
+from shared.config import STAGE_NEEDS, STAGES
 from shared.labels import TASKS
+
+OPTIONAL_FILES = {"predictions": PREDICTIONS_CSV, "features": FEATURES_CSV}
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_NO_DIR = 0, 1, 2
 
@@ -32,16 +36,18 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_NO_DIR
             continue
         for root in _site_folders(directory):
-            if not check_one(root, task=args.task) and code == EXIT_OK:
+            if not check_one(root, task=args.task, stages=args.stages) and code == EXIT_OK:
                 code = EXIT_PROBLEMS
     return code
 
 
-def check_one(root: Path, *, task: str | None = None, out: TextIO | None = None) -> bool:
+def check_one(root: Path, *, task: str | None = None, stages: tuple[str, ...] | None = None,
+              out: TextIO | None = None) -> bool:
     """Check one site folder and print its report; True when it has no problem."""
     out = out or sys.stdout
     try:
-        report = inspect_site(root, task=task)
+        needs = None if stages is None else stage_needs(root, stages, task)
+        report = inspect_site(root, task=task, needs=needs)
     except Exception as error:  # a bug or an unforeseen input: report it, no traceback
         print(f"{root.name}: .: check failed: {type(error).__name__}: {error}", file=out)
         return False
@@ -51,6 +57,32 @@ def check_one(root: Path, *, task: str | None = None, out: TextIO | None = None)
         print(line, file=out)
     print(_summary(report, task), file=out)
     return report.ok
+
+
+def stage_needs(root: Path, stages: tuple[str, ...], task: str | None) -> tuple[str, ...]:
+    """The inputs `stages` need of this folder (shared.config.STAGE_NEEDS): an optional one
+    where the site has it, radiomics' features.csv where present (else the MRI). Survival's
+    label is checked only with --task (it needs one only to group by `label`)."""
+    needs: list[str] = []
+    for stage in stages:
+        for need in STAGE_NEEDS[stage]:
+            if need == "mri|features":
+                need = "features" if (root / FEATURES_CSV).is_file() else "mri"
+            elif need.endswith("?"):
+                need = need[:-1] if (root / OPTIONAL_FILES[need[:-1]]).is_file() else ""
+            if need == "label" and stage == "survival" and task is None:
+                need = ""
+            if need and need not in needs:
+                needs.append(need)
+    return tuple(needs)
+
+
+def _stages(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    return names
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         "--task", choices=TASKS, default=None,
         help="also count the patients of this task (e.g. IHC2+ without ISH are outside "
         "HER2 tasks)",
+    )
+    parser.add_argument(
+        "--stages", type=_stages, default=None, metavar="S,…",
+        help="check only what these stages need (e.g. survival: clinical.csv with DFS, "
+        "no HER2 columns or images); default: everything the folder holds",
     )
     return parser
 

@@ -206,11 +206,15 @@ def check_site(root: Path, *, task: str | None = None) -> list[Problem]:
     return inspect_site(root, task=task).problems
 
 
-def inspect_site(root: Path, *, task: str | None = None) -> SiteCheck:
-    """Check everything the folder holds, as `check_site`, with the patient counts."""
+def inspect_site(root: Path, *, task: str | None = None,
+                 needs: Iterable[str] | None = None) -> SiteCheck:
+    """Check everything the folder holds (or only what `needs` names, e.g. the stages a
+    study will run), as `check_site`, with the patient counts."""
     if task is not None:
         check_task(task)
-    inspection = _Inspection(Path(root), task, None, full_read=True, stop_on_fatal=False)
+    if needs is not None:
+        needs = _check_needs((*needs, "label") if task is not None else needs)
+    inspection = _Inspection(Path(root), task, needs, full_read=True, stop_on_fatal=False)
     inspection.run()
     return inspection.summary()
 

@@ -9,6 +9,19 @@ from typing import Any
 from shared.labels import TASKS
 
 STAGES = ("cohort", "radiomics", "dsfr", "deep", "fusion", "validation", "survival")
+# What each stage needs of a site folder (client.site.NEEDS; `x?` = used where present;
+# radiomics reads features.csv where a site has one, else extracts from the MRI). The task
+# label is needed by every stage but survival, which needs it only to group or adjust by
+# `label` (server.survival.needs_label).
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {
+    "cohort": ("clinical", "label"),
+    "radiomics": ("clinical", "label", "mri|features"),
+    "dsfr": ("clinical", "label", "mri"),
+    "deep": ("clinical", "label", "mri", "us"),
+    "fusion": ("clinical", "label"),
+    "validation": ("clinical", "label", "predictions?"),
+    "survival": ("clinical", "survival", "predictions?"),
+}
 DEFAULT_COVARIATES = ("age", "tumour_size_mm", "ki67", "hr_status", "lesion_type")
 # survival: `her2_class` is derived from IHC/ISH (zero / low / positive, reference zero)
 DEFAULT_SURVIVAL_COVARIATES = ("her2_class", "age", "tumour_size_mm", "hr_status", "ki67",

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("site_dir", type=Path, nargs="+",
                        help="a site folder, or a folder of site folders")
     check.add_argument("--task", default=None)
+    check.add_argument("--stages", default=None, metavar="S,…",
+                       help="check only what these stages need (default: everything)")
 
     run = sub.add_parser("run", help="run the study on site folders (Flower Simulation Engine)")
     run.add_argument("--sites-dir", type=Path, required=True)
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         from client.check import main as check_main
 
         task = ["--task", args.task] if args.task else []
-        return check_main([str(d) for d in args.site_dir] + task)
+        stages = ["--stages", args.stages] if args.stages else []
+        return check_main([str(d) for d in args.site_dir] + task + stages)
     return _run(args)
 
 

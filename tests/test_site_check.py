@@ -576,3 +576,22 @@ def test_site_without_patients_is_not_a_crash(site: Path, capsys) -> None:
     assert code == 1  # six image folders of patients not in clinical.csv
     (site / "clinical.csv").write_text("")
     assert "clinical.csv: cannot read CSV" in "\n".join(lines_of(check_site(site)))
+
+
+def test_stages_check_only_what_those_stages_need(site: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    truncated_image(site)  # p01's MRI is broken
+    code, output = run_cli(capsys, str(site), "--stages", "cohort,survival")
+    assert code == 0 and output.strip() == "site-a: OK (6 patients)"
+    code, output = run_cli(capsys, str(site), "--stages", "dsfr")
+    assert code == 1 and "images/p01/mri.nii.gz: patient p01: cannot read image" in output
+    rows = [{k: v for k, v in row.items() if k not in ("her2_ihc", "her2_ish")}
+            for row in clinical_rows()]
+    write_clinical(site, rows)
+    code, output = run_cli(capsys, str(site), "--stages", "survival")
+    assert code == 0, output  # a survival study needs no HER2 columns
+    code, output = run_cli(capsys, str(site), "--stages", "cohort")
+    assert code == 1 and "missing column 'her2_ihc' (needed for labels)" in output
+    code, output = run_cli(capsys, str(site), "--stages", "survival", "--task", "her2-positive")
+    assert code == 1 and "missing column 'her2_ihc' (needed for task her2-positive)" in output
+    assert run_cli(capsys, str(site), "--stages", "surv")[0] == 2
