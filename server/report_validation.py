@@ -217,7 +217,8 @@ def validation_sections(results: dict[str, Any], out: Path) -> str:
         "either way, so the AUC of the unbinned scores lies within the <i>bound</i> shown; "
         "the 95% CI is DeLong's. The threshold is the Youden cut of the pooled training "
         "sites, applied unchanged to every set (each set's own optimum is listed for "
-        "reference). Classification metrics carry Wilson 95% intervals (small print).</p>")
+        "reference). Classification metrics carry Wilson 95% intervals, F1 a delta-method "
+        "one (small print).</p>")
     if grid.get("note"):
         parts.append(f"<p class='muted'>{_e(grid['note'])}</p>")
     union = {key: list(dict.fromkeys(str(s) for m in models

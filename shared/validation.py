@@ -319,16 +319,31 @@ class Rate:
 
 
 def wilson(successes: int, trials: int, level: float = 0.95) -> Rate:
-    """Proportion with its Wilson score interval (statsmodels `proportion_confint`, wilson)."""
+    """Proportion with its Wilson score interval (`scipy.stats.binomtest(...).proportion_ci`,
+    method wilson; statsmodels' `proportion_confint(method="wilson")` gives the same)."""
     if trials == 0:
         return Rate(np.nan, np.nan, np.nan, int(successes), 0)
+    ci = stats.binomtest(int(successes), int(trials)).proportion_ci(level, method="wilson")
+    return Rate(successes / trials, float(ci.low), float(ci.high), int(successes),
+                int(trials))
+
+
+def f1_interval(tp: int, fp: int, fn: int, level: float = 0.95) -> Rate:
+    """F1 = 2TP / (2TP + FP + FN) with a delta-method (Wald) interval, clipped to [0, 1].
+
+    F1 is not a binomial proportion (its "trials" 2TP + FP + FN count a TP twice), so a
+    Wilson interval on it is wrong. Under the multinomial model of the confusion matrix the
+    delta method gives Var(F1) = 4·TP·(FP + FN)·(TP + FP + FN) / (2TP + FP + FN)⁴ (the TN
+    cell and n cancel). At F1 = 0 or 1 the interval collapses to the point.
+    """
+    denominator = 2 * tp + fp + fn
+    if denominator == 0:
+        return Rate(np.nan, np.nan, np.nan, int(2 * tp), 0)
+    f1 = 2 * tp / denominator
+    se = np.sqrt(4.0 * tp * (fp + fn) * (tp + fp + fn)) / denominator ** 2
     z = float(stats.norm.ppf((1 + level) / 2))
-    p = successes / trials
-    z2n = z * z / trials
-    centre = (p + z2n / 2) / (1 + z2n)
-    half = z / (1 + z2n) * np.sqrt(p * (1 - p) / trials + z2n / (4 * trials))
-    return Rate(p, float(max(0.0, centre - half)), float(min(1.0, centre + half)),
-                int(successes), int(trials))
+    return Rate(f1, float(max(0.0, f1 - z * se)), float(min(1.0, f1 + z * se)), int(2 * tp),
+                int(denominator))
 
 
 @dataclass(frozen=True)
@@ -339,11 +354,12 @@ class Diagnostics:
     specificity: Rate
     ppv: Rate
     npv: Rate
-    f1: Rate  # 2TP / (2TP + FP + FN); its Wilson CI treats it as that proportion
+    f1: Rate  # 2TP / (2TP + FP + FN), delta-method interval (`f1_interval`)
 
 
 def diagnostics(confusion: np.ndarray, level: float = 0.95) -> Diagnostics:
-    """ACC, SEN, SPE, PPV, NPV, F1 from a pooled confusion matrix, each with a Wilson CI."""
+    """ACC, SEN, SPE, PPV, NPV from a pooled confusion matrix, each with a Wilson CI, and F1
+    with its delta-method interval."""
     (tn, fp), (fn, tp) = np.asarray(confusion, dtype=np.int64).tolist()
     return Diagnostics(
         np.asarray(confusion, dtype=np.int64),
@@ -352,7 +368,7 @@ def diagnostics(confusion: np.ndarray, level: float = 0.95) -> Diagnostics:
         wilson(tn, tn + fp, level),
         wilson(tp, tp + fp, level),
         wilson(tn, tn + fn, level),
-        wilson(2 * tp, 2 * tp + fp + fn, level),
+        f1_interval(tp, fp, fn, level),
     )
 
 

@@ -42,6 +42,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 # --------------------------------------------------------------------------- metrics
 
+def _f1_ci(tp: int, fp: int, fn: int) -> list[float]:
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    se = np.sqrt(4 * tp * (fp + fn) * (tp + fp + fn)) / (2 * tp + fp + fn) ** 2
+    return [max(f1 - 1.96 * se, 0.0), min(f1 + 1.96 * se, 1.0)]
+
+
 def _wilson(k: int, n: int) -> list[float] | None:
     if n == 0:
         return None
@@ -86,7 +92,7 @@ def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
         "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn), "f1": f1,
         "ci": {"acc": _wilson(tp + tn, len(y)), "sen": _wilson(tp, tp + fn),
                "spe": _wilson(tn, tn + fp), "ppv": _wilson(tp, tp + fp),
-               "npv": _wilson(tn, tn + fn), "f1": _wilson(2 * tp, 2 * tp + fp + fn)},
+               "npv": _wilson(tn, tn + fn), "f1": _f1_ci(tp, fp, fn)},
         "own": _youden(y, p),
         "brier": float(brier_score_loss(y, p)),
         "calibration_slope": float(recal.coef_[0][0]),
