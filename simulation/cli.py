@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="CPU cores per simulated site (Flower client resources)")
     run.add_argument("--num-gpus", type=float, default=0.0,
                      help="GPUs per simulated site, e.g. 0.5 to share one GPU by two sites")
+    run.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                     help="run the simulated sites on this running Ray cluster (the head's "
+                          "GCS address, as `ray start --head --port PORT` prints)")
 
     args = parser.parse_args(argv)
     if args.command == "simulate":
@@ -94,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         run_simulation(args.sites_dir, args.out, overrides, num_cpus_per_site=args.num_cpus,
-                       num_gpus_per_site=args.num_gpus)
+                       num_gpus_per_site=args.num_gpus, ray_address=args.ray_address)
     except LaunchError as err:
         print(f"feddlr run: {err}", file=sys.stderr)
         return 1

@@ -41,12 +41,15 @@ def site_folders(sites_dir: Path) -> list[Path]:
 
 def run_simulation(sites_dir: Path, out: Path, overrides: Mapping[str, str] | None = None,
                    *, num_cpus_per_site: float = 1, num_gpus_per_site: float = 0.0,
-                   echo: bool = True) -> int:
+                   ray_address: str | None = None, echo: bool = True) -> int:
     """Run the study on every site folder under `sites_dir`; results land in `out`.
     Each simulated site gets `num_cpus_per_site` cores and `num_gpus_per_site` GPUs (Flower
-    client resources; a fraction shares one GPU between sites)."""
+    client resources; a fraction shares one GPU between sites). With `ray_address`
+    (HOST:PORT of a running Ray head) Flower's Ray backend runs the sites on that cluster."""
     sites_dir, out = sites_dir.resolve(), out.resolve()
     folders = site_folders(sites_dir)
+    if ray_address is not None:
+        check_ray_address(ray_address)
     out.mkdir(parents=True, exist_ok=True)
     if not (APP_DIR / "pyproject.toml").is_file():
         raise LaunchError(f"the FedDLR app source (pyproject.toml) is not at {APP_DIR}")
@@ -54,6 +57,11 @@ def run_simulation(sites_dir: Path, out: Path, overrides: Mapping[str, str] | No
     home = Path(tempfile.mkdtemp(prefix="feddlr-flwr-"))
     port = free_port()
     env = flower_env(home)
+    # Flower 1.42's simulation config has no Ray address; its backend calls ray.init(),
+    # which joins the cluster RAY_ADDRESS names (the SuperLink passes its env on). Without
+    # it, ray.init() would join the last `ray start` cluster of this machine, so a local
+    # run says "local": a Ray instance of its own.
+    env["RAY_ADDRESS"] = ray_address or "local"
     write_connection(home, port)
     superlink = start_superlink(port, env, out / "superlink.log")
     try:
@@ -69,8 +77,22 @@ def run_simulation(sites_dir: Path, out: Path, overrides: Mapping[str, str] | No
         stop(superlink)
         shutil.rmtree(home, ignore_errors=True)
     if not (out / "results.json").is_file():
-        raise LaunchError(f"the run ended without results.json (exit {rc}); see {out/'run.log'}")
+        where = f" on the Ray cluster at {ray_address}" if ray_address else ""
+        raise LaunchError(f"the run ended without results.json{where} (exit {rc}); see "
+                          f"{out/'run.log'}")
     return rc
+
+
+def check_ray_address(address: str) -> None:
+    """A Ray head answers at HOST:PORT (its GCS port), or a LaunchError naming the address."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LaunchError(f"--ray-address {address!r}: expected HOST:PORT of a Ray head")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise LaunchError(f"no Ray cluster answers at {address} ({err.strerror or err}); "
+                          "start one with `ray start --head --port PORT`") from None
 
 
 def run_config_defaults() -> dict[str, object]:
