@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from simulation.cohort import simulate_cohort
+    from simulation.console import patient_progress
 
     try:
         simulate_cohort(args.out, n_sites=args.sites, n_patients=args.patients, seed=args.seed,
                         effect_size=args.effect_size, image_size=args.image_size,
                         external_sites=args.external_sites,
-                        progress=lambda text: print(text, flush=True))
+                        progress=patient_progress())
     except ValueError as err:
         print(f"feddlr simulate: {err}", file=sys.stderr)
         return 2

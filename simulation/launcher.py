@@ -172,17 +172,26 @@ def wait_healthy(port: int, process: subprocess.Popen, log_path: Path) -> None:
 
 
 def stream(command: list[str], env: dict[str, str], log_path: Path, echo: bool) -> int:
+    """Run `command`; every line of its output goes to `log_path`, and (with `echo`) to the
+    console as `simulation.console.Console` shows it (a live status line in a terminal,
+    sparse lines in a pipe)."""
+    from simulation.console import Console
+
+    console = Console() if echo else None
     with log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         bufsize=1, cwd=APP_DIR,
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if echo:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if console is not None:
+                    console.write(line)
+        finally:
+            if console is not None:
+                console.close()
         return proc.wait()
 
 

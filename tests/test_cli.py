@@ -139,3 +139,40 @@ def test_run_exit_status_tells_what_happened(tmp_path: Path, case: str, rc: int,
         assert "site site-1: failed: " in done.stdout and "node-" not in done.stdout
     if case == "survival-failing":
         assert "disagree on privacy.time_bin" in run["stages"]["survival"]["reason"]
+
+
+def test_console_keeps_the_pipe_sparse_and_the_terminal_live() -> None:
+    """Round lines are shown on a stage change, on trouble, or as a 30 s heartbeat; the same
+    note for fold after fold is shown once; everything else is shown."""
+    import io
+
+    from simulation.console import Console, RoundFilter
+
+    now = [0.0]
+    keep = RoundFilter(clock=lambda: now[0])
+    ok = "3 sites replied: site-1 ok, site-2 ok, site-3 ok"
+    lines = ["feddlr 10:00:00 [radiomics] started with 3 sites",
+             *[f"feddlr 10:00:01 [radiomics:lasso] round {r}: {ok}" for r in range(1, 40)],
+             *[f"feddlr 10:00:02 [radiomics] f{k}.lasso: site-1 refused p×p matrices "
+               f"({900 + k} features > 0.33 × 35 patients)" for k in range(10)],
+             "feddlr 10:00:03 [radiomics:lasso] round 40: 3 sites replied: site-1 ok, "
+             "site-2 failed (gone), site-3 ok",
+             "feddlr 10:00:04 [radiomics] done in 4.0s",
+             "\x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor"]
+    shown = []
+    for i, line in enumerate(lines):
+        now[0] = 0.5 * i  # 20 s of rounds: no heartbeat yet
+        if keep.show(line):
+            shown.append(line)
+    assert [s.split("] ", 1)[1][:22] for s in shown] == [
+        "started with 3 sites", "round 1: 3 sites repli", "f0.lasso: site-1 refus",
+        "round 40: 3 sites repl", "done in 4.0s"]
+    now[0] = 100.0
+    assert keep.show(f"feddlr 10:01:40 [radiomics:lasso] round 41: {ok}")  # heartbeat
+
+    out = io.StringIO()
+    live = Console(out, live=True)
+    for line in lines:
+        live.write(line + "\n")
+    live.close()
+    assert "done in 4.0s" in out.getvalue() and "round 39" not in out.getvalue()
