@@ -19,7 +19,7 @@ from server.progress import report_round
 from server.rounds import drive
 from server.transport import Reply, StageSkipped, Transport, ask_all_ok, on_stable_sites
 from shared import logistic, schema
-from shared.config import ConfigError, StudyConfig
+from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig
 
 log = logging.getLogger("feddlr")
 STAGE = "fusion"
@@ -47,9 +47,10 @@ class FusionConfig:
         return cls(models, c)
 
 
-def run_fusion(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
+def run_fusion(transport: Transport, config: StudyConfig, sites: list[str],
+               earlier: Earlier = NO_EARLIER) -> dict[str, Any]:
     fc = FusionConfig.from_extra(config.extra)
-    context = {"task": config.task, "runs": str(config.extra.get("prediction-runs", ""))}
+    context = {"task": config.task, "runs": earlier.runs(config)}
     replies = transport.ask(schema.FUSION_SETUP, context, sites)
     report_round(f"{STAGE}:setup", 1, 1, replies)
     ok = {s: r for s, r in replies.items() if r.ok}

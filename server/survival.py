@@ -44,7 +44,7 @@ from server.transport import (
 from shared import concordance as cindex
 from shared import cox
 from shared import kaplan_meier as km
-from shared.config import StudyConfig
+from shared.config import NO_EARLIER, Earlier, StudyConfig
 from shared.schema import (
     SURVIVAL_BOUNDS,
     SURVIVAL_COX,
@@ -83,20 +83,18 @@ def split_spec(spec: str) -> tuple[str, str]:
     return name, reference
 
 
-def model_query(config: StudyConfig, groups: list[str], terms: list[str]) -> dict[str, Any]:
+def model_query(config: StudyConfig, groups: list[str], terms: list[str],
+                earlier: Earlier) -> dict[str, Any]:
     """Query keys for model outputs: the prediction runs to read and, per `predicted:` model,
-    its threshold (from `survival-thresholds`, which the workflow fills from validation)."""
+    its threshold (the validation stage's, unless `survival-thresholds` sets it)."""
     models = [n.split(":", 1)[1] for n in (*groups, *terms) if n.startswith(MODEL_PREFIXES)]
     if not models:
         return {}
-    known = dict(item.split("=", 1) for item in
-                 str(config.extra.get("survival-thresholds", "")).split(",") if "=" in item)
-    query: dict[str, Any] = {"runs": str(config.extra.get("prediction-runs", "")),
-                             "needs": "survival,predictions?"}
+    query: dict[str, Any] = {"runs": earlier.runs(config), "needs": "survival,predictions?"}
     for name in (*groups, *terms):
         if name.startswith("predicted:"):
             model = name.split(":", 1)[1]
-            query[f"threshold.{model}"] = float(known.get(model, 0.5))
+            query[f"threshold.{model}"] = earlier.threshold(config, model)
     return query
 
 
@@ -108,7 +106,8 @@ def needs_label(config: StudyConfig) -> bool:
     return "label" in names
 
 
-def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
+def run_survival(transport: Transport, config: StudyConfig, sites: list[str],
+                 earlier: Earlier = NO_EARLIER) -> dict[str, Any]:
     if not sites:
         raise StageError("no usable site has role 'survival'")
     rounds = _Rounds()
@@ -117,7 +116,7 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str]) ->
     terms = list(dict.fromkeys(config.survival_covariates))
     names = list(dict.fromkeys(split_spec(t)[0] for t in terms))  # `column:reference`
     task = config.task if needs_label(config) else ""  # "": the sites need no label columns
-    base = {"task": task, "needs": "survival", **model_query(config, groups, terms)}
+    base = {"task": task, "needs": "survival", **model_query(config, groups, terms, earlier)}
     setup = transport.ask(SURVIVAL_SETUP, {**base, "group": group, "covariates": names}, sites)
     rounds(setup, "setup")
     answered = [s for s in sites if setup[s].ok]

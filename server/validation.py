@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from server.radiomics import run_radiomics
 from server.transport import Reply, StageError, StageSkipped, Transport
 from shared import roc, schema
 from shared import validation as val
-from shared.config import ConfigError, StudyConfig
+from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig
 from shared.schema import Payload, nest
 
 log = logging.getLogger("feddlr")
@@ -112,12 +112,12 @@ class SiteScores:
     refused: dict[str, dict[str, str]] = field(default_factory=dict)  # model → group → reason
 
 
-def run_validation(transport: Transport, config: StudyConfig, sites: list[str]
-                   ) -> dict[str, Any]:
+def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
+                   earlier: Earlier = NO_EARLIER) -> dict[str, Any]:
     vc = ValidationConfig.from_extra(config.extra)
     context = {"task": config.task, "needs": "predictions?", "bins": vc.bins,
                "subgroups": list(vc.subgroups), "models": list(vc.models),
-               "runs": str(config.extra.get("prediction-runs", ""))}
+               "runs": earlier.runs(config)}
     scores, status, context = collect(transport, context, sites, vc)
     if not any(s.cells for s in scores.values()):
         raise StageSkipped("no site has scores of any model to validate: "
@@ -447,18 +447,7 @@ def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[st
                     "the held-out site; DSFR and the CNNs are not refitted per held-out site"}
 
 
-def with_prediction_runs(config: StudyConfig, runs: list[str]) -> StudyConfig:
-    """The config with earlier runs whose predictions the sites should read as well."""
-    known = [r for r in str(config.extra.get("prediction-runs", "")).split(",") if r]
-    merged = ",".join(dict.fromkeys(known + runs))
-    return replace(config, extra={**config.extra, "prediction-runs": merged})
-
-
-def with_thresholds(config: StudyConfig, validation: dict[str, Any]) -> StudyConfig:
-    """The config with each validated model's training-site Youden threshold as
-    `survival-thresholds` (`model=value,…`; values the run config set stay)."""
-    known = str(config.extra.get("survival-thresholds", ""))
-    found = [f"{m}={validation[m]['threshold']['value']}" for m in validation.get("models", [])
-             if validation[m]["threshold"].get("value") is not None]
-    merged = ",".join([*found, *(x for x in known.split(",") if "=" in x)])
-    return replace(config, extra={**config.extra, "survival-thresholds": merged})
+def thresholds(validation: dict[str, Any]) -> dict[str, float]:
+    """Each validated model's training-site Youden threshold (for `Earlier.thresholds`)."""
+    return {m: float(validation[m]["threshold"]["value"]) for m in validation.get("models", [])
+            if validation[m]["threshold"].get("value") is not None}

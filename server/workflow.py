@@ -30,18 +30,19 @@ from server.transport import (
     StudyError,
     Transport,
 )
-from server.validation import run_validation, with_prediction_runs, with_thresholds
+from server.validation import run_validation, thresholds
 from shared import schema
-from shared.config import STAGES, StudyConfig
+from shared.config import STAGES, Earlier, StudyConfig
 
 log = logging.getLogger("feddlr")
 
 STAGE_RUNNERS = {"cohort": run_cohort, "radiomics": run_radiomics, "dsfr": run_dsfr,
                  "deep": run_deep, "fusion": run_fusion, "validation": run_validation,
                  "survival": run_survival}
-# Stages that read the probabilities earlier stages left at the sites: when those stages
-# were taken from a checkpoint, their files carry the earlier run's id.
-READS_PREDICTIONS = ("fusion", "validation", "survival")
+# Stages that read what earlier stages left (`Earlier`): the probabilities at the sites
+# (when those stages were taken from a checkpoint, their files carry the earlier run's id)
+# and the validation stage's thresholds.
+READS_EARLIER = ("fusion", "validation", "survival")
 # A stage that only sites with a role take part in gets only those sites (roles are what
 # each site declared in its site.yaml, from the handshake: results["run"]["sites"]).
 STAGE_ROLES = {"survival": "survival"}
@@ -89,6 +90,15 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
         write_report(results, out)
         log.info("wrote %s and %s", out / "results.json", out / "report.html")
     return results
+
+
+def earlier_results(results: dict[str, Any]) -> Earlier:
+    """What the stages so far leave for the next one, from `results` alone (so a resumed
+    study, whose checkpointed stages are back in `results`, passes the same)."""
+    runs = tuple(s["resumed_from"] for s in results["run"]["stages"].values()
+                 if s.get("resumed_from"))
+    found = thresholds(results["validation"]) if "validation" in results else {}
+    return Earlier(prediction_runs=runs, thresholds=found)
 
 
 def run_status(stages: dict[str, dict[str, Any]], requested: tuple[str, ...]
@@ -167,16 +177,14 @@ def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: lis
         if not sites:
             log.info("[%s] skipped: no usable site has role %r", stage, role)
             return {"status": "skipped", "reason": f"no usable site has role {role!r}"}
-    if stage in READS_PREDICTIONS:
-        earlier = [s["resumed_from"] for s in results["run"]["stages"].values()
-                   if s.get("resumed_from")]
-        config = with_prediction_runs(config, earlier)
-    if stage == "survival" and "validation" in results:
-        config = with_thresholds(config, results["validation"])
     log.info("[%s] started with %d sites", stage, len(sites))
     started = time.monotonic()
     try:
-        results[stage] = STAGE_RUNNERS[stage](transport, config, sites)
+        if stage in READS_EARLIER:
+            results[stage] = STAGE_RUNNERS[stage](transport, config, sites,
+                                                  earlier_results(results))
+        else:
+            results[stage] = STAGE_RUNNERS[stage](transport, config, sites)
     except (StageError, SiteSetChanged) as err:
         # a site set change the stage did not restart on is the stage's failure, not the study's
         log.error("[%s] failed: %s", stage, err)

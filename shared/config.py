@@ -34,6 +34,37 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Earlier:
+    """What a stage reads of the stages before it in this study, passed to it explicitly
+    (never written back into the run config): the runs whose prediction files the sites
+    should read besides this one (stages taken from a checkpoint carry their run's id), and
+    per model the validation stage's training-site Youden threshold. The run-config keys
+    `prediction-runs` and `survival-thresholds` add to and override these."""
+
+    prediction_runs: tuple[str, ...] = ()
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+
+    def runs(self, config: StudyConfig) -> str:
+        """The prediction runs a query names (`a,b`): the run config's, then these."""
+        asked = [r for r in str(config.extra.get("prediction-runs", "")).split(",") if r]
+        return ",".join(dict.fromkeys([*asked, *self.prediction_runs]))
+
+    def threshold(self, config: StudyConfig, model: str, default: float = 0.5) -> float:
+        """A model's threshold: the run config's `survival-thresholds`, then validation's."""
+        given = dict(item.split("=", 1) for item in
+                     str(config.extra.get("survival-thresholds", "")).split(",") if "=" in item)
+        if model in given:
+            try:
+                return float(given[model])
+            except ValueError as err:
+                raise ConfigError(f"run config survival-thresholds: {model}: {err}") from err
+        return float(self.thresholds.get(model, default))
+
+
+NO_EARLIER = Earlier()  # a stage run on its own
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     sites_dir: str = "data/demo"
     out_dir: str = "runs/latest"

@@ -207,3 +207,27 @@ def test_run_status_is_ok_only_when_every_requested_stage_is() -> None:
     text = summary({"stages": {"cohort": ok}, "status": "incomplete", "reason": "x",
                     "sites": [{"site_id": "site-2", "status": "failed", "reason": "bad"}]})
     assert "site site-2: failed: bad" in text and text.endswith("run status: incomplete (x)")
+
+
+def test_earlier_results_reach_later_stages_explicitly(tmp_path: Path) -> None:
+    """Validation's thresholds and resumed runs reach fusion/validation/survival as an
+    `Earlier`; the run config's own keys add to and override them; the config itself is
+    never rewritten."""
+    from server.workflow import earlier_results
+    from shared.config import Earlier
+
+    results = {"run": {"stages": {"cohort": {"status": "ok", "resumed_from": "run-1"},
+                                  "validation": {"status": "ok"}}},
+               "validation": {"models": ["dlr", "dsfr"],
+                              "dlr": {"threshold": {"value": 0.31}},
+                              "dsfr": {"threshold": {"value": None}}}}
+    earlier = earlier_results(results)
+    assert earlier == Earlier(prediction_runs=("run-1",), thresholds={"dlr": 0.31})
+    config = StudyConfig(extra={"prediction-runs": "run-0,run-1",
+                                "survival-thresholds": "dsfr=0.7"})
+    assert earlier.runs(config) == "run-0,run-1"
+    assert earlier.threshold(config, "dlr") == 0.31
+    assert earlier.threshold(config, "dsfr") == 0.7
+    assert earlier.threshold(StudyConfig(extra={"survival-thresholds": "dlr=0.9"}),
+                             "dlr") == 0.9
+    assert earlier.threshold(config, "fusion") == 0.5
