@@ -54,11 +54,41 @@ class SiteSession:
                   [f"excluded patient {patient}: {reason}"])
 
 
-@lru_cache(maxsize=16)
 def open_session(root: str, task: str | None,
                  needs: tuple[str, ...] = ("clinical",)) -> SiteSession:
     """Load the site folder for `task` (None: no task label) and the inputs a stage `needs`
-    (see `client.site.NEEDS`) and build its guard; cached per process."""
+    (see `client.site.NEEDS`) and build its guard; cached per process while the folder's
+    files are unchanged (`folder_stamp`), so an edited site folder is read again."""
+    return _open_session(root, task, needs, folder_stamp(Path(root)))
+
+
+def folder_stamp(root: Path) -> tuple:
+    """Size and mtime of the site's tables and of each patient's image folder: cheap (a
+    stat per file, no read), and it moves whenever a file is edited, added or removed."""
+    paths = [root / n for n in ("site.yaml", "clinical.csv", "features.csv",
+                                "predictions.csv", "images")]
+    images = root / "images"
+    if images.is_dir():
+        paths += sorted(images.iterdir())
+    return tuple((p.name, s.st_size, s.st_mtime_ns) for p in paths
+                 if (s := _stat(p)) is not None)
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def clear_sessions() -> None:
+    """Forget every cached site session of this process."""
+    _open_session.cache_clear()
+
+
+@lru_cache(maxsize=16)
+def _open_session(root: str, task: str | None, needs: tuple[str, ...],
+                  stamp: tuple) -> SiteSession:
     site = load_site(Path(root), task=task, needs=needs)
     patient_ids = frozenset(map(str, site.clinical.index)) | frozenset(site.excluded)
     audit = Path(root) / AUDIT_DIR

@@ -399,9 +399,9 @@ def test_resume_runs_everything_again_when_data_or_config_changed(tmp_path):
     rows = pd.read_csv(folders[1] / "clinical.csv")
     rows.loc[0, "age"] += 1
     rows.to_csv(folders[1] / "clinical.csv", index=False)
-    from client.session import open_session
+    from client.session import clear_sessions
 
-    open_session.cache_clear()
+    clear_sessions()
     transport = CountingTransport(folders)
     results = workflow.run_study(transport, config(tmp_path, resume=True,
                                                    cohort_covariates=("age",)))

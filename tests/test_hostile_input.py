@@ -30,7 +30,7 @@ from hypothesis.extra import numpy as hnp
 
 from client.app import TEST_DELAY_ENV, app
 from client.handlers import serve
-from client.session import open_session
+from client.session import clear_sessions
 from client.wire import read_payload, to_records
 from shared import schema
 from simulation.cohort import simulate_cohort
@@ -279,7 +279,7 @@ def test_fuzz_random_site_folders(folder: tuple, covariates: list[str], task: st
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        open_session.cache_clear()
+        clear_sessions()
         means = {f"means.{c}": np.array([50.0, 40.0]) for c in covariates}
         for action, query in [
             (schema.HANDSHAKE, {"task": task}),

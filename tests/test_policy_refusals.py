@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client.app import app
 from client.handlers import serve
-from client.session import open_session
+from client.session import clear_sessions
 from client.wire import read_payload, to_records
 from shared import schema
 from simulation.cohort import simulate_cohort
@@ -38,7 +38,7 @@ def make_site(root: Path, *, min_patients: int = 10, min_cell_count: int = 3) ->
         "grade": ["A"] * 5 + ["B"] * 5 + ["A", "A", "B"],
         "site_group": ["x"] * 13,
     }).to_csv(folder / "clinical.csv", index=False)
-    open_session.cache_clear()
+    clear_sessions()
     return folder
 
 
@@ -142,7 +142,7 @@ def feature_site(root: Path, n: int = 30, p: int = 12, ratio: float = 0.33) -> P
     features = pd.DataFrame(rng.normal(size=(n, p)), columns=[f"original_f{j}" for j in range(p)])
     features.insert(0, "patient_id", ids)
     features.to_csv(folder / "features.csv", index=False)
-    open_session.cache_clear()
+    clear_sessions()
     return folder
 
 
@@ -174,7 +174,7 @@ def test_raw_survival_times_are_refused_when_the_site_bins_them(tmp_path: Path,
                                                                ask: dict) -> None:
     simulate_cohort(tmp_path / "sites", n_sites=1, n_patients=40, seed=2, images=False)
     folder = tmp_path / "sites" / "site-1"  # its policy: time_bin 30
-    open_session.cache_clear()
+    clear_sessions()
     query = {"task": "her2-positive", "needs": "survival", "covariates": ["age"]}
     granted = serve(folder, schema.SURVIVAL_SETUP, {**query, "time_bin": 30.0}, "rt")
     assert granted["status"] == "ok"

@@ -231,3 +231,15 @@ def test_earlier_results_reach_later_stages_explicitly(tmp_path: Path) -> None:
     assert earlier.threshold(StudyConfig(extra={"survival-thresholds": "dlr=0.9"}),
                              "dlr") == 0.9
     assert earlier.threshold(config, "fusion") == 0.5
+
+
+def test_the_site_session_notices_an_edited_folder(tmp_path: Path) -> None:
+    from client.session import open_session
+
+    (folder,) = write_sites(tmp_path, gbsg2_parts()[:1])
+    first = open_session(str(folder), None, ("clinical", "survival"))
+    assert open_session(str(folder), None, ("clinical", "survival")) is first  # cached
+    rows = pd.read_csv(folder / "clinical.csv")
+    rows.head(len(rows) - 5).to_csv(folder / "clinical.csv", index=False)
+    again = open_session(str(folder), None, ("clinical", "survival"))
+    assert len(again.site.clinical) == len(first.site.clinical) - 5
