@@ -28,6 +28,9 @@ def main(grid: Grid, context: Context) -> None:
                               connect_timeout=config.connect_timeout, min_sites=config.min_sites)
     try:
         run_study(transport, config, run_id=str(grid.run.run_id))
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        raise SystemExit(2) from None
     except StudyError as err:
         log.error("study stopped: %s", err)
         raise SystemExit(1) from None

@@ -74,11 +74,17 @@ def dsfr_selection(extra: dict[str, Any]) -> RadiomicsConfig:
     return RadiomicsConfig.from_extra(values)
 
 
-def run_dsfr(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
-    plan = Plan.from_extra(config.extra, "dsfr")
-    rc = dsfr_selection(config.extra)
-    layer = str(_value(config.extra, "layer", head_defaults(config.extra)["layer"])).strip()
+def dsfr_settings(extra: dict[str, Any]) -> tuple[Plan, RadiomicsConfig, str]:
+    """The stage's settings, parsed and checked: U-Net plan, feature selection, layer."""
+    plan = Plan.from_extra(extra, "dsfr")
+    rc = dsfr_selection(extra)
+    layer = str(_value(extra, "layer", head_defaults(extra)["layer"])).strip()
     _check_layer(layer)
+    return plan, rc, layer
+
+
+def run_dsfr(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
+    plan, rc, layer = dsfr_settings(config.extra)
     st = setup(transport, config, "dsfr", sites, STAGE, plan.pretrained)
     skip_if_empty(st, "dsfr")
     outcomes = train_model(transport, config, plan, st, STAGE)

@@ -32,7 +32,7 @@ from server.transport import (
 )
 from server.validation import run_validation, thresholds
 from shared import schema
-from shared.config import STAGES, Earlier, StudyConfig
+from shared.config import STAGES, ConfigError, Earlier, StudyConfig
 
 log = logging.getLogger("feddlr")
 
@@ -58,6 +58,7 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
                                        "config": config.as_dict(), "stages": {}}}
     done: dict[str, dict] = {}  # completed stages, as checkpointed after each one
     try:
+        check_settings(config)
         sites = connect(transport, config, results)
         hashes = checkpoint.site_hashes(results)
         if config.resume:
@@ -75,8 +76,9 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
                 done[stage] = {"status": status, "result": results[stage], "run_id": run_id}
                 checkpoint.save(out, config, hashes, done, run_id)
             sites = _still_usable(transport, config, sites, results, stage)
-    except StudyError as err:
-        results["run"].update(status="stopped", reason=str(err))
+    except (StudyError, ConfigError) as err:
+        what = "configuration: " if isinstance(err, ConfigError) else ""
+        results["run"].update(status="stopped", reason=f"{what}{err}")
         raise
     else:
         results["run"].update(run_status(results["run"]["stages"], config.stages))
@@ -90,6 +92,30 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
         write_report(results, out)
         log.info("wrote %s and %s", out / "results.json", out / "report.html")
     return results
+
+
+def check_settings(config: StudyConfig) -> None:
+    """Parse every setting the requested stages will read, with the stages' own parsers, so
+    a bad value (`cv-folds=1`, `rounds=-1`, `lr=dlmri=0.1`) stops the study before any site
+    is contacted (ConfigError) instead of failing its stage later."""
+    from server.deep import deep_models
+    from server.dsfr import dsfr_settings
+    from server.fusion import FusionConfig
+    from server.radiomics import RadiomicsConfig
+    from server.training import Plan
+    from server.validation import ValidationConfig
+
+    extra = config.extra
+    parsers = {
+        "radiomics": lambda: RadiomicsConfig.from_extra(extra),
+        "dsfr": lambda: dsfr_settings(extra),
+        "deep": lambda: [Plan.from_extra(extra, m) for m in deep_models(extra)],
+        "fusion": lambda: FusionConfig.from_extra(extra),
+        "validation": lambda: ValidationConfig.from_extra(extra),
+    }
+    for stage in config.stages:
+        if stage in parsers:
+            parsers[stage]()
 
 
 def earlier_results(results: dict[str, Any]) -> Earlier:

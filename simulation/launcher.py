@@ -120,7 +120,9 @@ def check_run_config(overrides: Mapping[str, str]) -> None:
             merged[key] = tomllib.loads(f"v = {toml_value(value)}")["v"]
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"run config {key}: {err}") from None
-    StudyConfig.from_run_config(merged)
+    from server.workflow import check_settings
+
+    check_settings(StudyConfig.from_run_config(merged))
 
 
 def free_port() -> int:

@@ -176,3 +176,15 @@ def test_console_keeps_the_pipe_sparse_and_the_terminal_live() -> None:
         live.write(line + "\n")
     live.close()
     assert "done in 4.0s" in out.getvalue() and "round 39" not in out.getvalue()
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ("cv-folds=1", "cv-folds must be >= 2"),
+    ("rounds=-1", "rounds, local-epochs and batch-size must be >= 1"),
+    ("lr=dlmri=0.1", "expected model=value pairs"),
+])
+def test_run_rejects_a_bad_value_before_launch(tmp_path: Path, setting: str, says: str) -> None:
+    done = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                  "-c", setting)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()  # nothing started

@@ -243,3 +243,19 @@ def test_the_site_session_notices_an_edited_folder(tmp_path: Path) -> None:
     rows.head(len(rows) - 5).to_csv(folder / "clinical.csv", index=False)
     again = open_session(str(folder), None, ("clinical", "survival"))
     assert len(again.site.clinical) == len(first.site.clinical) - 5
+
+
+def test_a_bad_setting_stops_the_study_before_any_site_is_asked(tmp_path: Path) -> None:
+    from shared.config import ConfigError
+
+    class NoSites(InProcessTransport):
+        def handshake(self, query: dict) -> dict:
+            raise AssertionError("a site was contacted")
+
+    for extra in ({"cv-folds": 1}, {"rounds": -1}, {"lr": "dlmri=0.1"}):
+        config = StudyConfig(out_dir=str(tmp_path / "out"), extra=extra)
+        with pytest.raises(ConfigError):
+            run_study(NoSites([]), config)
+        run = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+        assert run["run"]["status"] == "stopped"
+        assert run["run"]["reason"].startswith("configuration: run config ")
