@@ -15,11 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
-from client.site import FEATURES_CSV, PREDICTIONS_CSV, SITE_YAML, SiteCheck, inspect_site
+from client.site import FEATURES_CSV, SITE_YAML, SiteCheck, inspect_site, present_needs
 from shared.config import STAGE_NEEDS, STAGES
 from shared.labels import TASKS
-
-OPTIONAL_FILES = {"predictions": PREDICTIONS_CSV, "features": FEATURES_CSV}
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_NO_DIR = 0, 1, 2
 
@@ -63,18 +61,14 @@ def stage_needs(root: Path, stages: tuple[str, ...], task: str | None) -> tuple[
     """The inputs `stages` need of this folder (shared.config.STAGE_NEEDS): an optional one
     where the site has it, radiomics' features.csv where present (else the MRI). Survival's
     label is checked only with --task (it needs one only to group by `label`)."""
-    needs: list[str] = []
+    asked: list[str] = []
     for stage in stages:
         for need in STAGE_NEEDS[stage]:
             if need == "mri|features":
                 need = "features" if (root / FEATURES_CSV).is_file() else "mri"
-            elif need.endswith("?"):
-                need = need[:-1] if (root / OPTIONAL_FILES[need[:-1]]).is_file() else ""
-            if need == "label" and stage == "survival" and task is None:
-                need = ""
-            if need and need not in needs:
-                needs.append(need)
-    return tuple(needs)
+            if not (need == "label" and stage == "survival" and task is None):
+                asked.append(need)
+    return present_needs(root, asked)
 
 
 def _stages(value: str) -> tuple[str, ...]:

@@ -13,14 +13,7 @@ import yaml
 
 from client.guard import EgressGuard, PolicyRefusal, Statistic
 from client.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
-from client.site import (
-    CLINICAL_CSV,
-    FEATURES_CSV,
-    PREDICTIONS_CSV,
-    SITE_ID_PATTERN,
-    SITE_YAML,
-    SiteError,
-)
+from client.site import CLINICAL_CSV, SITE_ID_PATTERN, SITE_YAML, SiteError, present_needs
 from shared import schema
 from shared.labels import TASKS
 from shared.policy import PrivacyPolicy
@@ -152,15 +145,8 @@ def run_key(run_id: str, query: Payload) -> str:
 
 
 def _needs(site_root: Path, asked: list[str]) -> tuple[str, ...]:
-    """The inputs to load: `clinical`, those asked, and `<need>?` ones (an optional input,
-    e.g. `predictions?`) where the site has the file."""
-    optional = {"predictions": PREDICTIONS_CSV, "features": FEATURES_CSV}
-    needs = {"clinical"}
-    for need in asked:
-        name = need.rstrip("?")
-        if not need.endswith("?") or (site_root / optional.get(name, "")).is_file():
-            needs.add(name)
-    return tuple(sorted(needs))
+    """The inputs to load: `clinical` and those asked (`client.site.present_needs`)."""
+    return tuple(sorted({"clinical", *present_needs(site_root, asked)}))
 
 
 def _names(value: object) -> list[str]:

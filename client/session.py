@@ -8,6 +8,7 @@ own log, `<site>/audit/site.log`; the server is told counts.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +17,15 @@ from typing import Any
 import numpy as np
 
 from client.guard import EgressGuard
-from client.site import Site, load_site
+from client.site import (
+    CLINICAL_CSV,
+    FEATURES_CSV,
+    IMAGES_DIR,
+    PREDICTIONS_CSV,
+    SITE_YAML,
+    Site,
+    load_site,
+)
 from shared.labels import task_label
 
 AUDIT_DIR = "audit"
@@ -63,18 +72,16 @@ def open_session(root: str, task: str | None,
 
 
 def folder_stamp(root: Path) -> tuple:
-    """Size and mtime of the site's tables and of each patient's image folder: cheap (a
-    stat per file, no read), and it moves whenever a file is edited, added or removed."""
-    paths = [root / n for n in ("site.yaml", "clinical.csv", "features.csv",
-                                "predictions.csv", "images")]
-    images = root / "images"
-    if images.is_dir():
-        paths += sorted(images.iterdir())
-    return tuple((p.name, s.st_size, s.st_mtime_ns) for p in paths
+    """Size and mtime of the site's tables and of every image file: cheap (a stat per
+    file, no read), and it moves whenever one is edited, added or removed."""
+    tables = [root / n for n in (SITE_YAML, CLINICAL_CSV, FEATURES_CSV, PREDICTIONS_CSV)]
+    images = root / IMAGES_DIR
+    files = tables + (sorted(images.rglob("*")) if images.is_dir() else [])
+    return tuple((str(p.relative_to(root)), s.st_size, s.st_mtime_ns) for p in files
                  if (s := _stat(p)) is not None)
 
 
-def _stat(path: Path):
+def _stat(path: Path) -> os.stat_result | None:
     try:
         return path.stat()
     except OSError:

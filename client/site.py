@@ -178,6 +178,22 @@ def read_site_config(root: Path) -> SiteConfig:
     return config
 
 
+OPTIONAL_FILES = {"predictions": PREDICTIONS_CSV, "features": FEATURES_CSV}
+
+
+def present_needs(root: Path, asked: Iterable[str]) -> tuple[str, ...]:
+    """The needs to load of `asked`: each as it is, and a `<need>?` (an optional input, e.g.
+    `predictions?`) only where the site has its file."""
+    needs: list[str] = []
+    for need in asked:
+        name = need.rstrip("?")
+        if need.endswith("?") and not (root / OPTIONAL_FILES.get(name, "")).is_file():
+            continue
+        if name not in needs:
+            needs.append(name)
+    return tuple(needs)
+
+
 def load_site(
     root: Path,
     *,

@@ -32,7 +32,7 @@ from server.transport import (
 )
 from server.validation import run_validation, thresholds
 from shared import schema
-from shared.config import STAGES, ConfigError, Earlier, StudyConfig
+from shared.config import STAGE_NEEDS, STAGES, ConfigError, Earlier, StudyConfig
 
 log = logging.getLogger("feddlr")
 
@@ -156,9 +156,11 @@ def connect(transport: Transport, config: StudyConfig, results: dict[str, Any]) 
 
 
 def study_needs_label(config: StudyConfig) -> bool:
-    """Whether any requested stage reads the task label (every stage but a survival stage
-    that neither groups nor adjusts by it): if none does, sites need no label columns."""
-    return any(stage != "survival" or survival_needs_label(config) for stage in config.stages)
+    """Whether any requested stage reads the task label (`STAGE_NEEDS`, and a survival stage
+    that groups or adjusts by it): if none does, sites need no label columns."""
+    return any("label" in STAGE_NEEDS[stage] or (stage == "survival"
+                                                 and survival_needs_label(config))
+               for stage in config.stages)
 
 
 def _site_row(site_id: str, reply: Reply) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -33,7 +34,7 @@ class RoundFilter:
     """Decides which relayed lines the console shows (all of them go to run.log)."""
 
     heartbeat_s: float = HEARTBEAT_S
-    clock: object = time.monotonic
+    clock: Callable[[], float] = time.monotonic
     stage: str | None = None
     last_shown: float = field(default=-1e18)
     last_shape: str = ""
@@ -52,7 +53,7 @@ class RoundFilter:
             self.last_shape = shape
             return not repeated
         stage = match["label"].split(":")[0].split(" ")[0]
-        now = self.clock()  # type: ignore[operator]
+        now = self.clock()
         trouble = any(f" {word}" in match["sites"] for word in ("failed", "refused",
                                                                   "dropped"))
         if stage != self.stage or trouble or now - self.last_shown >= self.heartbeat_s:
