@@ -21,6 +21,8 @@ import radiomics
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
+from client.dicom import DicomSeriesError, read_dicom_series
+
 CACHE_FORMAT = "feddlr-radiomics-cache-1"  # bump when what a cache file holds changes
 DIAGNOSTICS_PREFIX = "diagnostics_"
 
@@ -103,12 +105,10 @@ def _pyradiomics(job: Job) -> dict[str, float]:
 def _read_image(path: Path) -> sitk.Image:
     if not path.is_dir():
         return sitk.ReadImage(str(path))
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-    if len(series) != 1:
-        raise PatientError(f"{path.name}/ holds {len(series)} DICOM series; expected one")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-    return reader.Execute()
+    try:
+        return read_dicom_series(path)
+    except DicomSeriesError as error:
+        raise PatientError(str(error)) from None
 
 
 def _read_mask(path: Path, label: int) -> sitk.Image:

@@ -52,6 +52,8 @@ from monai.transforms import (
     SpatialPad,
 )
 
+from client.dicom import DicomSeriesError, read_dicom_series
+
 PAD_VOXELS = 2  # extra native voxels kept around the ROI before resampling
 
 
@@ -87,12 +89,10 @@ def read_image(path: Path) -> sitk.Image:
     picture (RGB PNG) becomes its component mean; a 1-slice 3D picture becomes 2D."""
     path = Path(path)
     if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        if len(series) != 1:
-            raise ValueError(f"{path.name}/ holds {len(series)} DICOM series; expected one")
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-        image = reader.Execute()
+        try:
+            image = read_dicom_series(path)
+        except DicomSeriesError as error:
+            raise ValueError(str(error)) from None
     else:
         image = sitk.ReadImage(str(path))
     if image.GetNumberOfComponentsPerPixel() > 1:

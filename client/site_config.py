@@ -1,0 +1,108 @@
+"""A site's site.yaml: the keys it may hold, `SiteConfig`, and its parsing into one, with a
+problem message for every bad key or value."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from client.site_messages import one_line
+from shared.policy import PolicyError, PrivacyPolicy
+
+ROLES = ("train", "external", "survival")
+TIME_UNITS = ("days", "months", "years")
+FREE_FORM_KEYS = ("scanner", "description", "contact")
+CONFIG_KEYS = ("site_id", "roles", "time_unit", "privacy", *FREE_FORM_KEYS)
+SITE_ID_PATTERN = re.compile(r"^[a-z0-9-]+$")
+
+SITE_YAML = "site.yaml"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str
+    roles: tuple[str, ...]
+    time_unit: str
+    privacy: PrivacyPolicy
+
+
+_Report = Callable[[str], None]  # records one problem message
+
+
+def parse_config(root: Path) -> tuple[SiteConfig | None, list[str]]:
+    """site.yaml as a SiteConfig (None when it has a problem), and every problem message."""
+    problems: list[str] = []
+    problem: _Report = problems.append
+    path = root / SITE_YAML
+    if not path.is_file():
+        problem("missing (every site folder needs site.yaml)")
+        return None, problems
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+        problem(f"cannot parse YAML: {one_line(error)}")
+        return None, problems
+    if not isinstance(raw, dict):
+        problem("must be a mapping with site_id, roles, time_unit and privacy")
+        return None, problems
+
+    for key in sorted(set(map(str, raw)) - set(CONFIG_KEYS)):
+        problem(f"unknown key {key!r}; known: {', '.join(CONFIG_KEYS)}")
+    site_id = _config_site_id(raw.get("site_id"), problem)
+    roles = _config_roles(raw.get("roles"), problem)
+    time_unit = _config_time_unit(raw.get("time_unit"), problem)
+    privacy = _config_privacy(raw.get("privacy"), problem)
+    if problems or site_id is None or roles is None or time_unit is None or privacy is None:
+        return None, problems
+    return SiteConfig(site_id, roles, time_unit, privacy), problems
+
+
+def _config_site_id(value: Any, problem: _Report) -> str | None:
+    if value is None:
+        problem("site_id is missing")
+    elif not isinstance(value, str) or not SITE_ID_PATTERN.match(value):
+        problem(f"site_id {value!r} must match {SITE_ID_PATTERN.pattern} (lowercase, digits, -)")
+    else:
+        return value
+    return None
+
+
+def _config_roles(value: Any, problem: _Report) -> tuple[str, ...] | None:
+    if value is None:
+        problem(f"roles is missing (a list of any of: {', '.join(ROLES)})")
+        return None
+    if not isinstance(value, list) or not value:
+        problem(f"roles must be a non-empty list, e.g. [train]; got {value!r}")
+        return None
+    unknown = [role for role in value if role not in ROLES]
+    if unknown:
+        problem(f"unknown role(s) {unknown}; known: {', '.join(ROLES)}")
+        return None
+    if "train" in value and "external" in value:
+        problem("roles cannot hold both train and external (external sites are never fitted on)")
+        return None
+    return tuple(dict.fromkeys(value))
+
+
+def _config_time_unit(value: Any, problem: _Report) -> str | None:
+    if value not in TIME_UNITS:
+        shown = "is missing" if value is None else f"{value!r} is not allowed"
+        problem(f"time_unit {shown}; one of: {', '.join(TIME_UNITS)}")
+        return None
+    return value
+
+
+def _config_privacy(value: Any, problem: _Report) -> PrivacyPolicy | None:
+    if value is not None and not isinstance(value, dict):
+        problem(f"privacy must be a mapping; got {value!r}")
+        return None
+    try:
+        return PrivacyPolicy.from_mapping(value)
+    except (PolicyError, TypeError) as error:
+        problem(f"privacy: {error}")
+        return None
