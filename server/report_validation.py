@@ -1,16 +1,17 @@
-"""Report sections of the `fusion` and `validation` stages, and the per-site contribution and
-privacy summaries of the whole run.
+"""Report sections of the `validation` stage: per-model performance per set and site, ROC and
+calibration figures, DeLong comparisons, subgroups and leave-one-site-out.
 
 Every function returns an HTML fragment; figures are PNG files written beside report.html
 (`roc_pooled.png`, `roc_<model>.png`, `calibration.png`, `loso.png`). Any number may be missing
 or None (a site's policy refused its histogram, a stage failed): it is shown as "—".
+
+The fusion section lives in `server.report_fusion`, the per-site contribution and privacy
+sections in `server.report_sites`; both are importable from here too.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,23 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from server.report_format import as_dict as _dict
+from server.report_format import as_list as _list
+from server.report_format import counts as _n
+from server.report_format import fixed as _f
+from server.report_format import interval as _interval
+from server.report_format import name_list as _names
+from server.report_format import num as _num
+from server.report_format import site_problems as _site_problems
+from server.report_format import with_ci as _with_ci
+from server.report_fusion import fusion_section
 from server.report_html import DASH
 from server.report_html import escape as _e
 from server.report_html import p_value as _p
 from server.report_html import table as _table
-from shared.config import STAGES
+from server.report_sites import contribution_section, privacy_section
+
+__all__ = ["contribution_section", "fusion_section", "privacy_section", "validation_sections"]
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
           "#17becf", "#7f7f7f", "#bcbd22"]
@@ -32,90 +45,6 @@ CLASSIFICATION = (("acc", "ACC"), ("sen", "SEN"), ("spe", "SPE"), ("ppv", "PPV")
                   ("npv", "NPV"), ("f1", "F1"))
 # Validation keys that are not model names.
 RESERVED = {"grid", "models", "sets", "comparisons", "loso", "sites"}
-MAX_LOG_ROWS = 500  # messages listed per site in the privacy section's wire log
-
-
-# --------------------------------------------------------------------------- formatting
-
-def _num(value: Any) -> float | None:
-    """A finite float, or None for None / NaN / inf / anything not a number."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _f(value: Any, digits: int = 3) -> str:
-    number = _num(value)
-    return DASH if number is None else f"{number:.{digits}f}"
-
-
-def _pair(value: Any) -> tuple[float | None, float | None]:
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return _num(value[0]), _num(value[1])
-    return None, None
-
-
-def _interval(value: Any, digits: int = 3) -> str:
-    low, high = _pair(value)
-    if low is None or high is None:
-        return ""
-    return f"{low:.{digits}f}–{high:.{digits}f}"
-
-
-def _with_ci(value: Any, ci: Any, digits: int = 3) -> str:
-    """`0.740` with its interval below it in small print, or "—"."""
-    text = _f(value, digits)
-    interval = _interval(ci, digits)
-    if text == DASH or not interval:
-        return text
-    return f"{text}<br><small class='muted'>{interval}</small>"
-
-
-def _n(value: Any) -> str:
-    """(negatives, positives) as `40 / 25`; a suppressed count as <k."""
-    if not isinstance(value, (list, tuple)) or not value:
-        return DASH
-    return " / ".join("&lt;k" if v is None else _e(v) for v in value)
-
-
-def _bytes(size: Any) -> str:
-    number = _num(size)
-    if number is None:
-        return DASH
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if number >= scale:
-            return f"{number / scale:.1f} {unit}"
-    return f"{int(number)} B"
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else []
-
-
-def _names(value: Any) -> str:
-    items = _list(value)
-    return _e(", ".join(str(v) for v in items)) if items else DASH
-
-
-def _status(info: Any) -> str:
-    """A site's status in a stage, red unless ok, its reason as a tooltip."""
-    info = _dict(info)
-    status = info.get("status")
-    if status is None:
-        return DASH
-    if status == "ok":
-        return "✓"
-    reason = info.get("reason")
-    title = f" title='{_e(reason)}'" if reason else ""
-    return f"<span class='bad'{title}>{_e(status)}</span>"
 
 
 def _save(fig: Any, out: Path, name: str) -> str:
@@ -127,68 +56,6 @@ def _save(fig: Any, out: Path, name: str) -> str:
 
 def _img(name: str, alt: str) -> str:
     return f"<img src='{_e(name)}' alt='{_e(alt)}'>"
-
-
-# --------------------------------------------------------------------------- fusion
-
-def fusion_section(results: dict[str, Any]) -> str:
-    """DLR (mean of the radiomics and DSFR probabilities) and the late-fusion logistic model."""
-    if "fusion" not in results:
-        return ""
-    block = _dict(results.get("fusion"))
-    parts = ["<h2>Fusion (DLR and late fusion)</h2>"]
-    dlr = _dict(block.get("dlr"))
-    if dlr.get("skipped"):
-        parts.append(f"<p class='muted'>DLR not computed: {_e(dlr['skipped'])}.</p>")
-    elif dlr:
-        models = _list(dlr.get("models")) or ["radiomics", "dsfr"]
-        parts.append(
-            f"<p><b>DLR</b> (deep learning radiomics) is the mean of the predicted "
-            f"probabilities of {_e(' and '.join(str(m) for m in models))}, computed at each "
-            f"site for each patient; it has no parameters to fit. Sites: "
-            f"{_names(dlr.get('sites'))}.</p>")
-    else:
-        parts.append("<p class='muted'>DLR not computed in this run.</p>")
-    fusion = _dict(block.get("fusion"))
-    models = _list(fusion.get("models"))
-    if fusion.get("skipped"):
-        parts.append(f"<p class='muted'>Late fusion of {_names(models)} not fitted: "
-                     f"{_e(fusion['skipped'])}.</p>")
-    elif fusion:
-        coef = _dict(fusion.get("coef"))
-        rows = [[_e(m), _f(coef.get(m), 4)] for m in models or list(coef)]
-        rows.append(["<i>intercept</i>", _f(fusion.get("intercept"), 4)])
-        converged = fusion.get("converged")
-        extra = []
-        if converged is False:
-            extra.append("<span class='bad'>did not converge</span>")
-        if _list(fusion.get("external")):
-            extra.append(f"also scored at {_names(fusion.get('external'))}")
-        if _list(fusion.get("restarts")):
-            extra.append(f"restarted {len(fusion['restarts'])}× after a site dropped")
-        parts.append(
-            "<p><b>Late fusion</b>: a logistic regression on the predicted probabilities of "
-            f"{_names(models)} (L2, C = {_f(fusion.get('C'), 3)}), fitted federated in "
-            f"{_e(fusion.get('rounds') or DASH)} rounds on the out-of-fold probabilities of "
-            f"the training sites {_names(fusion.get('sites'))}"
-            + (f"; {'; '.join(extra)}" if extra else "")
-            + ". The probabilities stayed at the sites; only aggregate statistics of the fit "
-              "were sent.</p>"
-            + _table(["input", "coefficient"], rows))
-    else:
-        parts.append("<p class='muted'>Late-fusion model not fitted in this run.</p>")
-    parts.append(_site_problems(block.get("sites")))
-    return "\n".join(p for p in parts if p)
-
-
-def _site_problems(sites: Any) -> str:
-    bad = [(s, _dict(info)) for s, info in _dict(sites).items()
-           if _dict(info).get("status") not in (None, "ok")]
-    if not bad:
-        return ""
-    return ("<p>Sites left out:</p><ul>"
-            + "".join(f"<li>{_e(s)}: <span class='bad'>{_e(info.get('status'))}</span> "
-                      f"{_e(info.get('reason') or '')}</li>" for s, info in bad) + "</ul>")
 
 
 # --------------------------------------------------------------------------- validation
@@ -550,119 +417,3 @@ def _loso_figure(matrix: np.ndarray, sites: list[str], models: list[str], out: P
     ax.set_title("Leave-one-site-out AUC")
     fig.colorbar(image, ax=ax, label="AUC")
     return _save(fig, out, "loso.png")
-
-
-# --------------------------------------------------------------------------- sites & privacy
-
-# A wire entry of a query the server sent, should the log ever record those too: not counted.
-SERVER_TO_SITE = {"down", "query", "to_site", "server_to_site", "server->site"}
-
-
-def _wire(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """`run.wire`: per site, the messages it sent (type, bytes, sha256), in order."""
-    wire = _dict(_dict(results.get("run")).get("wire"))
-    return {str(s): [w for w in _list(log) if isinstance(w, dict)
-                     and str(w.get("direction", "")).lower() not in SERVER_TO_SITE]
-            for s, log in wire.items()}
-
-
-def _site_ids(results: dict[str, Any]) -> list[str]:
-    rows = [r for r in _list(_dict(results.get("run")).get("sites")) if isinstance(r, dict)]
-    ids = [str(r.get("site_id")) for r in rows]
-    return list(dict.fromkeys(ids + list(_wire(results))))
-
-
-def _sent(log: list[dict[str, Any]]) -> tuple[int, int | None]:
-    sizes = [_num(w.get("bytes")) for w in log]
-    known = [s for s in sizes if s is not None]
-    return len(log), (int(sum(known)) if known else None)
-
-
-def _refused(log: list[dict[str, Any]]) -> int | None:
-    """Statistics the site's policy refused, where the wire log records them."""
-    counts = []
-    for w in log:
-        value = w.get("refused")
-        if value is None:
-            continue
-        counts.append(len(value) if isinstance(value, (list, tuple, dict))
-                      else int(_num(value) or 0))
-    return sum(counts) if counts else None
-
-
-def _count(row: dict[str, Any], key: str) -> str:
-    """A released count; None means suppressed at the site (<k), absent means unknown."""
-    if key not in row:
-        return DASH
-    return "&lt;k" if row[key] is None else _e(row[key])
-
-
-def contribution_section(results: dict[str, Any]) -> str:
-    """Per site: roles, patients, status, whether it took part in each stage, what it sent."""
-    run = _dict(results.get("run"))
-    if "sites" not in run:
-        return ""
-    rows_by_site = {str(r.get("site_id")): r for r in _list(run.get("sites"))
-                    if isinstance(r, dict)}
-    wire = _wire(results)
-    stages = [s for s in STAGES if isinstance(_dict(results.get(s)).get("sites"), dict)]
-    rows = []
-    for site in _site_ids(results):
-        row = _dict(rows_by_site.get(site))
-        status = row.get("status")
-        cls = "" if status in ("ok", None) else " class='bad'"
-        messages, size = _sent(wire.get(site, []))
-        stage_cells = [_status(_dict(_dict(results[stage]).get("sites")).get(site))
-                       for stage in stages]
-        rows.append([_e(site), _names(row.get("roles")), _count(row, "n_patients"),
-                     _count(row, "n_excluded"),
-                     f"<span{cls}>{_e(status or DASH)}</span>", *stage_cells,
-                     _e(messages), _bytes(size)])
-    return ("<h2>Per-site contribution</h2>"
-            + _table(["site", "roles", "patients", "excluded", "status", *stages,
-                      "messages sent", "bytes sent"], rows)
-            + "<p class='muted'>✓: the site took part in the stage; — : it was not asked (or "
-              "the stage did not run); otherwise its status there (hover for the reason). "
-              "Messages and bytes: every reply the site sent to the server in this run.</p>")
-
-
-def privacy_section(results: dict[str, Any]) -> str:
-    """What each site sent, from the server's wire log (equal, message by message, to each
-    site's own audit log); no patient-level value leaves a site."""
-    run = _dict(results.get("run"))
-    if "sites" not in run:
-        return ""
-    wire = _wire(results)
-    rows, logs = [], []
-    for site in _site_ids(results):
-        log = wire.get(site, [])
-        messages, size = _sent(log)
-        refused = _refused(log)
-        by_type = Counter(str(w.get("message_type") or "?") for w in log)
-        types = ("<span style='display:block;text-align:left'>"
-                 + "<br>".join(f"{_e(t)} × {n}" for t, n in by_type.items()) + "</span>"
-                 if by_type else DASH)
-        rows.append([_e(site), _e(messages), _bytes(size),
-                     DASH if refused is None else _e(refused), types])
-        if log:
-            entries = [[_e(i + 1), _e(w.get("message_type")), _e(w.get("bytes")),
-                        f"<code>{_e(w.get('sha256'))}</code>"]
-                       for i, w in enumerate(log[:MAX_LOG_ROWS])]
-            more = (f"<p class='muted'>… and {len(log) - MAX_LOG_ROWS} more (results.json: "
-                    "run.wire)</p>" if len(log) > MAX_LOG_ROWS else "")
-            logs.append(f"<details><summary>{_e(site)}: {messages} messages</summary>"
-                        + _table(["#", "message type", "bytes", "sha256"], entries) + more
-                        + "</details>")
-    return ("<h2>Privacy summary</h2>"
-            "<p>Everything each site sent to the server in this run, from the server's wire "
-            "log; message types, sizes and SHA-256 digests are equal, message by message, to "
-            "the site's own audit log (<code>audit/egress.jsonl</code>), so each hospital can "
-            "check them. Every reply passed the site's egress guard, which releases only the "
-            "aggregate statistics its privacy policy allows (counts, sums, histograms, "
-            "gradients, model updates). No patient-level value (no image, no row, "
-            "no individual prediction) leaves a site: predictions stay at "
-            "<code>&lt;site&gt;/predictions/</code>.</p>"
-            + _table(["site", "replies", "bytes", "refused statistics", "replies by type"],
-                     rows)
-            + ("<details><summary>message log per site</summary>" + "".join(logs)
-               + "</details>" if logs else ""))
