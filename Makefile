@@ -10,7 +10,7 @@ DEMO_OUT  ?= runs/demo
 
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install dev demo test bench browser lint clean
+.PHONY: install dev demo test bench browser lint settings clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench: dev
 
 lint: dev
 	$(VENV)/bin/ruff check .
+
+# the run-config table of pyproject.toml and the README's key tables, from shared/settings.py
+settings: install
+	$(PY) -m simulation.settings_docs
 
 clean:
 	rm -rf $(VENV) runs data/demo

@@ -54,7 +54,7 @@ from client.site import read_site_config
 from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared import fedavg
-from shared.config import StudyConfig
+from shared.config import StudyConfig, stage_settings
 from shared.labels import LabelError, task_label
 from shared.networks import NetworkSpec
 from simulation.cohort import DEFAULT_IMAGE_SIZE, simulate_cohort
@@ -504,7 +504,8 @@ def wire(args: argparse.Namespace, root: Path) -> dict:
     out: dict[str, dict] = {}
     for dtype in fedavg.WIRE_DTYPES:
         config = StudyConfig(sites_dir=str(sites), out_dir=str(root / f"wire-{dtype}"),
-                             stages=("dsfr", "deep"), extra=wire_config(seed, dtype))
+                             stages=("dsfr", "deep"),
+                             settings=stage_settings(wire_config(seed, dtype)))
         transport = InProcessTransport(folders)
         results = run_study(transport, config, run_id=f"wire-{dtype}")
         models = {"dsfr": results["dsfr"]["training"], **results["deep"]["models"]}

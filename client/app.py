@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from client.handlers import error_reply, serve
 from client.wire import read_payload, to_records
-from shared import schema
+from shared import schema, settings
 
 DEFAULT_MAX_QUERY_BYTES = 256 * 2**20
 
@@ -48,7 +48,7 @@ def site_dir(context: Context) -> Path:
     """
     if "site-dir" in context.node_config:
         return Path(str(context.node_config["site-dir"])).resolve()
-    root = Path(str(context.run_config["sites-dir"])).resolve()
+    root = Path(settings.value(context.run_config, "sites-dir")).resolve()
     folders = sorted(p for p in root.iterdir() if (p / "site.yaml").is_file())
     index = int(context.node_config["partition-id"])
     if index >= len(folders):

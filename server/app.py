@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.progress import configure_logging
 from server.transport import GridTransport
-from server.workflow import StudyError, run_study
+from server.workflow import StudyError, record_bad_config, run_study
 from shared.config import ConfigError, StudyConfig
 
 app = ServerApp()
@@ -23,6 +23,7 @@ def main(grid: Grid, context: Context) -> None:
         config = StudyConfig.from_run_config(context.run_config)
     except ConfigError as err:
         log.error("configuration error: %s", err)
+        record_bad_config(dict(context.run_config), err, str(grid.run.run_id))
         raise SystemExit(2) from None
     transport = GridTransport(grid, round_timeout=config.round_timeout,
                               connect_timeout=config.connect_timeout, min_sites=config.min_sites)

@@ -29,25 +29,14 @@ from server.training import (
 )
 from server.transport import StageSkipped, Transport
 from shared import schema
-from shared.config import ConfigError, StudyConfig
+from shared.config import StudyConfig
 
 log = logging.getLogger("feddlr")
 STAGE = "deep"
-DEEP_MODELS = ("dl_mri", "dl_us")
-
-
-def deep_models(extra: dict[str, Any]) -> list[str]:
-    raw = extra.get("deep-models", ",".join(DEEP_MODELS))
-    models = [m.strip() for m in str(raw).split(",") if m.strip()]
-    unknown = [m for m in models if m not in DEEP_MODELS]
-    if unknown or not models:
-        raise ConfigError(f"run config deep-models: {unknown or raw!r}; known: "
-                          f"{list(DEEP_MODELS)}")
-    return models
 
 
 def run_deep(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
-    plans = {m: Plan.from_extra(config.extra, m) for m in deep_models(config.extra)}
+    plans = {m: Plan.from_settings(config.settings, m) for m in config.settings["deep-models"]}
     result: dict[str, Any] = {"models": {}, "skipped": {}, "comparison": {}, "sites": {}}
     for model, plan in plans.items():
         st = setup(transport, config, model, sites, STAGE, plan.pretrained)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from server.progress import report_round
@@ -55,36 +56,29 @@ DSFR_HEAD: dict[str, dict[str, Any]] = {
 }
 
 
-def head_defaults(extra: dict[str, Any]) -> dict[str, Any]:
-    recipe = str(extra.get("recipe", "scratch")).strip().lower() or "scratch"
-    return DSFR_HEAD.get(recipe, DSFR_HEAD["scratch"])
-
-
-def _value(extra: dict[str, Any], key: str, default: Any) -> Any:
-    raw = extra.get(f"dsfr-{key}", default)
-    return default if str(raw).strip() in ("", "default") else raw
-
-
-def dsfr_selection(extra: dict[str, Any]) -> RadiomicsConfig:
-    """The radiomics selection/LR-head config with DSFR's own screening keys."""
-    values = dict(extra)
-    for key, default in head_defaults(extra).items():
+def dsfr_selection(settings: Mapping[str, Any]) -> RadiomicsConfig:
+    """The radiomics selection/LR-head config with DSFR's own screening keys (`dsfr-<key>`,
+    where not `default`, else the recipe's DSFR_HEAD value)."""
+    head = DSFR_HEAD[settings["recipe"]]
+    values = dict(settings)
+    for key, default in head.items():
         if key != "layer":
-            values[key] = _value(extra, key, default)
-    return RadiomicsConfig.from_extra(values)
+            given = settings[f"dsfr-{key}"]
+            values[key] = default if given is None else given
+    return RadiomicsConfig.from_settings(values)
 
 
-def dsfr_settings(extra: dict[str, Any]) -> tuple[Plan, RadiomicsConfig, str]:
+def dsfr_settings(settings: Mapping[str, Any]) -> tuple[Plan, RadiomicsConfig, str]:
     """The stage's settings, parsed and checked: U-Net plan, feature selection, layer."""
-    plan = Plan.from_extra(extra, "dsfr")
-    rc = dsfr_selection(extra)
-    layer = str(_value(extra, "layer", head_defaults(extra)["layer"])).strip()
+    plan = Plan.from_settings(settings, "dsfr")
+    rc = dsfr_selection(settings)
+    layer = settings["dsfr-layer"] or DSFR_HEAD[settings["recipe"]]["layer"]
     _check_layer(layer)
     return plan, rc, layer
 
 
 def run_dsfr(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
-    plan, rc, layer = dsfr_settings(config.extra)
+    plan, rc, layer = dsfr_settings(config.settings)
     st = setup(transport, config, "dsfr", sites, STAGE, plan.pretrained)
     skip_if_empty(st, "dsfr")
     outcomes = train_model(transport, config, plan, st, STAGE)

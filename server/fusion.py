@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,33 +24,25 @@ from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig
 
 log = logging.getLogger("feddlr")
 STAGE = "fusion"
-DEFAULT_FUSION_MODELS = ("dl_mri", "dl_us")
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    models: tuple[str, ...] = DEFAULT_FUSION_MODELS
-    C: float = 1.0
+    models: tuple[str, ...]
+    C: float
 
     @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> FusionConfig:
-        raw = extra.get("fusion-models", ",".join(DEFAULT_FUSION_MODELS))
-        models = tuple(m.strip() for m in str(raw).split(",") if m.strip())
+    def from_settings(cls, settings: Mapping[str, Any]) -> FusionConfig:
+        models = settings["fusion-models"]
         if len(models) < 2 or len(set(models)) != len(models):
-            raise ConfigError(f"run config fusion-models: {raw!r} must name two or more "
-                              "different models")
-        try:
-            c = float(extra.get("fusion-C", 1.0))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"run config fusion-C: {err}") from err
-        if not c > 0:
-            raise ConfigError(f"run config fusion-C must be > 0, got {c}")
-        return cls(models, c)
+            raise ConfigError(f"run config fusion-models: {','.join(models)!r} must name two "
+                              "or more different models")
+        return cls(models, settings["fusion-C"])
 
 
 def run_fusion(transport: Transport, config: StudyConfig, sites: list[str],
                earlier: Earlier = NO_EARLIER) -> dict[str, Any]:
-    fc = FusionConfig.from_extra(config.extra)
+    fc = FusionConfig.from_settings(config.settings)
     context = {"task": config.task, "runs": earlier.runs(config)}
     replies = transport.ask(schema.FUSION_SETUP, context, sites)
     report_round(f"{STAGE}:setup", 1, 1, replies)

@@ -34,7 +34,7 @@ from server.transport import (
     on_stable_sites,
 )
 from shared import icc, lasso, logistic, roc, schema, screening
-from shared.config import ConfigError, StudyConfig
+from shared.config import StudyConfig
 from shared.federated import Solver
 from shared.standardize import Scaling, Standardize
 
@@ -42,14 +42,13 @@ log = logging.getLogger("feddlr")
 STAGE = "radiomics"
 
 
-CONFIG_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "radiomics-params": ("params", str), "radiomics-workers": ("workers", int),
-    "icc-threshold": ("icc_threshold", float), "lasso-loss": ("lasso_loss", str),
-    "lasso-C": ("lasso_C", float), "lasso-alpha": ("lasso_alpha", float),
-    "screen": ("screen", str), "screen-percentile": ("screen_percentile", float),
-    "screen-order": ("screen_order", str), "mi-bins": ("mi_bins", int),
-    "lr-C": ("lr_C", float), "cv-folds": ("cv_folds", int),
-    "selection": ("selection", str), "seed": ("seed", int),
+# run-config key -> RadiomicsConfig attribute (the keys are declared in shared/settings.py)
+CONFIG_KEYS: dict[str, str] = {
+    "radiomics-params": "params", "radiomics-workers": "workers",
+    "icc-threshold": "icc_threshold", "lasso-loss": "lasso_loss", "lasso-C": "lasso_C",
+    "lasso-alpha": "lasso_alpha", "screen": "screen", "screen-percentile": "screen_percentile",
+    "screen-order": "screen_order", "mi-bins": "mi_bins", "lr-C": "lr_C",
+    "cv-folds": "cv_folds", "selection": "selection", "seed": "seed",
 }
 
 
@@ -72,32 +71,9 @@ class RadiomicsConfig:
     bins: int = roc.DEFAULT_BINS
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> RadiomicsConfig:
-        values = {}
-        for key, (attr, parse) in CONFIG_KEYS.items():
-            if key in extra:
-                try:
-                    values[attr] = parse(extra[key])
-                except (TypeError, ValueError) as err:
-                    raise ConfigError(f"run config {key}: {err}") from err
-        config = cls(**values)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        choices = {"lasso-loss": (self.lasso_loss, ("logistic", "squared")),
-                   "screen": (self.screen, ("chi2", "mi")),
-                   "screen-order": (self.screen_order, ("lasso-first", "screen-first")),
-                   "selection": (self.selection, ("in-fold", "paper"))}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"run config {key}: {value!r} is not one of {list(allowed)}")
-        if self.cv_folds < 2:
-            raise ConfigError("run config cv-folds must be >= 2")
-        if not 0 < self.screen_percentile <= 100:
-            raise ConfigError("run config screen-percentile must be in (0, 100]")
-        if self.lasso_C <= 0 or self.lasso_alpha <= 0 or self.lr_C <= 0:
-            raise ConfigError("run config lasso-C, lasso-alpha and lr-C must be > 0")
+    def from_settings(cls, settings: Mapping[str, Any]) -> RadiomicsConfig:
+        """From the typed run config (shared/settings.py checked each value)."""
+        return cls(**{attr: settings[key] for key, attr in CONFIG_KEYS.items()})
 
 
 @dataclass
@@ -132,7 +108,7 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
                   holdout: Sequence[str] = (), variant: str = "") -> dict[str, Any]:
     """The stage; `holdout` sites are treated as external (a leave-one-site-out fit, whose
     rows and predictions the sites keep under the run key `<run>-<variant>`)."""
-    rc = RadiomicsConfig.from_extra(config.extra)
+    rc = RadiomicsConfig.from_settings(config.settings)
     context: dict[str, Any] = {"task": config.task, "radiomics-params": rc.params,
                                "workers": rc.workers}
     if holdout:

@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,15 +47,11 @@ import numpy as np
 from server.progress import report_round
 from server.transport import Reply, StageError, StageSkipped, StudyError, Transport
 from shared import fedavg, roc, schema
-from shared.config import ConfigError, StudyConfig, flag
+from shared.config import ConfigError, StudyConfig
 from shared.schema import nest
 
 log = logging.getLogger("feddlr")
 
-MODES = ("federated", "pooled", "both")
-SELECT = ("final", "best")
-RECIPE_NAMES = ("scratch", "paper")
-STRATEGIES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")
 NEEDS = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}
 # Recipes: per model, the defaults a run-config key overrides (README, "Training the CNNs").
 # `scratch` learns from random initialisation on CPU in the demo's time: AdamW at 1e-3, a
@@ -99,79 +95,27 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 AUTO = {"width": (1.0, 0.125), "mri_size": (96, 32), "us_size": (256, 64)}
 
 
-def per_model(value: Any, model: str, parse: Callable[[Any], Any], default: Any) -> Any:
-    """A run-config value that is one value for every model (`0.01`), or per model
-    (`"dl_mri=0.001,dl_us=2e-5"`, others take their default); `""`/`default` → default."""
-    if isinstance(value, bool | int | float):
-        return parse(value)
-    text = str(value).strip()
-    if text in ("", "default"):
-        return default
-    if "=" not in text:
-        return parse(text)
-    pairs = {}
-    for item in text.split(","):
-        key, sep, raw = item.partition("=")
-        if not sep or key.strip() not in schema.TRAIN_MODELS:
-            raise ValueError(f"expected model=value pairs for {list(schema.TRAIN_MODELS)}, "
-                             f"got {item!r}")
-        pairs[key.strip()] = raw.strip()
-    return parse(pairs[model]) if model in pairs and pairs[model] not in ("", "default") \
-        else default
-
-
-def _lower(value: Any) -> str:
-    return str(value).strip().lower()
-
-
-def _size(value: Any) -> int:
-    return 0 if str(value).strip() in ("auto", "") else int(value)
-
-
-def _optional_float(value: Any) -> float | None:
-    return None if str(value).strip() in ("", "default") else float(value)
-
-
-# run-config key -> (attribute, parse, per-model?)
-KEYS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
-    "rounds": ("rounds", int, True),
-    "local-epochs": ("local_epochs", int, True),
-    "local-steps": ("local_steps", int, True),
-    "lr": ("lr", float, True),
-    "batch-size": ("batch_size", int, True),
-    "optimizer": ("optimizer", _lower, True),
-    "weight-decay": ("weight_decay", float, True),
-    "cnn-width": ("width", lambda v: str(v).strip() if str(v).strip() == "auto" else float(v),
-                  True),
-    "strategy": ("strategy", _lower, False),
-    "proximal-mu": ("mu", float, False),
-    "server-lr": ("server_lr", _optional_float, False),
-    "server-momentum": ("server_momentum", float, False),
-    "server-beta1": ("beta_1", _optional_float, False),
-    "server-beta2": ("beta_2", _optional_float, False),
-    "server-tau": ("tau", _optional_float, False),
-    "fedbn": ("fedbn", flag, False),
-    "wire-dtype": ("wire", _lower, False),
-    "mode": ("mode", _lower, False),
-    "mri-size": ("mri_size", _size, False),
-    "us-size": ("us_size", _size, False),
-    "dsfr-size": ("dsfr_size", int, False),
-    "spacing": ("spacing", float, True),
-    "roi-margin-mm": ("margin_mm", float, True),
-    "roi-margin": ("margin", int, True),
-    "intensity-reference": ("reference", _lower, True),
-    "us-variant": ("variant", _lower, False),
-    "device": ("device", _lower, False),
-    "amp": ("amp", _lower, False),
-    "deep-cv-folds": ("cv_folds", int, False),
-    "select": ("select", _lower, False),
-    "augment": ("augment", flag, True),
-    "focal-alpha": ("focal_alpha", float, True),
-    "pretrained": ("pretrained", str, True),
-    "gradcam-patients": ("gradcam", int, False),
-    "seed": ("seed", int, False),
-    "deterministic": ("deterministic", flag, False),
+# run-config key (shared/settings.py) -> Plan attribute; per-model keys are typed there as
+# {model: value or None}, and None (`default`) leaves the recipe's value
+KEYS: dict[str, str] = {
+    "rounds": "rounds", "local-epochs": "local_epochs", "local-steps": "local_steps",
+    "lr": "lr", "batch-size": "batch_size", "optimizer": "optimizer",
+    "weight-decay": "weight_decay", "cnn-width": "width", "strategy": "strategy",
+    "proximal-mu": "mu", "server-lr": "server_lr", "server-momentum": "server_momentum",
+    "server-beta1": "beta_1", "server-beta2": "beta_2", "server-tau": "tau",
+    "fedbn": "fedbn", "wire-dtype": "wire", "mode": "mode", "mri-size": "mri_size",
+    "us-size": "us_size", "dsfr-size": "dsfr_size", "spacing": "spacing",
+    "roi-margin-mm": "margin_mm", "roi-margin": "margin", "intensity-reference": "reference",
+    "us-variant": "variant", "device": "device", "amp": "amp", "deep-cv-folds": "cv_folds",
+    "select": "select", "augment": "augment", "focal-alpha": "focal_alpha",
+    "pretrained": "pretrained", "gradcam-patients": "gradcam", "seed": "seed",
+    "deterministic": "deterministic",
 }
+# What a key takes when the model's recipe does not set it (the model does not use it) and
+# the run config leaves it at `default`
+UNSET = {"mri_size": 0, "us_size": 0, "dsfr_size": 64, "reference": "tissue",
+         "focal_alpha": 0.25, "width": "auto", "pretrained": "", "server_lr": None,
+         "beta_1": None, "beta_2": None, "tau": None}
 
 
 @dataclass(frozen=True)
@@ -179,105 +123,69 @@ class Plan:
     """One model's training configuration (run config → recipe defaults → sites)."""
 
     model: str
-    recipe: str = "scratch"
-    rounds: int = 3
-    local_epochs: int = 1
-    local_steps: int = 0
-    lr: float = 1e-3
-    batch_size: int = 16
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    width: float | str = "auto"
-    strategy: str = "fedavg"
-    mu: float = 0.01
-    server_lr: float | None = None  # None: Flower's default for the strategy
-    server_momentum: float = 0.9
-    beta_1: float | None = None
-    beta_2: float | None = None
-    tau: float | None = None
-    fedbn: bool = False
-    wire: str = "float32"
-    mode: str = "federated"
-    mri_size: int = 0
-    us_size: int = 0
-    dsfr_size: int = 64
-    spacing: float = 1.0
-    margin_mm: float = 3.0
-    margin: int = 0
-    reference: str = "tissue"
-    variant: str = "atto"
-    device: str = "auto"
-    amp: str = "auto"
-    cv_folds: int = 4
-    select: str = "final"
-    augment: bool = True
-    pretrained: str = ""
-    gradcam: int = 2
-    seed: int = 0
-    deterministic: bool = True
-    schedule: str = "constant"
-    smoothing: float = 0.0
-    mix: bool = False
-    focal_alpha: float = 0.25  # DSFR's focal loss: weight of the tumour pixels
+    recipe: str
+    rounds: int
+    local_epochs: int
+    local_steps: int
+    lr: float
+    batch_size: int
+    optimizer: str
+    weight_decay: float
+    width: float | str  # "auto" until resolved()
+    strategy: str
+    mu: float
+    server_lr: float | None  # None: Flower's default for the strategy
+    server_momentum: float
+    beta_1: float | None
+    beta_2: float | None
+    tau: float | None
+    fedbn: bool
+    wire: str
+    mode: str
+    mri_size: int  # 0: auto until resolved()
+    us_size: int
+    dsfr_size: int
+    spacing: float
+    margin_mm: float
+    margin: int
+    reference: str
+    variant: str
+    device: str
+    amp: str
+    cv_folds: int
+    select: str
+    augment: bool
+    pretrained: str
+    gradcam: int
+    seed: int
+    deterministic: bool
+    schedule: str
+    smoothing: float
+    mix: bool
+    focal_alpha: float  # DSFR's focal loss: weight of the tumour pixels
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any], model: str) -> Plan:
-        recipe = _lower(extra.get("recipe", "scratch")) or "scratch"
-        if recipe not in RECIPES:
-            raise ConfigError(f"run config recipe: {recipe!r} is not one of {list(RECIPES)}")
-        values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe][model]}
-        base = cls(model=model)
-        for key, (attr, parse, by_model) in KEYS.items():
-            if key not in extra or str(extra[key]).strip() == "default":
-                continue
-            default = values.get(attr, getattr(base, attr))
-            try:
-                values[attr] = (per_model(extra[key], model, parse, default) if by_model
-                                else parse(extra[key]))
-            except (TypeError, ValueError, KeyError) as err:
-                raise ConfigError(f"run config {key}: {err}") from err
+    def from_settings(cls, settings: Mapping[str, Any], model: str) -> Plan:
+        """The typed run config over the recipe's values for `model`."""
+        recipe = settings["recipe"]
+        values: dict[str, Any] = {**UNSET, "recipe": recipe, **RECIPES[recipe][model]}
+        for key, attr in KEYS.items():
+            given = settings[key]
+            if isinstance(given, dict):
+                given = given[model]
+            if given is not None:
+                values[attr] = given
         plan = cls(model=model, **values)
         plan.validate()
         return plan
 
     def validate(self) -> None:
-        choices = {"strategy": (self.strategy, STRATEGIES),
-                   "wire-dtype": (self.wire, fedavg.WIRE_DTYPES),
-                   "mode": (self.mode, MODES), "select": (self.select, SELECT),
-                   "optimizer": (self.optimizer, ("adam", "adamw", "sgd")),
-                   "device": (self.device, ("auto", "cpu", "cuda")),
-                   "amp": (self.amp, ("auto", "off", "bf16", "fp16")),
-                   "intensity-reference": (self.reference, ("tissue", "roi"))}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"run config {key}: {value!r} is not one of {list(allowed)}")
+        """Cross-key rules (each value alone was checked by shared/settings.py)."""
         from shared.networks import CONVNEXT_VARIANTS
 
         if self.variant not in CONVNEXT_VARIANTS:
             raise ConfigError(f"run config us-variant: {self.variant!r} is not one of "
                               f"{list(CONVNEXT_VARIANTS)}")
-        if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
-            raise ConfigError("run config rounds, local-epochs and batch-size must be >= 1")
-        if not 0 <= self.local_steps <= 100_000:
-            raise ConfigError("run config local-steps must be in [0, 100000] (0: epochs)")
-        if not 0 < self.focal_alpha < 1:
-            raise ConfigError("run config focal-alpha must be in (0, 1)")
-        if not self.lr > 0 or self.weight_decay < 0 or self.mu < 0:
-            raise ConfigError("run config lr must be > 0, weight-decay and proximal-mu >= 0")
-        if not (0 <= self.spacing <= 20 and 0 <= self.margin_mm <= 200
-                and 0 <= self.margin <= 1000):
-            raise ConfigError("run config spacing must be in [0, 20] mm (0: native grid), "
-                              "roi-margin-mm in [0, 200], roi-margin in [0, 1000] px")
-        if self.cv_folds < 2:
-            raise ConfigError("run config deep-cv-folds must be >= 2")
-        if self.width != "auto" and not 0 < float(self.width) <= 4:
-            raise ConfigError("run config cnn-width must be auto or in (0, 4]")
-        for key, size, largest in (("mri-size", self.mri_size, 160),
-                                   ("us-size", self.us_size, 512)):
-            if size and not 8 <= size <= largest:
-                raise ConfigError(f"run config {key} must be auto or in [8, {largest}]")
-        if not 16 <= self.dsfr_size <= 512 or self.dsfr_size % 16:
-            raise ConfigError("run config dsfr-size must be a multiple of 16 in [16, 512]")
         try:
             self.server_optimizer()
         except ValueError as err:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +40,6 @@ from shared.schema import Payload, nest
 log = logging.getLogger("feddlr")
 STAGE = "validation"
 ALL = "all"
-MODES = ("pooled", "loso")
-GRIDS = ("adaptive", "uniform")
-DEFAULT_SUBGROUPS = ("hr_status", "lesion_type")
 LOSO_MODELS = ("radiomics",)
 GRID_NOTES = {
     "adaptive": ("Per model, validation-bins bins uniform in logit over the pooled mean ± 4 SD "
@@ -53,35 +51,21 @@ GRID_NOTES = {
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    bins: int = roc.DEFAULT_BINS
-    calibration_bins: int = 10
-    subgroups: tuple[str, ...] = DEFAULT_SUBGROUPS
-    models: tuple[str, ...] = ()  # () = every model the sites have scores of
-    mode: str = "pooled"
-    grid: str = "adaptive"  # adaptive: per model, where its scores are | uniform on [0, 1]
+    bins: int
+    calibration_bins: int
+    subgroups: tuple[str, ...]
+    models: tuple[str, ...]  # () = every model the sites have scores of
+    mode: str  # pooled | loso
+    grid: str  # adaptive: per model, where its scores are | uniform on [0, 1]
     level: float = 0.95
 
     @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> ValidationConfig:
-        def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-            raw = extra.get(key, ",".join(default))
-            return tuple(v.strip() for v in str(raw).split(",") if v.strip())
-
-        try:
-            vc = cls(bins=int(extra.get("validation-bins", roc.DEFAULT_BINS)),
-                     calibration_bins=int(extra.get("calibration-bins", 10)),
-                     subgroups=names("subgroups", DEFAULT_SUBGROUPS),
-                     models=names("validation-models", ()),
-                     mode=str(extra.get("validation", "pooled")).strip().lower(),
-                     grid=str(extra.get("validation-grid", "adaptive")).strip().lower())
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"run config validation keys: {err}") from err
-        if vc.mode not in MODES:
-            raise ConfigError(f"run config validation: {vc.mode!r} is not one of {list(MODES)}")
-        if vc.grid not in GRIDS:
-            raise ConfigError(f"run config validation-grid: {vc.grid!r} is not one of "
-                              f"{list(GRIDS)}")
-        if vc.bins < 2 or vc.calibration_bins < 1 or vc.bins % vc.calibration_bins:
+    def from_settings(cls, settings: Mapping[str, Any]) -> ValidationConfig:
+        vc = cls(bins=settings["validation-bins"],
+                 calibration_bins=settings["calibration-bins"],
+                 subgroups=settings["subgroups"], models=settings["validation-models"],
+                 mode=settings["validation"], grid=settings["validation-grid"])
+        if vc.bins % vc.calibration_bins:
             raise ConfigError(f"run config calibration-bins ({vc.calibration_bins}) must divide "
                               f"validation-bins ({vc.bins})")
         return vc
@@ -114,7 +98,7 @@ class SiteScores:
 
 def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
                    earlier: Earlier = NO_EARLIER) -> dict[str, Any]:
-    vc = ValidationConfig.from_extra(config.extra)
+    vc = ValidationConfig.from_settings(config.settings)
     context = {"task": config.task, "needs": "predictions?", "bins": vc.bins,
                "subgroups": list(vc.subgroups), "models": list(vc.models),
                "runs": earlier.runs(config)}

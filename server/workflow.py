@@ -31,7 +31,7 @@ from server.transport import (
     Transport,
 )
 from server.validation import run_validation, thresholds
-from shared import schema
+from shared import schema, settings
 from shared.config import STAGE_NEEDS, STAGES, ConfigError, Earlier, StudyConfig
 
 log = logging.getLogger("feddlr")
@@ -98,20 +98,19 @@ def check_settings(config: StudyConfig) -> None:
     """Parse every setting the requested stages will read, with the stages' own parsers, so
     a bad value (`cv-folds=1`, `rounds=-1`, `lr=dlmri=0.1`) stops the study before any site
     is contacted (ConfigError) instead of failing its stage later."""
-    from server.deep import deep_models
     from server.dsfr import dsfr_settings
     from server.fusion import FusionConfig
     from server.radiomics import RadiomicsConfig
     from server.training import Plan
     from server.validation import ValidationConfig
 
-    extra = config.extra
+    settings = config.settings
     parsers = {
-        "radiomics": lambda: RadiomicsConfig.from_extra(extra),
-        "dsfr": lambda: dsfr_settings(extra),
-        "deep": lambda: [Plan.from_extra(extra, m) for m in deep_models(extra)],
-        "fusion": lambda: FusionConfig.from_extra(extra),
-        "validation": lambda: ValidationConfig.from_extra(extra),
+        "radiomics": lambda: RadiomicsConfig.from_settings(settings),
+        "dsfr": lambda: dsfr_settings(settings),
+        "deep": lambda: [Plan.from_settings(settings, m) for m in settings["deep-models"]],
+        "fusion": lambda: FusionConfig.from_settings(settings),
+        "validation": lambda: ValidationConfig.from_settings(settings),
     }
     for stage in config.stages:
         if stage in parsers:
@@ -272,6 +271,21 @@ def provenance(config: StudyConfig, results: dict[str, Any]) -> dict[str, Any]:
         "site_data_sha256": {r["site_id"]: r.get("data_sha256")
                              for r in results["run"].get("sites", [])},
     }
+
+
+def record_bad_config(run_config: dict[str, Any], error: ConfigError, run_id: str) -> None:
+    """A run config that does not parse still leaves a results.json saying why (where its
+    `out-dir` is readable), so a consortium's scripts read the same status as for any stop."""
+    try:
+        out = Path(settings.value(run_config, "out-dir"))
+        out.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, OSError):
+        return
+    now = _now()
+    write_results({"run": {"run_id": run_id, "started": now, "finished": now,
+                           "schema_version": schema.SCHEMA_VERSION, "stages": {},
+                           "status": "stopped", "reason": f"configuration: {error}"}},
+                  out / "results.json")
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:

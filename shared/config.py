@@ -6,9 +6,20 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.labels import TASKS
+from shared import settings as settings_
+from shared.settings import STAGES, ConfigError
 
-STAGES = ("cohort", "radiomics", "dsfr", "deep", "fusion", "validation", "survival")
+__all__ = [
+    "NO_EARLIER",
+    "RUNTIME_FIELDS",
+    "STAGES",
+    "STAGE_NEEDS",
+    "ConfigError",
+    "Earlier",
+    "StudyConfig",
+    "stage_settings",
+]
+
 # What each stage needs of a site folder (client.site.NEEDS; `x?` = used where present;
 # radiomics reads features.csv where a site has one, else extracts from the MRI). The task
 # label is needed by every stage but survival, which needs it only to group or adjust by
@@ -22,15 +33,10 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "validation": ("clinical", "label", "predictions?"),
     "survival": ("clinical", "survival", "predictions?"),
 }
-DEFAULT_COVARIATES = ("age", "tumour_size_mm", "ki67", "hr_status", "lesion_type")
-# survival: `her2_class` is derived from IHC/ISH (zero / low / positive, reference zero)
-DEFAULT_SURVIVAL_COVARIATES = ("her2_class", "age", "tumour_size_mm", "hr_status", "ki67",
-                               "lesion_type")
-STEPWISE = ("both", "backward", "none")
-
-
-class ConfigError(ValueError):
-    """A run-config value that cannot be used; the message names the key."""
+_DEFAULTS = settings_.parse({})
+_STUDY_FIELDS = ("sites-dir", "out-dir", "stages", "task", "min-sites", "round-timeout",
+                 "connect-timeout", "min-replies", "resume", "cohort-covariates",
+                 "survival-group", "survival-covariates", "stepwise")
 
 
 @dataclass(frozen=True)
@@ -46,19 +52,13 @@ class Earlier:
 
     def runs(self, config: StudyConfig) -> str:
         """The prediction runs a query names (`a,b`): the run config's, then these."""
-        asked = [r for r in str(config.extra.get("prediction-runs", "")).split(",") if r]
+        asked = config.settings["prediction-runs"]
         return ",".join(dict.fromkeys([*asked, *self.prediction_runs]))
 
     def threshold(self, config: StudyConfig, model: str, default: float = 0.5) -> float:
         """A model's threshold: the run config's `survival-thresholds`, then validation's."""
-        given = dict(item.split("=", 1) for item in
-                     str(config.extra.get("survival-thresholds", "")).split(",") if "=" in item)
-        if model in given:
-            try:
-                return float(given[model])
-            except ValueError as err:
-                raise ConfigError(f"run config survival-thresholds: {model}: {err}") from err
-        return float(self.thresholds.get(model, default))
+        given = config.settings["survival-thresholds"]
+        return float(given[model] if model in given else self.thresholds.get(model, default))
 
 
 NO_EARLIER = Earlier()  # a stage run on its own
@@ -66,65 +66,32 @@ NO_EARLIER = Earlier()  # a stage run on its own
 
 @dataclass(frozen=True)
 class StudyConfig:
-    sites_dir: str = "data/demo"
-    out_dir: str = "runs/latest"
-    stages: tuple[str, ...] = STAGES
-    task: str = "her2-positive"
-    min_sites: int = 1
-    round_timeout: float = 600.0
-    connect_timeout: float = 120.0
-    min_replies: int = 1
-    resume: bool = False
-    cohort_covariates: tuple[str, ...] = DEFAULT_COVARIATES
-    survival_group: str = "label"
-    survival_covariates: tuple[str, ...] = DEFAULT_SURVIVAL_COVARIATES
-    stepwise: str = "both"
-    extra: dict[str, Any] = field(default_factory=dict)
+    """The study-wide keys as typed fields; every other key's typed value in `settings`
+    (both declared in shared/settings.py, whose defaults these are)."""
+
+    sites_dir: str = _DEFAULTS["sites-dir"]
+    out_dir: str = _DEFAULTS["out-dir"]
+    stages: tuple[str, ...] = _DEFAULTS["stages"]
+    task: str = _DEFAULTS["task"]
+    min_sites: int = _DEFAULTS["min-sites"]
+    round_timeout: float = _DEFAULTS["round-timeout"]
+    connect_timeout: float = _DEFAULTS["connect-timeout"]
+    min_replies: int = _DEFAULTS["min-replies"]
+    resume: bool = _DEFAULTS["resume"]
+    cohort_covariates: tuple[str, ...] = _DEFAULTS["cohort-covariates"]
+    survival_group: str = _DEFAULTS["survival-group"]
+    survival_covariates: tuple[str, ...] = _DEFAULTS["survival-covariates"]
+    stepwise: str = _DEFAULTS["stepwise"]
+    settings: settings_.Settings = field(default_factory=lambda: stage_settings({}))
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StudyConfig:
-        raw = dict(run_config)
-        known = {
-            "sites-dir": ("sites_dir", str),
-            "out-dir": ("out_dir", str),
-            "stages": ("stages", _names),
-            "task": ("task", str),
-            "min-sites": ("min_sites", int),
-            "round-timeout": ("round_timeout", float),
-            "connect-timeout": ("connect_timeout", float),
-            "min-replies": ("min_replies", int),
-            "resume": ("resume", flag),
-            "cohort-covariates": ("cohort_covariates", _names),
-            "survival-group": ("survival_group", lambda v: str(v).strip()),
-            "survival-covariates": ("survival_covariates", _names),
-            "stepwise": ("stepwise", lambda v: str(v).strip().lower()),
-        }
-        values: dict[str, Any] = {}
-        for key, (attr, parse) in known.items():
-            if key in raw:
-                try:
-                    values[attr] = parse(raw.pop(key))
-                except (TypeError, ValueError) as err:
-                    raise ConfigError(f"run config {key}: {err}") from err
-        config = cls(**values, extra=raw)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"run config stages: unknown {unknown}; known: {list(STAGES)}")
-        if self.task not in TASKS:
-            raise ConfigError(f"run config task: {self.task!r} is not one of {list(TASKS)}")
-        if self.min_sites < 1:
-            raise ConfigError("run config min-sites must be >= 1")
-        if self.min_replies < 1:
-            raise ConfigError("run config min-replies must be >= 1")
-        if self.round_timeout <= 0 or self.connect_timeout <= 0:
-            raise ConfigError("run config round-timeout and connect-timeout must be > 0")
-        if self.stepwise not in STEPWISE:
-            raise ConfigError(f"run config stepwise: {self.stepwise!r} is not one of "
-                              f"{list(STEPWISE)}")
+        """Every key parsed and checked (shared/settings.py); ConfigError names the key."""
+        typed = settings_.parse(run_config)
+        own = {k: v for k, v in typed.items() if k in _STUDY_FIELDS}
+        return cls(**{_attr(k): v for k, v in own.items()},
+                   settings=settings_.Settings({k: v for k, v in typed.items()
+                                                if k not in own}))
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -134,27 +101,18 @@ class StudyConfig:
         return data
 
 
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def stage_settings(overrides: Mapping[str, Any]) -> settings_.Settings:
+    """The stage keys (all but StudyConfig's own fields), typed, with `overrides` given as a
+    run config would give them: `StudyConfig(task="label", settings=stage_settings({...}))`."""
+    typed = settings_.parse(overrides)
+    return settings_.Settings({k: v for k, v in typed.items() if k not in _STUDY_FIELDS})
+
+
 # Keys that say how a run is carried out, not what it computes: a checkpoint written under
 # other values of these still answers the same study (see server.workflow resume).
 RUNTIME_FIELDS = ("sites_dir", "out_dir", "stages", "min_sites", "round_timeout",
                   "connect_timeout", "min_replies", "resume")
-
-
-def flag(value: Any) -> bool:
-    """A run-config boolean: true/false, 1/0, yes/no (TOML booleans as they are)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", ""):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    if isinstance(value, list | tuple):
-        return tuple(str(v).strip() for v in value)
-    raise ValueError(f"expected a comma-separated string, got {value!r}")

@@ -95,34 +95,22 @@ def check_ray_address(address: str) -> None:
                           "start one with `ray start --head --port PORT`") from None
 
 
-def run_config_defaults() -> dict[str, object]:
-    """The app's run-config keys and defaults (`[tool.flwr.app.config]` in pyproject.toml)."""
-    project = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
-    return dict(project["tool"]["flwr"]["app"]["config"])
-
-
 def check_run_config(overrides: Mapping[str, str]) -> None:
     """Stop a run with a bad key or value before any site is contacted (ConfigError): an
-    unknown key names the nearest known one; the values go through the ServerApp's parser."""
-    import difflib
-
+    unknown key names the nearest known one; every value goes through shared/settings.py
+    and the stages' own cross-key rules, as in the ServerApp."""
+    from server.workflow import check_settings
     from shared.config import ConfigError, StudyConfig
+    from shared.settings import check_keys
 
-    defaults = run_config_defaults()
-    for key in overrides:
-        if key not in defaults:
-            near = difflib.get_close_matches(key, list(defaults), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"unknown run-config key {key!r}{hint}")
-    merged = {**defaults}
+    check_keys(overrides)
+    given = {}
     for key, value in overrides.items():
         try:
-            merged[key] = tomllib.loads(f"v = {toml_value(value)}")["v"]
+            given[key] = tomllib.loads(f"v = {toml_value(value)}")["v"]
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"run config {key}: {err}") from None
-    from server.workflow import check_settings
-
-    check_settings(StudyConfig.from_run_config(merged))
+    check_settings(StudyConfig.from_run_config(given))
 
 
 def free_port() -> int:

@@ -109,7 +109,8 @@ def test_run_rejects_an_unknown_key_naming_the_nearest_one(tmp_path: Path) -> No
     assert "unknown run-config key 'rouns'; did you mean 'rounds'?" in done.stderr
     bad = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"),
                  "-c", "stages=cohort,radiomix")
-    assert bad.returncode == 2 and "unknown ['radiomix']" in bad.stderr
+    assert bad.returncode == 2 and "stages: 'radiomix' is not one of" in bad.stderr
+    assert "did you mean 'radiomics'?" in bad.stderr
 
 
 @pytest.mark.parametrize(("case", "rc", "status"), [
@@ -179,9 +180,10 @@ def test_console_keeps_the_pipe_sparse_and_the_terminal_live() -> None:
 
 
 @pytest.mark.parametrize(("setting", "says"), [
-    ("cv-folds=1", "cv-folds must be >= 2"),
-    ("rounds=-1", "rounds, local-epochs and batch-size must be >= 1"),
-    ("lr=dlmri=0.1", "expected model=value pairs"),
+    ("cv-folds=1", "run config cv-folds: 1 is not in [2, 100]"),
+    ("rounds=-1", "run config rounds: -1 is not in [1, 10000]"),
+    ("lr=dlmri=0.1", "run config lr: expected model=value pairs"),
+    ("calibration-bins=30", "calibration-bins (30) must divide validation-bins (200)"),
 ])
 def test_run_rejects_a_bad_value_before_launch(tmp_path: Path, setting: str, says: str) -> None:
     done = feddlr("run", "--sites-dir", str(tmp_path), "--out", str(tmp_path / "o"),

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from server.transport import InProcessTransport, StudyError
 from server.workflow import run_study
-from shared.config import StudyConfig
+from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
 
 STAGES = ("cohort", "radiomics", "validation", "survival")
@@ -95,7 +95,7 @@ def test_every_stage_ends_with_a_status_under_any_policy(source: Path, tmp_path:
     folders = build(source, target, drawn, time_bin)
     config = StudyConfig(out_dir=str(target / "out"), stages=STAGES,
                          survival_covariates=("age", "tumour_size_mm"), stepwise="none",
-                         extra={"cv-folds": 3, "validation-bins": 50})
+                         settings=stage_settings({"cv-folds": 3, "validation-bins": 50}))
     try:
         results = run_study(InProcessTransport(folders), config)
     except StudyError as err:  # the only way a study may stop: too few usable sites

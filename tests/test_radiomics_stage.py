@@ -16,11 +16,12 @@ from sklearn.preprocessing import StandardScaler
 
 from server.transport import InProcessTransport
 from server.workflow import run_study
-from shared.config import StudyConfig
+from shared.config import StudyConfig, stage_settings
 from shared.folds import stratified_folds
 from tests.splits import non_iid_split, wisconsin
 
 FOLDS, SEED, LASSO_C, LR_C = 5, 3, 0.05, 0.5
+BASE = {"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C, "lr-C": LR_C}
 
 
 def write_feature_site(root: Path, site_id: str, rows: pd.DataFrame, **privacy) -> Path:
@@ -50,8 +51,7 @@ def run_radiomics_study(root: Path, parts: list[pd.DataFrame], **extra) -> dict:
     folders = [write_feature_site(root / "sites", f"site-{i + 1}", p)
                for i, p in enumerate(parts)]
     config = StudyConfig(out_dir=str(root / "out"), task="label", stages=("radiomics",),
-                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
-                                "lr-C": LR_C, **extra})
+                         settings=stage_settings({**BASE, **extra}))
     return run_study(InProcessTransport(folders), config)["radiomics"]
 
 
@@ -122,8 +122,7 @@ def test_sites_refusing_pxp_matrices_reach_the_same_lasso(tmp_path: Path, study:
                                   max_feature_ratio=0.01 if i == 1 else 0.33)
                for i, p in enumerate(parts)]
     config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
-                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
-                                "lr-C": LR_C, "selection": "paper"})
+                         settings=stage_settings({**BASE, "selection": "paper"}))
     results = run_study(InProcessTransport(folders), config)["radiomics"]
     assert results["lasso"]["mode"] == "gradient"
     assert study["results"]["lasso"]["mode"] == "newton"
@@ -167,8 +166,7 @@ def test_external_site_is_never_fitted_on_and_scores_with_the_fold_mean(
     config_yaml["roles"] = ["external"]
     (external / "site.yaml").write_text(yaml.safe_dump(config_yaml))
     config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
-                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
-                                "lr-C": LR_C, "selection": "paper"})
+                         settings=stage_settings({**BASE, "selection": "paper"}))
     results = run_study(InProcessTransport(folders), config)
     radiomics = results["radiomics"]
     names = features(study["frame"])
@@ -196,9 +194,11 @@ def test_squared_loss_lasso_matches_sklearn_lasso(tmp_path: Path, study: dict) -
     folders = [write_feature_site(tmp_path / "sites", f"site-{i + 1}", p)
                for i, p in enumerate(parts)]
     config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
-                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-loss": "squared",
-                                "lasso-alpha": 0.01, "selection": "paper",
-                                "screen-order": "screen-first", "screen-percentile": 40.0})
+                         settings=stage_settings({"cv-folds": FOLDS, "seed": SEED,
+                                                 "lasso-loss": "squared", "lasso-alpha": 0.01,
+                                                 "selection": "paper",
+                                                 "screen-order": "screen-first",
+                                                 "screen-percentile": 40.0}))
     radiomics = run_study(InProcessTransport(folders), config)["radiomics"]
     names = features(study["frame"])
     pooled = pd.concat(parts)
@@ -240,14 +240,14 @@ def test_a_site_dropping_mid_fit_restarts_the_fit_on_the_survivors(tmp_path: Pat
              "selection": "paper"}
     folders = [write_feature_site(tmp_path / "a", f"site-{i + 1}", p) for i, p in enumerate(parts)]
     config = StudyConfig(out_dir=str(tmp_path / "out-a"), task="label", stages=("radiomics",),
-                         extra=extra)
+                         settings=stage_settings(extra))
     dropped = run_study(DropsMidFit(folders), config)["radiomics"]
     assert [r["dropped"] for r in dropped["restarts"]] == [{"site-3": "node unavailable"}]
     assert dropped["sites"]["site-3"]["status"] == "dropped"
     survivors = [write_feature_site(tmp_path / "b", f"site-{i + 1}", p)
                  for i, p in enumerate(parts[:2])]
     config = StudyConfig(out_dir=str(tmp_path / "out-b"), task="label", stages=("radiomics",),
-                         extra=extra)
+                         settings=stage_settings(extra))
     fresh = run_study(InProcessTransport(survivors), config)["radiomics"]
     assert dropped["lasso"]["coef"] == pytest.approx(fresh["lasso"]["coef"], abs=1e-12)
     assert dropped["standardization"]["mean"] == pytest.approx(
@@ -265,8 +265,7 @@ def test_a_site_failing_mid_fit_is_left_out_and_the_fit_restarts(tmp_path: Path,
     parts = study["parts"]
     folders = [write_feature_site(tmp_path, f"site-{i + 1}", p) for i, p in enumerate(parts)]
     config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
-                         extra={"cv-folds": FOLDS, "seed": SEED, "lasso-C": LASSO_C,
-                                "lr-C": LR_C, "selection": "paper"})
+                         settings=stage_settings({**BASE, "selection": "paper"}))
     results = run_study(FailsMidFit(folders), config)
     radiomics = results["radiomics"]
     assert results["run"]["stages"]["radiomics"]["status"] == "ok"

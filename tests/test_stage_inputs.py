@@ -223,12 +223,12 @@ def test_earlier_results_reach_later_stages_explicitly(tmp_path: Path) -> None:
                               "dsfr": {"threshold": {"value": None}}}}
     earlier = earlier_results(results)
     assert earlier == Earlier(prediction_runs=("run-1",), thresholds={"dlr": 0.31})
-    config = StudyConfig(extra={"prediction-runs": "run-0,run-1",
-                                "survival-thresholds": "dsfr=0.7"})
+    config = StudyConfig.from_run_config({"prediction-runs": "run-0,run-1",
+                                          "survival-thresholds": "dsfr=0.7"})
     assert earlier.runs(config) == "run-0,run-1"
     assert earlier.threshold(config, "dlr") == 0.31
     assert earlier.threshold(config, "dsfr") == 0.7
-    assert earlier.threshold(StudyConfig(extra={"survival-thresholds": "dlr=0.9"}),
+    assert earlier.threshold(StudyConfig.from_run_config({"survival-thresholds": "dlr=0.9"}),
                              "dlr") == 0.9
     assert earlier.threshold(config, "fusion") == 0.5
 
@@ -252,8 +252,12 @@ def test_a_bad_setting_stops_the_study_before_any_site_is_asked(tmp_path: Path) 
         def handshake(self, query: dict) -> dict:
             raise AssertionError("a site was contacted")
 
-    for extra in ({"cv-folds": 1}, {"rounds": -1}, {"lr": "dlmri=0.1"}):
-        config = StudyConfig(out_dir=str(tmp_path / "out"), extra=extra)
+    for value in ({"cv-folds": 1}, {"rounds": -1}, {"lr": "dlmri=0.1"}):
+        with pytest.raises(ConfigError, match=f"run config {next(iter(value))}"):
+            StudyConfig.from_run_config(value)  # one value alone: when it is parsed
+    for rule in ({"validation-bins": 200, "calibration-bins": 30},  # rules across keys
+                 {"fusion-models": "dl_mri"}, {"dsfr-layer": "activation_99"}):
+        config = StudyConfig.from_run_config({"out-dir": str(tmp_path / "out"), **rule})
         with pytest.raises(ConfigError):
             run_study(NoSites([]), config)
         run = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))

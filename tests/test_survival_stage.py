@@ -20,7 +20,7 @@ from client.handlers import serve
 from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared import schema
-from shared.config import StudyConfig
+from shared.config import StudyConfig, stage_settings
 from shared.kaplan_meier import bin_times
 from tests.splits import gbsg2, non_iid_split
 from tests.test_survival_stats import LIFELINES_TIGHT, reference_stepwise
@@ -335,7 +335,7 @@ def test_survival_run_config_keys() -> None:
                                           "stepwise": "Backward"})
     assert parsed.survival_group == "her2_class" and parsed.stepwise == "backward"
     assert parsed.survival_covariates == ("age", "hr_status:positive")
-    assert parsed.extra == {}
+    assert "stepwise" not in parsed.settings and parsed.settings["lasso-C"] == 0.1
     with pytest.raises(ConfigError, match="stepwise"):
         StudyConfig.from_run_config({"stepwise": "forward"})
 
@@ -360,7 +360,7 @@ def test_groups_and_covariates_from_a_models_predictions(tmp_path: Path) -> None
     cfg = config(tmp_path, stages=("validation", "survival"),
                  survival_group="label,predicted:risk",
                  survival_covariates=("age", "score:risk"),
-                 extra={"subgroups": "", "validation-grid": "uniform"})
+                 settings=stage_settings({"subgroups": "", "validation-grid": "uniform"}))
     results = run_study(InProcessTransport(folders), cfg)
     threshold = results["validation"]["risk"]["threshold"]["value"]
     surv = results["survival"]

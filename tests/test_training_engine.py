@@ -24,7 +24,7 @@ from client.handlers import serve
 from client.session import open_session
 from server.training import Checkpoints, Plan, setup, train_model
 from server.transport import InProcessTransport
-from shared.config import StudyConfig
+from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
 
 TINY = {"cnn-width": 0.0625, "mri-size": 16, "deep-cv-folds": 2, "rounds": 3,
@@ -40,8 +40,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(sites: Path, out: Path, names: list[str], **extra) -> tuple:
     config = StudyConfig(sites_dir=str(sites), out_dir=str(out), stages=("deep",),
-                         extra={**TINY, **extra})
-    plan = Plan.from_extra(config.extra, "dl_mri")
+                         settings=stage_settings({**TINY, **extra}))
+    plan = Plan.from_settings(config.settings, "dl_mri")
     transport = InProcessTransport([sites / n for n in names])
     transport.handshake({"task": config.task, "run_id": "t", "needs": ["mri"]})
     st = setup(transport, config, "dl_mri", list(transport.roots), "deep", plan.pretrained)
@@ -111,7 +111,7 @@ def test_one_site_federated_equals_local_training(sites: Path, tmp_path: Path,
 
 
 def write_weights(path: Path, seed: int) -> dict[str, np.ndarray]:
-    net = Plan.from_extra(TINY, "dl_mri").resolved(False).spec().build(seed)
+    net = Plan.from_settings(stage_settings(TINY), "dl_mri").resolved(False).spec().build(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return {k: v.numpy() for k, v in net.state_dict().items()}
@@ -145,7 +145,8 @@ def test_pretrained_file_is_round_0_at_every_site(sites: Path, tmp_path: Path,
 def test_a_site_refuses_round_1_weights_that_are_not_its_file(sites: Path) -> None:
     name = "weights/other.pth"
     write_weights(sites / "site-1" / name, seed=303)
-    plan = Plan.from_extra({**TINY, "pretrained": name}, "dl_mri").resolved(False)
+    plan = Plan.from_settings(stage_settings({**TINY, "pretrained": name}), "dl_mri")
+    plan = plan.resolved(False)
     net = plan.spec().build(plan.seed)  # the seeded init, not the file
     query = {"task": "her2-positive", "needs": "mri", **plan.params(), "round": 1,
              "units": plan.units, "train_id": "abc", "pos_weight": 1.0,

@@ -14,9 +14,9 @@ import torch
 
 from client import training as T
 from client.handlers import serve
-from server.training import Plan, per_model
+from server.training import Plan
 from shared import schema
-from shared.config import ConfigError
+from shared.config import ConfigError, stage_settings
 from simulation.cohort import simulate_cohort
 
 NO_GPU = "no CUDA GPU on this machine: the CUDA/AMP training paths are not exercised here"
@@ -33,7 +33,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny(model: str, **kw) -> Plan:
     values = {"cnn-width": 0.0625, "mri-size": 16, "us-size": 32, "dsfr-size": 32,
               "deep-cv-folds": 2, "seed": 3, **kw}
-    return Plan.from_extra(values, model).resolved(False)
+    return plan_of(values, model).resolved(False)
+
+
+def plan_of(values: dict, model: str) -> Plan:
+    return Plan.from_settings(stage_settings(values), model)
 
 
 def round_query(plan: Plan, round_no: int = 1, **extra) -> dict:
@@ -82,34 +86,34 @@ def test_dsfr_vectors_keep_the_larger_kmeans_cluster() -> None:
 
 
 def test_per_model_values_and_paper_defaults() -> None:
-    assert per_model("dl_mri=0.01,dl_us=2e-4", "dl_us", float, 1.0) == 2e-4
-    assert per_model("dl_mri=0.01", "dsfr", float, 1e-3) == 1e-3
-    assert per_model(0.5, "dsfr", float, 1e-3) == 0.5
-    assert per_model("default", "dsfr", float, 1e-3) == 1e-3
-    with pytest.raises(ValueError):
-        per_model("resnet=3", "dsfr", int, 1)
+    assert plan_of({"lr": "dl_mri=0.01,dl_us=2e-4"}, "dl_us").lr == 2e-4
+    assert plan_of({"lr": "dl_mri=0.01"}, "dsfr").lr == 1e-3  # the recipe's
+    assert plan_of({"lr": 0.5}, "dsfr").lr == 0.5
+    assert plan_of({"lr": "default"}, "dsfr").lr == 1e-3
+    with pytest.raises(ConfigError, match="rounds: expected model=value pairs"):
+        plan_of({"rounds": "resnet=3"}, "dsfr")
     paper = {"recipe": "paper"}
-    dsfr, mri, us = (Plan.from_extra(paper, m) for m in ("dsfr", "dl_mri", "dl_us"))
+    dsfr, mri, us = (plan_of(paper, m) for m in ("dsfr", "dl_mri", "dl_us"))
     assert (dsfr.optimizer, dsfr.lr, dsfr.batch_size) == ("adam", 1e-3, 6)
     assert (mri.margin, mri.spacing, mri.mri_size, us.us_size) == (50, 0.0, 96, 256)
     assert (mri.optimizer, mri.lr, mri.weight_decay, mri.batch_size) == ("sgd", 1e-3, 1e-2, 16)
     assert (us.optimizer, us.lr, us.weight_decay, us.smoothing, us.mix, us.schedule) == \
         ("adamw", 2e-5, 0.05, 0.2, True, "cosine")
     assert us.lr_at(1) == pytest.approx(2e-5) and us.lr_at(us.rounds) < 2e-5
-    assert Plan.from_extra({"lr": "dl_mri=4e-6", "optimizer": "dl_mri=adamw"},
+    assert plan_of({"lr": "dl_mri=4e-6", "optimizer": "dl_mri=adamw"},
                            "dl_mri").optimizer == "adamw"
-    scratch = Plan.from_extra({"mri-size": "default"}, "dl_mri")  # pyproject's value
+    scratch = plan_of({"mri-size": "default"}, "dl_mri")  # pyproject's value
     assert (scratch.recipe, scratch.optimizer, scratch.local_steps, scratch.margin) == \
         ("scratch", "adamw", 10, 0)
     assert scratch.resolved(gpu=True).mri_size == 96
     assert scratch.resolved(gpu=False).mri_size == 32
-    assert Plan.from_extra({"mri-size": "auto", **paper}, "dl_mri").mri_size == 0
+    assert plan_of({"mri-size": "auto", **paper}, "dl_mri").mri_size == 0
     for bad in ({"wire-dtype": "int8"}, {"strategy": "scaffold"}, {"mode": "central"},
                 {"rounds": 0}, {"us-variant": "huge"}, {"cnn-width": "wide"},
                 {"recipe": "fast"}, {"local-steps": -1}, {"spacing": -1},
                 {"strategy": "fedadam", "server-lr": -0.1}):
         with pytest.raises(ConfigError):
-            Plan.from_extra(bad, "dl_us")
+            plan_of(bad, "dl_us")
 
 
 def test_a_round_is_deterministic_and_fedprox_pulls_towards_the_global_model(site) -> None:
@@ -215,18 +219,10 @@ def test_the_server_leaves_out_malformed_updates() -> None:
     assert "not finite" in _bad_update(nan, weights, ["w", "b"])
 
 
-def test_every_cnn_key_is_in_pyproject_and_the_readme() -> None:
-    """Flower refuses run-config keys missing from pyproject; users read the README."""
-    import tomllib
-
+def test_every_plan_key_is_declared_and_its_default_parses() -> None:
     from server.training import KEYS
+    from shared.settings import BY_KEY
 
-    root = Path(__file__).resolve().parents[1]
-    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
-    defaults = project["tool"]["flwr"]["app"]["config"]
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    for key in [*KEYS, "recipe", "dsfr-layer", "dsfr-lasso-C"]:
-        assert key in defaults, key
-        assert f"`{key}`" in readme, key
-    for model in ("dsfr", "dl_mri", "dl_us"):  # every pyproject default parses
-        Plan.from_extra(defaults, model)
+    assert set(KEYS) <= set(BY_KEY)
+    for model in ("dsfr", "dl_mri", "dl_us"):
+        plan_of({}, model)

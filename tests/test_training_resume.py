@@ -29,7 +29,7 @@ import json, os, signal, sys
 from pathlib import Path
 from server.transport import InProcessTransport
 from server.workflow import run_study
-from shared.config import StudyConfig
+from shared.config import StudyConfig, stage_settings
 
 sites, out, kill_round, resume = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
@@ -45,7 +45,7 @@ class Transport(InProcessTransport):
 
 folders = sorted(p for p in sites.iterdir() if (p / "site.yaml").is_file())
 config = StudyConfig(sites_dir=str(sites), out_dir=out, stages=("deep",),
-                     resume=resume == "resume", extra=json.loads(sys.argv[5]))
+                     resume=resume == "resume", settings=stage_settings(json.loads(sys.argv[5])))
 run_study(Transport(folders), config, run_id=sys.argv[6])
 """
 

@@ -28,7 +28,7 @@ from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared import roc
 from shared import validation as val
-from shared.config import StudyConfig
+from shared.config import StudyConfig, stage_settings
 from tests.splits import non_iid_split, wisconsin
 from tests.test_validation_stats import direct_delong
 
@@ -75,8 +75,8 @@ def run(folders: list[Path], out: Path, stages: tuple[str, ...], **extra) -> dic
     """The study on the uniform 200-bin grid (the scores are snapped to its centres) unless
     `validation-grid` says otherwise."""
     config = StudyConfig(out_dir=str(out), task="label", stages=stages,
-                         extra={"subgroups": "hr_status", "validation-grid": "uniform",
-                                **extra})
+                         settings=stage_settings({"subgroups": "hr_status",
+                                                  "validation-grid": "uniform", **extra}))
     return run_study(InProcessTransport(folders), config)
 
 
