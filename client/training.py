@@ -43,7 +43,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,107 +59,19 @@ from client.session import SiteSession
 from shared import fedavg, networks, roc
 from shared.folds import stratified_folds
 from shared.schema import Payload, nest
+from shared.training_params import DSFR_UNIT, NAME, TrainParams
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
 
 IMAGE_KINDS = {"dsfr": ("mri", "mri_mask"), "dl_mri": ("mri", "mri_mask"),
                "dl_us": ("us", "us_mask")}
-DSFR_UNIT = "all"
 CACHE = Path("cache") / "training"
-_HEX = re.compile(r"^[0-9a-f]{1,64}$")
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    """Everything a site needs for a round, as the server resolved it (query fields)."""
-
-    model: str
-    width: float = 1.0
-    variant: str = "atto"
-    size: int = 64
-    spacing: float = 1.0  # common spacing (mm) the images are resampled to; 0 = native
-    margin_mm: float = 3.0  # ROI margin around the tumour's bounding box
-    margin: int = 0  # > 0: the paper's ROI margin in pixels at the native spacing
-    reference: str = "tissue"  # intensity z-score over: tissue around the tumour | roi
-    folds: int = 4  # CV folds (deep) or validation split 1/folds (dsfr)
-    seed: int = 0
-    epochs: int = 1
-    local_steps: int = 0  # > 0: optimizer steps per round instead of `epochs`
-    batch_size: int = 16
-    lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    strategy: str = "fedavg"  # fedavg | fedprox
-    mu: float = 0.0
-    fedbn: bool = False
-    wire: str = "float32"
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto | off | bf16 | fp16 (CUDA only)
-    augment: bool = True
-    mix: bool = False  # Mixup/CutMix (dl_us)
-    smoothing: float = 0.0  # label smoothing
-    pos_weight: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    deterministic: bool = True
-    pretrained: str = ""  # PATH of the round-0 weights (client/pretrained.py), "" = none
-    train_id: str = "local"
-    round: int = 0
-    units: tuple[str, ...] = (DSFR_UNIT,)
-
-    @classmethod
-    def from_query(cls, query: Payload) -> TrainParams:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in query:
-                continue
-            raw = query[f.name]
-            if f.name == "units":
-                values[f.name] = tuple(str(u) for u in raw)
-            elif f.type == "bool":
-                values[f.name] = (raw if isinstance(raw, bool)
-                                  else str(raw).strip().lower() in ("1", "true", "yes"))
-            elif f.type == "int":
-                values[f.name] = int(raw)
-            elif f.type == "float":
-                values[f.name] = float(raw)
-            else:
-                values[f.name] = str(raw)
-        params = cls(**values)
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        if self.model not in networks.MODELS:
-            raise ValueError(f"unknown model {self.model!r}")
-        if not _HEX.match(self.train_id) and self.train_id != "local":
-            raise ValueError("train_id must be hexadecimal")
-        if any(not _NAME.match(u) for u in self.units):
-            raise ValueError(f"bad unit names {list(self.units)}")
-        fedavg.check_dtype(self.wire)
-        for name, value, allowed in (("optimizer", self.optimizer, ("adam", "adamw", "sgd")),
-                                     ("strategy", self.strategy, ("fedavg", "fedprox")),
-                                     ("device", self.device, ("auto", "cpu", "cuda")),
-                                     ("amp", self.amp, ("auto", "off", "bf16", "fp16")),
-                                     ("reference", self.reference, ("tissue", "roi"))):
-            if value not in allowed:
-                raise ValueError(f"{name} {value!r} is not one of {list(allowed)}")
-        largest = 160 if self.model == "dl_mri" else 512  # a site's memory: 160³ per patient
-        if not (8 <= self.size <= largest and 0 <= self.margin <= 1000 and self.folds >= 2
-                and 0 <= self.margin_mm <= 200 and 0 <= self.spacing <= 20
-                and self.batch_size >= 1 and self.epochs >= 0 and 0 < self.width <= 4
-                and 0 <= self.local_steps <= 100_000):
-            raise ValueError("training parameters out of range")
-
-    def spec(self) -> networks.NetworkSpec:
-        return networks.NetworkSpec(self.model, width=self.width, variant=self.variant)
-
-    def preparation(self) -> imaging.Preparation:
-        return imaging.Preparation(size=self.size, spacing=self.spacing,
-                                   margin_mm=self.margin_mm, margin_px=self.margin,
-                                   reference=self.reference)
+def preparation(p: TrainParams) -> imaging.Preparation:
+    """The data path's settings of a round's parameters."""
+    return imaging.Preparation(size=p.size, spacing=p.spacing, margin_mm=p.margin_mm,
+                               margin_px=p.margin, reference=p.reference)
 
 
 @dataclass
@@ -238,12 +150,12 @@ def prepare_patient(found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
     image_kind, mask_kind = IMAGE_KINDS[p.model]
     make = {"dsfr": imaging.tumour_slices, "dl_mri": imaging.mri_roi,
             "dl_us": imaging.us_roi}[p.model]
-    return make(found[image_kind], found[mask_kind], p.preparation())
+    return make(found[image_kind], found[mask_kind], preparation(p))
 
 
 def preparation_key(p: TrainParams) -> str:
     """What a prepared input depends on besides the image files."""
-    return json.dumps([PREP_FORMAT, p.model, asdict(p.preparation())], sort_keys=True)
+    return json.dumps([PREP_FORMAT, p.model, asdict(preparation(p))], sort_keys=True)
 
 
 def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams) -> Path:
@@ -817,7 +729,7 @@ def train_score(session: SiteSession, query: Payload) -> list[Statistic]:
 
 
 def _checked_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise ValueError(f"bad model name {name!r}")
     return name
 

@@ -49,6 +49,7 @@ from server.transport import Reply, StageError, StageSkipped, StudyError, Transp
 from shared import fedavg, roc, schema
 from shared.config import ConfigError, StudyConfig
 from shared.schema import nest
+from shared.training_params import TrainParams
 
 log = logging.getLogger("feddlr")
 
@@ -233,20 +234,23 @@ class Plan:
         return self.lr
 
     def params(self, *, pooled: bool = False) -> dict[str, Any]:
-        """The query fields of client.training.TrainParams (no round/units/weights)."""
-        return {"model": self.model, "width": float(self.width), "variant": self.variant,
-                "size": self.size, "spacing": self.spacing, "margin_mm": self.margin_mm,
-                "margin": self.margin, "reference": self.reference,
-                "folds": self.split_folds, "seed": self.seed,
-                "epochs": self.local_epochs, "local_steps": self.local_steps,
-                "batch_size": self.batch_size,
-                "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "strategy": "fedprox" if self.strategy == "fedprox" else "fedavg",
-                "mu": self.mu,
-                "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
-                "amp": self.amp, "augment": self.augment, "mix": self.mix,
-                "pretrained": self.pretrained, "focal_alpha": self.focal_alpha,
-                "smoothing": self.smoothing, "deterministic": self.deterministic}
+        """The query fields of a round's TrainParams (shared/training_params.py; the caller
+        adds round, units and weights)."""
+        fields = {"model": self.model, "width": float(self.width), "variant": self.variant,
+                  "size": self.size, "spacing": self.spacing, "margin_mm": self.margin_mm,
+                  "margin": self.margin, "reference": self.reference,
+                  "folds": self.split_folds, "seed": self.seed,
+                  "epochs": self.local_epochs, "local_steps": self.local_steps,
+                  "batch_size": self.batch_size,
+                  "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                  "strategy": "fedprox" if self.strategy == "fedprox" else "fedavg",
+                  "mu": self.mu,
+                  "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
+                  "amp": self.amp, "augment": self.augment, "mix": self.mix,
+                  "pretrained": self.pretrained, "focal_alpha": self.focal_alpha,
+                  "smoothing": self.smoothing, "deterministic": self.deterministic}
+        TrainParams(**fields).validate()  # what the sites will check, checked here first
+        return fields
 
     def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported lazily)
         from shared.networks import NetworkSpec
@@ -289,7 +293,7 @@ class PooledBackend:
 
         from client import training as client
 
-        p = client.TrainParams.from_query(query)
+        p = TrainParams.from_query(query)
         threads = torch.get_num_threads()
         if client.pick_device(p.device).type == "cpu":
             torch.set_num_threads(1)
@@ -332,7 +336,7 @@ def pooled_data(config: StudyConfig, plan: Plan, sites: list[str],
     if other:
         raise StageError(f"mode=pooled: the folders under {root} of {other} hold other data "
                          "than the sites that answered (data hashes differ)")
-    p = client.TrainParams.from_query({**plan.params(pooled=True), "round": 0})
+    p = TrainParams.from_query({**plan.params(pooled=True), "round": 0})
     parts = []
     for site in sites:
         session = open_session(str(folders[site]), config.task,
