@@ -27,10 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared.config import StudyConfig
 from simulation.cohort import simulate_cohort
+from simulation.in_process import InProcessTransport
 
 # design column of the fitted model -> (truth.json coefficient, scale)
 TRUTH_COLUMNS = {

@@ -21,8 +21,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.handlers import error_reply, serve
-from client.wire import read_payload, to_records
 from shared import schema, settings
+from wire import read_payload, to_records
 
 DEFAULT_MAX_QUERY_BYTES = 256 * 2**20
 

@@ -53,10 +53,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from client import imaging, pretrained
+from client import imaging
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
-from shared import fedavg, networks, roc
+from shared import fedavg, networks, pretrained, roc
 from shared.folds import stratified_folds
 from shared.schema import Payload, nest
 from shared.training_params import DSFR_UNIT, NAME, TrainParams

@@ -6,8 +6,8 @@ models. The probabilities stay at the sites (`<site>/predictions/<model>-<run>.c
 the fusion and validation stages); the pooled AUC comes from coarsened label-stratified
 histograms, with its bound. Grad-CAM maps of a few patients are written at each site.
 
-`mode = pooled` trains the same fold models on all training sites' data in this process
-(the centralized reference); `mode = both` trains both ways and reports federated minus
+`mode = pooled` trains the same fold models on all training sites' data in a process of its
+own (the centralized reference, server.training.PooledBackend); `mode = both` trains both ways and reports federated minus
 pooled AUC and the wall-time ratio (`comparison`).
 """
 

@@ -23,19 +23,23 @@ and the same out-dir, a run whose plan, run config and sites are unchanged conti
 the last checkpointed round and — every random draw being seeded per (site, unit, round) —
 ends with the same weights as an uninterrupted run.
 
-`mode = pooled` trains the same units in this process on all training sites' data at once
-(read from `sites-dir`: simulation only), the centralized reference; `both` does the two
+`mode = pooled` trains the same units on all training sites' data at once, in a process of
+its own running the site code (simulation/pooled_site.py, which reads `sites-dir`:
+simulation only), the centralized reference; `both` does the two
 and compares them. Either way the weights are then sent to the sites for scoring, so AUCs
 are computed the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -45,15 +49,22 @@ from typing import Any
 import numpy as np
 
 from server.progress import report_round
-from server.transport import Reply, StageError, StageSkipped, StudyError, Transport
+from server.transport import (
+    Reply,
+    StageError,
+    StageSkipped,
+    StudyError,
+    Transport,
+    reply_from_payload,
+)
 from shared import fedavg, roc, schema
 from shared.config import ConfigError, StudyConfig
 from shared.schema import nest
-from shared.training_params import TrainParams
+from shared.training_params import IMAGES, TrainParams
+from wire import read_frame, write_frame
 
 log = logging.getLogger("feddlr")
 
-NEEDS = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}
 # Recipes: per model, the defaults a run-config key overrides (README, "Training the CNNs").
 # `scratch` learns from random initialisation on CPU in the demo's time: AdamW at 1e-3, a
 # fixed number of local optimizer steps per round (a small site still moves the model),
@@ -274,8 +285,11 @@ class FederatedBackend:
 
 
 class PooledBackend:
-    """The centralized reference: the same site code run in this process on the training
-    sites' data pooled (one "site" named `pooled`, no guard: nothing leaves a machine).
+    """The centralized reference: the training sites' data pooled in one "site" named
+    `pooled`, trained by the site code in its own process (`python -m
+    simulation.pooled_site`, which reads `sites-dir`: simulation only), reached through
+    payload frames on a pipe, so this server imports no site code. No guard: nothing leaves
+    the machine. Used as a context manager, which stops the process.
 
     On CPU it trains on one thread, as each simulated site does (Flower client resources
     `num-cpus=1`): the wall-time ratio then compares the same compute per worker, and
@@ -284,65 +298,69 @@ class PooledBackend:
     kind = "pooled"
     site = "pooled"
 
-    def __init__(self, data: Any, state_dir: Path) -> None:
-        self.data = data
-        self.state_dir = state_dir
+    def __init__(self, config: StudyConfig, sites: list[str], identity: Mapping[str, Any],
+                 state_dir: Path, device: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "simulation.pooled_site"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        hello = {"sites_dir": str(Path(config.sites_dir).resolve()), "task": config.task,
+                 "sites": list(sites), "state_dir": str(state_dir), "device": device,
+                 **{f"identity.{s}": str(h) for s, h in identity.items() if h}}
+        self.device = str(self._call(hello)["device"])
+
+    def prepare(self, plan: Plan) -> dict[str, int]:
+        """Prepare the pooled data for `plan`: its patients and label counts."""
+        reply = self._call({**plan.params(pooled=True), "round": 0})
+        return {k: int(reply[k]) for k in ("patients", "n0", "n1")}
 
     def ask(self, action: str, query: dict[str, Any], sites: list[str]) -> dict[str, Reply]:
-        import torch
+        write_frame(self._stdin, {**query, "action": action})
+        payload = self._read()
+        return {self.site: reply_from_payload(self.site, payload)}
 
-        from client import training as client
+    def _call(self, payload: dict[str, Any]) -> dict[str, Any]:
+        write_frame(self._stdin, payload)
+        reply = self._read()
+        if reply.get("status") != schema.STATUS_OK:
+            raise StageError(f"mode=pooled: {reply.get('reason', 'the pooled process failed')}")
+        return reply
 
-        p = TrainParams.from_query(query)
-        threads = torch.get_num_threads()
-        if client.pick_device(p.device).type == "cpu":
-            torch.set_num_threads(1)
+    @property
+    def _stdin(self) -> Any:
+        if self.process.poll() is not None:
+            raise StageError(f"mode=pooled: the pooled process ended (exit code "
+                             f"{self.process.returncode})")
+        return self.process.stdin
+
+    def _read(self) -> dict[str, Any]:
         try:
-            stats = client.run_round(self.data, p, query, self.state_dir, self.site,
-                                     train=action.startswith("train."), min_cell=1)
-        finally:
-            torch.set_num_threads(threads)
-        payload: dict[str, Any] = {"status": schema.STATUS_OK}
-        for stat in stats:
-            payload.update({f"{stat.name}.{k}": v for k, v in stat.values.items()})
-        return {self.site: Reply(self.site, schema.STATUS_OK, payload)}
+            reply = read_frame(self.process.stdout)
+        except (EOFError, ValueError) as err:
+            reply, problem = None, str(err)
+        else:
+            problem = "it closed its output"
+        if reply is None:
+            self.close()
+            raise StageError(f"mode=pooled: no reply from the pooled process ({problem}; "
+                             f"exit code {self.process.returncode})")
+        return reply
 
-
-def pooled_data(config: StudyConfig, plan: Plan, sites: list[str],
-                identity: Mapping[str, Any] | None = None) -> Any:
-    """The training sites' prepared data, read from `sites-dir` (simulation only) with each
-    site's own folds, concatenated."""
-    from client import training as client
-    from client.session import open_session
-    from client.site import SiteError, read_site_config
-
-    root = Path(config.sites_dir)
-    if not root.is_dir():
-        raise StageError(f"mode=pooled reads the site folders from sites-dir ({root}), "
-                         "which this server cannot see (pooled training is for simulations)")
-    folders = {}
-    for folder in sorted(p for p in root.iterdir() if (p / "site.yaml").is_file()):
+    def close(self) -> None:
+        if self.process.stdin and not self.process.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
         try:
-            folders[read_site_config(folder).site_id] = folder
-        except SiteError:
-            continue
-    missing = [s for s in sites if s not in folders]
-    if missing:
-        raise StageError(f"mode=pooled: no folder under {root} for site(s) {missing}")
-    from client.handshake import data_hash
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
 
-    identity = identity or {}
-    other = [s for s in sites if identity.get(s) and data_hash(folders[s]) != identity[s]]
-    if other:
-        raise StageError(f"mode=pooled: the folders under {root} of {other} hold other data "
-                         "than the sites that answered (data hashes differ)")
-    p = TrainParams.from_query({**plan.params(pooled=True), "round": 0})
-    parts = []
-    for site in sites:
-        session = open_session(str(folders[site]), config.task,
-                               tuple(sorted({"clinical", NEEDS[plan.model]})))
-        parts.append(client.site_data(session, p))
-    return client.concat(parts)
+    def __enter__(self) -> PooledBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -454,7 +472,7 @@ class Trainer:
     # -- helpers -----------------------------------------------------------------------
     def _base(self, round_no: int, lr: float, epochs: int) -> dict[str, Any]:
         pooled = self.backend.kind == "pooled"
-        query = {"task": self.config.task, "needs": NEEDS[self.plan.model],
+        query = {"task": self.config.task, "needs": IMAGES[self.plan.model],
                  **self.plan.params(pooled=pooled), "lr": lr, "epochs": epochs,
                  "round": round_no, "units": self.plan.units, "train_id": self.train_id,
                  "pos_weight": self.pos_weight}
@@ -475,7 +493,7 @@ class Trainer:
         net = plan.spec().build(plan.seed)
         pretrained: dict[str, Any] = {}
         if plan.pretrained:
-            from client import pretrained as files
+            from shared import pretrained as files
 
             target = server_pretrained(plan.pretrained)
             try:
@@ -747,7 +765,7 @@ class Setup:
 
 def server_pretrained(path: str) -> Path:
     """The coordinator's copy of the pretrained file (relative to the working directory)."""
-    from client import pretrained as files
+    from shared import pretrained as files
 
     try:
         target = files.resolve(path, Path.cwd())
@@ -766,10 +784,10 @@ def setup(transport: Transport, config: StudyConfig, model: str, sites: list[str
     usable patients and, with pretrained weights, the coordinator's file."""
     reference = ""
     if pretrained:
-        from client.pretrained import file_sha256
+        from shared.pretrained import file_sha256
 
         reference = file_sha256(server_pretrained(pretrained))
-    query = {"task": config.task, "needs": NEEDS[model], "model": model,
+    query = {"task": config.task, "needs": IMAGES[model], "model": model,
              "pretrained": pretrained}
     replies = transport.ask(schema.TRAIN_SETUP, query, sites)
     report_round(f"{stage}:{model}:setup", 1, 1, replies)
@@ -851,28 +869,22 @@ def train_model(transport: Transport, config: StudyConfig, plan: Plan, setup_: S
         outcome.result["devices"] = setup_.devices
         outcomes.append(outcome)
     if plan.mode in ("pooled", "both"):
-        from client.training import pick_device
-
-        try:
-            gpu = pick_device(plan.device).type == "cuda"
-        except RuntimeError as err:
-            raise StageError(f"mode={plan.mode}: the pooled reference trains here: {err}") \
-                from None
-        # nothing travels, one "site"; with local-steps it takes the steps of all the
-        # training sites together, so both see the same number of batches per round
-        resolved = replace(plan.resolved(gpu if plan.mode == "pooled" else setup_.gpu),
-                           wire="float32", fedbn=False,
-                           local_steps=plan.local_steps * max(len(setup_.train), 1))
         name = plan.model if plan.mode == "pooled" else f"{plan.model}_pooled"
-        data = pooled_data(config, resolved, setup_.train, setup_.identity)
-        n0, n1 = int(np.sum(data.y == 0)), int(np.sum(data.y == 1))
-        weight = n0 / n1 if n0 and n1 else 1.0
-        backend = PooledBackend(data, out / "training" / name / "state")
-        trainer = Trainer(backend, resolved, name, [PooledBackend.site], config, out, stage,
-                          setup_.identity, weight)
-        outcome = trainer.run()
-        outcome.result["devices"] = {"pooled": {"type": str(pick_device(plan.device))}}
-        outcome.result["pooled_patients"] = len(data.patients)
+        with PooledBackend(config, setup_.train, setup_.identity,
+                           out / "training" / name / "state", plan.device) as backend:
+            # nothing travels, one "site"; with local-steps it takes the steps of all the
+            # training sites together, so both see the same number of batches per round
+            gpu = backend.device == "cuda"
+            resolved = replace(plan.resolved(gpu if plan.mode == "pooled" else setup_.gpu),
+                               wire="float32", fedbn=False,
+                               local_steps=plan.local_steps * max(len(setup_.train), 1))
+            counts = backend.prepare(resolved)
+            weight = counts["n0"] / counts["n1"] if counts["n0"] and counts["n1"] else 1.0
+            trainer = Trainer(backend, resolved, name, [PooledBackend.site], config, out,
+                              stage, setup_.identity, weight)
+            outcome = trainer.run()
+        outcome.result["devices"] = {"pooled": {"type": backend.device}}
+        outcome.result["pooled_patients"] = counts["patients"]
         outcomes.append(outcome)
     return outcomes
 

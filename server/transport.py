@@ -1,8 +1,8 @@
 """One transport for every stage: send a query to chosen sites, get replies by site id.
 
 `GridTransport` is the real one, on Flower's `Grid` (Simulation and Deployment Engines).
-`InProcessTransport` calls the site code directly and exists only so unit tests can split a
-pooled data set into sites without starting Flower.
+`simulation.in_process.InProcessTransport` calls the site code directly and exists only so
+unit tests can split a pooled data set into sites without starting Flower.
 
 Dropouts: a site that does not answer within `round-timeout`, or whose SuperNode is gone,
 gets a `dropped` reply and is dropped for the rest of the run (a late answer is never used).
@@ -18,16 +18,15 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from client.wire import read_payload, to_records
 from shared import schema
 from shared.schema import Payload
+from wire import read_payload, to_records
 
 log = logging.getLogger("feddlr")
 T = TypeVar("T")
@@ -106,7 +105,7 @@ def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
         wire.setdefault(site_id, []).append(entry)
 
 
-def _per_site(query: Payload | Mapping[str, Payload], site_id: str) -> Payload:
+def site_query(query: Payload | Mapping[str, Payload], site_id: str) -> Payload:
     if query and all(isinstance(v, dict) for v in query.values()):
         return dict(query[site_id])  # type: ignore[index]
     return dict(query)  # type: ignore[arg-type]
@@ -196,7 +195,7 @@ class GridTransport:
         sites = list(sites)
         out = {s: Reply(s, schema.STATUS_DROPPED, reason=f"dropped earlier: {self.dropped[s]}")
                for s in sites if s in self.dropped}
-        by_node = {self.nodes[s]: _per_site(query, s) for s in sites if s not in self.dropped}
+        by_node = {self.nodes[s]: site_query(query, s) for s in sites if s not in self.dropped}
         replies = self._send(action, by_node) if by_node else {}
         names = {node: site for site, node in self.nodes.items()}
         for node_id, reply in replies.items():
@@ -264,35 +263,3 @@ def _reply_of(node: int, msg: Message) -> Reply:
         return reply_from_payload(f"node-{node}", read_payload(msg.content))
     except (KeyError, TypeError, ValueError) as err:
         return Reply(f"node-{node}", schema.STATUS_FAILED, reason=f"malformed reply: {err}")
-
-
-class InProcessTransport:
-    """Unit tests only: calls `client.handlers.serve` on local folders, no Flower."""
-
-    def __init__(self, site_dirs: Iterable[Path]) -> None:
-        self.dirs = [Path(d) for d in site_dirs]
-        self.roots: dict[str, Path] = {}
-        self.wire: dict[str, list[dict]] = {}
-
-    def handshake(self, query: Payload) -> dict[str, Reply]:
-        from client.handlers import serve
-
-        out = {}
-        for i, root in enumerate(self.dirs):
-            payload = serve(root, schema.HANDSHAKE, dict(query), "in-process")
-            site_id = str(payload.get("site.site_id", f"node-{i}"))
-            self.roots[site_id] = root
-            out[site_id] = reply_from_payload(site_id, payload)
-            record_wire(self.wire, site_id, schema.HANDSHAKE, out[site_id])
-        return out
-
-    def ask(self, action: str, query: Payload | Mapping[str, Payload],
-            sites: Iterable[str]) -> dict[str, Reply]:
-        from client.handlers import serve
-
-        out = {}
-        for s in sites:
-            payload = serve(self.roots[s], action, _per_site(query, s), "in-process")
-            out[s] = reply_from_payload(s, payload)
-            record_wire(self.wire, s, action, out[s])
-        return out

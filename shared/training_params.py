@@ -17,6 +17,7 @@ from shared.schema import TRAIN_MODELS, Payload
 from shared.settings import BY_KEY
 
 DSFR_UNIT = "all"
+IMAGES = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}  # the image each model reads
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")  # a unit or model name
 
@@ -55,7 +56,7 @@ class TrainParams:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     deterministic: bool = True
-    pretrained: str = ""  # PATH of the round-0 weights (client/pretrained.py), "" = none
+    pretrained: str = ""  # PATH of the round-0 weights (shared/pretrained.py), "" = none
     train_id: str = "local"
     round: int = 0
     units: tuple[str, ...] = (DSFR_UNIT,)

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from scipy import stats
 
-from server.transport import InProcessTransport
 from server.workflow import StudyError, run_study
 from shared.config import StudyConfig
 from simulation.cohort import simulate_cohort
+from simulation.in_process import InProcessTransport
 from tests.splits import gbsg2, non_iid_split
 
 

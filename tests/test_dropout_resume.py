@@ -19,7 +19,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 import server.workflow as workflow
-from client.wire import to_records
 from server.transport import (
     GridTransport,
     InProcessTransport,
@@ -32,6 +31,7 @@ from server.transport import (
 from shared import cohort, schema
 from shared.config import StudyConfig
 from tests.splits import gbsg2, non_iid_split
+from wire import to_records
 
 NUMERIC = ("age", "tsize", "pnodes")
 COVARIATES = (*NUMERIC, "horTh", "tgrade")

@@ -31,9 +31,9 @@ from hypothesis.extra import numpy as hnp
 from client.app import TEST_DELAY_ENV, app
 from client.handlers import serve
 from client.session import clear_sessions
-from client.wire import read_payload, to_records
 from shared import schema
 from simulation.cohort import simulate_cohort
+from wire import read_payload, to_records
 
 STATUSES = {schema.STATUS_OK, schema.STATUS_REFUSED, schema.STATUS_FAILED}
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,

@@ -23,10 +23,11 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from server.transport import InProcessTransport, StudyError
+from server.transport import StudyError
 from server.workflow import run_study
 from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
+from simulation.in_process import InProcessTransport
 
 STAGES = ("cohort", "radiomics", "validation", "survival")
 N_SITES = 3

@@ -17,9 +17,9 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from client.app import app
 from client.handlers import serve
 from client.session import clear_sessions
-from client.wire import read_payload, to_records
 from shared import schema
 from simulation.cohort import simulate_cohort
+from wire import read_payload, to_records
 
 IDS = [f"pt-{i:05d}" for i in range(13)]
 

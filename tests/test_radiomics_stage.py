@@ -14,10 +14,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared.config import StudyConfig, stage_settings
 from shared.folds import stratified_folds
+from simulation.in_process import InProcessTransport
 from tests.splits import non_iid_split, wisconsin
 
 FOLDS, SEED, LASSO_C, LR_C = 5, 3, 0.05, 0.5

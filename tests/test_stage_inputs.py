@@ -24,13 +24,14 @@ from lifelines.datasets import load_rossi
 from lifelines.statistics import logrank_test
 
 from server import workflow
-from server.transport import InProcessTransport, StudyError
+from server.transport import StudyError
 from server.workflow import run_status, run_study
 from shared.config import StudyConfig
 from shared.kaplan_meier import bin_times
 from shared.labels import LabelError, task_label
 from simulation.cli import summary
 from simulation.cohort import simulate_cohort
+from simulation.in_process import InProcessTransport
 from tests.splits import gbsg2, non_iid_split
 from tests.test_survival_stats import LIFELINES_TIGHT
 

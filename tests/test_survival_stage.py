@@ -17,11 +17,11 @@ from lifelines.statistics import logrank_test
 from lifelines.utils import concordance_index
 
 from client.handlers import serve
-from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared import schema
 from shared.config import StudyConfig, stage_settings
 from shared.kaplan_meier import bin_times
+from simulation.in_process import InProcessTransport
 from tests.splits import gbsg2, non_iid_split
 from tests.test_survival_stats import LIFELINES_TIGHT, reference_stepwise
 

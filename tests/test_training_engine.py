@@ -23,9 +23,9 @@ from client import training as T
 from client.handlers import serve
 from client.session import open_session
 from server.training import Checkpoints, Plan, setup, train_model
-from server.transport import InProcessTransport
 from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
+from simulation.in_process import InProcessTransport
 
 TINY = {"cnn-width": 0.0625, "mri-size": 16, "deep-cv-folds": 2, "rounds": 3,
         "local-steps": 3, "batch-size": 4, "gradcam-patients": 0, "seed": 5}
@@ -49,13 +49,14 @@ def run(sites: Path, out: Path, names: list[str], **extra) -> tuple:
 
 
 def local_training(site: Path, plan: Plan, server_momentum: float | None,
-                   pos_weight: float) -> dict:
+                   pos_weight: float, seeded_as: str = "") -> dict:
     """The same network trained at the site alone, round by round as the site would
-    (fresh optimizer each round, the round's seed), with the server rule applied by hand:
-    FedAvg (w ← local) or FedAvgM (b ← βb + Δ, w ← w + b)."""
+    (fresh optimizer each round, the round's seed — of `seeded_as` if given, else of the
+    site), with the server rule applied by hand: FedAvg (w ← local) or FedAvgM
+    (b ← βb + Δ, w ← w + b)."""
     resolved = plan.resolved(False)
     session = open_session(str(site), "her2-positive", ("clinical", "mri"))
-    site_id = session.site_id
+    site_id = seeded_as or session.site_id
     out = {}
     for unit in resolved.units:
         net = resolved.spec().build(resolved.seed)
@@ -81,6 +82,47 @@ def local_training(site: Path, plan: Plan, server_momentum: float | None,
                 net.load_state_dict(state)
         out[unit] = {k: v.numpy() for k, v in net.state_dict().items()}
     return out
+
+
+def test_the_pooled_reference_trains_the_pooled_rows_in_its_own_process(
+        sites: Path, tmp_path: Path) -> None:
+    """mode=pooled on one training site: the pooled process (simulation.pooled_site, reached
+    through payload frames on a pipe) trains what that site would alone, seeded as the site
+    `pooled`; with two sites it holds both sites' patients. No process is left behind."""
+    extra = {"optimizer": "sgd", "lr": 0.005, "rounds": 2, "mri-size": 32, "batch-size": 8,
+             "mode": "pooled"}
+    (outcome,), _, plan = run(sites, tmp_path / "one", ["site-1"], **extra)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the pooled process on CPU (float sums depend on threads)
+    try:
+        expected = local_training(sites / "site-1", plan, None, outcome.result["pos_weight"],
+                                  seeded_as="pooled")
+    finally:
+        torch.set_num_threads(threads)
+    for unit, arrays in expected.items():
+        for key, value in arrays.items():
+            np.testing.assert_allclose(outcome.weights[unit][key], value, atol=1e-6, rtol=0,
+                                       err_msg=f"{unit} {key}")
+    (both,), st, _ = run(sites, tmp_path / "two", ["site-1", "site-2"], **{**extra,
+                                                                          "rounds": 1})
+    sizes = [len(open_session(str(sites / s), "her2-positive", ("clinical", "mri"))
+                 .site.clinical) for s in ("site-1", "site-2")]
+    assert both.result["pooled_patients"] == sum(sizes) > sizes[0]
+    assert both.result["devices"] == {"pooled": {"type": "cpu"}}
+    assert not running("simulation.pooled_site")
+
+
+def running(command: str) -> list[str]:
+    """Processes whose command line holds `command` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if command in line:
+            found.append(f"{entry.name}: {line}")
+    return found
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavgm"])

@@ -27,7 +27,7 @@ EXTRA = {"deep-models": "dl_mri", "rounds": 4, "cnn-width": 0.0625, "mri-size": 
 SCRIPT = """
 import json, os, signal, sys
 from pathlib import Path
-from server.transport import InProcessTransport
+from simulation.in_process import InProcessTransport
 from server.workflow import run_study
 from shared.config import StudyConfig, stage_settings
 

@@ -24,11 +24,11 @@ from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from client.handlers import serve
-from server.transport import InProcessTransport
 from server.workflow import run_study
 from shared import roc
 from shared import validation as val
 from shared.config import StudyConfig, stage_settings
+from simulation.in_process import InProcessTransport
 from tests.splits import non_iid_split, wisconsin
 from tests.test_validation_stats import direct_delong
 

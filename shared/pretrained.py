@@ -9,6 +9,9 @@ starts the federated model from it (round-0 weights = the file) and writes the h
 PATH is absolute, or relative to the site folder at a site and to the working directory at
 the server. Only weight files are read (`.pt`, `.pth`, `.bin`, `.ckpt`, `.safetensors`):
 the server cannot use the setup round to learn the hash of any other file at a site.
+
+The one module of shared/ that reads a file: the coordinator and every site must read the
+same public weights file the same way (it holds no patient data).
 """
 
 from __future__ import annotations
