@@ -7,8 +7,8 @@ the fusion and validation stages); the pooled AUC comes from coarsened label-str
 histograms, with its bound. Grad-CAM maps of a few patients are written at each site.
 
 `mode = pooled` trains the same fold models on all training sites' data in a process of its
-own (the centralized reference, server.training.PooledBackend); `mode = both` trains both ways and reports federated minus
-pooled AUC and the wall-time ratio (`comparison`).
+own (the centralized reference, server.training.PooledBackend); `mode = both` trains both
+ways and reports federated minus pooled AUC and the wall-time ratio (`comparison`).
 """
 
 from __future__ import annotations

@@ -103,8 +103,7 @@ def test_the_pooled_reference_trains_the_pooled_rows_in_its_own_process(
         for key, value in arrays.items():
             np.testing.assert_allclose(outcome.weights[unit][key], value, atol=1e-6, rtol=0,
                                        err_msg=f"{unit} {key}")
-    (both,), st, _ = run(sites, tmp_path / "two", ["site-1", "site-2"], **{**extra,
-                                                                          "rounds": 1})
+    (both,), _, _ = run(sites, tmp_path / "two", ["site-1", "site-2"], **{**extra, "rounds": 1})
     sizes = [len(open_session(str(sites / s), "her2-positive", ("clinical", "mri"))
                  .site.clinical) for s in ("site-1", "site-2")]
     assert both.result["pooled_patients"] == sum(sizes) > sizes[0]
