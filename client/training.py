@@ -32,18 +32,20 @@ per unit and round in `cache/training/<train-id>/`.
 Every random draw (shuffling, augmentation, Mixup, dropout) comes from a generator seeded
 by (seed, site, model, unit, round), so a round replayed after a crash gives the same
 update. Optimizer state starts afresh each round (the server holds no client state).
+
+This module holds the message handlers, a round (`run_round`: validation, then local
+training of every unit), prediction, scoring and the DSFR features. The patients' data path
+(preparation, the per-patient cache, folds, a unit's rows) is in client/training_data.py;
+one unit's network at the site (device and determinism, the round's seeds, weights in and
+out, FedBN's local state, the losses, the local optimizer loop) in
+client/local_training.py; Grad-CAM in client/gradcam.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,402 +53,33 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from client import imaging
+from client.gradcam import gradcam
 from client.guard import Statistic, suppress_small
+from client.local_training import (
+    amp_dtype,
+    build,
+    device_info,
+    focal_loss,
+    load_local,
+    load_weights,
+    numpy_state,
+    pick_device,
+    received_weights,
+    round_seed,
+    save_local,
+    set_determinism,
+    shared_keys,
+    train_unit,
+)
 from client.session import SiteSession
+from client.training_data import CACHE, ModelData, site_data, unit_rows
 from shared import fedavg, networks, pretrained, roc
 from shared.folds import stratified_folds
-from shared.schema import Payload, nest
+from shared.schema import Payload
 from shared.training_params import DSFR_UNIT, NAME, TrainParams
 
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-
-IMAGE_KINDS = {"dsfr": ("mri", "mri_mask"), "dl_mri": ("mri", "mri_mask"),
-               "dl_us": ("us", "us_mask")}
-CACHE = Path("cache") / "training"
-
-
-def preparation(p: TrainParams) -> imaging.Preparation:
-    """The data path's settings of a round's parameters."""
-    return imaging.Preparation(size=p.size, spacing=p.spacing, margin_mm=p.margin_mm,
-                               margin_px=p.margin, reference=p.reference)
-
-
-@dataclass
-class ModelData:
-    """A site's (or the pooled) prepared samples for one model."""
-
-    patients: np.ndarray  # (P,) patient ids
-    y: np.ndarray  # (P,) 0/1 labels
-    x: np.ndarray  # (S, 1, ...) float32 inputs
-    mask: np.ndarray  # (S, 1, ...) uint8 masks (DSFR targets; ROI masks otherwise)
-    owner: np.ndarray  # (S,) sample -> patient index
-    folds: np.ndarray | None = None  # (P,) fold per patient; None: external site
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def samples(self, patients: np.ndarray) -> np.ndarray:
-        """Sample indices of the patients where `patients` (bool, (P,)) is true."""
-        return np.flatnonzero(patients[self.owner])
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def pick_device(wanted: str) -> torch.device:
-    """`auto`: CUDA when this machine has it, else CPU. `cuda` without a GPU is an error."""
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but this site has no CUDA GPU")
-    if wanted in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def amp_dtype(device: torch.device, wanted: str) -> torch.dtype | None:
-    """Autocast dtype on CUDA: bf16 where the GPU supports it, else fp16 (`auto`); None on
-    CPU or with `off`."""
-    if device.type != "cuda" or wanted == "off":
-        return None
-    if wanted == "fp16":
-        return torch.float16
-    if wanted == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def device_info() -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    return {"cuda": cuda, "name": torch.cuda.get_device_name(0) if cuda else "cpu",
-            "count": torch.cuda.device_count() if cuda else 0,
-            "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
-            "torch": torch.__version__}
-
-
-def set_determinism(on: bool, device: torch.device) -> None:
-    """Deterministic kernels on CUDA (cuDNN, cuBLAS); CPU kernels already are, for a given
-    thread count (and `torch.use_deterministic_algorithms` costs seconds of imports)."""
-    if device.type != "cuda":
-        torch.set_flush_denormal(True)  # tiny focal-loss gradients: no subnormal slow path
-        return
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = not on
-
-
-def round_seed(seed: int, site: str, model: str, unit: str, round_no: int) -> int:
-    key = json.dumps([seed, site, model, unit, round_no]).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
-
-
-# --------------------------------------------------------------------------- data
-
-
-PREP_FORMAT = 3  # bump when the data path changes: old per-patient cache files are ignored
-
-
-def prepare_patient(found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
-    """One patient's inputs for model `p.model` (client/imaging.py's data path)."""
-    image_kind, mask_kind = IMAGE_KINDS[p.model]
-    make = {"dsfr": imaging.tumour_slices, "dl_mri": imaging.mri_roi,
-            "dl_us": imaging.us_roi}[p.model]
-    return make(found[image_kind], found[mask_kind], preparation(p))
-
-
-def preparation_key(p: TrainParams) -> str:
-    """What a prepared input depends on besides the image files."""
-    return json.dumps([PREP_FORMAT, p.model, asdict(preparation(p))], sort_keys=True)
-
-
-def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams) -> Path:
-    """`cache/training/<model>/<key>.npz`: the key covers the preparation settings and the
-    patient's image and mask files (name, size, modification time)."""
-    digest = hashlib.sha256(preparation_key(p).encode())
-    for kind in IMAGE_KINDS[p.model]:
-        path = Path(found[kind])
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for file in files:
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return folder / p.model / f"{digest.hexdigest()[:32]}.npz"
-
-
-def cached_patient(folder: Path, found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
-    """The patient's prepared inputs from the site's cache, made and cached if absent."""
-    image_kind, mask_kind = IMAGE_KINDS[p.model]
-    if image_kind not in found or mask_kind not in found:
-        raise ValueError(f"no {image_kind} image with mask")
-    path = patient_cache_file(folder, found, p)
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as saved:
-                return imaging.Prepared(saved["x"], saved["mask"], float(saved["mm"]))
-        except (OSError, KeyError, ValueError):
-            path.unlink(missing_ok=True)  # a torn file: make it again
-    prepared = prepare_patient(found, p)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, x=prepared.x, mask=prepared.mask, mm=np.float64(prepared.mm_per_voxel))
-    os.replace(tmp, path)
-    return prepared
-
-
-def prepare(folder: Path, patients: list[str], paths: Callable[[str], dict[str, Path]],
-            y: np.ndarray, p: TrainParams) -> ModelData:
-    """Every patient's inputs for model `p.model` (cached per patient under `folder`); a
-    patient whose images cannot be prepared is left out with the reason (never silently)."""
-    xs, masks, owner, kept, labels, failed = [], [], [], [], [], {}
-    for i, patient in enumerate(patients):
-        try:
-            prepared = cached_patient(folder, paths(patient), p)
-        except Exception as err:  # one bad patient never stops the site
-            failed[patient] = f"{type(err).__name__}: {err}"
-            continue
-        xs.append(prepared.x)
-        masks.append(prepared.mask)
-        owner += [len(kept)] * len(prepared.x)
-        kept.append(patient)
-        labels.append(int(y[i]))
-    dims = (1, p.size, p.size) + ((p.size,) if p.model == "dl_mri" else ())
-    return ModelData(
-        patients=np.asarray(kept, dtype=str), y=np.asarray(labels, dtype=np.int64),
-        x=np.concatenate(xs) if xs else np.zeros((0, *dims), np.float32),
-        mask=np.concatenate(masks) if masks else np.zeros((0, *dims), np.uint8),
-        owner=np.asarray(owner, dtype=np.int64), failed=failed)
-
-
-def site_data(session: SiteSession, p: TrainParams) -> ModelData:
-    """The site's prepared samples (each patient's cached on the site's disk; the whole set
-    kept in the session while the site's data are unchanged), with its folds for `p`."""
-    from client.handshake import data_hash
-
-    site = session.site
-    patients = [str(i) for i in site.clinical.index]
-    labels = session.labels()
-    key = json.dumps([preparation_key(p), session.task, patients, labels.tolist(),
-                      data_hash(site.root)])
-    memo = session.cache.get(key)
-    if memo is None:
-        memo = prepare(site.root / CACHE, patients, site.image_paths, labels, p)
-        for patient, reason in memo.failed.items():
-            session.log_exclusion(patient, f"{p.model} image preparation: {reason}")
-        session.cache[key] = memo
-    data = ModelData(memo.patients, memo.y, memo.x, memo.mask, memo.owner, None, memo.failed)
-    if "train" in site.config.roles:
-        data.folds = stratified_folds(data.y, p.folds, p.seed, session.site_id)
-    return data
-
-
-def unit_rows(data: ModelData, unit: str) -> tuple[np.ndarray, np.ndarray]:
-    """(training patients, validation patients) of a unit, as boolean masks over patients:
-    CV fold `f<k>` trains on the other folds and validates on fold k; DSFR's `all` trains on
-    every fold but 0 and validates on fold 0."""
-    if data.folds is None:
-        raise ValueError("this site has no training rows (role external)")
-    held = 0 if unit == DSFR_UNIT else int(unit[1:])
-    return data.folds != held, data.folds == held
-
-
-def concat(parts: list[ModelData]) -> ModelData:
-    """Several sites' data as one (the pooled reference); each keeps its own folds."""
-    offsets = np.cumsum([0] + [len(d.patients) for d in parts[:-1]])
-    return ModelData(
-        patients=np.concatenate([d.patients for d in parts]),
-        y=np.concatenate([d.y for d in parts]),
-        x=np.concatenate([d.x for d in parts]),
-        mask=np.concatenate([d.mask for d in parts]),
-        owner=np.concatenate([d.owner + o for d, o in zip(parts, offsets, strict=True)]),
-        folds=np.concatenate([d.folds for d in parts]) if all(
-            d.folds is not None for d in parts) else None,
-        failed={k: v for d in parts for k, v in d.failed.items()})
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def build(p: TrainParams, device: torch.device) -> nn.Module:
-    return p.spec().build(p.seed).to(device)
-
-
-def shared_keys(net: nn.Module, p: TrainParams) -> list[str]:
-    """State keys that travel and are averaged (all but normalization layers with FedBN)."""
-    local = networks.norm_keys(net) if p.fedbn else set()
-    return [k for k in net.state_dict() if k not in local]
-
-
-def load_weights(net: nn.Module, received: dict[str, np.ndarray],
-                 local: dict[str, np.ndarray] | None) -> None:
-    state = net.state_dict()
-    merged = dict(local or {})
-    merged.update(received)
-    missing = [k for k in merged if k not in state]
-    if missing:
-        raise ValueError(f"weights for unknown keys {missing[:3]}")
-    for key, value in merged.items():
-        target = state[key]
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"weight {key}: shape {tuple(value.shape)} is not "
-                             f"{tuple(target.shape)}")
-        state[key] = torch.from_numpy(np.asarray(value)).to(target.dtype)
-    net.load_state_dict(state)
-
-
-def numpy_state(net: nn.Module, keys: list[str] | set[str]) -> dict[str, np.ndarray]:
-    state = net.state_dict()
-    return {k: state[k].detach().cpu().numpy().copy() for k in keys}
-
-
-def received_weights(query: Payload, unit: str, p: TrainParams,
-                     like: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The unit's global weights in the message, for the keys in `like` (the shared keys:
-    with FedBN, normalization layers in a message are ignored), as float32."""
-    raw = nest(query, f"w.{unit}")
-    if not raw:
-        raise ValueError(f"no weights for unit {unit!r} in the message")
-    missing = [k for k in like if k not in raw]
-    if missing:
-        raise ValueError(f"the message lacks weights {missing[:3]} for unit {unit!r}")
-    return fedavg.decode({k: raw[k] for k in like}, p.wire,
-                         like={k: v.cpu().numpy() for k, v in like.items()})
-
-
-def local_state_path(state_dir: Path, p: TrainParams, unit: str, round_no: int) -> Path:
-    return state_dir / p.train_id / f"{p.model}-{unit}-r{round_no}.npz"
-
-
-def load_local(state_dir: Path, p: TrainParams, unit: str,
-               round_no: int) -> dict[str, np.ndarray] | None:
-    """FedBN: this site's own normalization layers after round `round_no` (None: initial)."""
-    if not p.fedbn or round_no <= 0:
-        return None
-    path = local_state_path(state_dir, p, unit, round_no)
-    if not path.is_file():
-        raise ValueError(f"FedBN: no local normalization state for {unit} after round "
-                         f"{round_no} at this site")
-    with np.load(path, allow_pickle=False) as saved:
-        return {k: saved[k] for k in saved.files}
-
-
-def save_local(state_dir: Path, p: TrainParams, unit: str, round_no: int,
-               net: nn.Module) -> None:
-    if not p.fedbn:
-        return
-    path = local_state_path(state_dir, p, unit, round_no)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **numpy_state(net, networks.norm_keys(net)))
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float,
-               reduction: str = "mean") -> torch.Tensor:
-    """Binary focal loss (Lin et al.), per pixel: −α_t (1 − p_t)^γ log p_t."""
-    target = target.to(logits.dtype)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    prob = torch.sigmoid(logits)
-    p_t = prob * target + (1 - prob) * (1 - target)
-    alpha_t = alpha * target + (1 - alpha) * (1 - target)
-    loss = alpha_t * (1 - p_t) ** gamma * ce
-    return loss.mean() if reduction == "mean" else loss.flatten(1).mean(dim=1)
-
-
-def classification_loss(logits: torch.Tensor, target: torch.Tensor,
-                        p: TrainParams) -> torch.Tensor:
-    """Class-weighted BCE (pos_weight = negatives/positives), on smoothed targets."""
-    target = target.to(logits.dtype)
-    if p.smoothing:
-        target = target * (1 - p.smoothing) + 0.5 * p.smoothing
-    weight = torch.tensor(p.pos_weight, dtype=logits.dtype, device=logits.device)
-    return F.binary_cross_entropy_with_logits(logits.view(-1), target.view(-1),
-                                              pos_weight=weight)
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _optimizer(net: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    params = [q for q in net.parameters() if q.requires_grad]
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum,
-                               weight_decay=p.weight_decay)
-    if p.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-    return torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
-
-
-def _batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Batches of `size`; a last batch of one joins the previous one (BatchNorm needs two)."""
-    chunks = list(torch.split(order, size))
-    if len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
-    return chunks
-
-
-def local_batches(samples: np.ndarray, p: TrainParams,
-                  gen: torch.Generator) -> list[np.ndarray]:
-    """The round's batches: `p.local_steps` batches when set (reshuffling at each pass over
-    the samples, so a small site still moves the model each round), else `p.epochs`
-    passes."""
-    batches: list[np.ndarray] = []
-    passes = 0
-    while len(samples) and (len(batches) < p.local_steps if p.local_steps
-                            else passes < p.epochs):
-        order = torch.from_numpy(samples)[torch.randperm(len(samples), generator=gen)]
-        batches += [b.numpy() for b in _batches(order, p.batch_size)]
-        passes += 1
-    return batches[:p.local_steps] if p.local_steps else batches
-
-
-def train_unit(net: nn.Module, data: ModelData, samples: np.ndarray, p: TrainParams,
-               device: torch.device, gen: torch.Generator,
-               anchor: dict[str, torch.Tensor] | None) -> tuple[float, int]:
-    """Local training on `samples` (`local_batches`); returns (mean training loss, steps)."""
-    dtype = amp_dtype(device, p.amp)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    optimizer = _optimizer(net, p)
-    spatial = data.x.ndim - 2
-    augmenter = imaging.augmenter(spatial, p.size) if p.augment and p.model != "dsfr" else None
-    net.train()
-    total, steps = 0.0, 0
-    for idx in local_batches(samples, p, gen):
-        x = torch.from_numpy(data.x[idx])
-        if p.model == "dsfr":
-            target = torch.from_numpy(data.mask[idx]).float()
-        else:
-            target = torch.from_numpy(data.y[data.owner[idx]]).float()
-            if augmenter is not None:
-                seeds = torch.randint(2**31, (len(idx),), generator=gen).tolist()
-                x = imaging.augment(x, seeds, augmenter)
-            if p.mix:
-                x, target = imaging.mix_batch(x, target,
-                                              int(torch.randint(2**31, (1,), generator=gen)))
-        x, target = x.to(device), target.to(device)
-        autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype
-                    else nullcontext())
-        with autocast:
-            logits = net(x)
-            if p.model == "dsfr":
-                loss = focal_loss(logits.float(), target, p.focal_alpha, p.focal_gamma)
-            else:
-                loss = classification_loss(logits.float(), target, p)
-        if anchor is not None and p.strategy == "fedprox" and p.mu > 0:
-            prox = sum(((w - anchor[n]) ** 2).sum() for n, w in net.named_parameters()
-                       if n in anchor)
-            loss = loss + 0.5 * p.mu * prox
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-    return total / max(steps, 1), steps
+# --------------------------------------------------------------------------- prediction
 
 
 @torch.no_grad()
@@ -737,49 +370,6 @@ def _checked_name(name: str) -> str:
 def _run_label(query: Payload) -> str:
     run = re.sub(r"[^A-Za-z0-9_-]", "_", str(query.get("run_id", "") or "local"))
     return run[:64]
-
-
-# --------------------------------------------------------------------------- Grad-CAM
-
-
-def gradcam(data: ModelData, p: TrainParams, nets: dict[str, nn.Module], folder: Path,
-            count: int, device: torch.device) -> int:
-    """Grad-CAM (MONAI) of the positive logit for the first `count` patients (ids in order),
-    each from the model that scored it; PNG overlays written at the site, never sent."""
-    if count <= 0 or p.model == "dsfr" or not len(data.patients):
-        return 0
-    from monai.visualize import GradCAM
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for index in np.argsort(data.patients)[:count]:
-        unit = (f"f{int(data.folds[index])}" if data.folds is not None else p.units[0])
-        net = nets[unit]
-        net.eval()
-        sample = int(np.flatnonzero(data.owner == index)[0])
-        x = torch.from_numpy(data.x[sample:sample + 1]).to(device)
-        with torch.enable_grad():
-            cam = GradCAM(nn_module=net, target_layers=networks.gradcam_layer(p.model))
-            heat = cam(x=x, class_idx=0).detach().float().cpu().numpy()[0, 0]
-        image = data.x[sample, 0]
-        if image.ndim == 3:  # the axial slice with the most tumour
-            z = int(np.argmax(data.mask[sample, 0].reshape(image.shape[0], -1).sum(axis=1)))
-            image, heat = image[z], heat[z]
-        Image.fromarray(_overlay(image, heat)).resize((256, 256)).save(
-            folder / f"{data.patients[index]}.png")
-        written += 1
-    return written
-
-
-def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    from matplotlib import colormaps
-
-    lo, hi = np.percentile(image, [1, 99])
-    gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
-    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
-    blend = 0.6 * np.repeat(gray[..., None], 3, axis=-1) + 0.4 * colour
-    return (np.clip(blend, 0, 1) * 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- DSFR features

@@ -7,7 +7,7 @@ the fusion and validation stages); the pooled AUC comes from coarsened label-str
 histograms, with its bound. Grad-CAM maps of a few patients are written at each site.
 
 `mode = pooled` trains the same fold models on all training sites' data in a process of its
-own (the centralized reference, server.training.PooledBackend); `mode = both` trains both
+own (the centralized reference, server.training_backends.PooledBackend); `mode = both` trains both
 ways and reports federated minus pooled AUC and the wall-time ratio (`comparison`).
 """
 
@@ -17,19 +17,13 @@ import logging
 from typing import Any
 
 from server.progress import report_round
-from server.training import (
-    Outcome,
-    Plan,
-    Setup,
-    auc_of,
-    comparison,
-    setup,
-    train_model,
-    weights_payload,
-)
+from server.training import Outcome, auc_of, comparison, train_model, weights_payload
+from server.training_plan import Plan
+from server.training_setup import Setup, setup
 from server.transport import StageSkipped, Transport
 from shared import schema
 from shared.config import StudyConfig
+from shared.training_params import IMAGES
 
 log = logging.getLogger("feddlr")
 STAGE = "deep"
@@ -69,7 +63,7 @@ def score(transport: Transport, config: StudyConfig, outcome: Outcome,
     patients; the pooled out-of-fold and external AUCs from the histograms."""
     plan = outcome.plan
     federated = outcome.result["mode"] == "federated"
-    query = {"task": config.task, "needs": {"dl_mri": "mri", "dl_us": "us"}[plan.model],
+    query = {"task": config.task, "needs": IMAGES[plan.model],
              **plan.params(pooled=not federated), "round": outcome.round,
              "units": plan.units, "train_id": outcome.result["train_id"],
              "name": outcome.name, "gradcam": plan.gradcam,

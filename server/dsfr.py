@@ -24,16 +24,9 @@ from typing import Any
 
 from server.progress import report_round
 from server.radiomics import RadiomicsConfig, RadiomicsFit, _score
-from server.training import (
-    Outcome,
-    Plan,
-    Setup,
-    comparison,
-    setup,
-    skip_if_empty,
-    train_model,
-    weights_payload,
-)
+from server.training import Outcome, comparison, train_model, weights_payload
+from server.training_plan import Plan
+from server.training_setup import Setup, setup, skip_if_empty
 from server.transport import SiteSetChanged, StageError, Transport
 from shared import schema
 from shared.config import ConfigError, StudyConfig

@@ -44,7 +44,7 @@ from server.transport import (
 from shared import concordance as cindex
 from shared import cox
 from shared import kaplan_meier as km
-from shared.config import NO_EARLIER, Earlier, StudyConfig
+from shared.config import NO_EARLIER, Earlier, StudyConfig, query_needs
 from shared.schema import (
     SURVIVAL_BOUNDS,
     SURVIVAL_COX,
@@ -90,7 +90,7 @@ def model_query(config: StudyConfig, groups: list[str], terms: list[str],
     models = [n.split(":", 1)[1] for n in (*groups, *terms) if n.startswith(MODEL_PREFIXES)]
     if not models:
         return {}
-    query: dict[str, Any] = {"runs": earlier.runs(config), "needs": "survival,predictions?"}
+    query: dict[str, Any] = {"runs": earlier.runs(config), "needs": query_needs("survival")}
     for name in (*groups, *terms):
         if name.startswith("predicted:"):
             model = name.split(":", 1)[1]

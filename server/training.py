@@ -1,7 +1,9 @@
 """The federated training engine of the CNN stages (`dsfr`, `deep`), one for all models.
 
-A *plan* is one model's resolved training configuration (run config, per-model paper
-defaults, sizes resolved from the sites' devices). A *unit* is one network trained
+A *plan* is one model's resolved training configuration (run config, per-model recipe
+defaults, sizes resolved from the sites' devices: server/training_plan.py); the setup round
+picks the training sites (server/training_setup.py); rounds go to the sites or to the
+pooled reference (server/training_backends.py). A *unit* is one network trained
 federated: a CV fold `f<k>` for DL-MRI/DL-US (so training-site probabilities are
 out-of-fold), `all` for the DSFR U-Net. All units of a model travel in one message per
 site and round.
@@ -32,14 +34,10 @@ are computed the same way.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -49,318 +47,21 @@ from typing import Any
 import numpy as np
 
 from server.progress import report_round
+from server.training_backends import FederatedBackend, PooledBackend
+from server.training_plan import Plan
+from server.training_setup import Setup, server_pretrained
 from server.transport import (
     Reply,
     StageError,
-    StageSkipped,
     StudyError,
     Transport,
-    reply_from_payload,
 )
 from shared import fedavg, roc, schema
-from shared.config import ConfigError, StudyConfig
+from shared.config import StudyConfig
 from shared.schema import nest
-from shared.training_params import IMAGES, TrainParams
-from wire import read_frame, write_frame
+from shared.training_params import IMAGES
 
 log = logging.getLogger("feddlr")
-
-# Recipes: per model, the defaults a run-config key overrides (README, "Training the CNNs").
-# `scratch` learns from random initialisation on CPU in the demo's time: AdamW at 1e-3, a
-# fixed number of local optimizer steps per round (a small site still moves the model),
-# images resampled to 1 mm with a 3 mm ROI margin. `paper` is each paper's recipe, meant
-# for pretrained weights on GPUs (PIPELINE.md): DSFR Adam 1e-3, batch 6, focal loss, 64²;
-# DL-MRI the authors' code (SGD 1e-3, wd 1e-2; the paper: AdamW 4e-6), batch 16, 96³, ROI
-# margin 50 px at the native spacing; DL-US AdamW 2e-5, wd 0.05, batch 16, 256², cosine
-# schedule, label smoothing 0.2, Mixup/CutMix, margin 50 px.
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    "scratch": {
-        "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 8,
-                 "rounds": 6, "local_epochs": 1, "local_steps": 12, "dsfr_size": 64,
-                 "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "constant",
-                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.75},
-        "dl_mri": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 8,
-                   "rounds": 8, "local_epochs": 1, "local_steps": 10, "mri_size": 0,
-                   "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "cosine",
-                   "smoothing": 0.0, "mix": False, "augment": True},
-        "dl_us": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 8,
-                  "rounds": 8, "local_epochs": 1, "local_steps": 10, "us_size": 0,
-                  "spacing": 0.0, "margin_mm": 3.0, "margin": 0, "reference": "roi",
-                  "schedule": "cosine", "smoothing": 0.0, "mix": False, "augment": True},
-    },
-    "paper": {
-        "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 6,
-                 "rounds": 4, "local_epochs": 3, "local_steps": 0, "dsfr_size": 64,
-                 "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
-                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.25},
-        "dl_mri": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 16,
-                   "rounds": 3, "local_epochs": 1, "local_steps": 0, "mri_size": 96,
-                   "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
-                   "smoothing": 0.0, "mix": False, "augment": True},
-        "dl_us": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "batch_size": 16,
-                  "rounds": 3, "local_epochs": 1, "local_steps": 0, "us_size": 256,
-                  "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "reference": "roi",
-                  "schedule": "cosine", "smoothing": 0.2, "mix": True, "augment": True},
-    },
-}
-# "auto" sizes: (GPU at every training site, otherwise)
-AUTO = {"width": (1.0, 0.125), "mri_size": (96, 32), "us_size": (256, 64)}
-
-
-# run-config key (shared/settings.py) -> Plan attribute; per-model keys are typed there as
-# {model: value or None}, and None (`default`) leaves the recipe's value
-KEYS: dict[str, str] = {
-    "rounds": "rounds", "local-epochs": "local_epochs", "local-steps": "local_steps",
-    "lr": "lr", "batch-size": "batch_size", "optimizer": "optimizer",
-    "weight-decay": "weight_decay", "cnn-width": "width", "strategy": "strategy",
-    "proximal-mu": "mu", "server-lr": "server_lr", "server-momentum": "server_momentum",
-    "server-beta1": "beta_1", "server-beta2": "beta_2", "server-tau": "tau",
-    "fedbn": "fedbn", "wire-dtype": "wire", "mode": "mode", "mri-size": "mri_size",
-    "us-size": "us_size", "dsfr-size": "dsfr_size", "spacing": "spacing",
-    "roi-margin-mm": "margin_mm", "roi-margin": "margin", "intensity-reference": "reference",
-    "us-variant": "variant", "device": "device", "amp": "amp", "deep-cv-folds": "cv_folds",
-    "select": "select", "augment": "augment", "focal-alpha": "focal_alpha",
-    "pretrained": "pretrained", "gradcam-patients": "gradcam", "seed": "seed",
-    "deterministic": "deterministic",
-}
-# What a key takes when the model's recipe does not set it (the model does not use it) and
-# the run config leaves it at `default`
-UNSET = {"mri_size": 0, "us_size": 0, "dsfr_size": 64, "reference": "tissue",
-         "focal_alpha": 0.25, "width": "auto", "pretrained": "", "server_lr": None,
-         "beta_1": None, "beta_2": None, "tau": None}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One model's training configuration (run config → recipe defaults → sites)."""
-
-    model: str
-    recipe: str
-    rounds: int
-    local_epochs: int
-    local_steps: int
-    lr: float
-    batch_size: int
-    optimizer: str
-    weight_decay: float
-    width: float | str  # "auto" until resolved()
-    strategy: str
-    mu: float
-    server_lr: float | None  # None: Flower's default for the strategy
-    server_momentum: float
-    beta_1: float | None
-    beta_2: float | None
-    tau: float | None
-    fedbn: bool
-    wire: str
-    mode: str
-    mri_size: int  # 0: auto until resolved()
-    us_size: int
-    dsfr_size: int
-    spacing: float
-    margin_mm: float
-    margin: int
-    reference: str
-    variant: str
-    device: str
-    amp: str
-    cv_folds: int
-    select: str
-    augment: bool
-    pretrained: str
-    gradcam: int
-    seed: int
-    deterministic: bool
-    schedule: str
-    smoothing: float
-    mix: bool
-    focal_alpha: float  # DSFR's focal loss: weight of the tumour pixels
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], model: str) -> Plan:
-        """The typed run config over the recipe's values for `model`."""
-        recipe = settings["recipe"]
-        values: dict[str, Any] = {**UNSET, "recipe": recipe, **RECIPES[recipe][model]}
-        for key, attr in KEYS.items():
-            given = settings[key]
-            if isinstance(given, dict):
-                given = given[model]
-            if given is not None:
-                values[attr] = given
-        plan = cls(model=model, **values)
-        plan.validate()
-        return plan
-
-    def validate(self) -> None:
-        """Cross-key rules (each value alone was checked by shared/settings.py)."""
-        from shared.networks import CONVNEXT_VARIANTS
-
-        if self.variant not in CONVNEXT_VARIANTS:
-            raise ConfigError(f"run config us-variant: {self.variant!r} is not one of "
-                              f"{list(CONVNEXT_VARIANTS)}")
-        try:
-            self.server_optimizer()
-        except ValueError as err:
-            raise ConfigError(f"run config strategy {self.strategy}: {err}") from None
-
-    def server_optimizer(self) -> Any:  # shared.fedopt.ServerOptimizer
-        """The server's update rule: FedAvg (also for FedProx, whose term is at the sites),
-        FedAvgM, FedAdam or FedYogi with the run config's hyper-parameters (unset ones:
-        Flower's defaults)."""
-        from shared import fedopt
-
-        name = "fedavg" if self.strategy == "fedprox" else self.strategy
-        wanted = {"server_lr": self.server_lr, "momentum": self.server_momentum,
-                  "beta_1": self.beta_1, "beta_2": self.beta_2, "tau": self.tau}
-        known = set(fedopt.make_optimizer(name).params())
-        return fedopt.make_optimizer(name, **{k: v for k, v in wanted.items()
-                                              if k in known and v is not None})
-
-    def resolved(self, gpu: bool) -> Plan:
-        """`auto` sizes for where training runs: GPU sizes when every training site (or the
-        pooled process) has CUDA, small CPU sizes otherwise."""
-        pick = 0 if gpu else 1
-        return replace(self,
-                       width=AUTO["width"][pick] if self.width == "auto" else float(self.width),
-                       mri_size=self.mri_size or AUTO["mri_size"][pick],
-                       us_size=self.us_size or AUTO["us_size"][pick])
-
-    @property
-    def size(self) -> int:
-        return {"dsfr": self.dsfr_size, "dl_mri": self.mri_size, "dl_us": self.us_size}[
-            self.model]
-
-    @property
-    def units(self) -> list[str]:
-        return ["all"] if self.model == "dsfr" else [f"f{k}" for k in range(self.cv_folds)]
-
-    @property
-    def split_folds(self) -> int:
-        """Folds of the site's patients: CV folds, or DSFR's 1/3 validation split."""
-        return 3 if self.model == "dsfr" else self.cv_folds
-
-    def lr_at(self, round_no: int) -> float:
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * (round_no - 1) / self.rounds))
-        return self.lr
-
-    def params(self, *, pooled: bool = False) -> dict[str, Any]:
-        """The query fields of a round's TrainParams (shared/training_params.py; the caller
-        adds round, units and weights)."""
-        fields = {"model": self.model, "width": float(self.width), "variant": self.variant,
-                  "size": self.size, "spacing": self.spacing, "margin_mm": self.margin_mm,
-                  "margin": self.margin, "reference": self.reference,
-                  "folds": self.split_folds, "seed": self.seed,
-                  "epochs": self.local_epochs, "local_steps": self.local_steps,
-                  "batch_size": self.batch_size,
-                  "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                  "strategy": "fedprox" if self.strategy == "fedprox" else "fedavg",
-                  "mu": self.mu,
-                  "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
-                  "amp": self.amp, "augment": self.augment, "mix": self.mix,
-                  "pretrained": self.pretrained, "focal_alpha": self.focal_alpha,
-                  "smoothing": self.smoothing, "deterministic": self.deterministic}
-        TrainParams(**fields).validate()  # what the sites will check, checked here first
-        return fields
-
-    def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported lazily)
-        from shared.networks import NetworkSpec
-
-        return NetworkSpec(self.model, width=float(self.width), variant=self.variant)
-
-
-# --------------------------------------------------------------------------- backends
-
-
-class FederatedBackend:
-    """Training messages to the sites over the study's transport."""
-
-    kind = "federated"
-
-    def __init__(self, transport: Transport) -> None:
-        self.transport = transport
-
-    def ask(self, action: str, query: dict[str, Any], sites: list[str]) -> dict[str, Reply]:
-        return self.transport.ask(action, query, sites)
-
-
-class PooledBackend:
-    """The centralized reference: the training sites' data pooled in one "site" named
-    `pooled`, trained by the site code in its own process (`python -m
-    simulation.pooled_site`, which reads `sites-dir`: simulation only), reached through
-    payload frames on a pipe, so this server imports no site code. No guard: nothing leaves
-    the machine. Used as a context manager, which stops the process.
-
-    On CPU it trains on one thread, as each simulated site does (Flower client resources
-    `num-cpus=1`): the wall-time ratio then compares the same compute per worker, and
-    intra-op threads on these small convolutions were 2–5× slower here anyway."""
-
-    kind = "pooled"
-    site = "pooled"
-
-    def __init__(self, config: StudyConfig, sites: list[str], identity: Mapping[str, Any],
-                 state_dir: Path, device: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "simulation.pooled_site"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        hello = {"sites_dir": str(Path(config.sites_dir).resolve()), "task": config.task,
-                 "sites": list(sites), "state_dir": str(state_dir), "device": device,
-                 **{f"identity.{s}": str(h) for s, h in identity.items() if h}}
-        self.device = str(self._call(hello)["device"])
-
-    def prepare(self, plan: Plan) -> dict[str, int]:
-        """Prepare the pooled data for `plan`: its patients and label counts."""
-        reply = self._call({**plan.params(pooled=True), "round": 0})
-        return {k: int(reply[k]) for k in ("patients", "n0", "n1")}
-
-    def ask(self, action: str, query: dict[str, Any], sites: list[str]) -> dict[str, Reply]:
-        write_frame(self._stdin, {**query, "action": action})
-        payload = self._read()
-        return {self.site: reply_from_payload(self.site, payload)}
-
-    def _call(self, payload: dict[str, Any]) -> dict[str, Any]:
-        write_frame(self._stdin, payload)
-        reply = self._read()
-        if reply.get("status") != schema.STATUS_OK:
-            raise StageError(f"mode=pooled: {reply.get('reason', 'the pooled process failed')}")
-        return reply
-
-    @property
-    def _stdin(self) -> Any:
-        if self.process.poll() is not None:
-            raise StageError(f"mode=pooled: the pooled process ended (exit code "
-                             f"{self.process.returncode})")
-        return self.process.stdin
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            reply = read_frame(self.process.stdout)
-        except (EOFError, ValueError) as err:
-            reply, problem = None, str(err)
-        else:
-            problem = "it closed its output"
-        if reply is None:
-            self.close()
-            raise StageError(f"mode=pooled: no reply from the pooled process ({problem}; "
-                             f"exit code {self.process.returncode})")
-        return reply
-
-    def close(self) -> None:
-        if self.process.stdin and not self.process.stdin.closed:
-            with contextlib.suppress(OSError):
-                self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
-
-    def __enter__(self) -> PooledBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -745,113 +446,6 @@ def _plain(value: Any) -> Any:
     from server.workflow import plain
 
     return plain(value)
-
-
-# --------------------------------------------------------------------------- setup
-
-
-@dataclass
-class Setup:
-    train: list[str]
-    external: list[str]
-    devices: dict[str, dict[str, Any]]
-    pos_weight: float
-    identity: dict[str, Any]
-    gpu: bool
-    excluded: dict[str, str]
-    sizes: dict[str, int] = field(default_factory=dict)
-    pretrained: dict[str, str] = field(default_factory=dict)  # path and sha256
-
-
-def server_pretrained(path: str) -> Path:
-    """The coordinator's copy of the pretrained file (relative to the working directory)."""
-    from shared import pretrained as files
-
-    try:
-        target = files.resolve(path, Path.cwd())
-    except ValueError as err:
-        raise StageError(str(err)) from None
-    if not target.is_file():
-        raise StageError(f"pretrained file {path}: the coordinator needs its own copy of "
-                         f"the file the sites use (not found at {target})")
-    return target
-
-
-def setup(transport: Transport, config: StudyConfig, model: str, sites: list[str],
-          stage: str, pretrained: str = "") -> Setup:
-    """Ask every site which patients can serve `model`, its roles and device (and the
-    sha256 of its copy of the pretrained file); training sites are those with role train,
-    usable patients and, with pretrained weights, the coordinator's file."""
-    reference = ""
-    if pretrained:
-        from shared.pretrained import file_sha256
-
-        reference = file_sha256(server_pretrained(pretrained))
-    query = {"task": config.task, "needs": IMAGES[model], "model": model,
-             "pretrained": pretrained}
-    replies = transport.ask(schema.TRAIN_SETUP, query, sites)
-    report_round(f"{stage}:{model}:setup", 1, 1, replies)
-    train, external, devices, excluded = [], [], {}, {}
-    neg = pos = 0
-    counted = True
-    identity: dict[str, Any] = {}
-    sizes: dict[str, int] = {}
-    for site in sites:
-        reply = replies[site]
-        p = reply.payload
-        if not reply.ok:
-            excluded[site] = f"{reply.status}: {reply.reason}"
-            continue
-        if not p.get("setup.usable", False):
-            excluded[site] = f"no patient with the images {model} needs"
-            continue
-        roles = list(p.get("setup.roles", []))
-        devices[site] = {k[len("device."):]: v for k, v in p.items()
-                         if k.startswith("device.")}
-        identity[site] = p.get("setup.data_sha256")
-        size = int(np.asarray(p.get("counts.n", [-1])).reshape(-1)[0])
-        if size >= 0:
-            sizes[site] = size
-        if "train" in roles and reference:
-            problem = _pretrained_problem(p, pretrained, reference)
-            if problem:
-                excluded[site] = problem
-                log.warning("[%s] %s: %s is left out: %s", stage, model, site, problem)
-                continue
-        if "train" in roles:
-            train.append(site)
-            labels = np.asarray(p.get("counts.labels", [-1, -1])).reshape(-1)
-            if np.any(labels < 0):
-                counted = False
-            else:
-                neg, pos = neg + int(labels[0]), pos + int(labels[1])
-        elif "external" in roles:
-            external.append(site)
-    weight = float(neg / pos) if counted and pos > 0 and neg > 0 else 1.0
-    gpu = bool(train) and all(bool(devices[s].get("cuda")) for s in train)
-    return Setup(train, external, devices, weight, identity, gpu, excluded, sizes,
-                 {"path": pretrained, "sha256": reference} if pretrained else {})
-
-
-def _pretrained_problem(payload: Mapping[str, Any], path: str, reference: str) -> str:
-    """Why a training site cannot start from the pretrained file ("" when it can)."""
-    error = str(payload.get("pretrained.error", "") or "")
-    digest = str(payload.get("pretrained.sha256", "") or "")
-    if error:
-        return error
-    if not digest:
-        return f"pretrained file {path}: the site sent no sha256"
-    if digest != reference:
-        return (f"pretrained file {path} at the site has sha256 {digest[:16]}…, the "
-                f"coordinator's {reference[:16]}… (a different file)")
-    return ""
-
-
-def skip_if_empty(setup_: Setup, model: str) -> None:
-    if not setup_.train:
-        reasons = "; ".join(f"{s}: {r}" for s, r in setup_.excluded.items())
-        raise StageSkipped(f"no training site has the images {model} needs"
-                           + (f" ({reasons})" if reasons else ""))
 
 
 def train_model(transport: Transport, config: StudyConfig, plan: Plan, setup_: Setup,

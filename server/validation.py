@@ -34,7 +34,7 @@ from server.radiomics import run_radiomics
 from server.transport import Reply, StageError, StageSkipped, Transport
 from shared import roc, schema
 from shared import validation as val
-from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig
+from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig, query_needs
 from shared.schema import Payload, nest
 
 log = logging.getLogger("feddlr")
@@ -99,7 +99,7 @@ class SiteScores:
 def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
                    earlier: Earlier = NO_EARLIER) -> dict[str, Any]:
     vc = ValidationConfig.from_settings(config.settings)
-    context = {"task": config.task, "needs": "predictions?", "bins": vc.bins,
+    context = {"task": config.task, "needs": query_needs(STAGE), "bins": vc.bins,
                "subgroups": list(vc.subgroups), "models": list(vc.models),
                "runs": earlier.runs(config)}
     scores, status, context = collect(transport, context, sites, vc)
@@ -404,7 +404,7 @@ def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[st
     if len(train) < 2:
         return {"models": list(LOSO_MODELS), "sites": {},
                 "reason": "leave-one-site-out needs two or more training sites"}
-    context = {"task": config.task, "needs": "predictions?", "bins": vc.bins,
+    context = {"task": config.task, "needs": query_needs(STAGE), "bins": vc.bins,
                "subgroups": [], "models": list(LOSO_MODELS)}
     for held in train:
         variant = f"loso-{held}"

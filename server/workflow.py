@@ -101,7 +101,7 @@ def check_settings(config: StudyConfig) -> None:
     from server.dsfr import dsfr_settings
     from server.fusion import FusionConfig
     from server.radiomics import RadiomicsConfig
-    from server.training import Plan
+    from server.training_plan import Plan
     from server.validation import ValidationConfig
 
     settings = config.settings

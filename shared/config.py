@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "Earlier",
     "StudyConfig",
+    "query_needs",
     "stage_settings",
 ]
 
@@ -33,6 +34,12 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "validation": ("clinical", "label", "predictions?"),
     "survival": ("clinical", "survival", "predictions?"),
 }
+def query_needs(stage: str) -> str:
+    """What a stage's queries ask of a site beyond its clinical table and the task label
+    (which the task adds): `needs` in the query, from STAGE_NEEDS."""
+    return ",".join(n for n in STAGE_NEEDS[stage] if n not in ("clinical", "label"))
+
+
 _DEFAULTS = settings_.parse({})
 _STUDY_FIELDS = ("sites-dir", "out-dir", "stages", "task", "min-sites", "round-timeout",
                  "connect-timeout", "min-replies", "resume", "cohort-covariates",

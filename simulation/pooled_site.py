@@ -4,7 +4,7 @@ federated sites, so the comparison measures federation and nothing else.
 
 Only a simulation can run it: it reads the site folders under `sites-dir` directly, which
 a coordinator of a real consortium cannot. The ServerApp starts it
-(`python -m simulation.pooled_site`, server.training.PooledBackend) and talks to it with
+(`python -m simulation.pooled_site`, server.training_backends.PooledBackend) and talks to it with
 payload frames on its stdin/stdout (wire.write_frame / read_frame), so the server imports no
 site code. Nothing leaves the machine, so there is no egress guard and no coarsening.
 
@@ -53,10 +53,10 @@ def site_folders(root: Path, sites: list[str]) -> dict[str, Path]:
     return folders
 
 
-def pooled_data(hello: Payload, p: TrainParams) -> Any:  # client.training.ModelData
+def pooled_data(hello: Payload, p: TrainParams) -> Any:  # client.training_data.ModelData
     """The training sites' prepared data with each site's own folds, concatenated; refused
     when a folder holds other data than the site that answered the handshake."""
-    from client import training
+    from client import training_data
     from client.handshake import data_hash
     from client.session import open_session
 
@@ -68,9 +68,9 @@ def pooled_data(hello: Payload, p: TrainParams) -> Any:  # client.training.Model
         raise PooledError(f"mode=pooled: the folders of {other} hold other data than the "
                           "sites that answered (data hashes differ)")
     needs = tuple(sorted({"clinical", IMAGES[p.model]}))
-    parts = [training.site_data(open_session(str(folders[s]), str(hello["task"]), needs), p)
+    parts = [training_data.site_data(open_session(str(folders[s]), str(hello["task"]), needs), p)
              for s in sites]
-    return training.concat(parts)
+    return training_data.concat(parts)
 
 
 def answer(data: Any, query: Payload, state_dir: Path) -> Payload:
@@ -90,7 +90,7 @@ def answer(data: Any, query: Payload, state_dir: Path) -> Payload:
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     import torch
 
-    from client.training import pick_device
+    from client.local_training import pick_device
 
     hello = read_frame(stdin)
     if hello is None:

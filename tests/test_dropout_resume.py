@@ -21,7 +21,6 @@ from scipy import stats
 import server.workflow as workflow
 from server.transport import (
     GridTransport,
-    InProcessTransport,
     Reply,
     SiteSetChanged,
     StudyError,
@@ -30,6 +29,7 @@ from server.transport import (
 )
 from shared import cohort, schema
 from shared.config import StudyConfig
+from simulation.in_process import InProcessTransport
 from tests.splits import gbsg2, non_iid_split
 from wire import to_records
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.training import Plan
+from server.training_plan import Plan
 from shared import settings
 from shared.config import ConfigError, StudyConfig
 from simulation import settings_docs

@@ -19,10 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+from client import local_training as L
 from client import training as T
+from client import training_data as D
 from client.handlers import serve
 from client.session import open_session
-from server.training import Checkpoints, Plan, setup, train_model
+from server.training import Checkpoints, train_model
+from server.training_plan import Plan
+from server.training_setup import setup
 from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
 from simulation.in_process import InProcessTransport
@@ -65,12 +69,12 @@ def local_training(site: Path, plan: Plan, server_momentum: float | None,
             p = T.TrainParams.from_query({**resolved.params(), "round": r,
                                           "units": resolved.units, "lr": resolved.lr_at(r),
                                           "pos_weight": pos_weight})
-            data = T.site_data(session, p)
-            rows, _ = T.unit_rows(data, unit)
+            data = D.site_data(session, p)
+            rows, _ = D.unit_rows(data, unit)
             start = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            seed = T.round_seed(p.seed, site_id, p.model, unit, r)
+            seed = L.round_seed(p.seed, site_id, p.model, unit, r)
             torch.manual_seed(seed)
-            T.train_unit(net, data, data.samples(rows), p, torch.device("cpu"),
+            L.train_unit(net, data, data.samples(rows), p, torch.device("cpu"),
                          torch.Generator().manual_seed(seed), None)
             if server_momentum is not None:
                 params = {n for n, _ in net.named_parameters()}

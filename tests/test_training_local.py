@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from client import local_training as L
 from client import training as T
+from client import training_data as D
 from client.handlers import serve
-from server.training import Plan
+from server.training_plan import Plan
 from shared import schema
 from shared.config import ConfigError, stage_settings
 from simulation.cohort import simulate_cohort
@@ -58,7 +60,7 @@ def test_focal_loss_is_lin_et_al() -> None:
     p_t = torch.where(target == 1, p, 1 - p)
     alpha_t = torch.where(target == 1, 0.25, 0.75)
     expected = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).mean()
-    torch.testing.assert_close(T.focal_loss(logits, target, 0.25, 2.0), expected)
+    torch.testing.assert_close(L.focal_loss(logits, target, 0.25, 2.0), expected)
 
 
 def test_dsfr_vectors_keep_the_larger_kmeans_cluster() -> None:
@@ -76,7 +78,7 @@ def test_dsfr_vectors_keep_the_larger_kmeans_cluster() -> None:
 
     values = [1.0, 1.1, 0.9, 1.2, 10.0, 10.5, 3.0, 4.0]
     x = np.array(values, np.float32).reshape(-1, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)
-    data = T.ModelData(patients=np.array(["a", "b"]), y=np.array([0, 1]), x=x,
+    data = D.ModelData(patients=np.array(["a", "b"]), y=np.array([0, 1]), x=x,
                        mask=np.ones_like(x, dtype=np.uint8),
                        owner=np.array([0, 0, 0, 0, 0, 0, 1, 1]))
     out = T.dsfr_vectors(Identity(), data, "activation_9", torch.device("cpu"),
@@ -173,9 +175,9 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        T.pick_device("cuda")
-    assert T.pick_device("auto").type == "cpu"
-    assert T.amp_dtype(torch.device("cpu"), "auto") is None
+        L.pick_device("cuda")
+    assert L.pick_device("auto").type == "cpu"
+    assert L.amp_dtype(torch.device("cpu"), "auto") is None
 
 
 @needs_gpu
@@ -193,9 +195,9 @@ def test_cuda_round_with_amp(site, amp: str) -> None:
 
 @needs_gpu
 def test_cuda_auto_device_and_amp() -> None:
-    device = T.pick_device("auto")
+    device = L.pick_device("auto")
     assert device.type == "cuda"
-    assert T.amp_dtype(device, "auto") in (torch.bfloat16, torch.float16)
+    assert L.amp_dtype(device, "auto") in (torch.bfloat16, torch.float16)
     assert tiny("dl_mri").resolved(gpu=True).width == 1.0
 
 
@@ -220,7 +222,7 @@ def test_the_server_leaves_out_malformed_updates() -> None:
 
 
 def test_every_plan_key_is_declared_and_its_default_parses() -> None:
-    from server.training import KEYS
+    from server.training_plan import KEYS
     from shared.settings import BY_KEY
 
     assert set(KEYS) <= set(BY_KEY)

@@ -1,0 +1,217 @@
+"""A CNN model's training plan: the run config (shared/settings.py) over the model's recipe
+(`scratch` or `paper`), with the sizes resolved from where training runs. The server's
+training engine (server/training.py) runs it; its round parameters are
+shared/training_params.TrainParams."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from shared.config import ConfigError
+from shared.training_params import TrainParams
+
+# Recipes: per model, the defaults a run-config key overrides (README, "Training the CNNs").
+# `scratch` learns from random initialisation on CPU in the demo's time: AdamW at 1e-3, a
+# fixed number of local optimizer steps per round (a small site still moves the model),
+# images resampled to 1 mm with a 3 mm ROI margin. `paper` is each paper's recipe, meant
+# for pretrained weights on GPUs (PIPELINE.md): DSFR Adam 1e-3, batch 6, focal loss, 64²;
+# DL-MRI the authors' code (SGD 1e-3, wd 1e-2; the paper: AdamW 4e-6), batch 16, 96³, ROI
+# margin 50 px at the native spacing; DL-US AdamW 2e-5, wd 0.05, batch 16, 256², cosine
+# schedule, label smoothing 0.2, Mixup/CutMix, margin 50 px.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "scratch": {
+        "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 8,
+                 "rounds": 6, "local_epochs": 1, "local_steps": 12, "dsfr_size": 64,
+                 "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "constant",
+                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.75},
+        "dl_mri": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 8,
+                   "rounds": 8, "local_epochs": 1, "local_steps": 10, "mri_size": 0,
+                   "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "cosine",
+                   "smoothing": 0.0, "mix": False, "augment": True},
+        "dl_us": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 8,
+                  "rounds": 8, "local_epochs": 1, "local_steps": 10, "us_size": 0,
+                  "spacing": 0.0, "margin_mm": 3.0, "margin": 0, "reference": "roi",
+                  "schedule": "cosine", "smoothing": 0.0, "mix": False, "augment": True},
+    },
+    "paper": {
+        "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 6,
+                 "rounds": 4, "local_epochs": 3, "local_steps": 0, "dsfr_size": 64,
+                 "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
+                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.25},
+        "dl_mri": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 16,
+                   "rounds": 3, "local_epochs": 1, "local_steps": 0, "mri_size": 96,
+                   "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
+                   "smoothing": 0.0, "mix": False, "augment": True},
+        "dl_us": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "batch_size": 16,
+                  "rounds": 3, "local_epochs": 1, "local_steps": 0, "us_size": 256,
+                  "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "reference": "roi",
+                  "schedule": "cosine", "smoothing": 0.2, "mix": True, "augment": True},
+    },
+}
+# "auto" sizes: (GPU at every training site, otherwise)
+AUTO = {"width": (1.0, 0.125), "mri_size": (96, 32), "us_size": (256, 64)}
+
+
+# run-config key (shared/settings.py) -> Plan attribute; per-model keys are typed there as
+# {model: value or None}, and None (`default`) leaves the recipe's value
+KEYS: dict[str, str] = {
+    "rounds": "rounds", "local-epochs": "local_epochs", "local-steps": "local_steps",
+    "lr": "lr", "batch-size": "batch_size", "optimizer": "optimizer",
+    "weight-decay": "weight_decay", "cnn-width": "width", "strategy": "strategy",
+    "proximal-mu": "mu", "server-lr": "server_lr", "server-momentum": "server_momentum",
+    "server-beta1": "beta_1", "server-beta2": "beta_2", "server-tau": "tau",
+    "fedbn": "fedbn", "wire-dtype": "wire", "mode": "mode", "mri-size": "mri_size",
+    "us-size": "us_size", "dsfr-size": "dsfr_size", "spacing": "spacing",
+    "roi-margin-mm": "margin_mm", "roi-margin": "margin", "intensity-reference": "reference",
+    "us-variant": "variant", "device": "device", "amp": "amp", "deep-cv-folds": "cv_folds",
+    "select": "select", "augment": "augment", "focal-alpha": "focal_alpha",
+    "pretrained": "pretrained", "gradcam-patients": "gradcam", "seed": "seed",
+    "deterministic": "deterministic",
+}
+# What a key takes when the model's recipe does not set it (the model does not use it) and
+# the run config leaves it at `default`
+UNSET = {"mri_size": 0, "us_size": 0, "dsfr_size": 64, "reference": "tissue",
+         "focal_alpha": 0.25, "width": "auto", "pretrained": "", "server_lr": None,
+         "beta_1": None, "beta_2": None, "tau": None}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One model's training configuration (run config → recipe defaults → sites)."""
+
+    model: str
+    recipe: str
+    rounds: int
+    local_epochs: int
+    local_steps: int
+    lr: float
+    batch_size: int
+    optimizer: str
+    weight_decay: float
+    width: float | str  # "auto" until resolved()
+    strategy: str
+    mu: float
+    server_lr: float | None  # None: Flower's default for the strategy
+    server_momentum: float
+    beta_1: float | None
+    beta_2: float | None
+    tau: float | None
+    fedbn: bool
+    wire: str
+    mode: str
+    mri_size: int  # 0: auto until resolved()
+    us_size: int
+    dsfr_size: int
+    spacing: float
+    margin_mm: float
+    margin: int
+    reference: str
+    variant: str
+    device: str
+    amp: str
+    cv_folds: int
+    select: str
+    augment: bool
+    pretrained: str
+    gradcam: int
+    seed: int
+    deterministic: bool
+    schedule: str
+    smoothing: float
+    mix: bool
+    focal_alpha: float  # DSFR's focal loss: weight of the tumour pixels
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], model: str) -> Plan:
+        """The typed run config over the recipe's values for `model`."""
+        recipe = settings["recipe"]
+        values: dict[str, Any] = {**UNSET, "recipe": recipe, **RECIPES[recipe][model]}
+        for key, attr in KEYS.items():
+            given = settings[key]
+            if isinstance(given, dict):
+                given = given[model]
+            if given is not None:
+                values[attr] = given
+        plan = cls(model=model, **values)
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Cross-key rules (each value alone was checked by shared/settings.py)."""
+        from shared.networks import CONVNEXT_VARIANTS
+
+        if self.variant not in CONVNEXT_VARIANTS:
+            raise ConfigError(f"run config us-variant: {self.variant!r} is not one of "
+                              f"{list(CONVNEXT_VARIANTS)}")
+        try:
+            self.server_optimizer()
+        except ValueError as err:
+            raise ConfigError(f"run config strategy {self.strategy}: {err}") from None
+
+    def server_optimizer(self) -> Any:  # shared.fedopt.ServerOptimizer
+        """The server's update rule: FedAvg (also for FedProx, whose term is at the sites),
+        FedAvgM, FedAdam or FedYogi with the run config's hyper-parameters (unset ones:
+        Flower's defaults)."""
+        from shared import fedopt
+
+        name = "fedavg" if self.strategy == "fedprox" else self.strategy
+        wanted = {"server_lr": self.server_lr, "momentum": self.server_momentum,
+                  "beta_1": self.beta_1, "beta_2": self.beta_2, "tau": self.tau}
+        known = set(fedopt.make_optimizer(name).params())
+        return fedopt.make_optimizer(name, **{k: v for k, v in wanted.items()
+                                              if k in known and v is not None})
+
+    def resolved(self, gpu: bool) -> Plan:
+        """`auto` sizes for where training runs: GPU sizes when every training site (or the
+        pooled process) has CUDA, small CPU sizes otherwise."""
+        pick = 0 if gpu else 1
+        return replace(self,
+                       width=AUTO["width"][pick] if self.width == "auto" else float(self.width),
+                       mri_size=self.mri_size or AUTO["mri_size"][pick],
+                       us_size=self.us_size or AUTO["us_size"][pick])
+
+    @property
+    def size(self) -> int:
+        return {"dsfr": self.dsfr_size, "dl_mri": self.mri_size, "dl_us": self.us_size}[
+            self.model]
+
+    @property
+    def units(self) -> list[str]:
+        return ["all"] if self.model == "dsfr" else [f"f{k}" for k in range(self.cv_folds)]
+
+    @property
+    def split_folds(self) -> int:
+        """Folds of the site's patients: CV folds, or DSFR's 1/3 validation split."""
+        return 3 if self.model == "dsfr" else self.cv_folds
+
+    def lr_at(self, round_no: int) -> float:
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (round_no - 1) / self.rounds))
+        return self.lr
+
+    def params(self, *, pooled: bool = False) -> dict[str, Any]:
+        """The query fields of a round's TrainParams (shared/training_params.py; the caller
+        adds round, units and weights)."""
+        fields = {"model": self.model, "width": float(self.width), "variant": self.variant,
+                  "size": self.size, "spacing": self.spacing, "margin_mm": self.margin_mm,
+                  "margin": self.margin, "reference": self.reference,
+                  "folds": self.split_folds, "seed": self.seed,
+                  "epochs": self.local_epochs, "local_steps": self.local_steps,
+                  "batch_size": self.batch_size,
+                  "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                  "strategy": "fedprox" if self.strategy == "fedprox" else "fedavg",
+                  "mu": self.mu,
+                  "fedbn": self.fedbn and not pooled, "wire": self.wire, "device": self.device,
+                  "amp": self.amp, "augment": self.augment, "mix": self.mix,
+                  "pretrained": self.pretrained, "focal_alpha": self.focal_alpha,
+                  "smoothing": self.smoothing, "deterministic": self.deterministic}
+        TrainParams(**fields).validate()  # what the sites will check, checked here first
+        return fields
+
+    def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported lazily)
+        from shared.networks import NetworkSpec
+
+        return NetworkSpec(self.model, width=float(self.width), variant=self.variant)
