@@ -33,7 +33,7 @@ from server.transport import (
     ask_all_ok,
     on_stable_sites,
 )
-from shared import icc, lasso, logistic, roc, schema, screening
+from shared import glm, icc, lasso, logistic, roc, schema, screening
 from shared.config import StudyConfig
 from shared.federated import Solver
 from shared.standardize import Scaling, Standardize
@@ -76,13 +76,18 @@ class RadiomicsConfig:
         return cls(**{attr: settings[key] for key, attr in CONFIG_KEYS.items()})
 
 
+# A site that refuses a fit's query (its p×p matrix, or the points of a probing round; the
+# site's max_feature_ratio) switches that fit to the next mode: the same optimum, more rounds.
+FALLBACK = {"newton": "probing", "probing": "gradient"}
+
+
 @dataclass
 class Designed:
     """A solver whose queries also say which rows and columns, standardized how."""
 
     solver: Solver
     design: dict[str, Any]
-    gradient_only: bool = False
+    mode: str = "newton"  # newton | probing | gradient (FALLBACK: what a refusal switches to)
 
     @property
     def done(self) -> bool:
@@ -97,6 +102,12 @@ class Designed:
 
     def update(self, reply: dict[str, np.ndarray]) -> None:
         self.solver.update(reply)
+
+
+def _solver_options(mode: str) -> dict[str, Any]:
+    """glm.solver options of a mode: Newton rounds, or gradient-only with or without
+    probe points."""
+    return {"hessian": mode == "newton", "probes": glm.PROBES if mode == "probing" else 0}
 
 
 class RadiomicsError(StageError):
@@ -188,10 +199,10 @@ class RadiomicsFit:
         return {"rows": "train-fold", "fold": int(unit[1:])}
 
     def drive(self, solvers: Mapping[str, Designed], what: str,
-              fallback: Callable[[str], Designed] | None = None,
+              fallback: Callable[[str, str], Designed] | None = None,
               sites: list[str] | None = None) -> dict[str, Designed]:
-        """Drive to the end and return the solvers; a unit whose p×p matrix a site refuses
-        restarts in gradient-only mode (the same optimum, more rounds)."""
+        """Drive to the end and return the solvers; a unit whose query a site refuses
+        restarts in the next mode (FALLBACK: the same optimum, more rounds)."""
         solvers = dict(solvers)
         while True:
             try:
@@ -203,11 +214,12 @@ class RadiomicsFit:
                 if fallback is None:
                     raise
                 for key, by_site in err.refused.items():
-                    if solvers[key].gradient_only:
+                    mode = FALLBACK.get(solvers[key].mode)
+                    if mode is None:
                         raise
-                    log.info("[%s] %s: %s refused p×p matrices (%s); gradient-only rounds",
-                             STAGE, key, ", ".join(by_site), next(iter(by_site.values())))
-                    solvers[key] = fallback(key)
+                    log.info("[%s] %s: %s refused (%s); %s rounds", STAGE, key,
+                             ", ".join(by_site), next(iter(by_site.values())), mode)
+                    solvers[key] = fallback(key, mode)
 
     def run(self) -> dict[str, Any]:
         kept, icc_block = self.icc_filter()
@@ -271,16 +283,15 @@ class RadiomicsFit:
 
     def lasso(self, columns: dict[str, np.ndarray], scaling: Mapping[str, Scaling],
               selection: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-        def make(unit: str, hessian: bool = True) -> Designed:
-            p = len(columns[unit])
-            solver = (logistic.solver(self.rc.lasso_C, "l1", p, hessian=hessian)
+        def make(unit: str, mode: str = "newton") -> Designed:
+            p, options = len(columns[unit]), _solver_options(mode)
+            solver = (logistic.solver(self.rc.lasso_C, "l1", p, **options)
                       if self.rc.lasso_loss == "logistic"
-                      else lasso.solver(self.rc.lasso_alpha, p, hessian=hessian))
-            return Designed(solver, self._z(unit, scaling, columns[unit]),
-                            gradient_only=not hessian)
+                      else lasso.solver(self.rc.lasso_alpha, p, **options))
+            return Designed(solver, self._z(unit, scaling, columns[unit]), mode)
 
         solvers = {f"{u}.lasso": make(u) for u in self.units if len(columns[u])}
-        solvers = self.drive(solvers, "lasso", lambda key: make(key.split(".")[0], False))
+        solvers = self.drive(solvers, "lasso", lambda key, mode: make(key.split(".")[0], mode))
         out = {}
         for unit in self.units:
             key = f"{unit}.lasso"
@@ -348,13 +359,14 @@ class RadiomicsFit:
 
     def logistic(self, columns: Mapping[str, np.ndarray],
                  scaling: Mapping[str, Scaling]) -> dict[str, dict[str, Any]]:
-        def make(fold: str, hessian: bool = True) -> Designed:
+        def make(fold: str, mode: str = "newton") -> Designed:
             return Designed(logistic.solver(self.rc.lr_C, "l2", len(columns[fold]),
-                                            hessian=hessian),
-                            self._z(fold, scaling, columns[fold]), gradient_only=not hessian)
+                                            **_solver_options(mode)),
+                            self._z(fold, scaling, columns[fold]), mode)
 
         solvers = {f"{f}.lr": make(f) for f in self.folds}
-        solvers = self.drive(solvers, "logistic", lambda key: make(key.split(".")[0], False))
+        solvers = self.drive(solvers, "logistic",
+                             lambda key, mode: make(key.split(".")[0], mode))
         models = {}
         for fold in self.folds:
             fit = solvers[f"{fold}.lr"].solver.fit

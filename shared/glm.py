@@ -43,6 +43,8 @@ LOGISTIC = "logistic"
 SQUARED = "squared"
 ARMIJO = 1e-4  # sufficient-decrease fraction of the line search
 MIN_STEP = 2.0**-40
+PROBE_STEP = 1e-4  # QuasiNewton's probe offset, relative to max(1, ‖θ‖∞)
+PROBES = 8  # QuasiNewton's probe points per query in a study (a site may allow fewer)
 
 
 def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
@@ -57,7 +59,9 @@ def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
     Crosses the wire: sums over patients only. A gradient is p+1 numbers per point; the
     Hessian is a weighted Gram matrix, refused (`Refused`) when the site's
     `max_feature_ratio` says p is too large for its n, because with p near n it pins down
-    the patients' rows. The server then switches to gradient-only rounds.
+    the patients' rows. The server then switches to gradient-only rounds. The points of one
+    query are bounded the same way (`max_points`): no more gradients in one reply than a
+    p×p matrix the site would release has features.
     """
     design = np.column_stack([np.ones(len(x)), np.asarray(x, dtype=np.float64)])
     y = np.asarray(y, dtype=np.float64)
@@ -68,6 +72,10 @@ def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
             p, len(y), max_feature_ratio):
         raise Refused(f"p×p matrix refused: {p} features > {max_feature_ratio} × {len(y)} "
                       "patients (max_feature_ratio)")
+    if max_feature_ratio is not None and len(points) > max_points(len(y), max_feature_ratio):
+        raise Refused(f"{len(points)} points in one query refused: more than "
+                      f"{max_points(len(y), max_feature_ratio)} for {len(y)} patients "
+                      "(max_feature_ratio)")
     eta = design @ points.T  # (n, m)
     loss, mean = _loss_and_mean(str(query["loss"]), eta, y[:, None])
     reply: Reply = {"n": np.asarray(len(y), dtype=np.int64), "loss": loss,
@@ -227,28 +235,85 @@ class QuasiNewton(Newton):
     """Gradient-only rounds: proximal quasi-Newton (Lee, Sun & Saunders 2014) with a dense
     BFGS model built on the server from successive gradients, and the same step halving.
 
+    Each query carries the trial point and up to `probes` more: the accepted point moved by
+    ε along one coordinate each (the intercept, the non-zero coefficients and the features
+    whose gradient breaks the L1 optimality condition, least recently probed first). Their
+    gradients give one secant pair per coordinate, so the BFGS model learns the curvature
+    where the solution lives several directions per round instead of one: the same optimum
+    in less than half the rounds (docs/BENCHMARKS.md). A site bounds the points per query
+    (`max_points`); `probes=0` is one point per round.
+
     Round 1 query adds `"trace": True` (for the initial curvature); every query has
-    `"hessian": False` and one point. The sites send loss and gradient only."""
+    `"hessian": False`. The sites send loss and gradient only, per point."""
 
     mode = "gradient"
     wants_hessian = False
 
     def __init__(self, objective: Objective, n_features: int, start: np.ndarray | None = None,
-                 tol: float = 1e-10, max_rounds: int = 5_000) -> None:
+                 tol: float = 1e-10, max_rounds: int = 5_000, probes: int = 0) -> None:
         super().__init__(objective, n_features, start, tol, max_rounds)
+        self.probes = int(probes)
         self._model: np.ndarray | None = None
+        self._probed: list[int] = []
+        self._probed_at = self.theta
+        self._last_probe: dict[int, int] = {}
+
+    def query(self) -> Query:
+        query = super().query()
+        self._probed = self._probe_coordinates()
+        if self._probed:
+            self._probed_at = self.theta.copy()
+            step = PROBE_STEP * max(1.0, float(np.max(np.abs(self.theta))))
+            probes = np.repeat(self.theta[None, :], len(self._probed), axis=0)
+            probes[np.arange(len(self._probed)), self._probed] += step
+            query["points"] = np.vstack([query["points"], probes])
+        return query
+
+    def update(self, reply: Reply) -> None:
+        if self._probed:
+            self._learn_from_probes(reply)
+            reply = {**reply, "loss": reply["loss"][:1], "gradient": reply["gradient"][:1]}
+        super().update(reply)
+
+    def _probe_coordinates(self) -> list[int]:
+        if not self.probes or self.gradient is None or self._model is None or self.done:
+            return []
+        g, theta = self.gradient, self.theta
+        active = np.flatnonzero(theta[1:] != 0) + 1
+        violating = np.flatnonzero((theta[1:] == 0) & (np.abs(g[1:]) > self.objective.l1)) + 1
+        violating = violating[np.argsort(-np.abs(g[violating]))]
+        candidates = list(dict.fromkeys([0, *active.tolist(), *violating.tolist()]))
+        candidates.sort(key=lambda j: self._last_probe.get(j, -1))  # stable: oldest first
+        chosen = candidates[:self.probes]
+        self._last_probe.update(dict.fromkeys(chosen, self.rounds))
+        return chosen
+
+    def _learn_from_probes(self, reply: Reply) -> None:
+        n = float(reply["n"])
+        step = PROBE_STEP * max(1.0, float(np.max(np.abs(self._probed_at))))
+        for k, j in enumerate(self._probed, start=1):
+            point = self._probed_at.copy()
+            point[j] += step
+            _, gradient = self.objective.smooth(point, n, float(reply["loss"][k]),
+                                                reply["gradient"][k])
+            s = point - self._probed_at
+            self._secant(s, gradient - self.gradient)
 
     def _curvature(self, point: np.ndarray, gradient: np.ndarray, reply: Reply) -> np.ndarray:
         if self._model is None:
             self._model = _initial_curvature(self.objective, reply, len(gradient))
             return self._model
-        s, change = point - self.theta, gradient - self.gradient
+        self._secant(point - self.theta, gradient - self.gradient)
+        return self._model
+
+    def _secant(self, s: np.ndarray, change: np.ndarray) -> None:
+        """BFGS update of the model with one pair (step, gradient change), skipped when
+        the pair has no positive curvature (rounding, or a kink of the objective)."""
         curvature = float(s @ change)
         if curvature > 1e-12 * np.sqrt(float(s @ s) * float(change @ change)):
             model_s = self._model @ s
             self._model = (self._model + np.outer(change, change) / curvature
                            - np.outer(model_s, model_s) / float(s @ model_s))
-        return self._model
 
 
 class ProximalGradient(_Rounds):
@@ -340,9 +405,19 @@ class ProximalGradient(_Rounds):
 
 def solver(objective: Objective, n_features: int, hessian: bool = True,
            **options: Any) -> Newton:
-    """Newton rounds when every site accepts p×p matrices, else gradient-only rounds."""
-    kind = Newton if hessian else QuasiNewton
-    return kind(objective, n_features, **options)
+    """Newton rounds when every site accepts p×p matrices, else gradient-only rounds
+    (`probes=` extra points per query, see QuasiNewton)."""
+    if hessian:
+        options.pop("probes", None)
+        return Newton(objective, n_features, **options)
+    return QuasiNewton(objective, n_features, **options)
+
+
+def max_points(n_patients: int, max_feature_ratio: float) -> int:
+    """A site's bound on the points of one gradient query: max(2, ⌊ratio × n⌋), i.e. no
+    more gradients in one reply than the features whose p×p matrix it would release (2:
+    what ProximalGradient needs)."""
+    return max(2, int(np.floor(max_feature_ratio * n_patients)))
 
 
 def _initial_curvature(objective: Objective, reply: Reply, size: int) -> np.ndarray:

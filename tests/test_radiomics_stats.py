@@ -260,6 +260,30 @@ def test_l1_gradient_fallback_reaches_newton_optimum(C: float, site_z: list,
     assert fallback.rounds <= 300
 
 
+@pytest.mark.parametrize("C", [0.1, 1.0])
+def test_probe_points_reach_the_optimum_in_half_the_rounds(C: float, site_z: list,
+                                                          pooled_z: tuple) -> None:
+    """Gradient-only rounds with probe points per query (glm.PROBES): the optimum of Newton
+    rounds (and scikit-learn's), in at most half the rounds of one point per query."""
+    parts = with_tiny_site(site_z)
+    newton = fit(logistic.solver(C, "l1", 30), parts)
+    plain = fit(logistic.solver(C, "l1", 30, hessian=False), parts, RATIO)
+    probing = fit(logistic.solver(C, "l1", 30, hessian=False, probes=glm.PROBES), parts, RATIO)
+    np.testing.assert_allclose(probing.coef, newton.coef, atol=1e-6)
+    assert probing.intercept == pytest.approx(newton.intercept, abs=1e-6)
+    assert l1_kkt_violation(*pooled_z, C, probing.intercept, probing.coef) < 1e-6
+    assert probing.rounds <= plain.rounds / 2, (probing.rounds, plain.rounds)
+
+
+def test_a_site_bounds_the_points_of_one_query(site_z: list) -> None:
+    parts = with_tiny_site(site_z, size=20)  # max(2, ⌊0.33 × 20⌋) = 6 points per query
+    assert glm.max_points(20, RATIO) == 6 < glm.PROBES + 1
+    solver = logistic.solver(0.1, "l1", 30, hessian=False, probes=glm.PROBES)
+    with pytest.raises(Refused, match="9 points in one query refused: more than 6"):
+        run_rounds(solver, glm_sites(parts, RATIO))
+    fit(logistic.solver(0.1, "l1", 30, hessian=False, probes=5), parts, RATIO)  # 6 points
+
+
 def test_l1_fista_reaches_newton_optimum(site_z: list) -> None:
     parts = with_tiny_site(site_z)
     newton = fit(logistic.solver(0.1, "l1", 30), parts)
