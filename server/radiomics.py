@@ -77,8 +77,10 @@ class RadiomicsConfig:
 
 
 # A site that refuses a fit's query (its p×p matrix, or the points of a probing round; the
-# site's max_feature_ratio) switches that fit to the next mode: the same optimum, more rounds.
-FALLBACK = {"newton": "probing", "probing": "gradient"}
+# site's max_feature_ratio) switches that fit to the next mode: the same optimum, more
+# rounds. Probe points per query of each gradient-only mode (glm.QuasiNewton):
+PROBES = {"probing": glm.PROBES, "few-probes": glm.PROBES // 2, "gradient": 0}
+FALLBACK = {"newton": "probing", "probing": "few-probes", "few-probes": "gradient"}
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Designed:
 
     solver: Solver
     design: dict[str, Any]
-    mode: str = "newton"  # newton | probing | gradient (FALLBACK: what a refusal switches to)
+    mode: str = "newton"  # newton, or a PROBES mode (FALLBACK: what a refusal switches to)
 
     @property
     def done(self) -> bool:
@@ -107,7 +109,7 @@ class Designed:
 def _solver_options(mode: str) -> dict[str, Any]:
     """glm.solver options of a mode: Newton rounds, or gradient-only with or without
     probe points."""
-    return {"hessian": mode == "newton", "probes": glm.PROBES if mode == "probing" else 0}
+    return {"hessian": mode == "newton", "probes": PROBES.get(mode, 0)}
 
 
 class RadiomicsError(StageError):
@@ -211,6 +213,7 @@ class RadiomicsFit:
                     self.context, f"{STAGE}:{what}")
                 return solvers
             except RoundRefused as err:
+                self.rounds[what] = self.rounds.get(what, 0) + err.rounds  # spent all the same
                 if fallback is None:
                     raise
                 for key, by_site in err.refused.items():
@@ -308,6 +311,7 @@ class RadiomicsFit:
                 "intercept": fit.intercept,
                 "selected": [self.names[c] for c in columns[unit][keep]],
                 "rounds": fit.rounds, "mode": fit.mode, "converged": fit.converged,
+                "probes": PROBES.get(solvers[key].mode, 0),
             }
             out[unit] = columns[unit][keep]
         return out

@@ -25,10 +25,12 @@ SOLVERS = "solvers"  # query key: the solver keys this round carries
 
 
 class RoundRefused(StageError):
-    """Sites' policies refused solvers' queries: `refused` maps key → site → reason."""
+    """Sites' policies refused solvers' queries: `refused` maps key → site → reason;
+    `rounds` is how many rounds the drive had taken, the refused one included."""
 
-    def __init__(self, refused: Mapping[str, dict[str, str]]) -> None:
+    def __init__(self, refused: Mapping[str, dict[str, str]], rounds: int = 0) -> None:
         self.refused = {key: dict(by_site) for key, by_site in refused.items()}
+        self.rounds = rounds
         super().__init__("; ".join(f"{s} refused {key}: {why}"
                                    for key, by_site in self.refused.items()
                                    for s, why in by_site.items()))
@@ -58,7 +60,7 @@ def drive(transport: Transport, action: str, solvers: Mapping[str, Solver], site
         report_round(stage, rounds, 0, replies)
         refused = _refusals(replies, active)
         if refused:
-            raise RoundRefused(refused)
+            raise RoundRefused(refused, rounds)
         for key, solver in active.items():
             solver.update(sum_replies([nest(replies[s].payload, key) for s in sites]))
         if on_round:
