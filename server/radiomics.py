@@ -79,8 +79,10 @@ class RadiomicsConfig:
 # A site that refuses a fit's query (its p×p matrix, or the points of a probing round; the
 # site's max_feature_ratio) switches that fit to the next mode: the same optimum, more
 # rounds. Probe points per query of each gradient-only mode (glm.QuasiNewton):
-PROBES = {"probing": glm.PROBES, "few-probes": glm.PROBES // 2, "gradient": 0}
-FALLBACK = {"newton": "probing", "probing": "few-probes", "few-probes": "gradient"}
+PROBES = {"probing": glm.PROBES, "fewer-probes": glm.PROBES // 2,
+          "few-probes": glm.PROBES // 4, "gradient": 0}
+FALLBACK = {"newton": "probing", "probing": "fewer-probes", "fewer-probes": "few-probes",
+            "few-probes": "gradient"}
 
 
 @dataclass

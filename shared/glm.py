@@ -44,7 +44,7 @@ SQUARED = "squared"
 ARMIJO = 1e-4  # sufficient-decrease fraction of the line search
 MIN_STEP = 2.0**-40
 PROBE_STEP = 1e-4  # QuasiNewton's probe offset, relative to max(1, ‖θ‖∞)
-PROBES = 8  # QuasiNewton's probe points per query in a study (a site may allow fewer)
+PROBES = 12  # QuasiNewton's probe points per query in a study (a site may allow fewer)
 
 
 def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
