@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 GROUPS = 2  # label 0 and label 1
 
@@ -145,6 +144,8 @@ def welch_t(m: GroupMoments) -> TTest:
 
 
 def _t_test(m: GroupMoments, equal_var: bool) -> TTest:
+    from scipy import stats  # server half only: a site's fresh process skips its import
+
     n0, n1 = (int(v) for v in m.n)
     if n0 < 2 or n1 < 2:
         return TTest(np.nan, np.nan, float(n0 + n1 - 2) if equal_var else np.nan)
@@ -168,6 +169,8 @@ def chi_square(table: np.ndarray) -> ChiSquare:
     """Pearson's chi-square of a (levels × groups) table: `scipy.stats.chi2_contingency`
     with its default Yates correction for a 2 × 2 table. Levels with no patients are dropped.
     """
+    from scipy import stats  # server half only: a site's fresh process skips its import
+
     table = np.asarray(table, dtype=np.float64)
     table = table[table.sum(axis=1) > 0]
     if table.shape[0] < 2 or np.any(table.sum(axis=0) == 0):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy.special import ndtri
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def grid_edges(time_grid: np.ndarray, exits: np.ndarray, score_mean: float, scor
     else:
         time_edges = np.zeros(k - 1)
     sd = score_sd if np.isfinite(score_sd) and score_sd > 0 else 1.0
-    score_edges = score_mean + sd * stats.norm.ppf(np.arange(1, k) / k)
+    score_edges = score_mean + sd * ndtri(np.arange(1, k) / k)
     return time_edges, score_edges
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
+from scipy.special import chdtrc, ndtri
 
 from shared.kaplan_meier import Z95
 
@@ -314,10 +314,10 @@ def summarize(fit: CoxFit, names: Sequence[str], alpha: float = 0.05) -> CoxSumm
             se = np.sqrt(np.diag(_inverse_information(fit.hessian)))
     else:
         se = np.zeros(0)
-    z_crit = Z95 if alpha == 0.05 else float(stats.norm.ppf(1 - alpha / 2))
+    z_crit = Z95 if alpha == 0.05 else float(ndtri(1 - alpha / 2))
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         z = fit.beta / se
-        p_value = stats.chi2.sf(z**2, 1)
+        p_value = chdtrc(1, z**2)
         lower, upper = np.exp(fit.beta - z_crit * se), np.exp(fit.beta + z_crit * se)
         hazard_ratio = np.exp(fit.beta)
     return CoxSummary([names[c] for c in fit.columns], fit.beta.copy(), se, z, p_value,

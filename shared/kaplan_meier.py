@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy.special import chdtrc, ndtri
 
-Z95 = float(stats.norm.ppf(0.975))
+Z95 = float(ndtri(0.975))
 
 
 def bin_times(times: np.ndarray, time_bin: float) -> np.ndarray:
@@ -146,7 +146,7 @@ def kaplan_meier(table: TimeTable, alpha: float = 0.05) -> KaplanMeier:
     log_s = np.cumsum(log_terms)
     variance = np.cumsum(var_terms)
     survival = np.exp(log_s)
-    z = float(stats.norm.ppf(1 - alpha / 2))
+    z = float(ndtri(1 - alpha / 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         v = np.log(survival)
         lower = np.exp(-np.exp(np.log(-v) - z * np.sqrt(variance) / v))
@@ -196,4 +196,4 @@ def logrank(tables: Sequence[TimeTable]) -> LogRank:
     v = np.diag(weighted.T @ total) - weighted.T @ weighted
     v = v[: k - 1, : k - 1]
     u = float(z[: k - 1] @ np.linalg.pinv(v) @ z[: k - 1])
-    return LogRank(u, float(stats.chi2.sf(u, k - 1)), k - 1)
+    return LogRank(u, float(chdtrc(k - 1, u)), k - 1)
