@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from scipy import stats
 
 from simulation.cohort import simulate_cohort
@@ -135,9 +136,11 @@ def wait_online(env: dict[str, str], count: int, timeout: float = 60) -> None:
 
 
 def run_study(command: str, env: dict[str, str], log: Path,
-              kill_on: tuple[str, Callable[[], None]] | None = None) -> tuple[int, str]:
+              kill_on: tuple[str, Callable[[], None]] | None = None,
+              seen: dict[str, float] | None = None) -> tuple[int, str]:
     """Run a `deploy/run.sh …` line to the end, streaming its log; when a line contains
-    `kill_on[0]`, call `kill_on[1]()` once."""
+    `kill_on[0]`, call `kill_on[1]()` once; `seen` maps texts to the monotonic time of the
+    first line holding them (filled in)."""
     lines = []
     with subprocess.Popen(["bash", "-c", command], cwd=APP_DIR, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -148,6 +151,9 @@ def run_study(command: str, env: dict[str, str], log: Path,
             if kill_on and kill_on[0] in line:
                 kill_on[1]()
                 kill_on = None
+            for text in seen or {}:
+                if text in line and not seen[text]:
+                    seen[text] = time.monotonic()
         rc = proc.wait(timeout=300)
     log.write_text("".join(lines))
     return rc, "".join(lines)
@@ -221,12 +227,19 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
         except OSError as err:
             info["plain_http"] = f"refused: {type(err).__name__}"
 
-        # 5. run A, the README's study run; site-3 is shut down while it holds round 2
+        # 5. run A, the README's study run (round-timeout 600 s); site-3 is killed with
+        # SIGKILL while it holds round 2: no sign-off, only its heartbeats stop
         wait_online(coordinator, 3)
         started = time.monotonic()
+
+        def kill() -> None:
+            info["killed_at"] = time.monotonic()
+            procs.stop("site-3", sig=signal.SIGKILL)
+
+        info["seen"] = {"site-3 dropped during cohort_squares": 0.0}
         info["a_rc"], info["a_log"] = run_study(
-            run_a, coordinator, root / "run-a.log",
-            kill_on=("[cohort] round 1/2", lambda: procs.stop("site-3")))
+            run_a, coordinator, root / "run-a.log", kill_on=("[cohort] round 1/2", kill),
+            seen=info["seen"])
         info["a_seconds"] = time.monotonic() - started
         shutil.copy(root / "out-a" / "results.json", root / "results-a.json")
 
@@ -313,8 +326,13 @@ def test_run_a_goes_on_without_the_site_shut_down_mid_round(deployment: dict) ->
     assert list(rows) == list(SITES)  # all three authenticated and answered the handshake
     assert [rows[s]["status"] for s in ("site-1", "site-2")] == ["ok", "ok"]
     assert rows["site-3"]["status"] == "dropped"
-    # the SuperLink answers for the node that signed off mid-round (or refuses new messages)
-    assert re.search(r"Node Unavailable|not accepted by the SuperLink", rows["site-3"]["reason"])
+    # the SuperLink answers for the node whose heartbeats stopped (Flower: none for
+    # HEARTBEAT_PATIENCE × HEARTBEAT_DEFAULT_INTERVAL), long before round-timeout (600 s)
+    assert "Node Unavailable" in rows["site-3"]["reason"]
+    dropped_after = deployment["seen"]["site-3 dropped during cohort_squares"] - \
+        deployment["killed_at"]
+    assert 0 < dropped_after <= HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 10, \
+        dropped_after
     cohort = out["cohort"]
     assert cohort["sites_used"] == ["site-1", "site-2"]
     assert cohort["restarts"][0]["sites"] == list(SITES)
