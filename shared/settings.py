@@ -435,11 +435,6 @@ def value(raw: Mapping[str, Any], key: str) -> Any:
         raise ConfigError(f"run config {key}: {err}") from None
 
 
-def for_model(settings: Mapping[str, Any], key: str, model: str) -> Any:
-    """A per-model key's value for one model (None: the recipe's)."""
-    return settings[key][model]
-
-
 # --------------------------------------------------------------------------- documents
 
 

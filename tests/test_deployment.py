@@ -35,6 +35,7 @@ from scipy import stats
 
 from simulation.cohort import simulate_cohort
 from simulation.launcher import APP_DIR, free_port
+from tests.processes import processes
 
 pytestmark = pytest.mark.slow
 
@@ -95,14 +96,7 @@ class Processes:
 
 def ours(marker: str) -> list[tuple[int, str]]:
     """Processes whose command line names this test's folder or port (all started by us)."""
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True,
-                             text=True).stdout.splitlines()[1:]
-    found = []
-    for line in listing:
-        pid, _, args = line.strip().partition(" ")
-        if marker in args and int(pid) != os.getpid() and "ps -ww" not in args:
-            found.append((int(pid), args))
-    return found
+    return processes(marker)
 
 
 def wait_healthy(port: int, ca: Path, timeout: float = 60) -> None:

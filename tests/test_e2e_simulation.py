@@ -9,7 +9,6 @@ that cannot serve at all.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from scipy import stats
 
 from simulation.cohort import simulate_cohort
 from simulation.launcher import run_simulation
+from tests.processes import processes
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +161,5 @@ def test_report_and_logs_are_written(run: dict) -> None:
 
 
 def test_no_superlink_is_left_running(run: dict) -> None:
-    listing = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(run["out"]) not in listing
-    assert not [line for line in listing.splitlines()
-                if "flower-superlink" in line and "--simulation" in line and "--port" in line]
+    assert not processes(str(run["out"]))
+    assert not processes("flower-superlink", "--simulation", "--port")

@@ -15,6 +15,7 @@ import pytest
 
 from simulation.cohort import simulate_cohort
 from simulation.launcher import APP_DIR, free_port
+from tests.processes import processes
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,4 @@ def stop_local_superlink(port: int) -> None:
 
 
 def superlink_pids(port: int) -> list[int]:
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True,
-                             text=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines()
-            if "flower-superlink" in line and f"--port {port}" in line]
+    return [pid for pid, _ in processes("flower-superlink", f"--port {port}")]

@@ -30,6 +30,7 @@ from server.training_setup import setup
 from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
 from simulation.in_process import InProcessTransport
+from tests.processes import processes
 
 TINY = {"cnn-width": 0.0625, "mri-size": 16, "deep-cv-folds": 2, "rounds": 3,
         "local-steps": 3, "batch-size": 4, "gradcam-patients": 0, "seed": 5}
@@ -112,20 +113,8 @@ def test_the_pooled_reference_trains_the_pooled_rows_in_its_own_process(
                  .site.clinical) for s in ("site-1", "site-2")]
     assert both.result["pooled_patients"] == sum(sizes) > sizes[0]
     assert both.result["devices"] == {"pooled": {"type": "cpu"}}
-    assert not running("simulation.pooled_site")
+    assert not processes("simulation.pooled_site")
 
-
-def running(command: str) -> list[str]:
-    """Processes whose command line holds `command` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if command in line:
-            found.append(f"{entry.name}: {line}")
-    return found
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavgm"])
