@@ -134,7 +134,8 @@ def decode(arrays: Mapping[str, np.ndarray], dtype: str,
 
 
 def wire_bytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """Raw bytes of the arrays as sent (the ArrayRecord's buffers)."""
+    """Raw bytes of the arrays as sent (their buffers; a payload under `wire.PACK_BYTES`
+    adds its npz headers, about 100 bytes an array)."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))
 
 

@@ -1,0 +1,87 @@
+"""The message codec: small payloads packed into the ConfigRecord (3 Flower objects a
+message on a deployment), large ones one Array per key; what comes out is what went in."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+from shared import schema
+from wire import PACK_BYTES, PACKED, read_payload, to_records
+from wire import flower_waits
+
+STATISTICS = {"status": "ok", "n": 12, "site.name": "A", "levels": ["x", "y"],
+              "sums": np.arange(6.0).reshape(2, 3), "counts": np.array([3, 4], np.int64),
+              "mask": np.array([True, False])}
+
+
+def same(a: schema.Payload, b: schema.Payload) -> None:
+    assert set(a) == set(b)
+    for key, value in a.items():
+        if isinstance(value, np.ndarray):
+            assert b[key].dtype == value.dtype and b[key].shape == value.shape, key
+            np.testing.assert_array_equal(b[key], value)
+        else:
+            assert b[key] == value, key
+
+
+def test_a_statistics_payload_is_three_flower_objects_and_comes_back_equal() -> None:
+    records = to_records(STATISTICS)
+    assert list(records) == [schema.CONFIG] and PACKED in records[schema.CONFIG]
+    assert len(get_all_nested_objects(records)) == 2  # RecordDict + ConfigRecord (+ Message)
+    same(STATISTICS, read_payload(records))
+
+
+def test_a_large_payload_keeps_one_array_per_key() -> None:
+    weights = {"w.a": np.ones(PACK_BYTES // 8 + 1), "w.b": np.zeros(3, np.float32), "k": 1}
+    records = to_records(weights)
+    assert set(records.array_records[schema.ARRAYS]) == {"w.a", "w.b"}
+    assert PACKED not in records[schema.CONFIG]
+    same(weights, read_payload(records))
+
+
+def test_unpacked_messages_from_other_senders_still_read() -> None:
+    records = RecordDict({schema.ARRAYS: ArrayRecord({"a": Array(np.ones(2))}),
+                          schema.CONFIG: ConfigRecord({"status": "ok"})})
+    same({"a": np.ones(2), "status": "ok"}, read_payload(records))
+
+
+def test_the_reserved_key_and_bad_packed_blobs_are_refused() -> None:
+    with pytest.raises(schema.SchemaError, match="reserved"):
+        to_records({PACKED: 1})
+    with pytest.raises(schema.SchemaError, match="not bytes"):
+        read_payload(RecordDict({schema.CONFIG: ConfigRecord({PACKED: "text"})}))
+    pickled = io.BytesIO()
+    np.savez(pickled, a=np.array([object()], dtype=object))
+    with pytest.raises(ValueError):  # np.load without pickle refuses object arrays
+        read_payload(RecordDict({schema.CONFIG: ConfigRecord({PACKED: pickled.getvalue()})}))
+    both = to_records({"a": np.ones(2)})
+    both[schema.ARRAYS] = ArrayRecord({"a": Array(np.ones(2))})
+    with pytest.raises(schema.SchemaError, match="both"):
+        read_payload(both)
+
+
+def test_missing_objects_are_asked_again_after_50_ms_not_flowers_second() -> None:
+    changed = flower_waits.quick_object_pulls()
+    assert set(changed) == set(flower_waits.PULLERS)
+    assert flower_waits.quick_object_pulls() == changed  # idempotent: no partial of a partial
+    from flwr.supercore.inflatable import inflatable_utils
+
+    asked: list[float] = []
+
+    def pull(object_id: str) -> bytes:
+        asked.append(time.monotonic())
+        if len(asked) < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"x"
+
+    started = time.monotonic()
+    assert inflatable_utils.pull_objects(["o"], pull) == {"o": b"x"}
+    assert len(asked) == 3
+    assert time.monotonic() - started < 0.6  # Flower's defaults: 1 s + 2 s
