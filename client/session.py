@@ -1,14 +1,21 @@
 """A site's state while it serves a run: its loaded folder and its egress guard.
 
 Loading is cached per (folder, task) in the ClientApp process, so a stage with several
-rounds reads the folder once. Reasons that name patients are written only to the site's
-own log, `<site>/audit/site.log`; the server is told counts.
+rounds reads the folder once, and on the site's disk (`<site>/cache/session/`, keyed by the
+folder's stamp and the loader's code), so a fresh ClientApp process — one per message on a
+deployment — does not read and check every table and image header again. Reasons that name
+patients are written only to the site's own log, `<site>/audit/site.log`; the server is told
+counts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import pickle
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +35,10 @@ from client.site import (
 )
 from shared.labels import task_label
 
+SESSION_CACHE = ("cache", "session")
+SESSION_CACHE_KEEP = 32  # newest loaded folders kept on disk
+LOADER_MODULES = ("client.site", "client.site_config", "client.site_values",
+                  "client.site_images", "client.dicom", "shared.labels", "shared.policy")
 AUDIT_DIR = "audit"
 EGRESS_LOG = "egress.jsonl"
 SITE_LOG = "site.log"
@@ -96,12 +107,52 @@ def clear_sessions() -> None:
 @lru_cache(maxsize=16)
 def _open_session(root: str, task: str | None, needs: tuple[str, ...],
                   stamp: tuple) -> SiteSession:
-    site = load_site(Path(root), task=task, needs=needs)
+    site = _stored_site(Path(root), task, needs, stamp)
     patient_ids = frozenset(map(str, site.clinical.index)) | frozenset(site.excluded)
     audit = Path(root) / AUDIT_DIR
     guard = EgressGuard(site.config.site_id, site.config.privacy, patient_ids, audit / EGRESS_LOG)
     _log_exclusions(site, audit / SITE_LOG)
     return SiteSession(site=site, guard=guard, task=task)
+
+
+def _stored_site(root: Path, task: str | None, needs: tuple[str, ...], stamp: tuple) -> Site:
+    """`load_site`, or the Site this folder gave last time with the same stamp, task, needs
+    and loader code. The pickle is the site's own, in its own folder, written by this
+    ClientApp: whoever can write it could as well edit the site's tables. A folder that
+    cannot be written is loaded every time."""
+    key = json.dumps([_loader_code(), task, list(needs), [list(s) for s in stamp]])
+    folder = root.joinpath(*SESSION_CACHE)
+    path = folder / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
+    try:
+        with path.open("rb") as stored:
+            site = pickle.load(stored)
+        if isinstance(site, Site) and site.root == root:
+            return site
+    except (OSError, pickle.PickleError, EOFError, AttributeError, ImportError, TypeError):
+        pass
+    site = load_site(root, task=task, needs=needs)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        partial.write_bytes(pickle.dumps(site, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(partial, path)
+        for old in sorted(folder.glob("*.pkl"), key=lambda p: p.stat().st_mtime)[
+                :-SESSION_CACHE_KEEP]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return site
+
+
+@lru_cache(maxsize=1)
+def _loader_code() -> str:
+    """sha256 of the code that turns a folder into a Site: a changed loader reloads."""
+    digest = hashlib.sha256()
+    for name in LOADER_MODULES:
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if source:
+            digest.update(Path(source).read_bytes())
+    return digest.hexdigest()
 
 
 def _log_exclusions(site: Site, path: Path) -> None:

@@ -264,3 +264,34 @@ def test_a_bad_setting_stops_the_study_before_any_site_is_asked(tmp_path: Path) 
         run = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
         assert run["run"]["status"] == "stopped"
         assert run["run"]["reason"].startswith("configuration: run config ")
+
+
+def test_a_fresh_process_takes_the_loaded_site_from_the_sites_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a deployment every message is a new ClientApp process: the Site it loads comes from
+    `<site>/cache/session/` while the folder is unchanged, and is read again when it is not
+    (or when the stored file is damaged)."""
+    from client import session
+
+    (folder,) = write_sites(tmp_path, gbsg2_parts()[:1])
+    loads: list[Path] = []
+    real = session.load_site
+    monkeypatch.setattr(session, "load_site", lambda root, **kw: loads.append(root) or
+                        real(root, **kw))
+    needs = ("clinical", "survival")
+    first = session.open_session(str(folder), None, needs)
+    session.clear_sessions()  # what a new process starts with
+    again = session.open_session(str(folder), None, needs)
+    assert len(loads) == 1 and again is not first
+    pd.testing.assert_frame_equal(again.site.clinical, first.site.clinical)
+    assert again.site.excluded == first.site.excluded
+    (stored,) = (folder / "cache" / "session").glob("*.pkl")
+    stored.write_bytes(b"not a pickle")
+    session.clear_sessions()
+    session.open_session(str(folder), None, needs)
+    assert len(loads) == 2
+    rows = pd.read_csv(folder / "clinical.csv")
+    rows.head(len(rows) - 5).to_csv(folder / "clinical.csv", index=False)
+    session.clear_sessions()
+    edited = session.open_session(str(folder), None, needs)
+    assert len(loads) == 3 and len(edited.site.clinical) == len(first.site.clinical) - 5
