@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import timing
 from client.handlers import error_reply, serve
 from shared import schema, settings
 from wire import read_payload, to_records
@@ -66,6 +67,7 @@ def max_query_bytes(context: Context) -> int:
 
 def answer(msg: Message, context: Context) -> Message:
     """Answer one message; never raises, always a payload with `status`."""
+    entered = time.time()
     message_type = str(msg.metadata.message_type)
     action = schema.action_of(message_type)
     run_id = str(msg.metadata.run_id)
@@ -92,6 +94,7 @@ def answer(msg: Message, context: Context) -> Message:
         reply = error_reply(root, action, run_id,
                             f"malformed query: {type(err).__name__}: {err}"[:2000])
     _test_delay(action)
+    timing.record(action, entered)
     return _reply(msg, reply)
 
 

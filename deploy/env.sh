@@ -27,10 +27,11 @@ if [ -x "$FEDDLR_APP/.venv/bin/flwr" ]; then
     export PATH="$FEDDLR_APP/.venv/bin:$PATH"
 fi
 # A private Flower home per machine role; Flower never installs packages at run time, and
-# never calls out to check for updates.
+# never calls out to check for updates or to report usage.
 export FLWR_HOME="$FEDDLR_DEPLOY/flwr-home"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_TELEMETRY_ENABLED=0  # no usage events to Flower's servers from a hospital
 # SuperExec picks up a new message's ClientApp/ServerApp task within 0.2 s (default 1 s).
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"
 export PYTHONUNBUFFERED=1

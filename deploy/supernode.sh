@@ -3,13 +3,20 @@
 # (trusting only the consortium CA), signs in with its private key, and runs the FedDLR
 # ClientApp, which answers through the site's egress guard. Runs in the foreground.
 # FEDDLR_NODE_CONFIG adds node-config entries, e.g. 'max-query-bytes=536870912'.
+# By default the SuperNode is kept warm (deploy/warm_supernode.py: Flower's SuperNode with
+# short waits after a message, each message's ClientApp forked from a process that has its
+# libraries imported); FEDDLR_FAST=0 runs Flower's plain flower-supernode instead.
 source "$(dirname "$0")/env.sh"
 need FEDDLR_SUPERLINK
 need FEDDLR_SITE
 name="${FEDDLR_NODE_NAME:-$(basename "$FEDDLR_SITE")}"
 site="$(cd "$FEDDLR_SITE" && pwd)"
 cd "$FEDDLR_APP"
-exec flower-supernode \
+supernode=(flower-supernode)
+if [ "${FEDDLR_FAST:-1}" != "0" ]; then
+    supernode=(python "$FEDDLR_APP/deploy/warm_supernode.py")
+fi
+exec "${supernode[@]}" \
     --superlink "$FEDDLR_SUPERLINK" \
     --root-certificates "$FEDDLR_TLS/ca.crt" \
     --auth-supernode-private-key "$FEDDLR_KEYS/$name.key" \

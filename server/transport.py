@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from shared import schema
 from shared.schema import Payload
@@ -37,6 +38,9 @@ T = TypeVar("T")
 _UNREACHABLE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
                 ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 POLL_INTERVAL = 0.5  # seconds between pulls for replies (Flower's send_and_receive uses 3)
+# Shortest wait between pulls: in the Simulation Engine a pull is a function call; on a
+# deployment each is a SuperLink request and database query, and a round takes ~1 s.
+POLL_FLOOR = {"simulation": 0.01, "deployment": 0.05}
 
 
 class StudyError(RuntimeError):
@@ -174,6 +178,8 @@ class GridTransport:
         self.connect_timeout = connect_timeout
         self.min_sites = min_sites
         self.poll_interval = poll_interval
+        self.poll_floor = POLL_FLOOR["simulation" if isinstance(grid, InMemoryGrid)
+                                     else "deployment"]
         self.nodes: dict[str, int] = {}
         self.wire: dict[str, list[dict]] = {}
         self.dropped: dict[str, str] = {}  # site -> why; never asked again in this run
@@ -235,7 +241,7 @@ class GridTransport:
                 break
             # back off with the round's age: a reply is seen at most ~10 % after it lands
             # (statistics rounds answer in milliseconds, a CNN round in seconds)
-            wait = min(max(0.01, 0.1 * (now - started)), self.poll_interval)
+            wait = min(max(self.poll_floor, 0.1 * (now - started)), self.poll_interval)
             time.sleep(min(wait, deadline - now))
         for node in pending.values():
             out[node] = Reply(f"node-{node}", schema.STATUS_DROPPED,
