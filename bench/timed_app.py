@@ -46,21 +46,22 @@ class TimedTransport(GridTransport):
         self.handshake_seconds = time.perf_counter() - started
         nodes = {self.nodes[s]: dict(query) for s, r in named.items() if r.ok}
         for _ in range(self.empty_rounds):
-            t0 = time.perf_counter()
+            t0, wall = time.perf_counter(), time.time()
             replies = self._send(schema.HANDSHAKE, nodes)
             self.empty.append({"sites": len(nodes), "seconds": time.perf_counter() - t0,
-                               "ok": sum(r.ok for r in replies.values())})
+                               "ok": sum(r.ok for r in replies.values()), "sent": wall})
         return named
 
     def ask(self, action: str, query: Payload | Mapping[str, Payload],
             sites: Iterable[str]) -> dict[str, Reply]:
         sites = list(sites)
-        t0 = time.perf_counter()
+        t0, wall = time.perf_counter(), time.time()
         replies = super().ask(action, query, sites)
         seconds = time.perf_counter() - t0
         fields = sorted({k.rsplit(".", 1)[-1] for k in _first(query) if k.startswith("q.")})
         self.rounds.append({"action": action, "sites": len(sites), "seconds": seconds,
-                            "ok": sum(r.ok for r in replies.values()), "fields": fields})
+                            "ok": sum(r.ok for r in replies.values()), "fields": fields,
+                            "sent": wall})
         return replies
 
 
