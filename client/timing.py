@@ -1,10 +1,10 @@
 """Where a ClientApp's time goes, for `bench/deployment.py`: inert unless the SuperNode's
 own environment sets `FEDDLR_TIMING=<file>`.
 
-Each message appends one JSON line: the process's start time (from /proc), when the app's
-modules were imported, when the message reached the app and when the reply was ready, all
-as wall-clock seconds, and the CPU seconds the process had used by then. Nothing of the query or the site is written; the site's operator
-chooses the file.
+Each message appends one JSON line: the process's start (its fork, or from /proc), when the
+app's modules were imported, when the message reached the app and when the reply was
+ready, as wall-clock seconds, and the CPU seconds the process had used by then. Nothing of
+the query or the site is written; the site's operator chooses the file.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
 from shared import schema
-from wire import PACK_BYTES, PACKED, read_payload, to_records
-from wire import flower_waits
+from wire import PACK_BYTES, PACKED, flower_waits, read_payload, to_records
 
 STATISTICS = {"status": "ok", "n": 12, "site.name": "A", "levels": ["x", "y"],
               "sums": np.arange(6.0).reshape(2, 3), "counts": np.array([3, 4], np.int64),
