@@ -1,5 +1,6 @@
-"""The message codec: small payloads packed into the ConfigRecord (3 Flower objects a
-message on a deployment), large ones one Array per key; what comes out is what went in."""
+"""The message codec: a payload's arrays as one npz blob, in the ConfigRecord when small
+(3 Flower objects a message on a deployment), else one uint8 Array that Flower chunks; what
+comes out is what went in, and messages with one Array per key still read."""
 
 from __future__ import annotations
 
@@ -37,12 +38,16 @@ def test_a_statistics_payload_is_three_flower_objects_and_comes_back_equal() -> 
     same(STATISTICS, read_payload(records))
 
 
-def test_a_large_payload_keeps_one_array_per_key() -> None:
+def test_a_large_payload_is_one_uint8_array_that_flower_chunks() -> None:
     weights = {"w.a": np.ones(PACK_BYTES // 8 + 1), "w.b": np.zeros(3, np.float32), "k": 1}
     records = to_records(weights)
-    assert set(records.array_records[schema.ARRAYS]) == {"w.a", "w.b"}
+    assert list(records.array_records[schema.ARRAYS]) == [PACKED]
+    assert records.array_records[schema.ARRAYS][PACKED].dtype == "uint8"
     assert PACKED not in records[schema.CONFIG]
     same(weights, read_payload(records))
+    many = {f"w.{i}": np.full(PACK_BYTES // 32, float(i)) for i in range(40)}  # 40 tensors
+    assert len(get_all_nested_objects(to_records(many))) < 12  # ~ 5 chunks of 5 MiB + 4
+    same(many, read_payload(to_records(many)))
 
 
 def test_unpacked_messages_from_other_senders_still_read() -> None:
@@ -56,6 +61,8 @@ def test_the_reserved_key_and_bad_packed_blobs_are_refused() -> None:
         to_records({PACKED: 1})
     with pytest.raises(schema.SchemaError, match="not bytes"):
         read_payload(RecordDict({schema.CONFIG: ConfigRecord({PACKED: "text"})}))
+    with pytest.raises(schema.SchemaError, match="not bytes"):
+        read_payload(RecordDict({schema.ARRAYS: ArrayRecord({PACKED: Array(np.ones(3))})}))
     pickled = io.BytesIO()
     np.savez(pickled, a=np.array([object()], dtype=object))
     with pytest.raises(ValueError):  # np.load without pickle refuses object arrays

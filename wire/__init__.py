@@ -1,18 +1,14 @@
 """The message codec both apps use: Payload ⇄ Flower RecordDict, arrays in one
 ArrayRecord, the rest in one ConfigRecord.
 
-A payload whose arrays hold at most `PACK_BYTES` (every statistics query and reply) sends
-them instead as one npz blob (no pickle) in the ConfigRecord, under the reserved key
+All of a payload's arrays travel as one npz blob (no pickle) under the reserved key
 `__arrays__`: on a deployment every Flower object of a message (each Array, each of its
-chunks, each record) is one HTTPS request to the SuperLink and one of its database writes,
-so a message of 3 objects instead of 5–20 takes a fraction of the round (docs/BENCHMARKS.md
-§9). Larger payloads (CNN weights) keep one Array per key, which Flower chunks.
-
-Its own package because the ClientApp and the ServerApp both need it while neither may
-import the other, and `shared/` stays free of Flower (the payload rules themselves,
-`split_payload`/`join_payload`, are shared/schema.py's). The same payloads also travel as
-npz frames on a pipe to a local process (`write_frame`/`read_frame`): the pooled reference
-of a simulation (simulation/pooled_site.py).
+chunks, each record) is one HTTPS request to the SuperLink and one of its writes, so a
+statistics message of 3 objects instead of 5–20, and a CNN weight message of a few 5 MiB
+chunks instead of two objects per tensor, take a fraction of the time (docs/BENCHMARKS.md
+§9). Up to `PACK_BYTES` the blob is a bytes value of the ConfigRecord (no ArrayRecord at
+all); above, it is one uint8 Array in the ArrayRecord, which Flower chunks. `read_payload`
+also reads messages with one Array per key (other senders, older FedDLR).
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from shared import schema
 
-PACK_BYTES = 1 << 20  # arrays up to this many bytes travel packed in the ConfigRecord
+PACK_BYTES = 1 << 20  # a packed blob up to this size travels in the ConfigRecord
 PACKED = "__arrays__"  # the reserved ConfigRecord key of packed arrays
 
 
@@ -35,10 +31,13 @@ def to_records(payload: schema.Payload) -> RecordDict:
     arrays, config = schema.split_payload(payload)
     if PACKED in config or PACKED in arrays:
         raise schema.SchemaError(f"payload key {PACKED!r} is reserved by the codec")
-    if arrays and sum(a.nbytes for a in arrays.values()) <= PACK_BYTES:
-        return RecordDict({schema.CONFIG: ConfigRecord({**config, PACKED: _npz(arrays)})})
+    if not arrays:
+        return RecordDict({schema.CONFIG: ConfigRecord(config)})
+    blob = _npz(arrays)
+    if len(blob) <= PACK_BYTES:
+        return RecordDict({schema.CONFIG: ConfigRecord({**config, PACKED: blob})})
     return RecordDict({
-        schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        schema.ARRAYS: ArrayRecord({PACKED: Array(np.frombuffer(blob, np.uint8))}),
         schema.CONFIG: ConfigRecord(config),
     })
 
@@ -47,10 +46,14 @@ def read_payload(content: RecordDict) -> schema.Payload:
     records = content.array_records.get(schema.ARRAYS)
     config = dict(content.config_records.get(schema.CONFIG) or {})
     arrays = {k: v.numpy() for k, v in (records or {}).items()}
-    packed = config.pop(PACKED, None)
-    if packed is not None:
+    blobs = [("config", config.pop(PACKED, None)), ("arrays", arrays.pop(PACKED, None))]
+    for where, packed in blobs:
+        if packed is None:
+            continue
+        if isinstance(packed, np.ndarray) and packed.dtype == np.uint8 and packed.ndim == 1:
+            packed = packed.tobytes()
         if not isinstance(packed, bytes):
-            raise schema.SchemaError(f"{PACKED!r} is not bytes")
+            raise schema.SchemaError(f"{PACKED!r} in {where} is not bytes")
         unpacked = _unnpz(packed)
         if set(unpacked) & set(arrays):
             raise schema.SchemaError(f"keys both packed and in {schema.ARRAYS!r}")
