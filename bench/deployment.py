@@ -4,7 +4,8 @@ Simulation Engine, in one run.
 The deployment is the README's: a CA and SuperLink certificate (`deploy/ca.sh`), the
 SuperLink with TLS and SuperNode authentication (`deploy/superlink.sh`), one key pair per
 hospital (`deploy/node-key.sh`, `deploy/register.sh`) and one SuperNode per site
-(`deploy/supernode.sh`, in its default configuration unless `--supernode-env` changes it).
+(`deploy/supernode.sh`), in their default (warm) configuration, or with `--stock` Flower's
+plain commands (`FEDDLR_FAST=0`).
 The study is submitted with `flwr run` from a copy of the app whose ServerApp is
 `bench/timed_app.py` (every round timed at the server, a few empty rounds after the
 handshake). The same study then runs in the Simulation Engine (`feddlr run`'s launcher).
@@ -54,7 +55,8 @@ from simulation.launcher import free_port
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 STATISTICS = ("cohort_", "radiomics_", "survival_")
-CNN = {"stages": "deep", "models": "dl_mri", "rounds": "3", "local-epochs": "dl_mri=1",
+DEMO = {"validation": "loso", "survival-group": "label,predicted:dlr"}  # `make demo`'s run
+CNN = {"stages": "deep", "deep-models": "dl_mri", "rounds": "3", "local-epochs": "dl_mri=1",
        "cnn-width": "0.0625", "mri-size": "16", "deep-cv-folds": "2", "cv-folds": "2",
        "gradcam-patients": "0", "seed": "4"}
 
@@ -69,7 +71,8 @@ class Loopback:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("FEDDLR_", "FLWR_"))}
         base.update(PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
                     FEDDLR_SUPERLINK=f"127.0.0.1:{self.port}", FEDDLR_LISTEN="127.0.0.1")
-        self.coordinator = dict(base, FEDDLR_DEPLOY=str(root / "coordinator"))
+        self.coordinator = dict(base, FEDDLR_DEPLOY=str(root / "coordinator"),
+                                **{k: v for k, v in node_env.items() if k == "FEDDLR_FAST"})
         self.hospitals = {s.name: dict(base, FEDDLR_DEPLOY=str(root / s.name),
                                        FEDDLR_SITE=str(s), FEDDLR_NODE_NAME=s.name,
                                        FEDDLR_NODE_PORT=str(free_port()),
@@ -290,6 +293,38 @@ def study_seconds(timing: dict) -> float:
     return timing["study_seconds"] - sum(e["seconds"] for e in timing["empty"])
 
 
+def demo_study(root: Path, node_env: dict[str, str], figures: Figures) -> bool:
+    """`make demo`'s study (its sites and its run config) on the loopback deployment, then
+    in the Simulation Engine, each on its own copy of the freshly simulated site folders
+    (no cache carried over): the ServerApp's study seconds and rounds, deployment ÷
+    simulation."""
+    simulate_cohort(root / "demo-sites", n_sites=3, n_patients=40, seed=7, effect_size=1.5)
+    copies = {}
+    for engine in ("deploy", "sim"):
+        copies[engine] = root / f"demo-sites-{engine}"
+        shutil.copytree(root / "demo-sites", copies[engine])
+    app = timed_app(root / "timed-demo")
+    folders = sorted(p for p in copies["deploy"].iterdir() if (p / "site.yaml").is_file())
+    loopback = Loopback(root / "deploy-demo", folders, node_env)
+    (root / "deploy-demo").mkdir(parents=True, exist_ok=True)
+    try:
+        loopback.start()
+        deployed = loopback.run(app, root / "out-demo-deploy",
+                                {**DEMO, "sites-dir": str(copies["deploy"]),
+                                 "bench-empty-rounds": "0"})
+    finally:
+        loopback.stop()
+    simulated = run_once(app, copies["sim"], root / "out-demo-sim", "", 1.0, 0, DEMO)
+    d, s = study_seconds(deployed["timing"]), study_seconds(simulated["timing"])
+    stages = {k: v["status"] for k, v in deployed["results"]["run"]["stages"].items()}
+    figures.add("demo_deploy_s", d, f"make demo's study on the deployment (stages {stages})")
+    figures.add("demo_simulation_s", s, "the same study in the Simulation Engine")
+    figures.add("demo_deploy_over_simulation", d / s, "deployment ÷ simulation")
+    figures.add("demo_rounds", len(deployed["timing"]["rounds"]),
+                f"rounds on the deployment (simulation: {len(simulated['timing']['rounds'])})")
+    return deployed["rc"] == 0 and simulated["rc"] == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
@@ -302,16 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cnn", action="store_true", help="skip the CNN training round")
     parser.add_argument("--no-simulation", action="store_true",
                         help="skip the same study in the Simulation Engine")
-    parser.add_argument("--supernode-env", default="",
-                        help="KEY=VALUE,... for deploy/supernode.sh (e.g. FEDDLR_FAST=0)")
+    parser.add_argument("--stock", action="store_true",
+                        help="Flower's plain flower-superlink / flower-supernode "
+                             "(FEDDLR_FAST=0) instead of the warm launchers")
     parser.add_argument("--quick", action="store_true", help="stages cohort,survival only")
+    parser.add_argument("--demo", action="store_true",
+                        help="also make demo's whole study, deployment ÷ simulation (long)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     stages = "cohort,survival" if args.quick else args.stages
     root = args.out or Path(tempfile.mkdtemp(prefix="feddlr-bench-deploy-"))
     root.mkdir(parents=True, exist_ok=True)
-    node_env = dict(kv.split("=", 1) for kv in args.supernode_env.split(",") if kv)
+    node_env = {"FEDDLR_FAST": "0" if args.stock else "1"}
     folders = feature_sites(root / "sites", args.sites, args.patients, args.features,
                             args.seed)
     if not args.no_cnn:
@@ -323,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = Figures()
     print(f"deployment: {args.sites} SuperNodes on loopback (TLS, node authentication), "
           f"{args.patients} patients per site, stages {stages}, "
-          f"supernode env {node_env or 'default'}", flush=True)
+          f"{'stock Flower' if args.stock else 'warm launchers'}", flush=True)
     loopback = Loopback(root / "deploy", folders, node_env)
     (root / "deploy").mkdir(parents=True, exist_ok=True)
     try:
@@ -354,9 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  if k not in ("stages", "sites-dir",
                                                               "bench-empty-rounds")})
         compare(figures, deployed, simulated)
+    ok = deployed["rc"] == 0 and (simulated is None or simulated["rc"] == 0)
+    if args.demo:
+        ok = demo_study(root, node_env, figures) and ok
     figures.dump(args.json, machine=machine(), args={k: str(v) for k, v in vars(args).items()})
     print(f"written under {root}")
-    return 0 if deployed["rc"] == 0 and (simulated is None or simulated["rc"] == 0) else 1
+    return 0 if ok else 1
 
 
 def report(figures: Figures, deployed: dict, cnn: dict | None) -> None:

@@ -105,7 +105,8 @@ def run_once(app: Path, sites: Path, out: Path, stages: str, cpus: float,
     try:
         with PeakMemory({"site_actor": "ClientAppActor", "serverapp": "flwr-serverapp"}) as mem:
             rc = launcher.run_simulation(
-                sites, out, {"stages": stages, "bench-empty-rounds": str(empty_rounds), **extra},
+                sites, out, {**({"stages": stages} if stages else {}),
+                             "bench-empty-rounds": str(empty_rounds), **extra},
                 num_cpus_per_site=int(cpus) if float(cpus).is_integer() else cpus,
                 echo=False)
     finally:

@@ -36,10 +36,15 @@ SCRIPTS = {
     "wire": ("training.py", ["--skip-learning"], "3 wire bytes"),
     "rounds": ("flower_rounds.py", [], "2 Cox quality, 4 statistics rounds, 5 scale"),
     "extraction": ("extraction.py", [], "6 extraction throughput"),
+    "deployment": ("deployment.py", [], "9 deployment rounds: empty, statistics, CNN; where "
+                   "a round's time goes; a statistics study deployment ÷ simulation"),
+    "deployment-demo": ("deployment.py", ["--no-cnn", "--demo"],
+                        "9 as `deployment`, plus make demo's whole study deployment ÷ "
+                        "simulation (about 15 minutes more)"),
     "coverage": ("survival_coverage.py", ["--seeds", "5", "--sizes", "40"],
                  "Cox CI coverage of the simulated truth (not an issue-8 figure)"),
 }
-DEFAULT = ("learning", "wire", "rounds", "extraction")
+DEFAULT = ("learning", "wire", "rounds", "extraction", "deployment")
 ALIASES = {"training": ("learning", "wire")}  # the whole of bench/training.py
 
 

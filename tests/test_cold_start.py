@@ -21,8 +21,8 @@ from client.handlers import serve
 root = Path(sys.argv[1])
 statuses = [serve(root, action, {"q.task": "her2-positive"}, "1")["status"]
             for action in ("handshake", "cohort_sums", "survival_setup")]
-print(json.dumps({"statuses": statuses, "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"statuses": statuses, "heavy": [m for m in HEAVY if m in sys.modules]}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def test_statistics_queries_import_no_training_stack(tmp_path: Path) -> None:
