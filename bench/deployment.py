@@ -55,6 +55,10 @@ from simulation.launcher import free_port
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 STATISTICS = ("cohort_", "radiomics_", "survival_")
+# Three hospitals share this machine: each gets one core's worth of threads, as each site of
+# the Simulation Engine gets `client-resources-num-cpus=1` (Ray sets OMP_NUM_THREADS=1 for
+# it); with torch's default (one thread per core) three trainings would spin on two cores.
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DEMO = {"validation": "loso", "survival-group": "label,predicted:dlr"}  # `make demo`'s run
 CNN = {"stages": "deep", "deep-models": "dl_mri", "rounds": "3", "local-epochs": "dl_mri=1",
        "cnn-width": "0.0625", "mri-size": "16", "deep-cv-folds": "2", "cv-folds": "2",
@@ -77,7 +81,7 @@ class Loopback:
                                        FEDDLR_SITE=str(s), FEDDLR_NODE_NAME=s.name,
                                        FEDDLR_NODE_PORT=str(free_port()),
                                        FEDDLR_TIMING=str(root / f"{s.name}.timing.jsonl"),
-                                       **node_env)
+                                       **THREADS, **node_env)
                           for s in sites}
         self.procs: dict[str, subprocess.Popen] = {}
         self.threads: list[threading.Thread] = []
@@ -408,6 +412,12 @@ def report(figures: Figures, deployed: dict, cnn: dict | None) -> None:
                 "median seconds of an empty round (handshake query again), first excepted")
     figures.add("deploy_statistics_round_s", median_after_first(stats),
                 f"median seconds of a statistics round ({len(stats)} rounds), first excepted")
+    for prefix in STATISTICS:
+        rounds = [r["seconds"] for r in statistics_rounds(timing)
+                  if r["action"].startswith(prefix)]
+        if rounds:
+            figures.add(f"deploy_{prefix.rstrip('_')}_round_s", median_after_first(rounds),
+                        f"median seconds of a {prefix.rstrip('_')} round ({len(rounds)})")
     if cnn is not None:
         train = [r["seconds"] for r in cnn["timing"]["rounds"]
                  if r["action"].startswith("train")]
