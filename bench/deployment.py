@@ -190,7 +190,9 @@ PROCESS_KINDS = (("warm_supernode.py --superexec", "SuperExec + ClientApps (per 
                  ("flower-superexec --plugin-type clientapp", "SuperExec + ClientApps (per site)"),
                  ("flower-superlink", "SuperLink"), ("warm_superlink.py", "SuperLink"),
                  ("flwr-serverapp", "ServerApp"),
-                 ("flower-superexec", "SuperLink's SuperExec"), ("flwr run", "flwr run --stream"))
+                 ("flower-superexec", "flower-superexec (the SuperLink's; with --stock also "
+                  "each SuperNode's, with its flwr-clientapp children)"),
+                 ("flwr run", "flwr run --stream"))
 
 
 def cpu_seconds() -> dict[str, float]:
