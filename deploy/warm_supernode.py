@@ -57,6 +57,7 @@ GROWTH = 1.25  # each empty look waits this much longer, up to Flower's own wait
 LOCAL_POLL = 0.01  # seconds between looks at the SuperNode's own state (Flower: 0.5)
 READY = "warm_supernode: SuperExec ready"
 SUPEREXEC_FALLBACK_POLL = 10.0  # seconds between looks for a task without a wake-up
+SHUTDOWN_GRACE = 10.0  # seconds a SuperNode may take to stop by itself after its SuperExec
 FORKED_AT_ENV = "FEDDLR_FORKED_AT"
 APP_PACKAGES = ("client", "shared", "wire", "server", "simulation")
 # What the ClientApp imports besides its own code, numpy and Flower: a statistics query
@@ -143,6 +144,7 @@ def _stop_without(superexec: subprocess.Popen) -> None:
     """A SuperNode whose SuperExec is gone would take messages it can never answer: stop
     it (exit 1) so that the SuperLink reports it unavailable and its service restarts it."""
     code = superexec.wait()
+    time.sleep(SHUTDOWN_GRACE)  # both got the service's SIGTERM: let Flower's exit finish
     print(f"warm_supernode: the SuperExec exited with {code}; stopping the SuperNode",
           file=sys.stderr, flush=True)
     os._exit(1)
@@ -150,7 +152,7 @@ def _stop_without(superexec: subprocess.Popen) -> None:
 
 def run_warm_superexec(runtime_api_address: str, parent_pid: int, wake_fd: int) -> None:
     """Flower's SuperExec loop for this SuperNode, forking each ClientApp task; it looks for
-    a task when the SuperNode has stored a message (`wake_fd`), and every second anyway."""
+    a task when the SuperNode has stored a message (`wake_fd`), and every 10 s anyway."""
     started = time.monotonic()
     preload()
     import flwr.supercore.superexec.run_superexec as superexec
