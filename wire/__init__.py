@@ -1,5 +1,5 @@
-"""The message codec both apps use: Payload ⇄ Flower RecordDict, arrays in one
-ArrayRecord, the rest in one ConfigRecord.
+"""The message codec both apps use: Payload ⇄ Flower RecordDict, the scalars in one
+ConfigRecord, the arrays packed beside them.
 
 All of a payload's arrays travel as one npz blob (no pickle) under the reserved key
 `__arrays__`: on a deployment every Flower object of a message (each Array, each of its
@@ -78,16 +78,12 @@ _CONFIG = "__config__"
 def to_bytes(payload: schema.Payload) -> bytes:
     """A payload as one npz blob (the config as JSON in a reserved entry; no pickle)."""
     arrays, config = schema.split_payload(payload)
-    buffer = io.BytesIO()
-    np.savez(buffer, **{_CONFIG: np.frombuffer(json.dumps(config).encode(), np.uint8)},
-             **arrays)
-    return buffer.getvalue()
+    return _npz({_CONFIG: np.frombuffer(json.dumps(config).encode(), np.uint8), **arrays})
 
 
 def from_bytes(blob: bytes) -> schema.Payload:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        config = json.loads(npz[_CONFIG].tobytes().decode())
-        arrays = {k: npz[k] for k in npz.files if k != _CONFIG}
+    arrays = _unnpz(blob)
+    config = json.loads(arrays.pop(_CONFIG).tobytes().decode())
     return schema.join_payload(arrays, config)
 
 
