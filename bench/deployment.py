@@ -50,7 +50,7 @@ from bench.figures import Figures, machine
 from bench.flower_rounds import feature_sites, run_once, timed_app
 from deploy.warm_supernode import READY
 from simulation.cohort import simulate_cohort
-from simulation.launcher import free_port
+from simulation.launcher import free_port, toml_value
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -69,19 +69,19 @@ class Loopback:
     """SuperLink and one SuperNode per site on 127.0.0.1, each started by its deploy/
     script in its own session, their output time-stamped line by line."""
 
-    def __init__(self, root: Path, sites: list[Path], node_env: dict[str, str]) -> None:
-        self.root, self.sites, self.node_env = root, sites, node_env
+    def __init__(self, root: Path, sites: list[Path], fast: bool) -> None:
+        self.root, self.sites, self.fast = root, sites, fast
         self.port = free_port()
         base = {k: v for k, v in os.environ.items() if not k.startswith(("FEDDLR_", "FLWR_"))}
         base.update(PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
                     FEDDLR_SUPERLINK=f"127.0.0.1:{self.port}", FEDDLR_LISTEN="127.0.0.1")
-        self.coordinator = dict(base, FEDDLR_DEPLOY=str(root / "coordinator"),
-                                **{k: v for k, v in node_env.items() if k == "FEDDLR_FAST"})
+        base["FEDDLR_FAST"] = "1" if fast else "0"
+        self.coordinator = dict(base, FEDDLR_DEPLOY=str(root / "coordinator"))
         self.hospitals = {s.name: dict(base, FEDDLR_DEPLOY=str(root / s.name),
                                        FEDDLR_SITE=str(s), FEDDLR_NODE_NAME=s.name,
                                        FEDDLR_NODE_PORT=str(free_port()),
                                        FEDDLR_TIMING=str(root / f"{s.name}.timing.jsonl"),
-                                       **THREADS, **node_env)
+                                       **THREADS)
                           for s in sites}
         self.procs: dict[str, subprocess.Popen] = {}
         self.threads: list[threading.Thread] = []
@@ -124,7 +124,7 @@ class Loopback:
         for name, env in self.hospitals.items():
             self.start_process(name, "supernode.sh", env)
         self.wait(lambda: self.online() >= len(self.sites), 90, "every SuperNode online")
-        if self.node_env.get("FEDDLR_FAST", "1") != "0":  # warm SuperExecs: libraries loaded
+        if self.fast:  # warm SuperExecs: libraries loaded
             self.wait(lambda: all(READY in self.log(n) for n in self.hospitals), 120,
                       "every SuperExec ready")
 
@@ -154,7 +154,7 @@ class Loopback:
             time.sleep(0.5)
 
     def run(self, app: Path, out: Path, config: dict[str, str]) -> dict:
-        pairs = " ".join(f'{k}="{v}"' if not _number(v) else f"{k}={v}"
+        pairs = " ".join(f"{k}={toml_value(v)}"
                          for k, v in {**config, "out-dir": str(out)}.items())
         cpu_before = cpu_seconds()
         started = time.perf_counter()
@@ -215,14 +215,6 @@ def cpu_seconds() -> dict[str, float]:
                 out[f"{kind}: reaped children"] = out.get(f"{kind}: reaped children",
                                                           0.0) + reaped
     return out
-
-
-def _number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return value in ("true", "false")
-    return True
 
 
 # --------------------------------------------------------------------------- the breakdown
@@ -299,7 +291,7 @@ def study_seconds(timing: dict) -> float:
     return timing["study_seconds"] - sum(e["seconds"] for e in timing["empty"])
 
 
-def demo_study(root: Path, node_env: dict[str, str], figures: Figures) -> bool:
+def demo_study(root: Path, fast: bool, figures: Figures) -> bool:
     """`make demo`'s study (its sites and its run config) on the loopback deployment, then
     in the Simulation Engine, each on its own copy of the freshly simulated site folders
     (no cache carried over): the ServerApp's study seconds and rounds, deployment ÷
@@ -311,7 +303,7 @@ def demo_study(root: Path, node_env: dict[str, str], figures: Figures) -> bool:
         shutil.copytree(root / "demo-sites", copies[engine])
     app = timed_app(root / "timed-demo")
     folders = sorted(p for p in copies["deploy"].iterdir() if (p / "site.yaml").is_file())
-    loopback = Loopback(root / "deploy-demo", folders, node_env)
+    loopback = Loopback(root / "deploy-demo", folders, fast)
     (root / "deploy-demo").mkdir(parents=True, exist_ok=True)
     try:
         loopback.start()
@@ -355,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = "cohort,survival" if args.quick else args.stages
     root = args.out or Path(tempfile.mkdtemp(prefix="feddlr-bench-deploy-"))
     root.mkdir(parents=True, exist_ok=True)
-    node_env = {"FEDDLR_FAST": "0" if args.stock else "1"}
+    fast = not args.stock
     folders = feature_sites(root / "sites", args.sites, args.patients, args.features,
                             args.seed)
     if not args.no_cnn:
@@ -368,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"deployment: {args.sites} SuperNodes on loopback (TLS, node authentication), "
           f"{args.patients} patients per site, stages {stages}, "
           f"{'stock Flower' if args.stock else 'warm launchers'}", flush=True)
-    loopback = Loopback(root / "deploy", folders, node_env)
+    loopback = Loopback(root / "deploy", folders, fast)
     (root / "deploy").mkdir(parents=True, exist_ok=True)
     try:
         started = time.perf_counter()
@@ -380,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_cnn:
             cnn_loop = Loopback(root / "deploy-cnn", sorted(
                 p for p in (root / "cnn-sites").iterdir() if (p / "site.yaml").is_file()),
-                node_env)
+                fast)
             (root / "deploy-cnn").mkdir(parents=True, exist_ok=True)
             loopback.stop()
             loopback = cnn_loop
@@ -400,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         compare(figures, deployed, simulated)
     ok = deployed["rc"] == 0 and (simulated is None or simulated["rc"] == 0)
     if args.demo:
-        ok = demo_study(root, node_env, figures) and ok
+        ok = demo_study(root, fast, figures) and ok
     figures.dump(args.json, machine=machine(), args={k: str(v) for k, v in vars(args).items()})
     print(f"written under {root}")
     return 0 if ok else 1
