@@ -68,10 +68,22 @@ HANDLERS: dict[str, Handler] = {
 def serve(site_root: Path, action: str, query: Payload, run_id: str = "") -> Payload:
     """Answer one query. Always returns a payload with `status`; never raises."""
     try:
+        if action == schema.BATCH:
+            return _serve_batch(Path(site_root), query, run_id)
         return _serve(Path(site_root), action, query, run_id)
     except Exception as err:  # whatever a query or a folder does, the node keeps serving
         return error_reply(Path(site_root), action, run_id,
                            f"{action} failed: {type(err).__name__}: {err}")
+
+
+def _serve_batch(site_root: Path, query: Payload, run_id: str) -> Payload:
+    """A batch (`server.in_step`): each part answered by `serve`, so each passes this site's
+    egress guard and is a line of its audit log on its own. The batch reply is those
+    replies side by side; it adds only the parts' names and actions, which came with the
+    query."""
+    replies = {name: (action, serve(site_root, action, part, run_id))
+               for name, (action, part) in schema.batch_parts(query).items()}
+    return {"status": schema.STATUS_OK, **schema.batch_payload(replies)}
 
 
 def error_reply(site_root: Path, action: str, run_id: str, reason: str) -> Payload:

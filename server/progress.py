@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from contextvars import ContextVar
 
 log = logging.getLogger("feddlr")
+FIT: ContextVar[str] = ContextVar("feddlr_fit", default="")  # the fit, when several run in step
 
 
 def configure_logging() -> None:
@@ -27,5 +29,7 @@ def report_round(stage: str, round_no: int, rounds: int, replies: Mapping[str, o
         reason = getattr(reply, "reason", None)
         parts.append(f"{site} {status}" + (f" ({reason})" if reason and status != "ok" else ""))
     of = f"/{rounds}" if rounds else ""
+    if FIT.get():
+        stage = f"{stage} {FIT.get()}"
     log.info("[%s] round %d%s: %d sites replied: %s", stage, round_no, of,
              len(replies), ", ".join(parts) or "none")

@@ -98,7 +98,13 @@ def reply_from_payload(site_id: str, payload: Payload) -> Reply:
 def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
                 reply: Reply) -> None:
     """The server's own log of what each site sent: type, bytes and sha256 per message,
-    comparable line by line with the site's audit log."""
+    comparable line by line with the site's audit log. A batch reply is logged part by
+    part, as the site audited it."""
+    if action == schema.BATCH and reply.ok:
+        for name, (part_action, payload) in _batch_parts(reply).items():
+            record_wire(wire, site_id, part_action,
+                        reply_from_payload(f"{site_id}:{name}", payload))
+        return
     if reply.payload:
         size, sha256 = schema.digest(reply.payload)
         entry: dict[str, Any] = {"message_type": schema.message_type(action), "bytes": size,
@@ -108,6 +114,13 @@ def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
         if refused:  # statistics the site's policy withheld from this reply
             entry["refused"] = refused
         wire.setdefault(site_id, []).append(entry)
+
+
+def _batch_parts(reply: Reply) -> dict[str, tuple[str, Payload]]:
+    try:
+        return schema.batch_parts(reply.payload)
+    except schema.SchemaError:
+        return {}
 
 
 def site_query(query: Payload | Mapping[str, Payload], site_id: str) -> Payload:

@@ -16,19 +16,22 @@ library's on the scores snapped to the grid's bin centres; `auc_bound` bounds th
 snapped scores in any case, and `exact` says which case holds. Brier is exact for raw scores.
 
 `validation = loso` adds leave-one-site-out: for each training site, the radiomics model is
-fitted on the others and validated on it (server.radiomics with a holdout).
+fitted on the others and validated on it (server.radiomics with a holdout). The refits run
+in step (`server.in_step`): one batch message per site and round carries every refit's
+query, so the three refits of three sites take the rounds of one.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from server.in_step import in_step
 from server.progress import report_round
 from server.radiomics import run_radiomics
 from server.transport import Reply, StageError, StageSkipped, Transport
@@ -400,35 +403,42 @@ def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[st
     """For each training site h: the radiomics model fitted on the other sites (its own
     federated fit, under run key `<run>-loso-<h>` at the sites), then validated on h."""
     train = sorted(s for s, v in scores.items() if "train" in v.roles)
-    matrix: dict[str, dict[str, Any]] = {}
     if len(train) < 2:
         return {"models": list(LOSO_MODELS), "sites": {},
                 "reason": "leave-one-site-out needs two or more training sites"}
     context = {"task": config.task, "needs": query_needs(STAGE), "bins": vc.bins,
                "subgroups": [], "models": list(LOSO_MODELS)}
-    for held in train:
-        variant = f"loso-{held}"
-        log.info("[%s] leave-one-site-out: fitting without %s", STAGE, held)
-        try:
-            run_radiomics(transport, config, sites, holdout=[held], variant=variant)
-        except (StageError, StageSkipped) as err:
-            matrix[held] = {m: {"auc": None, "reason": str(err)} for m in LOSO_MODELS}
-            continue
-        held_scores, _, used = collect(transport, {**context, "run-variant": variant}, [held],
-                                       vc)
-        edges = grids(used, vc)
-        matrix[held] = {}
-        for model in LOSO_MODELS:
-            site = held_scores.get(held)
-            parts = _parts(held_scores, [held], model, ALL) if site else []
-            block = metrics(parts, edges.get(model, vc.uniform()), vc, None,
-                            [] if parts else [held])
-            matrix[held][model] = {k: block.get(k) for k in
-                                   ("auc", "auc_ci", "auc_se", "auc_bound", "exact", "n",
-                                    "reason")}
+
+    def refit(held: str) -> Callable[[Transport], dict[str, Any]]:
+        return lambda lane: _held_out(lane, config, sites, held, context, vc)
+
+    log.info("[%s] leave-one-site-out: %d refits in step", STAGE, len(train))
+    matrix = in_step(transport, {held: refit(held) for held in train})
     return {"models": list(LOSO_MODELS), "sites": matrix,
             "note": "each row: the model fitted federated on every other site, validated on "
                     "the held-out site; DSFR and the CNNs are not refitted per held-out site"}
+
+
+def _held_out(transport: Transport, config: StudyConfig, sites: list[str], held: str,
+              context: dict[str, Any], vc: ValidationConfig) -> dict[str, Any]:
+    """The radiomics model fitted without `held` (run key `<run>-loso-<held>` at the
+    sites), validated on `held`: its row of the leave-one-site-out matrix."""
+    variant = f"loso-{held}"
+    log.info("[%s] leave-one-site-out: fitting without %s", STAGE, held)
+    try:
+        run_radiomics(transport, config, sites, holdout=[held], variant=variant)
+    except (StageError, StageSkipped) as err:
+        return {m: {"auc": None, "reason": str(err)} for m in LOSO_MODELS}
+    held_scores, _, used = collect(transport, {**context, "run-variant": variant}, [held], vc)
+    edges = grids(used, vc)
+    row = {}
+    for model in LOSO_MODELS:
+        site = held_scores.get(held)
+        parts = _parts(held_scores, [held], model, ALL) if site else []
+        block = metrics(parts, edges.get(model, vc.uniform()), vc, None, [] if parts else [held])
+        row[model] = {k: block.get(k) for k in ("auc", "auc_ci", "auc_se", "auc_bound",
+                                                "exact", "n", "reason")}
+    return row
 
 
 def thresholds(validation: dict[str, Any]) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,6 +58,13 @@ VALIDATION_SCORES = "validation_scores"
 VALIDATION_MOMENTS = "validation_moments"
 ACTIONS += (FUSION_SETUP, FUSION_STEP, FUSION_SCORE, VALIDATION_RANGES,
             VALIDATION_SCORES, VALIDATION_MOMENTS)
+# Several independent fits' queries in one message (`server.in_step`): each part is a
+# query of one of the actions above, answered and audited at the site as if it came alone.
+BATCH = "batch"
+ACTIONS += (BATCH,)
+BATCH_PARTS = "batch.parts"  # key: the parts' names, in order
+BATCH_ACTIONS = "batch.actions"  # key: each part's action, in the same order
+PART_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 TRAIN_MODELS = ("dsfr", "dl_mri", "dl_us")
 TRAIN_ACTIONS = tuple(f"{category}.{model}" for category in ("train", "evaluate")
                       for model in TRAIN_MODELS)
@@ -156,3 +164,34 @@ def nest(payload: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """The entries under `prefix.` with the prefix removed."""
     head = prefix + "."
     return {k[len(head):]: v for k, v in payload.items() if k.startswith(head)}
+
+
+def batch_payload(parts: Mapping[str, tuple[str, Mapping[str, Any]]]) -> Payload:
+    """One payload holding several parts, each an (action, payload) pair: the parts' names
+    and actions, then each part's entries under `part.<name>.`. A batch query and a batch
+    reply have this layout (a reply adds its `status`)."""
+    out: Payload = {BATCH_PARTS: list(parts), BATCH_ACTIONS: [a for a, _ in parts.values()]}
+    for name, (_, payload) in parts.items():
+        if not PART_NAME.match(name):
+            raise SchemaError(f"bad batch part name {name!r}")
+        out.update({f"part.{name}.{key}": value for key, value in payload.items()})
+    return out
+
+
+def batch_parts(payload: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The (action, payload) of each part of a batch payload, in order; `SchemaError` for
+    a layout `batch_payload` does not write, a part that is itself a batch, or an action
+    this schema does not have."""
+    names, actions = payload.get(BATCH_PARTS), payload.get(BATCH_ACTIONS)
+    if not isinstance(names, list) or not isinstance(actions, list) \
+            or len(names) != len(actions) or len(set(names)) != len(names):
+        raise SchemaError(f"a batch needs {BATCH_PARTS!r} and {BATCH_ACTIONS!r}: two lists of "
+                          "the same length, the names distinct")
+    parts = {}
+    for name, action in zip(names, actions, strict=True):
+        if not isinstance(name, str) or not PART_NAME.match(name):
+            raise SchemaError(f"bad batch part name {name!r}")
+        if action not in ACTIONS or action == BATCH:
+            raise SchemaError(f"batch part {name!r}: no such query action {action!r}")
+        parts[name] = (str(action), nest(payload, f"part.{name}"))
+    return parts
