@@ -10,6 +10,12 @@ restarted SuperLink has no run left to deliver them to. This launcher hands Flow
 `ObjectStoreFactory` the in-memory store; everything else — TLS, SuperNode authentication,
 the link state in the database, the arguments — is Flower's.
 
+It also sweeps expired task tokens at most once a second (`SWEEP_SECONDS`). Flower runs
+that sweep — two UPDATEs and a commit — inside every run-status read, which it does for
+every object a SuperNode pushes or pulls: a fifth of the SuperLink's CPU in a statistics
+round (py-spy, docs/BENCHMARKS.md §9). A token lives for a 30 s heartbeat, so a task whose
+heartbeats stopped is now marked failed up to a second later than Flower would.
+
     python deploy/warm_superlink.py <flower-superlink arguments>
 
 `deploy/superlink.sh` uses it unless `FEDDLR_FAST=0`, which runs plain `flower-superlink`.
@@ -18,6 +24,12 @@ the link state in the database, the arguments — is Flower's.
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+SWEEP_SECONDS = 1.0  # least time between two sweeps of expired task tokens
 
 
 def objects_in_memory() -> None:
@@ -29,8 +41,33 @@ def objects_in_memory() -> None:
     config_loader.ObjectStoreFactory = lambda *_a, **_kw: factory(FLWR_IN_MEMORY_DB_NAME)
 
 
+def at_most_every(seconds: float, sweep: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`sweep(state)`, skipped when it last ran for that state less than `seconds` ago."""
+    last: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def throttled(state: Any) -> None:
+        now = time.monotonic()
+        with lock:
+            if now - last.get(id(state), -seconds) < seconds:
+                return
+            last[id(state)] = now
+        sweep(state)
+
+    return throttled
+
+
+def sweep_tokens_less_often(seconds: float = SWEEP_SECONDS) -> None:
+    """Flower's expired-task-token sweep at most once per `seconds` (see the module's doc)."""
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    SqlCoreState._cleanup_expired_task_tokens = at_most_every(  # type: ignore[method-assign]
+        seconds, SqlCoreState._cleanup_expired_task_tokens)
+
+
 if __name__ == "__main__":
     objects_in_memory()
+    sweep_tokens_less_often()
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv[0] = "flower-superlink"

@@ -66,3 +66,24 @@ def test_a_fab_is_installed_once_per_distinct_content(tmp_path: Path,
     assert second != first and installs == [b"fab one", b"fab two"]
     first.rmdir()  # an app folder removed by hand is installed again
     assert once(b"fab one", skip_prompt=True) != first and len(installs) == 3
+
+
+def test_the_superlink_sweeps_expired_tokens_at_most_once_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    from deploy import warm_superlink
+
+    swept: list[object] = []
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", swept.append)
+    warm_superlink.sweep_tokens_less_often(0.2)
+    state = type("State", (SqlCoreState,), {})  # Flower's link states subclass it
+    state.__abstractmethods__ = frozenset()  # no database: only the sweep is called
+    one, other = object.__new__(state), object.__new__(state)
+    for _ in range(5):
+        SqlCoreState._cleanup_expired_task_tokens(one)
+        other._cleanup_expired_task_tokens()
+    assert swept == [one, other]  # once per state within the window
+    time.sleep(0.25)
+    one._cleanup_expired_task_tokens()
+    assert swept == [one, other, one]  # and again once it has passed
