@@ -45,6 +45,7 @@ HANDLERS: dict[str, Handler] = {
     schema.RADIOMICS_STEP: _lazy("radiomics", "radiomics_step"),
     schema.RADIOMICS_SCREEN: _lazy("radiomics", "radiomics_screen"),
     schema.RADIOMICS_SCORE: _lazy("radiomics", "radiomics_score"),
+    schema.RADIOMICS_COMBAT: _lazy("harmonize", "radiomics_combat"),
     schema.SURVIVAL_SETUP: _lazy("survival", "survival_setup"),
     schema.SURVIVAL_COX: _lazy("survival", "survival_cox"),
     schema.SURVIVAL_EVENTS: _lazy("survival", "survival_events"),

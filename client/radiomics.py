@@ -41,6 +41,11 @@ class RadiomicsData:
     r2: np.ndarray | None
     y: np.ndarray
     folds: np.ndarray | None = None
+    harmonized: np.ndarray | None = None  # r1 after ComBat (client.harmonize), when asked
+
+    def features(self) -> np.ndarray:
+        """The reader-1 features the fits use: harmonized where the stage harmonized them."""
+        return self.r1 if self.harmonized is None else self.harmonized
 
 
 def radiomics_extract(session: SiteSession, query: Payload) -> list[Statistic]:
@@ -127,6 +132,8 @@ def save_state(session: SiteSession, run_id: str, data: RadiomicsData,
         arrays["r2"] = data.r2
     if data.folds is not None:
         arrays["folds"] = data.folds
+    if data.harmonized is not None:
+        arrays["harmonized"] = data.harmonized
     np.savez(path, **arrays)
     session.cache[f"{source}.{run_id}"] = data
 
@@ -142,7 +149,8 @@ def state(session: SiteSession, query: Payload) -> RadiomicsData:
         with np.load(path) as saved:
             session.cache[key] = RadiomicsData(
                 patients=pd.Index(saved["patients"]), r1=saved["r1"], y=saved["y"],
-                r2=saved.get("r2"), folds=saved.get("folds"))
+                r2=saved.get("r2"), folds=saved.get("folds"),
+                harmonized=saved.get("harmonized"))
     return session.cache[key]
 
 
@@ -162,7 +170,7 @@ def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray]:
     if q.get("rows") == "readers":
         pair = np.stack([data.r1[rows][:, columns], data.r2[rows][:, columns]])
         return pair, data.y[rows]
-    x = data.r1[rows][:, columns]
+    x = data.features()[rows][:, columns]
     if "center" in q:
         x = (x - np.asarray(q["center"])) / np.asarray(q["scale"])
     return x, data.y[rows]
@@ -193,7 +201,7 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     data = state(session, query)
     models = [nest(query, f"fold{k}") for k in range(int(query["n_models"]))]
-    per_model = np.stack([_predict(data.r1, m) for m in models])  # (folds, n)
+    per_model = np.stack([_predict(data.features(), m) for m in models])  # (folds, n)
     if data.folds is not None:
         scores = per_model[data.folds, np.arange(len(data.y))]
         kind = "out-of-fold"

@@ -126,9 +126,9 @@ def head(transport: Transport, config: StudyConfig, outcome: Outcome, st: Setup,
     names = list(replies[train[0]].payload["features.names"])
     context = {"task": config.task, "source": source}
     try:
-        fit = RadiomicsFit(transport, context, train, names, rc, [])
+        fit = RadiomicsFit(transport, context, train, names, rc, [], external)
         block = fit.run()
-        block.update(_score(transport, context, train, external, fit, rc))
+        block.update(_score(transport, context, train, fit.external, fit, rc))
     except (StageError, SiteSetChanged) as err:
         raise StageError(f"DSFR head: {err}") from err
     block["icc_filter"] = {"status": "skipped",

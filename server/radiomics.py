@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from server import harmonize
 from server.progress import report_round
 from server.rounds import RoundRefused, drive, pack
 from server.transport import (
@@ -34,8 +35,9 @@ from server.transport import (
     on_stable_sites,
 )
 from shared import glm, icc, lasso, logistic, roc, schema, screening
-from shared.config import StudyConfig
+from shared.config import ConfigError, StudyConfig
 from shared.federated import Solver
+from shared.labels import TASK_COLUMNS
 from shared.standardize import Scaling, Standardize
 
 log = logging.getLogger("feddlr")
@@ -49,6 +51,8 @@ CONFIG_KEYS: dict[str, str] = {
     "lasso-alpha": "lasso_alpha", "screen": "screen", "screen-percentile": "screen_percentile",
     "screen-order": "screen_order", "mi-bins": "mi_bins", "lr-C": "lr_C",
     "cv-folds": "cv_folds", "selection": "selection", "seed": "seed",
+    "harmonize": "harmonize", "combat-eb": "combat_eb", "combat-parametric":
+    "combat_parametric", "combat-covariates": "combat_covariates",
 }
 
 
@@ -68,12 +72,21 @@ class RadiomicsConfig:
     cv_folds: int = 10
     selection: str = "in-fold"  # in-fold | paper (select once on all training rows)
     seed: int = 0
+    harmonize: str = "none"  # none | combat (server.harmonize)
+    combat_eb: bool = True
+    combat_parametric: bool = True
+    combat_covariates: tuple[str, ...] = ()
     bins: int = roc.DEFAULT_BINS
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> RadiomicsConfig:
         """From the typed run config (shared/settings.py checked each value)."""
-        return cls(**{attr: settings[key] for key, attr in CONFIG_KEYS.items()})
+        rc = cls(**{attr: settings[key] for key, attr in CONFIG_KEYS.items()})
+        labels = {c for columns in TASK_COLUMNS.values() for c in columns}
+        if held := sorted(labels & set(rc.combat_covariates)):
+            raise ConfigError(f"run config combat-covariates: {held} hold the task label; "
+                              "ComBat must never keep the label's effect")
+        return rc
 
 
 # A site that refuses a fit's query (its p×p matrix, or the points of a probing round; the
@@ -139,15 +152,17 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
 
     def fit_on(train_sites: list[str]) -> tuple[RadiomicsFit, dict[str, Any]]:
         fit = RadiomicsFit(transport, context, train_sites, names, rc,
-                           [s for s in with_reader2 if s in train_sites])
+                           [s for s in with_reader2 if s in train_sites], external)
         return fit, fit.run()
 
     (fit, result), restarts = on_stable_sites(fit_on, train, min_sites=config.min_sites,
                                               stage=STAGE)
     result["restarts"] = restarts
-    result.update(_score(transport, context, fit.sites, external, fit, rc))
+    result.update(_score(transport, context, fit.sites, fit.external, fit, rc))
     result["sites"] = {s: {"status": "ok", "role": "train" if s in fit.sites else "external"}
                        for s in fit.sites + external}
+    for s, why in fit.unharmonized.items():
+        result["sites"][s] = {"status": "failed", "reason": why}
     for s in sites:
         if s not in result["sites"]:
             dropped = next((r["dropped"][s] for r in restarts if s in r["dropped"]), None)
@@ -187,8 +202,11 @@ class RadiomicsFit:
     """ICC filter, then per fit unit: scaling → LASSO ↔ screening → (per fold) L2 LR."""
 
     def __init__(self, transport: Transport, context: dict, sites: list[str],
-                 names: list[str], rc: RadiomicsConfig, reader2_sites: list[str]) -> None:
+                 names: list[str], rc: RadiomicsConfig, reader2_sites: list[str],
+                 external: Sequence[str] = ()) -> None:
         self.transport, self.context, self.sites = transport, context, sites
+        self.external = list(external)  # scored with the fold models; harmonized if asked
+        self.unharmonized: dict[str, str] = {}  # external site -> why it cannot be scored
         self.names, self.rc, self.reader2_sites = names, rc, reader2_sites
         self.folds = [f"f{k}" for k in range(rc.cv_folds)]
         self.scaled_units = ["all", *self.folds]
@@ -229,6 +247,7 @@ class RadiomicsFit:
     def run(self) -> dict[str, Any]:
         kept, icc_block = self.icc_filter()
         self.scaled = kept
+        harmonization = self.harmonize(kept)
         scaling = self.standardize()
         columns = {u: kept[scaling[u].keep] for u in self.scaled_units}
         selection: dict[str, dict[str, Any]] = {u: {} for u in self.units}
@@ -241,7 +260,8 @@ class RadiomicsFit:
         fold_columns = {f: columns[f if self.rc.selection == "in-fold" else "all"]
                         for f in self.folds}
         self.models = self.logistic(fold_columns, scaling)
-        return self.results(icc_block, scaling, selection, columns)
+        return {**self.results(icc_block, scaling, selection, columns),
+                "harmonization": harmonization}
 
     # -- steps -------------------------------------------------------------------------
     def icc_filter(self) -> tuple[np.ndarray, dict[str, Any]]:
@@ -270,6 +290,19 @@ class RadiomicsFit:
         return everything[keep], {"threshold": self.rc.icc_threshold, "sites": sites,
                                   "values": dict(zip(self.names, values.tolist(), strict=True)),
                                   "kept": int(keep.sum())}
+
+    def harmonize(self, kept: np.ndarray) -> dict[str, Any]:
+        """ComBat on the kept features (`harmonize = combat`): fitted on every row of the
+        training sites (it uses no label, so it comes before any in-fold step), applied at
+        each site, external ones included; the ANOVA of site before and after."""
+        if self.rc.harmonize != "combat":
+            return {"method": "none"}
+        result = harmonize.run_combat(self.transport, self.context, self.sites, self.external,
+                                  [self.names[c] for c in kept], kept,
+                                  harmonize.Options.of(self.rc))
+        self.unharmonized = dict(result.pop("unharmonized", {}))
+        self.external = [s for s in self.external if s not in self.unharmonized]
+        return result
 
     def standardize(self) -> dict[str, Scaling]:
         solvers = {f"{u}.std": Designed(Standardize(), {**self.rows(u), "columns": self.scaled})

@@ -31,6 +31,7 @@ RADIOMICS_COLUMNS = "radiomics_columns"
 RADIOMICS_STEP = "radiomics_step"
 RADIOMICS_SCREEN = "radiomics_screen"
 RADIOMICS_SCORE = "radiomics_score"
+RADIOMICS_COMBAT = "radiomics_combat"
 SURVIVAL_SETUP = "survival_setup"
 SURVIVAL_COX = "survival_cox"
 SURVIVAL_EVENTS = "survival_events"
@@ -39,7 +40,7 @@ SURVIVAL_HISTOGRAMS = "survival_histograms"
 SURVIVAL_BOUNDS = "survival_bounds"
 ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES,
            RADIOMICS_EXTRACT, RADIOMICS_COLUMNS, RADIOMICS_STEP, RADIOMICS_SCREEN,
-           RADIOMICS_SCORE,
+           RADIOMICS_SCORE, RADIOMICS_COMBAT,
            SURVIVAL_SETUP, SURVIVAL_COX, SURVIVAL_EVENTS, SURVIVAL_PAIRS, SURVIVAL_HISTOGRAMS,
            SURVIVAL_BOUNDS)
 # CNN stages (dsfr, deep): setup, scoring and DSFR features are queries; the weight rounds

@@ -256,6 +256,17 @@ SETTINGS: tuple[Setting, ...] = (
        within="(0, inf)"),
     _s("cv-folds", "int", 10, "stratified folds, drawn at each site from `seed`", "radiomics",
        within="[2, 100]"),
+    _s("harmonize", "word", "none", "`combat`: ComBat harmonization of the features over "
+       "the sites (neuroCombat's model, fitted federated on every training row before "
+       "the in-fold steps; also for the DSFR features); `none`: as extracted", "radiomics",
+       choices=("none", "combat")),
+    _s("combat-eb", "bool", True, "ComBat's empirical-Bayes shrinkage of each site's "
+       "location and scale across features (`false`: the site's own estimates)",
+       "radiomics"),
+    _s("combat-parametric", "bool", True, "parametric priors (`false`: neuroCombat's "
+       "non-parametric ones)", "radiomics"),
+    _s("combat-covariates", "names", "", "numeric clinical.csv columns whose effect ComBat "
+       "keeps (e.g. `age`; code a category 0/1); never the task label", "radiomics"),
     _s("selection", "word", "in-fold", "`in-fold`: selection inside each CV fold; `paper`: "
        "select once on all training rows first, as the authors did", "radiomics",
        choices=("in-fold", "paper")),

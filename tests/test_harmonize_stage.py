@@ -1,0 +1,153 @@
+"""`harmonize = combat` through the radiomics stage (in-process transport, real site
+folders): each site's harmonized table against neuroCombat on the pooled rows, an external
+site against the direct computation, the ANOVA of site in results.json against scipy, and
+the policy and bad-input paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from neuroCombat import neuroCombat
+from scipy import stats
+
+from server import harmonize
+from server.transport import reply_from_payload
+from server.workflow import run_study
+from shared import combat, schema
+from shared.config import ConfigError, StudyConfig, stage_settings
+from simulation.in_process import InProcessTransport
+from tests.test_combat import FEATURES, scanner_sites
+
+
+def write(root: Path, sites: list[pd.DataFrame], external: int = 0,
+          min_patients: int = 10) -> list[Path]:
+    folders = []
+    for i, part in enumerate(sites):
+        folder = root / f"site-{i + 1}"
+        folder.mkdir(parents=True)
+        roles = ["external"] if i >= len(sites) - external else ["train"]
+        (folder / "site.yaml").write_text(yaml.safe_dump({
+            "site_id": f"site-{i + 1}", "roles": roles, "time_unit": "days",
+            "privacy": {"min_patients": min_patients, "min_cell_count": 1}}))
+        ids = [f"s{i}p{j:03d}" for j in range(len(part))]
+        pd.DataFrame({"patient_id": ids, "label": part["label"], "age": part["age"]}).to_csv(
+            folder / "clinical.csv", index=False)
+        features = part[FEATURES].copy()
+        features.insert(0, "patient_id", ids)
+        features.to_csv(folder / "features.csv", index=False)
+        folders.append(folder)
+    return folders
+
+
+def study(folders: list[Path], out: Path, **extra: str) -> dict:
+    config = StudyConfig(out_dir=str(out), task="label", stages=("radiomics",),
+                         settings=stage_settings({"harmonize": "combat", "cv-folds": 3,
+                                                  **extra}))
+    return run_study(InProcessTransport(folders), config)
+
+
+def harmonized(folder: Path) -> np.ndarray:
+    table = pd.read_csv(folder / "harmonized" / "radiomics-in-process.csv")
+    assert list(table.columns) == ["patient_id", *FEATURES]
+    return table[FEATURES].to_numpy()
+
+
+@pytest.mark.parametrize("extra, options, covariates", [
+    ({}, {"eb": True, "parametric": True}, []),
+    ({"combat-eb": "false", "combat-covariates": "age"}, {"eb": False}, ["age"]),
+], ids=["eb", "no-eb-age"])
+def test_the_sites_harmonized_tables_equal_neurocombat_and_the_anova_scipy(
+        tmp_path: Path, extra: dict, options: dict, covariates: list[str]) -> None:
+    sites = scanner_sites()
+    folders = write(tmp_path / "sites", sites)
+    results = study(folders, tmp_path / "out", **extra)
+    block = results["radiomics"]["harmonization"]
+    assert block["status"] == "ok" and block["method"] == "combat"
+    frame = pd.concat(sites, ignore_index=True)
+    covars = pd.DataFrame({"batch": np.repeat(np.arange(4), [len(s) for s in sites])})
+    for c in covariates:
+        covars[c] = frame[c].to_numpy()
+    ref = neuroCombat(frame[FEATURES].to_numpy().T, covars, "batch",
+                      continuous_cols=covariates, **options)["data"].T
+    cuts = np.cumsum([len(s) for s in sites])[:-1]
+    for folder, expected in zip(folders, np.split(ref, cuts), strict=True):
+        scale = np.abs(expected).max(axis=0)
+        np.testing.assert_allclose(harmonized(folder) / scale, expected / scale, atol=1e-6)
+    effect = block["site_effect"]
+    before = stats.f_oneway(*[s[FEATURES].to_numpy() for s in sites])
+    after = stats.f_oneway(*np.split(ref, cuts))
+    for when, test in (("before", before), ("after", after)):
+        f = np.array([effect[when]["f"][n] for n in FEATURES])
+        np.testing.assert_allclose(f, test.statistic, rtol=1e-6, atol=1e-9)
+        assert effect[when]["n_site_dependent"] == int(np.sum(test.pvalue < 0.05))
+    assert effect["before"]["n_site_dependent"] > effect["after"]["n_site_dependent"]
+    # the stage's fits used the harmonized rows: its pooled means are ComBat's
+    means = results["radiomics"]["standardization"]["mean"]
+    np.testing.assert_allclose([means[n] for n in FEATURES], ref.mean(axis=0), rtol=1e-6)
+
+
+def test_an_external_site_is_harmonized_against_the_training_fit(tmp_path: Path) -> None:
+    sites = scanner_sites(5)
+    folders = write(tmp_path / "sites", sites, external=1)
+    results = study(folders, tmp_path / "out")
+    block = results["radiomics"]["harmonization"]
+    assert block["sites"] == [f"site-{i}" for i in range(1, 5)]
+    assert block["external"] == ["site-5"]
+    train_y = [s[FEATURES].to_numpy() for s in sites[:4]]
+    xs = [combat.design(len(y), i, 4) for i, y in enumerate(train_y)]
+    beta = np.linalg.lstsq(np.vstack(xs), np.vstack(train_y), rcond=None)[0]
+    counts = np.vstack(xs).sum(axis=0)
+    grand = counts @ beta / counts.sum()
+    var = np.mean((np.vstack(train_y) - np.vstack(xs) @ beta) ** 2, axis=0)
+    expected, _ = combat.local_adjustment(sites[4][FEATURES].to_numpy(),
+                                          np.zeros((len(sites[4]), 0)),
+                                          combat.ComBatFit(beta, grand, var))
+    np.testing.assert_allclose(harmonized(folders[4]), expected, rtol=1e-9, atol=1e-9)
+    assert "external" in results["radiomics"]["auc"]
+    assert results["radiomics"]["sites"]["site-5"]["role"] == "external"
+
+
+def test_a_site_whose_policy_refuses_the_sums_skips_combat_with_the_reason() -> None:
+    class Refusing:
+        def ask(self, action, queries, sites):
+            assert action == schema.RADIOMICS_COMBAT
+            out = {}
+            for s in sites:
+                q = queries[s]
+                x = combat.design(12, int(q["batch"]), 2)
+                sums = combat.local_design_sums(np.ones((12, 2)), x)
+                payload = ({"status": "ok", "refused.sums": "fewer than min_patients"}
+                           if s == "b" else {"status": "ok", "sums.xtx": sums["xtx"],
+                                             "sums.xty": sums["xty"]})
+                out[s] = reply_from_payload(s, payload)
+            return out
+
+    block = harmonize.run_combat(Refusing(), {}, ["a", "b"], [], ["f1", "f2"],
+                                 np.arange(2), harmonize.Options())
+    assert block["status"] == "skipped"
+    assert block["reason"] == "b refused the ComBat sums: fewer than min_patients"
+
+
+def test_combat_with_a_missing_covariate_names_site_column_and_patient(tmp_path: Path) -> None:
+    sites = scanner_sites()
+    folders = write(tmp_path / "sites", sites)
+    clinical = pd.read_csv(folders[1] / "clinical.csv")
+    clinical.loc[3, "age"] = np.nan
+    clinical.to_csv(folders[1] / "clinical.csv", index=False)
+    results = study(folders, tmp_path / "out", **{"combat-covariates": "age"})
+    status = results["radiomics"]["sites"]["site-2"]
+    assert status["status"] == "dropped"
+    assert "site-2" in status["reason"] and "'age'" in status["reason"]
+    assert "patient" in status["reason"]
+    assert results["radiomics"]["harmonization"]["sites"] == ["site-1", "site-3", "site-4"]
+
+
+def test_the_task_label_is_refused_as_a_combat_covariate(tmp_path: Path) -> None:
+    folders = write(tmp_path / "sites", scanner_sites())
+    with pytest.raises(ConfigError, match="label"):
+        study(folders, tmp_path / "out", **{"combat-covariates": "age,label"})
