@@ -116,8 +116,14 @@ def _cohort(cohort: dict[str, Any], out: Path) -> str:
     figure = _cohort_figure(cohort, out)
     parts = [f"<h2>Cohort ({_e(cohort['task'])})</h2><h3>Pooled</h3>",
              _table(head, _cohort_rows(cohort["covariates"], None)),
-             "<p class='muted'>Numeric: mean ± sd, Student t-test; categorical: n (%), "
-             "chi-square (Yates-corrected for 2×2), exact from per-site sums.</p>",
+             "<p class='muted'>Numeric: mean ± sd with the Student t-test, and median "
+             "(Q1, Q3) with the Mann–Whitney U test (two-sided, normal approximation with "
+             "tie and continuity correction), from label histograms on a grid all sites "
+             "share; categorical: n (%), chi-square (Yates-corrected for 2×2). Moments and "
+             "counts are exact from per-site sums; ≈ marks a median or quartile known only "
+             "within a bound (the middle of it is shown; merged histogram cells or "
+             "fractional values), and a p range the bound a Mann–Whitney p lies in "
+             "(results.json: <code>*_bound</code>).</p>",
              f"<img src='{figure}' alt='patients per site and label'>"]
     for site, counts in cohort["n"]["sites"].items():
         if counts is None:
@@ -147,6 +153,8 @@ def _cohort_rows(covariates: dict[str, Any], site: str | None) -> list[list[str]
                      if m is not None and s is not None else "—"
                      for m, s, n in zip(entry["mean"], entry["sd"], entry["n"], strict=True)]
             rows.append([_e(name), *cells, "t-test", _p(entry["t_test"]["p_value"])])
+            if entry.get("mann_whitney"):
+                rows.append(_rank_row(entry))
         else:
             rows.append([_e(name), "", "", "chi-square", _p(entry["chi2"]["p_value"])])
             totals = [sum(col) for col in zip(*entry["counts"], strict=True)] or [0, 0]
@@ -155,6 +163,26 @@ def _cohort_rows(covariates: dict[str, Any], site: str | None) -> list[list[str]
                          for c, t in zip(counts, totals, strict=True)]
                 rows.append([f"&nbsp;&nbsp;{_e(level)}", *cells, "", ""])
     return rows
+
+
+def _rank_row(entry: dict[str, Any]) -> list[str]:
+    """The row under a numeric covariate: median (Q1, Q3) per group and the Mann–Whitney p."""
+    mark = "" if entry.get("quantiles_exact") else "≈"
+    cells = []
+    for g in (0, 1):
+        values = [entry[key][g] for key in ("median", "q1", "q3")]
+        if None in values:
+            cells.append("—")
+            continue
+        median, q1, q3 = (f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}" for v in values)
+        cells.append(f"{mark}{median} ({q1}, {q3})")
+    test = entry["mann_whitney"]
+    if test.get("exact"):
+        p = _p(test.get("p_value"))
+    else:
+        low, high = test.get("p_bound") or (None, None)
+        p = _p(low) if _p(low) == _p(high) else f"{_p(low)}–{_p(high)}"
+    return ["&nbsp;&nbsp;median (Q1, Q3)", *cells, "Mann–Whitney U", p]
 
 
 def _cohort_figure(cohort: dict[str, Any], out: Path) -> str:
@@ -390,6 +418,7 @@ def _radiomics(block: dict[str, Any], out: Path) -> str:
         f"{len(block.get('selected', []))}. Selection: {_e(block.get('selection'))}; "
         f"{len(block.get('folds', []))}-fold CV, L2 logistic regression per fold.</p>",
     ]
+    parts.append(_harmonization(block.get("harmonization", {}), out))
     if lasso.get("selected"):
         parts.append(f"<img src='{_lasso_figure(lasso, out)}' alt='LASSO coefficients'>")
     rows = []
@@ -403,6 +432,47 @@ def _radiomics(block: dict[str, Any], out: Path) -> str:
     parts.append(_table(["patients", "AUC", "bound (histogram grid)", "n (neg/pos)",
                          "not released"], rows))
     return "\n".join(parts)
+
+
+def _harmonization(block: dict[str, Any], out: Path) -> str:
+    """ComBat's line: what was harmonized, and how many features differ by site (one-way
+    ANOVA, p < threshold) before and after, with the per-feature F as a figure."""
+    if block.get("method", "none") == "none":
+        return "<p>Features not harmonized across sites (<code>harmonize = none</code>).</p>"
+    if block.get("status") != "ok":
+        return f"<p>ComBat harmonization skipped: {_e(block.get('reason'))}</p>"
+    options = block.get("options", {})
+    effect = block.get("site_effect", {})
+    text = (f"<p>ComBat ({'empirical Bayes' if options.get('eb') else 'no EB'}, "
+            f"{'parametric' if options.get('parametric') else 'non-parametric'}"
+            + (f", covariates {_e(', '.join(options['covariates']))}"
+               if options.get("covariates") else "")
+            + f") on {block.get('features')} features, fitted on "
+            f"{_e(', '.join(block.get('sites', [])))}"
+            + (f", applied also at {_e(', '.join(block['external']))}"
+               if block.get("external") else "") + ". ")
+    if "before" not in effect:
+        return text + f"Site effect not measured: {_e(effect.get('reason'))}</p>"
+    p = effect.get("p_threshold")
+    text += (f"Features that differ by site (one-way ANOVA of site, p &lt; {p}): "
+             f"{effect['before']['n_site_dependent']} before, "
+             f"{effect['after']['n_site_dependent']} after.</p>")
+    return text + f"<img src='{_site_effect_figure(effect, out)}' alt='site effect per feature'>"
+
+
+def _site_effect_figure(effect: dict[str, Any], out: Path) -> str:
+    name = "radiomics_site_effect.png"
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for when, color in (("before", "#c44e52"), ("after", "#4c72b0")):
+        f = np.array([v for v in effect[when]["f"].values() if v is not None], dtype=float)
+        ax.hist(np.log10(np.maximum(f, 1e-6)), bins=40, alpha=0.6, color=color, label=when)
+    ax.set_xlabel("log10 F of site (one-way ANOVA per feature)")
+    ax.set_ylabel("features")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
 
 
 def _auc_cells(entry: dict[str, Any]) -> list[str]:

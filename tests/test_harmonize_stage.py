@@ -86,6 +86,10 @@ def test_the_sites_harmonized_tables_equal_neurocombat_and_the_anova_scipy(
         np.testing.assert_allclose(f, test.statistic, rtol=1e-6, atol=1e-9)
         assert effect[when]["n_site_dependent"] == int(np.sum(test.pvalue < 0.05))
     assert effect["before"]["n_site_dependent"] > effect["after"]["n_site_dependent"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert (f"{effect['before']['n_site_dependent']} before, "
+            f"{effect['after']['n_site_dependent']} after") in report
+    assert (tmp_path / "out" / "radiomics_site_effect.png").stat().st_size > 1000
     # the stage's fits used the harmonized rows: its pooled means are ComBat's
     means = results["radiomics"]["standardization"]["mean"]
     np.testing.assert_allclose([means[n] for n in FEATURES], ref.mean(axis=0), rtol=1e-6)
