@@ -41,10 +41,13 @@ SCRIPTS = {
     "deployment-demo": ("deployment.py", ["--no-cnn", "--demo"],
                         "9 as `deployment`, plus make demo's whole study deployment ÷ "
                         "simulation (about 15 minutes more)"),
+    "harmonization": ("harmonization.py", [], "issue 15: features that differ by site before "
+                      "and after ComBat; radiomics LOSO and external AUC with and without "
+                      "(3 seeds)"),
     "coverage": ("survival_coverage.py", ["--seeds", "5", "--sizes", "40"],
                  "Cox CI coverage of the simulated truth (not an issue-8 figure)"),
 }
-DEFAULT = ("learning", "wire", "rounds", "extraction", "deployment")
+DEFAULT = ("learning", "wire", "rounds", "extraction", "deployment", "harmonization")
 ALIASES = {"training": ("learning", "wire")}  # the whole of bench/training.py
 
 

@@ -81,8 +81,8 @@ def run_combat(transport: Transport, context: Mapping[str, Any], train: list[str
 
 def _fit(transport: Transport, context: Mapping[str, Any], train: list[str],
          columns: np.ndarray, options: Options) -> combat.ComBatFit:
-    if len(train) < 2:
-        raise Skipped("ComBat needs two or more training sites")
+    if not train:
+        raise Skipped("ComBat needs a training site")
     base = {**context, "columns": columns, "n_batch": len(train),
             "covariates": list(options.covariates)}
     sums = _step(transport, "sums", base, train, 1)

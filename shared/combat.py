@@ -157,7 +157,9 @@ def _parametric(z: np.ndarray, g_hat: np.ndarray, d_hat: np.ndarray, g_bar: floa
         g_new = _posterior_mean(g_hat, g_bar, n, d_old, t2)
         sum2 = np.sum((z - g_new) ** 2, axis=0)
         d_new = (0.5 * sum2 + b) / (n / 2.0 + a - 1.0)
-        change = max(np.max(np.abs(g_new - g_old) / g_old), np.max(np.abs(d_new - d_old) / d_old))
+        with np.errstate(divide="ignore", invalid="ignore"):  # γ̂ = 0: one site alone
+            change = max(np.max(np.abs(g_new - g_old) / g_old),
+                         np.max(np.abs(d_new - d_old) / d_old))
         g_old, d_old = g_new, d_new
         if not change > CONVERGENCE:
             return g_new, d_new

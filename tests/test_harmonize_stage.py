@@ -116,6 +116,26 @@ def test_an_external_site_is_harmonized_against_the_training_fit(tmp_path: Path)
     assert results["radiomics"]["sites"]["site-5"]["role"] == "external"
 
 
+def test_one_training_site_maps_an_external_site_onto_its_own_scanner(
+        tmp_path: Path) -> None:
+    """Paper 1's design: train on Centre 1, validate on Centre 2. With one training site the
+    pooled fit is that site's own mean and variance, and the external site is moved onto
+    them; the ANOVA of the two sites' features loses its site effect."""
+    sites = scanner_sites(2)
+    folders = write(tmp_path / "sites", sites, external=1)
+    results = study(folders, tmp_path / "out")
+    block = results["radiomics"]["harmonization"]
+    assert block["status"] == "ok" and block["sites"] == ["site-1"]
+    y = sites[0][FEATURES].to_numpy()
+    fit = combat.ComBatFit(y.mean(axis=0, keepdims=True), y.mean(axis=0), y.var(axis=0))
+    expected, _ = combat.local_adjustment(sites[1][FEATURES].to_numpy(),
+                                          np.zeros((len(sites[1]), 0)), fit)
+    np.testing.assert_allclose(harmonized(folders[1]), expected, rtol=1e-9, atol=1e-9)
+    effect = block["site_effect"]
+    assert effect["before"]["n_site_dependent"] > 20
+    assert effect["after"]["n_site_dependent"] < effect["before"]["n_site_dependent"] / 4
+
+
 def test_a_site_whose_policy_refuses_the_sums_skips_combat_with_the_reason() -> None:
     class Refusing:
         def ask(self, action, queries, sites):
