@@ -1,4 +1,5 @@
-"""Cohort stage, site side: per-label sums of numeric covariates and level counts."""
+"""Cohort stage, site side: per-label sums, squares and shared-grid histograms of numeric
+covariates, and level counts of categorical ones."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ def cohort_sums(session: SiteSession, query: Payload) -> list[Statistic]:
     """Round 1: label counts, then per covariate (n, Σx) per group or a level table.
 
     Crosses the wire: per numeric covariate and label group a count and a sum (each group's
-    pair refused below min_patients); per categorical covariate a levels × groups count
-    table (refused with a cell below min_cell_count). Never a row.
+    pair refused below min_patients), and one yes/no per numeric covariate, whether all
+    the site's values are whole numbers (refused below min_patients present values); per
+    categorical covariate a levels × groups count table (refused with a cell below
+    min_cell_count). Never a row.
     """
     y = session.labels()
     out = [Statistic("labels", {"n": np.bincount(y, minlength=2).astype(np.int64)},
@@ -30,6 +33,8 @@ def cohort_sums(session: SiteSession, query: Payload) -> list[Statistic]:
             n, total = cohort.local_group_sums(x, y)
             out += [Statistic(f"numeric.{name}.g{g}", {"n": int(n[g]), "sum": float(total[g])},
                               n=int(n[g])) for g in (0, 1)]
+            out.append(Statistic(f"integer.{name}", {"flag": cohort.local_is_integer(x)},
+                                 n=int(n.sum())))
         else:
             levels, table = cohort.local_level_counts(column.to_numpy(dtype=object), y)
             out.append(Statistic(f"categorical.{name}", {"levels": levels, "table": table},
@@ -55,6 +60,33 @@ def cohort_squares(session: SiteSession, query: Payload) -> list[Statistic]:
         ss = cohort.local_group_squares(x, y, means)
         out += [Statistic(f"squares.{name}.g{g}", {"ss": float(ss[g])}, n=int(n[g]))
                 for g in (0, 1)]
+    return out
+
+
+def cohort_histograms(session: SiteSession, query: Payload) -> list[Statistic]:
+    """Round 3: per numeric covariate and label group, the counts in the server's grid
+    (`edges.<name>`), adjacent bins merged until each non-empty cell holds ≥ the site's
+    min_cell_count patients.
+
+    Crosses the wire: per covariate and group three integer arrays, first bin, last bin
+    and count of each cell; refused below min_patients in the group or with a cell below
+    min_cell_count. Never a value: only how many patients lie between two of the
+    server's edges.
+    """
+    y = session.labels()
+    min_cell = session.site.config.privacy.min_cell_count
+    out = []
+    for name in _covariates(query):
+        edges = query.get(f"edges.{name}")
+        column = _column(session, name)
+        if edges is None or column is None or not _is_numeric(column):
+            continue
+        x = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+        cells = cohort.local_group_histograms(x, y, edges, min_cell)
+        for g, (first, last, count) in enumerate(cells):
+            out.append(Statistic(f"hist.{name}.g{g}", {"first": first, "last": last,
+                                                       "count": count},
+                                 n=int(count.sum()), counts=("count",)))
     return out
 
 

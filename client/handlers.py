@@ -40,6 +40,7 @@ HANDLERS: dict[str, Handler] = {
     schema.HANDSHAKE: _lazy("handshake", "handshake"),
     schema.COHORT_SUMS: _lazy("cohort", "cohort_sums"),
     schema.COHORT_SQUARES: _lazy("cohort", "cohort_squares"),
+    schema.COHORT_HISTOGRAMS: _lazy("cohort", "cohort_histograms"),
     schema.RADIOMICS_EXTRACT: _lazy("radiomics", "radiomics_extract"),
     schema.RADIOMICS_COLUMNS: _lazy("radiomics", "radiomics_columns"),
     schema.RADIOMICS_STEP: _lazy("radiomics", "radiomics_step"),

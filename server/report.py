@@ -167,15 +167,11 @@ def _cohort_rows(covariates: dict[str, Any], site: str | None) -> list[list[str]
 
 def _rank_row(entry: dict[str, Any]) -> list[str]:
     """The row under a numeric covariate: median (Q1, Q3) per group and the Mann–Whitney p."""
-    mark = "" if entry.get("quantiles_exact") else "≈"
     cells = []
     for g in (0, 1):
-        values = [entry[key][g] for key in ("median", "q1", "q3")]
-        if None in values:
-            cells.append("—")
-            continue
-        median, q1, q3 = (f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}" for v in values)
-        cells.append(f"{mark}{median} ({q1}, {q3})")
+        parts = [_quantile_text(entry[key][g], (entry.get(f"{key}_bound") or [None, None])[g])
+                 for key in ("median", "q1", "q3")]
+        cells.append("—" if None in parts else f"{parts[0]} ({parts[1]}, {parts[2]})")
     test = entry["mann_whitney"]
     if test.get("exact"):
         p = _p(test.get("p_value"))
@@ -183,6 +179,14 @@ def _rank_row(entry: dict[str, Any]) -> list[str]:
         low, high = test.get("p_bound") or (None, None)
         p = _p(low) if _p(low) == _p(high) else f"{_p(low)}–{_p(high)}"
     return ["&nbsp;&nbsp;median (Q1, Q3)", *cells, "Mann–Whitney U", p]
+
+
+def _quantile_text(value: float | None, bound: list[float | None] | None) -> str | None:
+    """A quantile, marked ≈ when known only within its bound (the bound's middle)."""
+    if value is None:
+        return None
+    known = bound is not None and bound[0] is not None and bound[0] == bound[1]
+    return ("" if known else "≈") + (f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}")
 
 
 def _cohort_figure(cohort: dict[str, Any], out: Path) -> str:

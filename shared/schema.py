@@ -26,6 +26,7 @@ CONFIG = "config"  # name of the ConfigRecord in every message
 HANDSHAKE = "handshake"
 COHORT_SUMS = "cohort_sums"
 COHORT_SQUARES = "cohort_squares"
+COHORT_HISTOGRAMS = "cohort_histograms"
 RADIOMICS_EXTRACT = "radiomics_extract"
 RADIOMICS_COLUMNS = "radiomics_columns"
 RADIOMICS_STEP = "radiomics_step"
@@ -38,7 +39,7 @@ SURVIVAL_EVENTS = "survival_events"
 SURVIVAL_PAIRS = "survival_pairs"
 SURVIVAL_HISTOGRAMS = "survival_histograms"
 SURVIVAL_BOUNDS = "survival_bounds"
-ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES,
+ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES, COHORT_HISTOGRAMS,
            RADIOMICS_EXTRACT, RADIOMICS_COLUMNS, RADIOMICS_STEP, RADIOMICS_SCREEN,
            RADIOMICS_SCORE, RADIOMICS_COMBAT,
            SURVIVAL_SETUP, SURVIVAL_COX, SURVIVAL_EVENTS, SURVIVAL_PAIRS, SURVIVAL_HISTOGRAMS,

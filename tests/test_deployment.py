@@ -232,7 +232,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
         info["seen"] = {"site-3 dropped during cohort_squares": 0.0}
         info["a_rc"], info["a_log"] = run_study(
-            run_a, coordinator, root / "run-a.log", kill_on=("[cohort] round 1/2", kill),
+            run_a, coordinator, root / "run-a.log", kill_on=("[cohort] round 1/3", kill),
             seen=info["seen"])
         info["a_seconds"] = time.monotonic() - started
         shutil.copy(root / "out-a" / "results.json", root / "results-a.json")

@@ -394,7 +394,8 @@ def test_resume_runs_everything_again_when_data_or_config_changed(tmp_path):
     results = workflow.run_study(transport, config(tmp_path, task="label", resume=True,
                                                    cohort_covariates=("age",)))
     assert "cohort_covariates" in results["run"]["resume"]["reason"]
-    assert transport.actions == [schema.COHORT_SUMS, schema.COHORT_SQUARES]
+    assert transport.actions == [schema.COHORT_SUMS, schema.COHORT_SQUARES,
+                                 schema.COHORT_HISTOGRAMS]
 
     rows = pd.read_csv(folders[1] / "clinical.csv")
     rows.loc[0, "age"] += 1
@@ -406,7 +407,8 @@ def test_resume_runs_everything_again_when_data_or_config_changed(tmp_path):
     results = workflow.run_study(transport, config(tmp_path, resume=True,
                                                    cohort_covariates=("age",)))
     assert "site-2's data changed" in results["run"]["resume"]["reason"]
-    assert transport.actions == [schema.COHORT_SUMS, schema.COHORT_SQUARES]
+    assert transport.actions == [schema.COHORT_SUMS, schema.COHORT_SQUARES,
+                                 schema.COHORT_HISTOGRAMS]
 
     transport = CountingTransport(folders[:2])
     results = workflow.run_study(transport, config(tmp_path, resume=True,

@@ -135,7 +135,8 @@ def test_audit_log_holds_every_message_each_site_sent(run: dict) -> None:
     for site in ("site-1", "site-2", "site-3"):
         records = audit_records(run, site)
         assert [r["message_type"] for r in records] == [
-            "query.handshake", "query.cohort_sums", "query.cohort_squares"]
+            "query.handshake", "query.cohort_sums", "query.cohort_squares",
+            "query.cohort_histograms"]
         assert [(r["message_type"], r["bytes"], r["sha256"]) for r in records] == [
             (w["message_type"], w["bytes"], w["sha256"]) for w in wire[site]]
         # what the policy withheld, as the site's audit log and the server's log both say
@@ -157,7 +158,7 @@ def test_report_and_logs_are_written(run: dict) -> None:
     assert "Cohort" in page and "cohort_counts.png" in page
     assert (run["out"] / "cohort_counts.png").stat().st_size > 1000
     log = (run["out"] / "run.log").read_text()
-    assert "[cohort] round 1/2" in log and "site-1 ok" in log
+    assert "[cohort] round 1/3" in log and "site-1 ok" in log
 
 
 def test_no_superlink_is_left_running(run: dict) -> None:

@@ -37,7 +37,7 @@ def test_flwr_run_dot_with_pyproject_defaults(tmp_path: Path) -> None:
     finally:
         stop_local_superlink(http_port)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "[cohort] round 2/2: 2 sites replied: site-1 ok, site-2 ok" in done.stdout
+    assert "[cohort] round 2/3: 2 sites replied: site-1 ok, site-2 ok" in done.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [s["status"] for s in results["run"]["sites"]] == ["ok", "ok"]
     assert results["run"]["stages"]["cohort"]["status"] == "ok"
