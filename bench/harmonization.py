@@ -11,7 +11,7 @@ Figures per seed and as the mean over seeds: features that differ by site (one-w
 of site, p < 0.05) before and after ComBat, the radiomics model's external AUC and its
 mean leave-one-site-out AUC with and without. These are measurements, not targets.
 
-    .venv/bin/python bench/harmonization.py [--seeds 3] [--patients 36] [--image-size 48]
+    .venv/bin/python bench/harmonization.py [--seeds 3] [--patients 30] [--image-size 40]
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def measures(results: dict) -> dict[str, float | None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--patients", type=int, default=36, help="patients per site (about)")
-    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--patients", type=int, default=30, help="patients per site (about)")
+    parser.add_argument("--image-size", type=int, default=40)
     parser.add_argument("--effect-size", type=float, default=1.5)
     parser.add_argument("--quick", action="store_true", help="1 seed, smaller sites")
     parser.add_argument("--out", type=Path, default=None)

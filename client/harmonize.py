@@ -11,12 +11,14 @@ One action, `radiomics_combat`, in three steps the server runs in order:
   later rounds use it, and the reply holds only the features' moments before and after,
   for the ANOVA of site.
 An external site answers only `adjust`: it harmonizes against the training sites' fit.
-Every value is computed on the reader-1 features as extracted, so a fit that restarts
-(a site dropped) harmonizes from the same rows again.
+Every value is computed on the reader-1 features as extracted; the harmonized rows are kept
+beside them (`client.radiomics.save_state(harmonized=True)`), and the stage's later queries
+ask for them by `combat`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +105,10 @@ def _adjust(session: SiteSession, query: Payload) -> list[Statistic]:
     adjusted, _ = combat.local_adjustment(
         y, cov, _fit(query, with_variance=True), eb=bool(query.get("eb", True)),
         parametric=bool(query.get("parametric", True)))
-    data.harmonized = data.r1.copy()
-    data.harmonized[:, columns] = adjusted
+    r1 = data.r1.copy()
+    r1[:, columns] = adjusted
     run_id, source = str(query.get("run_id", "")), source_of(query)
-    save_state(session, run_id, data, source)
+    save_state(session, run_id, replace(data, r1=r1), source, harmonized=True)
     _write_table(session.site.root, source, run_id, data.patients,
                  [str(n) for n in query.get("names", [])] or [f"f{c}" for c in columns],
                  adjusted)

@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from client import rounds
 from client.extraction import extract_features
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
-from shared import logistic, roc, screening
+from shared import logistic, roc, schema, screening
 from shared.folds import stratified_folds
 from shared.schema import Payload, nest
 
@@ -41,11 +42,6 @@ class RadiomicsData:
     r2: np.ndarray | None
     y: np.ndarray
     folds: np.ndarray | None = None
-    harmonized: np.ndarray | None = None  # r1 after ComBat (client.harmonize), when asked
-
-    def features(self) -> np.ndarray:
-        """The reader-1 features the fits use: harmonized where the stage harmonized them."""
-        return self.r1 if self.harmonized is None else self.harmonized
 
 
 def radiomics_extract(session: SiteSession, query: Payload) -> list[Statistic]:
@@ -118,46 +114,62 @@ def source_of(query: Payload) -> str:
     return source
 
 
-def _state_path(session: SiteSession, run_id: str, source: str = MODEL) -> Path:
-    return session.site.root / "cache" / source / f"run-{run_id or 'local'}.npz"
+def _state_path(session: SiteSession, run_id: str, source: str = MODEL,
+                harmonized: bool = False) -> Path:
+    name = f"run-{run_id or 'local'}{'-combat' if harmonized else ''}.npz"
+    return session.site.root / "cache" / source / name
 
 
 def save_state(session: SiteSession, run_id: str, data: RadiomicsData,
-               source: str = MODEL) -> None:
-    """Keep a stage's rows at the site for the later rounds (any process)."""
-    path = _state_path(session, run_id, source)
+               source: str = MODEL, harmonized: bool = False) -> None:
+    """Keep a stage's rows at the site for the later rounds (any process). The rows after
+    ComBat are kept beside the rows as extracted, never over them: a process that has the
+    extracted rows in memory cannot mistake them for the harmonized ones, and a fit that
+    restarts harmonizes from the extracted rows again."""
+    path = _state_path(session, run_id, source, harmonized)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"patients": np.asarray(data.patients, dtype=str), "r1": data.r1, "y": data.y}
     if data.r2 is not None:
         arrays["r2"] = data.r2
     if data.folds is not None:
         arrays["folds"] = data.folds
-    if data.harmonized is not None:
-        arrays["harmonized"] = data.harmonized
     np.savez(path, **arrays)
-    session.cache[f"{source}.{run_id}"] = data
+    session.cache[_state_key(run_id, source, harmonized)] = data
+
+
+def _state_key(run_id: str, source: str, harmonized: bool) -> str:
+    return f"{source}.{run_id}{'.combat' if harmonized else ''}"
 
 
 def state(session: SiteSession, query: Payload) -> RadiomicsData:
-    """The stage's rows, from this process's memory or from the site's disk."""
+    """The stage's rows, from this process's memory or from the site's disk: after ComBat
+    when the query says `combat` (the server adds it once the stage has harmonized)."""
     run_id, source = str(query.get("run_id", "")), source_of(query)
-    key = f"{source}.{run_id}"
+    harmonized = bool(query.get(schema.COMBAT, False))
+    key = _state_key(run_id, source, harmonized)
     if key not in session.cache:
-        path = _state_path(session, run_id, source)
+        path = _state_path(session, run_id, source, harmonized)
         if not path.is_file():
-            raise ValueError("radiomics rows not set up for this run (no radiomics_columns)")
+            raise ValueError("radiomics rows not set up for this run (no radiomics_columns)"
+                             if not harmonized else "no harmonized rows for this run (no "
+                             "ComBat adjust at this site)")
         with np.load(path) as saved:
             session.cache[key] = RadiomicsData(
                 patients=pd.Index(saved["patients"]), r1=saved["r1"], y=saved["y"],
-                r2=saved.get("r2"), folds=saved.get("folds"),
-                harmonized=saved.get("harmonized"))
+                r2=saved.get("r2"), folds=saved.get("folds"))
     return session.cache[key]
 
 
 def radiomics_step(session: SiteSession, query: Payload) -> list[Statistic]:
     """One solver round for every fold's fit (standardization, ICC, LASSO, screening, LR)."""
-    source = source_of(query)
-    return rounds.solver_step(session, query, lambda s, q: design(s, {**q, "source": source}))
+    which = rows_of(query)
+    return rounds.solver_step(session, query, lambda s, q: design(s, {**q, **which}))
+
+
+def rows_of(query: Payload) -> dict[str, Any]:
+    """Which of the site's kept rows a query's solvers read: the feature source, and
+    whether after ComBat; the per-solver queries inherit it."""
+    return {"source": source_of(query), schema.COMBAT: bool(query.get(schema.COMBAT, False))}
 
 
 def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +182,7 @@ def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray]:
     if q.get("rows") == "readers":
         pair = np.stack([data.r1[rows][:, columns], data.r2[rows][:, columns]])
         return pair, data.y[rows]
-    x = data.features()[rows][:, columns]
+    x = data.r1[rows][:, columns]
     if "center" in q:
         x = (x - np.asarray(q["center"])) / np.asarray(q["scale"])
     return x, data.y[rows]
@@ -201,7 +213,7 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     data = state(session, query)
     models = [nest(query, f"fold{k}") for k in range(int(query["n_models"]))]
-    per_model = np.stack([_predict(data.features(), m) for m in models])  # (folds, n)
+    per_model = np.stack([_predict(data.r1, m) for m in models])  # (folds, n)
     if data.folds is not None:
         scores = per_model[data.folds, np.arange(len(data.y))]
         kind = "out-of-fold"
@@ -251,8 +263,7 @@ def radiomics_screen(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     out = []
     for key in query.get("solvers", []):
-        q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""),
-                 source=source_of(query))
+        q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""), **rows_of(query))
         x, y = design(session, q)
         if q["method"] == "chi2":
             terms = screening.local_class_sums(screening.unit_range(x), y)

@@ -128,7 +128,7 @@ def head(transport: Transport, config: StudyConfig, outcome: Outcome, st: Setup,
     try:
         fit = RadiomicsFit(transport, context, train, names, rc, [], external)
         block = fit.run()
-        block.update(_score(transport, context, train, fit.external, fit, rc))
+        block.update(_score(transport, fit.context, train, fit.external, fit, rc))
     except (StageError, SiteSetChanged) as err:
         raise StageError(f"DSFR head: {err}") from err
     block["icc_filter"] = {"status": "skipped",

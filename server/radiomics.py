@@ -158,7 +158,7 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
     (fit, result), restarts = on_stable_sites(fit_on, train, min_sites=config.min_sites,
                                               stage=STAGE)
     result["restarts"] = restarts
-    result.update(_score(transport, context, fit.sites, fit.external, fit, rc))
+    result.update(_score(transport, fit.context, fit.sites, fit.external, fit, rc))
     result["sites"] = {s: {"status": "ok", "role": "train" if s in fit.sites else "external"}
                        for s in fit.sites + external}
     for s, why in fit.unharmonized.items():
@@ -302,6 +302,8 @@ class RadiomicsFit:
                                   harmonize.Options.of(self.rc))
         self.unharmonized = dict(result.pop("unharmonized", {}))
         self.external = [s for s in self.external if s not in self.unharmonized]
+        if result.get("status") == "ok":  # the later queries use the harmonized rows
+            self.context = {**self.context, schema.COMBAT: True}
         return result
 
     def standardize(self) -> dict[str, Scaling]:

@@ -413,7 +413,8 @@ def leave_one_site_out(transport: Transport, config: StudyConfig, sites: list[st
         return lambda lane: _held_out(lane, config, sites, held, context, vc)
 
     log.info("[%s] leave-one-site-out: %d refits in step", STAGE, len(train))
-    matrix = in_step(transport, {held: refit(held) for held in train})
+    rows = in_step(transport, {f"without {held}": refit(held) for held in train})
+    matrix = {held: rows[f"without {held}"] for held in train}
     return {"models": list(LOSO_MODELS), "sites": matrix,
             "note": "each row: the model fitted federated on every other site, validated on "
                     "the held-out site; DSFR and the CNNs are not refitted per held-out site"}

@@ -33,6 +33,7 @@ RADIOMICS_STEP = "radiomics_step"
 RADIOMICS_SCREEN = "radiomics_screen"
 RADIOMICS_SCORE = "radiomics_score"
 RADIOMICS_COMBAT = "radiomics_combat"
+COMBAT = "combat"  # query key of the radiomics actions: use the stage's rows after ComBat
 SURVIVAL_SETUP = "survival_setup"
 SURVIVAL_COX = "survival_cox"
 SURVIVAL_EVENTS = "survival_events"

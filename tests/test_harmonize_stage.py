@@ -16,7 +16,7 @@ from neuroCombat import neuroCombat
 from scipy import stats
 
 from server import harmonize
-from server.transport import reply_from_payload
+from server.transport import reply_from_payload, site_query
 from server.workflow import run_study
 from shared import combat, schema
 from shared.config import ConfigError, StudyConfig, stage_settings
@@ -175,3 +175,39 @@ def test_the_task_label_is_refused_as_a_combat_covariate(tmp_path: Path) -> None
     folders = write(tmp_path / "sites", scanner_sites())
     with pytest.raises(ConfigError, match="label"):
         study(folders, tmp_path / "out", **{"combat-covariates": "age,label"})
+
+
+class AdjustElsewhere(InProcessTransport):
+    """ComBat's adjust served as by another ClientApp process (Flower may run each message
+    in its own): a fresh session, whose in-memory rows this process never sees."""
+
+    def ask(self, action, query, sites):
+        if action != schema.RADIOMICS_COMBAT or site_query(query, next(iter(sites)))[
+                "step"] != "adjust":
+            return super().ask(action, query, sites)
+        from client import handlers, session
+
+        def fresh(root, task, needs=("clinical",)):
+            return session._open_session.__wrapped__(root, task, needs,
+                                                     session.folder_stamp(Path(root)))
+
+        saved = handlers.open_session
+        handlers.open_session = fresh
+        try:
+            return super().ask(action, query, sites)
+        finally:
+            handlers.open_session = saved
+
+
+def test_the_rows_after_combat_reach_a_process_that_held_the_rows_before(
+        tmp_path: Path) -> None:
+    sites = scanner_sites()
+    folders = write(tmp_path / "sites", sites)
+    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label", stages=("radiomics",),
+                         settings=stage_settings({"harmonize": "combat", "cv-folds": 3}))
+    results = run_study(AdjustElsewhere(folders), config)
+    frame = pd.concat(sites, ignore_index=True)
+    covars = pd.DataFrame({"batch": np.repeat(np.arange(4), [len(s) for s in sites])})
+    ref = neuroCombat(frame[FEATURES].to_numpy().T, covars, "batch")["data"].T
+    means = results["radiomics"]["standardization"]["mean"]
+    np.testing.assert_allclose([means[n] for n in FEATURES], ref.mean(axis=0), rtol=1e-6)
