@@ -33,9 +33,12 @@ install: $(VENV)/.installed
 
 dev: $(VENV)/.installed-dev
 
+# Paper 1's design: centre-1 trains, centre-2 validates externally, centre-3 is the
+# HER2-negative survival cohort; HER2-low vs zero, KM curves by true and predicted status.
 demo: install
-	$(VENV)/bin/feddlr simulate --sites 3 --patients 40 --seed 7 --effect-size 1.5 --out $(DEMO_DATA)
-	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT) -c validation=loso \
+	$(VENV)/bin/feddlr simulate --design paper1 --patients 60 --seed 7 --effect-size 2 \
+		--out $(DEMO_DATA)
+	$(VENV)/bin/feddlr run --sites-dir $(DEMO_DATA) --out $(DEMO_OUT) -c task=her2-low \
 		-c survival-group=label,predicted:dlr
 
 test: dev browser

@@ -43,9 +43,16 @@ STAGE_RUNNERS = {"cohort": run_cohort, "radiomics": run_radiomics, "dsfr": run_d
 # (when those stages were taken from a checkpoint, their files carry the earlier run's id)
 # and the validation stage's thresholds.
 READS_EARLIER = ("fusion", "validation", "survival")
-# A stage that only sites with a role take part in gets only those sites (roles are what
-# each site declared in its site.yaml, from the handshake: results["run"]["sites"]).
-STAGE_ROLES = {"survival": "survival"}
+# A stage that only sites with one of some roles take part in gets only those sites (roles
+# are what each site declared in its site.yaml, from the handshake: results["run"]["sites"]).
+# The model stages fit on `train` sites and score `external` ones; a survival-only cohort
+# (paper 1's Dataset 3) is in the cohort table and the survival stage alone. (Scoring it
+# too, for `predicted:<model>` there, needs the radiomics stage to score every non-training
+# site: then drop the model stages from this table.)
+MODEL_ROLES = ("train", "external")
+STAGE_ROLES: dict[str, tuple[str, ...]] = {
+    "radiomics": MODEL_ROLES, "dsfr": MODEL_ROLES, "deep": MODEL_ROLES, "fusion": MODEL_ROLES,
+    "validation": MODEL_ROLES, "survival": ("survival",)}
 __all__ = ["StudyError", "run_study"]
 
 
@@ -197,13 +204,32 @@ def _count(value: Any) -> int | None:
 
 def _run_stage(stage: str, transport: Transport, config: StudyConfig, sites: list[str],
                results: dict[str, Any]) -> dict[str, Any]:
-    role = STAGE_ROLES.get(stage)
-    if role is not None:
-        roles = {row["site_id"]: row.get("roles", []) for row in results["run"]["sites"]}
-        sites = [s for s in sites if role in roles.get(s, [])]
-        if not sites:
-            log.info("[%s] skipped: no usable site has role %r", stage, role)
-            return {"status": "skipped", "reason": f"no usable site has role {role!r}"}
+    sites, left_out = sites_for_stage(stage, sites, results["run"]["sites"])
+    if not sites:
+        wanted = " or ".join(repr(r) for r in STAGE_ROLES[stage])
+        log.info("[%s] skipped: no usable site has role %s", stage, wanted)
+        return {"status": "skipped", "reason": f"no usable site has role {wanted}"}
+    status = _stage_status(stage, transport, config, sites, results)
+    if left_out:
+        status["sites_left_out"] = left_out
+    return status
+
+
+def sites_for_stage(stage: str, sites: list[str], rows: list[dict[str, Any]]
+                    ) -> tuple[list[str], dict[str, str]]:
+    """The usable sites the stage asks (`STAGE_ROLES`), and why each other one is not asked."""
+    wanted = STAGE_ROLES.get(stage)
+    if wanted is None:
+        return sites, {}
+    roles = {row["site_id"]: list(row.get("roles", [])) for row in rows}
+    asked = [s for s in sites if set(wanted) & set(roles.get(s, []))]
+    left_out = {s: f"roles [{', '.join(roles.get(s, []))}]: the {stage} stage asks only "
+                   f"sites with role {' or '.join(wanted)}" for s in sites if s not in asked}
+    return asked, left_out
+
+
+def _stage_status(stage: str, transport: Transport, config: StudyConfig, sites: list[str],
+                  results: dict[str, Any]) -> dict[str, Any]:
     log.info("[%s] started with %d sites", stage, len(sites))
     started = time.monotonic()
     try:

@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--external-sites", type=int, default=0, metavar="K",
                      help="the last K sites get roles [external, survival]: held out of "
                           "training, for external validation (0 <= K < --sites)")
+    sim.add_argument("--design", choices=("sites", "paper1"), default="sites",
+                     help="sites (default): --sites folders site-<i>, the last "
+                          "--external-sites external; paper1: paper 1's three datasets, "
+                          "centre-1 (train), centre-2 (external validation) and centre-3 "
+                          "(survival only: HER2-negative patients on a dedicated breast MRI "
+                          "system), --patients x 1.25, 1, 0.75")
     sim.add_argument("--out", type=Path, required=True)
 
     check = sub.add_parser("check-site", help="report every problem in a site folder")
@@ -63,18 +69,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulation.cohort import simulate_cohort
+    from simulation.cohort import PAPER1_SITES, simulate_cohort
     from simulation.console import patient_progress
 
     try:
         simulate_cohort(args.out, n_sites=args.sites, n_patients=args.patients, seed=args.seed,
                         effect_size=args.effect_size, image_size=args.image_size,
-                        external_sites=args.external_sites,
-                        progress=patient_progress())
+                        external_sites=args.external_sites, progress=patient_progress(),
+                        design=args.design)
     except ValueError as err:
         print(f"feddlr simulate: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.sites} site folders to {args.out}")
+    n_sites = len(PAPER1_SITES) if args.design == "paper1" else args.sites
+    print(f"wrote {n_sites} site folders to {args.out}")
     return 0
 
 

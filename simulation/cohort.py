@@ -45,6 +45,11 @@ Generative model, per site and patient (all draws from numpy Generators seeded b
    ceiling by effect size: 0.5 -> 0.74, 1 (default) -> 0.90, 1.5 -> 0.97, 2 -> 0.99,
    3 -> 1.00; her2-low: 0.63, 0.75, 0.84, 0.91, 0.98.
 
+Two layouts (``design``): ``sites``, N numbered sites as above, and ``paper1``, paper 1's
+three datasets (``PAPER1_SITES``: training centre, external centre, and a survival-only
+cohort of HER2-negative patients whose scanner profile lies outside the strata, drawn from
+``DEDICATED_SCANNER``); ``truth["design"]`` says which site plays which dataset.
+
 Everything that generated the data is written to ``<out>/truth.json``; the pipeline never
 reads it. The parameters live in ``simulation.generative_model``, the phantoms in
 ``simulation.phantoms``, the ceiling in ``simulation.ceiling``; this module draws the
@@ -82,7 +87,9 @@ from simulation.generative_model import (
     CLINICAL_COLUMNS,
     COVARIATE_CODING,
     COX_COEFFICIENTS,
+    DEDICATED_SCANNER,
     DEFAULT_IMAGE_SIZE,
+    DESIGNS,
     DROPOUT_MEAN_DAYS,
     FOV_PER_TUMOUR,
     FOV_Z_FRACTION,
@@ -92,6 +99,7 @@ from simulation.generative_model import (
     LOG_SIZE_SD,
     LOG_SIZE_SHIFTS,
     MAX_RADIUS_FACTOR,
+    PAPER1_SITES,
     PHENOTYPE_SHIFTS,
     PHENOTYPES,
     REFERENCE_INPLANE_MM,
@@ -103,6 +111,7 @@ from simulation.generative_model import (
     US_SIZE_PX,
     WEIBULL_SCALE_DAYS,
     WEIBULL_SHAPE,
+    DesignSite,
     ScannerProfile,
     SiteDraw,
     SitePlan,
@@ -111,18 +120,19 @@ from simulation.phantoms import appearance, mri_mm_per_clinical_mm, mri_phantom,
 
 __all__ = [
     "ACCRUAL_FOLLOW_UP_DAYS", "APPEARANCE", "CEILING_DRAWS", "CEILING_SEED", "CEILING_TASKS",
-    "CLINICAL_COLUMNS", "COVARIATE_CODING", "COX_COEFFICIENTS", "DEFAULT_IMAGE_SIZE",
-    "DROPOUT_MEAN_DAYS", "FOV_PER_TUMOUR", "FOV_Z_FRACTION", "GENERATOR", "GENERATOR_VERSION",
-    "HER2_CLASSES", "LOG_SIZE_SD", "LOG_SIZE_SHIFTS", "MAX_RADIUS_FACTOR", "MRI_COLUMNS",
-    "PHENOTYPES", "PHENOTYPE_SHIFTS", "REFERENCE_INPLANE_MM", "SITE_PRIVACY", "TUMOUR_LEVEL",
-    "TUMOUR_SIZE_RANGE_MM", "US_MM_PER_CLINICAL_MM", "US_PIXEL_MM", "US_SIZE_PX",
-    "WEIBULL_SCALE_DAYS", "WEIBULL_SHAPE", "ScannerProfile", "SiteDraw", "SitePlan", "appearance",
-    "attainable_auc", "cox_covariates", "her2_labels", "mri_mm_per_clinical_mm", "mri_phantom",
-    "optimal_score", "simulate_cohort", "ultrasound_phantom"
+    "CLINICAL_COLUMNS", "COVARIATE_CODING", "COX_COEFFICIENTS", "DEDICATED_SCANNER",
+    "DEFAULT_IMAGE_SIZE", "DESIGNS", "DROPOUT_MEAN_DAYS", "FOV_PER_TUMOUR", "FOV_Z_FRACTION",
+    "GENERATOR", "GENERATOR_VERSION", "HER2_CLASSES", "LOG_SIZE_SD", "LOG_SIZE_SHIFTS",
+    "MAX_RADIUS_FACTOR", "MRI_COLUMNS", "PAPER1_SITES", "PHENOTYPES", "PHENOTYPE_SHIFTS",
+    "REFERENCE_INPLANE_MM", "SITE_PRIVACY", "TUMOUR_LEVEL", "TUMOUR_SIZE_RANGE_MM",
+    "US_MM_PER_CLINICAL_MM", "US_PIXEL_MM", "US_SIZE_PX", "WEIBULL_SCALE_DAYS", "WEIBULL_SHAPE",
+    "DesignSite", "ScannerProfile", "SiteDraw", "SitePlan", "appearance", "attainable_auc",
+    "cox_covariates", "her2_labels", "mri_mm_per_clinical_mm", "mri_phantom", "optimal_score",
+    "simulate_cohort", "ultrasound_phantom"
 ]
 
-# stream ids inside SeedSequence spawn keys
-_COHORT, _SITE = 0, 1
+# stream ids inside SeedSequence spawn keys (_PAPER1: that design's cohort-level draws)
+_COHORT, _SITE, _PAPER1 = 0, 1, 2
 _S_PROFILE, _S_CLINICAL, _S_SURVIVAL, _S_IMAGE = 0, 1, 2, 3
 
 
@@ -140,19 +150,31 @@ def simulate_cohort(
     progress: Callable[[str], None] | None = None,
     external_sites: int = 0,
     images: bool = True,
+    design: str = "sites",
 ) -> dict[str, Any]:
     """Write ``out/<site_id>/`` folders (DESIGN.md layout) and ``out/truth.json``.
 
-    ``n_patients`` is per site (varied +-25 %, at least 20). The last ``external_sites``
-    sites get ``roles: [external, survival]``. ``images=False`` writes only site.yaml and
-    clinical.csv (the clinical rows are identical either way). Returns the truth dict.
+    ``design="sites"``: ``n_sites`` sites ``site-<i>``, ``n_patients`` each (varied +-25 %,
+    at least 20), all ``roles: [train, survival]`` but the last ``external_sites``, which
+    get ``[external, survival]``. ``design="paper1"``: paper 1's three datasets
+    (``PAPER1_SITES``): ``centre-1`` (training), ``centre-2`` (external validation) and
+    ``centre-3`` (survival only, HER2-negative patients, a dedicated breast MRI system);
+    ``n_sites`` must be 3 and ``external_sites`` 0 there. ``images=False`` writes only
+    site.yaml and clinical.csv (the clinical rows are identical either way). Returns the
+    truth dict.
     """
     _check_args(n_sites, n_patients, seed, effect_size, image_size, external_sites)
+    _check_design(design, n_sites, external_sites)
     out = Path(out)
     _prepare_out(out)
     say = progress or (lambda _msg: None)
-    plans = _plan_sites(seed, n_sites, n_patients, external_sites)
+    if design == "paper1":
+        plans = _plan_paper1(seed, n_patients)
+    else:
+        plans = _plan_sites(seed, n_sites, n_patients, external_sites)
     truth = _truth_header(seed, n_sites, n_patients, effect_size, image_size, images)
+    if design != "sites":  # the sites design's truth.json stays byte for byte as it was
+        truth = _with_design(truth, design, plans)
     draws = {}
     for plan in plans:
         draw = _draw_site(seed, plan, effect_size)
@@ -228,6 +250,15 @@ def _check_args(n_sites: int, n_patients: int, seed: int, effect_size: float,
         )
 
 
+def _check_design(design: str, n_sites: int, external_sites: int) -> None:
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {', '.join(DESIGNS)}, got {design!r}")
+    if design == "paper1" and (n_sites != len(PAPER1_SITES) or external_sites != 0):
+        raise ValueError("design paper1 has its own three sites (centre-1 train, centre-2 "
+                         "external, centre-3 survival): leave n_sites at 3 and "
+                         "external_sites at 0")
+
+
 def _prepare_out(out: Path) -> None:
     """Create ``out``; wipe it only if it is empty or holds a previous cohort."""
     if out.exists() and not out.is_dir():
@@ -272,6 +303,52 @@ def _plan_sites(seed: int, n_sites: int, n_patients: int, external: int) -> list
             shifts=_site_shifts(site_rng),
         ))
     return plans
+
+
+def _plan_paper1(seed: int, n_patients: int) -> list[SitePlan]:
+    """Paper 1's three datasets (``PAPER1_SITES``); centre-1 and centre-2 draw their scanners
+    from the usual strata, centre-3 gets the dedicated breast MRI system."""
+    rng = _rng(seed, _PAPER1)
+    standard = iter(_scanner_profiles(rng, sum(not d.dedicated_scanner for d in PAPER1_SITES)))
+    plans = []
+    for i, site in enumerate(PAPER1_SITES):
+        site_rng = _rng(seed, _SITE, i, _S_PROFILE)
+        scanner = _dedicated_scanner(rng) if site.dedicated_scanner else next(standard)
+        plans.append(SitePlan(
+            index=i, site_id=site.site_id, n_patients=max(20, round(n_patients * site.size_factor)),
+            roles=site.roles, scanner=scanner, prevalence=_design_prevalence(site_rng, site),
+            shifts=_site_shifts(site_rng),
+        ))
+    return plans
+
+
+def _design_prevalence(rng: np.random.Generator, site: DesignSite) -> dict[str, Any]:
+    prevalence = _site_prevalence(rng)
+    if site.her2_negative_only:  # every patient's HER2 status is known: no IHC2+ without ISH
+        prevalence.update(her2_positive=0.0, ish_missing_fraction=0.0)
+    return prevalence
+
+
+def _dedicated_scanner(rng: np.random.Generator) -> ScannerProfile:
+    def draw(key: str) -> float:
+        return float(rng.uniform(*DEDICATED_SCANNER[key]))
+
+    scale = round(draw("intensity_scale"), 1)
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    return ScannerProfile(
+        name="synthetic-dedicated-breast-mri",
+        inplane_spacing_mm=round(draw("inplane_spacing_mm"), 3),
+        slice_thickness_mm=round(draw("slice_thickness_mm"), 2),
+        intensity_scale=scale,
+        intensity_offset=round(scale * draw("intensity_offset_fraction"), 1),
+        noise_sd=round(draw("noise_sd"), 4),
+        bias_field_strength=round(draw("bias_field_strength"), 3),
+        bias_direction=tuple(round(float(v), 4) for v in direction),
+        origin_mm=tuple(round(float(v), 2) for v in rng.uniform(-60.0, 60.0, 3)),
+        us_gain=round(float(rng.uniform(0.85, 1.15)), 3),
+        us_dynamic_range=round(float(rng.uniform(20.0, 60.0)), 1),
+    )
 
 
 def _scanner_profiles(rng: np.random.Generator, k: int) -> list[ScannerProfile]:
@@ -329,10 +406,11 @@ def _site_shifts(rng: np.random.Generator) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------
 def _draw_site(seed: int, plan: SitePlan, effect_size: float) -> SiteDraw:
     n = plan.n_patients
+    negative_only = plan.prevalence["her2_positive"] == 0
     for attempt in range(1000):
         rng = _rng(seed, _SITE, plan.index, _S_CLINICAL, attempt)
         cls, ihc = _draw_her2(rng, n, plan.prevalence)
-        if _all_categories(cls, ihc):
+        if _all_categories(cls, ihc, negative_only):
             break
     else:  # pragma: no cover - needs n >= 20 and ~1e-100 bad luck
         raise RuntimeError(f"{plan.site_id}: could not draw every HER2 category")
@@ -371,17 +449,22 @@ def _draw_her2(rng: np.random.Generator, n: int,
     return cls, ihc
 
 
-def _all_categories(cls: np.ndarray, ihc: np.ndarray) -> bool:
-    """Every IHC score and both ISH results, with room for the ISH-missing patients."""
+def _all_categories(cls: np.ndarray, ihc: np.ndarray, negative_only: bool = False) -> bool:
+    """Every IHC score and both ISH results, with room for the ISH-missing patients (a
+    HER2-negative-only site: IHC 0, 1+ and 2+/ISH-)."""
     counts = [np.sum(ihc == k) for k in range(4)]
     ish_pos = np.sum((ihc == 2) & (cls == "positive"))
     ish_neg = np.sum((ihc == 2) & (cls != "positive"))
+    if negative_only:
+        return min(counts[:3]) >= 1 and ish_neg >= 1
     return min(counts) >= 1 and ish_pos >= 1 and ish_neg >= 1 and counts[2] >= 3
 
 
 def _draw_ish(rng: np.random.Generator, cls: np.ndarray, ihc: np.ndarray,
               missing_fraction: float) -> list[str]:
     ish = np.where(ihc == 2, np.where(cls == "positive", "positive", "negative"), "")
+    if missing_fraction <= 0:
+        return ish.tolist()
     pos = np.flatnonzero((ihc == 2) & (cls == "positive"))
     neg = np.flatnonzero((ihc == 2) & (cls != "positive"))
     keep = {int(rng.choice(pos)), int(rng.choice(neg))}  # both ISH results stay present
@@ -524,6 +607,31 @@ def _truth_header(seed: int, n_sites: int, n_patients: int, effect_size: float,
         "sites": {},
         "patients": {},
     }
+
+
+def _with_design(truth: dict[str, Any], design: str, plans: list[SitePlan]
+                 ) -> dict[str, Any]:
+    """The header with a ``design`` block (which site plays which dataset) before ``sites``."""
+    plays = {d.site_id: d for d in PAPER1_SITES}
+    block = {
+        "name": design,
+        "sites": {p.site_id: {"roles": list(p.roles), "plays": plays[p.site_id].plays,
+                              "her2_negative_only": plays[p.site_id].her2_negative_only,
+                              "scanner": p.scanner.name}
+                  for p in plans},
+        "dedicated_scanner": {
+            "sites": [d.site_id for d in PAPER1_SITES if d.dedicated_scanner],
+            "ranges": {k: list(v) for k, v in DEDICATED_SCANNER.items()},
+            "note": "outside the other sites' strata (in-plane 0.6-1.0 mm, slices 1-3 mm, "
+                    "intensity scale 300-3000, offset 0-15 % of the scale); noise and bias "
+                    "field from the same ranges as the others",
+        },
+        "sizes": "x 1.25, 1.0, 0.75 the requested patients per site (at least 20)",
+    }
+    keys = list(truth)
+    at = keys.index("sites")
+    return {**{k: truth[k] for k in keys[:at]}, "design": block,
+            **{k: truth[k] for k in keys[at:]}}
 
 
 def _site_truth(plan: SitePlan, draw: SiteDraw) -> dict[str, Any]:

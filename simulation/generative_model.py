@@ -97,6 +97,44 @@ US_PIXEL_MM = 0.5
 CEILING_DRAWS = 200_000  # Monte Carlo draws per class for the population ceiling
 CEILING_SEED = 20_240_607
 
+# --- study designs -------------------------------------------------------------------------
+DESIGNS: tuple[str, ...] = ("sites", "paper1")
+# paper 1's Dataset 3 was imaged on a special breast MRI system: its profile lies outside
+# the ranges every other site's strata cover (in-plane 0.6-1.0 mm, slices 1-3 mm,
+# intensity scale 300-3000, offset 0-15 % of the scale); noise and bias as the others.
+DEDICATED_SCANNER: dict[str, tuple[float, float]] = {
+    "inplane_spacing_mm": (1.1, 1.3),
+    "slice_thickness_mm": (0.6, 0.8),
+    "intensity_scale": (4000.0, 5000.0),
+    "intensity_offset_fraction": (0.2, 0.3),
+    "noise_sd": (0.02, 0.07),
+    "bias_field_strength": (0.1, 0.45),
+}
+
+
+@dataclass(frozen=True)
+class DesignSite:
+    """One site of a fixed study design (``PAPER1_SITES``)."""
+
+    site_id: str
+    roles: tuple[str, ...]
+    size_factor: float  # x --patients (at least 20)
+    her2_negative_only: bool
+    dedicated_scanner: bool
+    plays: str
+
+
+PAPER1_SITES: tuple[DesignSite, ...] = (
+    DesignSite("centre-1", ("train", "survival"), 1.25, False, False,
+               "paper 1's Dataset 1 (Centre 1): training"),
+    DesignSite("centre-2", ("external", "survival"), 1.0, False, False,
+               "paper 1's Dataset 2 (Centre 2): external validation"),
+    DesignSite("centre-3", ("survival",), 0.75, True, True,
+               "paper 1's Dataset 3: survival cohort of HER2-negative patients (HER2-zero "
+               "and HER2-low, no HER2-positive) imaged on a different, dedicated breast MRI "
+               "system (scanner profile outside the other sites' strata)"),
+)
+
 
 @dataclass(frozen=True)
 class ScannerProfile:
