@@ -59,7 +59,9 @@ STATISTICS = ("cohort_", "radiomics_", "survival_")
 # the Simulation Engine gets `client-resources-num-cpus=1` (Ray sets OMP_NUM_THREADS=1 for
 # it); with torch's default (one thread per core) three trainings would spin on two cores.
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-DEMO = {"validation": "loso", "survival-group": "label,predicted:dlr"}  # `make demo`'s run
+# Issue 14's demo study: `make demo` as it was before the paper-1 design (issue 15), three
+# training sites with leave-one-site-out validation, kept so the ratio stays comparable.
+DEMO = {"validation": "loso", "survival-group": "label,predicted:dlr"}
 CNN = {"stages": "deep", "deep-models": "dl_mri", "rounds": "3", "local-epochs": "dl_mri=1",
        "cnn-width": "0.0625", "mri-size": "16", "deep-cv-folds": "2", "cv-folds": "2",
        "gradcam-patients": "0", "seed": "4"}
@@ -292,7 +294,8 @@ def study_seconds(timing: dict) -> float:
 
 
 def demo_study(root: Path, fast: bool, figures: Figures) -> bool:
-    """`make demo`'s study (its sites and its run config) on the loopback deployment, then
+    """Issue 14's demo study (`make demo` before the paper-1 design: 3 training sites,
+    `validation=loso`) on the loopback deployment, then
     in the Simulation Engine, each on its own copy of the freshly simulated site folders
     (no cache carried over): the ServerApp's study seconds and rounds, deployment ÷
     simulation."""
@@ -315,7 +318,7 @@ def demo_study(root: Path, fast: bool, figures: Figures) -> bool:
     simulated = run_once(app, copies["sim"], root / "out-demo-sim", "", 1.0, 0, DEMO)
     d, s = study_seconds(deployed["timing"]), study_seconds(simulated["timing"])
     stages = {k: v["status"] for k, v in deployed["results"]["run"]["stages"].items()}
-    figures.add("demo_deploy_s", d, f"make demo's study on the deployment (stages {stages})")
+    figures.add("demo_deploy_s", d, f"the 3-site demo study on the deployment (stages {stages})")
     figures.add("demo_simulation_s", s, "the same study in the Simulation Engine")
     figures.add("demo_deploy_over_simulation", d / s, "deployment ÷ simulation")
     figures.add("demo_rounds", len(deployed["timing"]["rounds"]),
@@ -340,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(FEDDLR_FAST=0) instead of the warm launchers")
     parser.add_argument("--quick", action="store_true", help="stages cohort,survival only")
     parser.add_argument("--demo", action="store_true",
-                        help="also make demo's whole study, deployment ÷ simulation (long)")
+                        help="also the 3-site demo study (make demo before the paper-1 "
+                             "design), deployment ÷ simulation (long)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)

@@ -58,9 +58,18 @@ def run_combat(transport: Transport, context: Mapping[str, Any], train: list[str
                              "features": len(names)}
     try:
         fit = _fit(transport, context, train, columns, options)
+        usable = np.isfinite(fit.beta).all(axis=0) & np.isfinite(fit.var_pooled)
+        if not usable.any():
+            raise Skipped("every feature has a missing value at a training site")
     except Skipped as err:
         log.info("[%s] skipped: %s", STAGE, err)
         return {**block, "status": "skipped", "reason": str(err)}
+    block["not_harmonized"] = {n: "a missing value at a training site (left as extracted)"
+                               for n, ok in zip(names, usable, strict=True) if not ok}
+    names = [n for n, ok in zip(names, usable, strict=True) if ok]
+    columns, fit = columns[usable], combat.ComBatFit(
+        fit.beta[:, usable], fit.grand_mean[usable], fit.var_pooled[usable])
+    block["features"] = len(names)
     base = {**context, "step": "adjust", "columns": columns, "names": names,
             "n_batch": len(train), "covariates": list(options.covariates),
             "beta": fit.beta, "grand_mean": fit.grand_mean, "var_pooled": fit.var_pooled,

@@ -25,6 +25,7 @@ pooled matrix; tests/test_combat.py checks each site's harmonized rows against
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,13 +122,18 @@ def local_adjustment(y: np.ndarray, covariates: np.ndarray, fit: ComBatFit, *,
 
 def _batch_estimates(z: np.ndarray, *, eb: bool, parametric: bool,
                      mean_only: bool) -> SiteAdjustment:
-    gamma_hat = z.mean(axis=0)
-    delta_hat = np.ones(z.shape[1]) if mean_only else z.var(axis=0, ddof=1)
+    """The site's γ̂, δ̂² per feature over its patients with a value (a missing value stays
+    missing), and the priors over the features it has values of."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature no patient here has
+        gamma_hat = np.nanmean(z, axis=0)
+        delta_hat = np.ones(z.shape[1]) if mean_only else np.nanvar(z, axis=0, ddof=1)
     delta_hat = np.where(delta_hat == 0, 1.0, delta_hat)
-    gamma_bar, t2 = float(gamma_hat.mean()), float(gamma_hat.var(ddof=1))
+    known = np.isfinite(gamma_hat) & np.isfinite(delta_hat)
+    gamma_bar, t2 = float(gamma_hat[known].mean()), float(gamma_hat[known].var(ddof=1))
     a = b = None
     if not mean_only:
-        m, s2 = float(delta_hat.mean()), float(delta_hat.var(ddof=1))
+        m, s2 = float(delta_hat[known].mean()), float(delta_hat[known].var(ddof=1))
         a, b = (2 * s2 + m ** 2) / s2, (m * s2 + m ** 3) / s2
     if not eb:
         gamma_star, delta_star = gamma_hat, delta_hat
@@ -155,14 +161,21 @@ def _parametric(z: np.ndarray, g_hat: np.ndarray, d_hat: np.ndarray, g_bar: floa
     g_old, d_old = g_hat.copy(), d_hat.copy()
     while True:
         g_new = _posterior_mean(g_hat, g_bar, n, d_old, t2)
-        sum2 = np.sum((z - g_new) ** 2, axis=0)
+        sum2 = np.nansum((z - g_new) ** 2, axis=0)
         d_new = (0.5 * sum2 + b) / (n / 2.0 + a - 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):  # γ̂ = 0: one site alone
-            change = max(np.max(np.abs(g_new - g_old) / g_old),
-                         np.max(np.abs(d_new - d_old) / d_old))
+            change = max(_largest(np.abs(g_new - g_old) / g_old),
+                         _largest(np.abs(d_new - d_old) / d_old))
         g_old, d_old = g_new, d_new
         if not change > CONVERGENCE:
             return g_new, d_new
+
+
+def _largest(values: np.ndarray) -> float:
+    """The largest relative change over the features this site has values of (nan, which
+    ends the iteration as in neuroCombat, when there is none)."""
+    known = values[np.isfinite(values)]
+    return float(known.max()) if known.size else float("nan")
 
 
 def _non_parametric(z: np.ndarray, g_hat: np.ndarray, d_hat: np.ndarray

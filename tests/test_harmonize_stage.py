@@ -211,3 +211,55 @@ def test_the_rows_after_combat_reach_a_process_that_held_the_rows_before(
     ref = neuroCombat(frame[FEATURES].to_numpy().T, covars, "batch")["data"].T
     means = results["radiomics"]["standardization"]["mean"]
     np.testing.assert_allclose([means[n] for n in FEATURES], ref.mean(axis=0), rtol=1e-6)
+
+
+def test_a_feature_missing_at_a_training_site_is_left_as_extracted() -> None:
+    """pyradiomics leaves a feature undefined for some tumours: its pooled sums are not
+    defined, so it stays as extracted, named, and the adjust round carries only the others."""
+    rng = np.random.default_rng(0)
+    ys = {"a": rng.normal(size=(15, 3)), "b": rng.normal(2, 1, size=(12, 3))}
+    ys["b"][4, 1] = np.nan
+    asked = []
+
+    class Sites:
+        def ask(self, action, queries, sites):
+            out = {}
+            for s in sites:
+                q, y = queries[s], ys[s][:, np.asarray(queries[s]["columns"])]
+                asked.append((q["step"], list(q["columns"])))
+                x = combat.design(len(y), int(q["batch"]), 2)
+                fit = combat.ComBatFit(np.asarray(q.get("beta", np.zeros((2, 3)))),
+                                       np.asarray(q.get("grand_mean", np.zeros(3))))
+                payload = {"sums": {f"sums.{k}": v for k, v in
+                                    combat.local_design_sums(y, x).items()},
+                           "residuals": {"residuals.ssr":
+                                         combat.local_residual_squares(y, x, fit)},
+                           "adjust": {f"{w}.{k}": v for w in ("before", "after")
+                                      for k, v in combat.local_site_moments(y).items()},
+                           }[q["step"]]
+                out[s] = reply_from_payload(s, {"status": "ok", **payload})
+            return out
+
+    block = harmonize.run_combat(Sites(), {}, ["a", "b"], [], ["f0", "f1", "f2"],
+                                 np.arange(3), harmonize.Options())
+    assert block["status"] == "ok" and list(block["not_harmonized"]) == ["f1"]
+    assert block["features"] == 2
+    assert [c for step, c in asked if step == "adjust"] == [[0, 2], [0, 2]]
+
+
+def test_a_missing_value_at_a_site_stays_missing_and_spoils_nothing_else() -> None:
+    """A site's own estimates skip its missing values (an external site may miss a value
+    the training sites have): the cell stays missing; its feature's other cells and every
+    other feature are harmonized."""
+    sites = scanner_sites(2)
+    y = sites[1][FEATURES].to_numpy()
+    train = sites[0][FEATURES].to_numpy()
+    fit = combat.ComBatFit(train.mean(axis=0, keepdims=True), train.mean(axis=0),
+                           train.var(axis=0))
+    whole, _ = combat.local_adjustment(y, np.zeros((len(y), 0)), fit)
+    y[3, 2] = np.nan
+    holed, est = combat.local_adjustment(y, np.zeros((len(y), 0)), fit)
+    assert np.isnan(holed[3, 2]) and np.isfinite(np.delete(holed.ravel(), 3 * y.shape[1] + 2)).all()
+    assert np.isfinite(est.a_prior) and np.isfinite(est.gamma_star).all()
+    others = [j for j in range(y.shape[1]) if j != 2]
+    np.testing.assert_allclose(holed[:, others], whole[:, others], rtol=0.05)
