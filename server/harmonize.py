@@ -78,11 +78,13 @@ def run_combat(transport: Transport, context: Mapping[str, Any], train: list[str
     queries.update({s: {**base, "batch": -1} for s in external})
     replies = transport.ask(schema.RADIOMICS_COMBAT, queries, [*train, *external])
     report_round(STAGE, 3, 3, replies)
-    lost = {s: _why(r) for s in train if not (r := replies[s]).ok or "after.mean" not in r.payload}
+    lost = {s: _why(replies[s]) for s in train if not replies[s].ok}
     if lost:
         raise SiteSetChanged(schema.RADIOMICS_COMBAT, lost)
+    # a site that adjusted but whose policy withheld its moments is harmonized all the
+    # same; it is only missing from the ANOVA of site (`sites_missing`)
     unharmonized = {s: f"ComBat adjust: {_why(replies[s])}" for s in external
-                    if not replies[s].ok or "after.mean" not in replies[s].payload}
+                    if not replies[s].ok}
     done = [s for s in [*train, *external] if s not in unharmonized]
     return {**block, "status": "ok", "unharmonized": unharmonized,
             "site_effect": site_effect({s: replies[s] for s in done}, names)}

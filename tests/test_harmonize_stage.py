@@ -263,3 +263,35 @@ def test_a_missing_value_at_a_site_stays_missing_and_spoils_nothing_else() -> No
     assert np.isfinite(est.a_prior) and np.isfinite(est.gamma_star).all()
     others = [j for j in range(y.shape[1]) if j != 2]
     np.testing.assert_allclose(holed[:, others], whole[:, others], rtol=0.05)
+
+
+def test_a_site_whose_policy_withholds_its_moments_is_still_harmonized() -> None:
+    """The adjust round's moments are a statistic like any other: a site may withhold
+    them. It has harmonized its rows all the same; it is only missing from the ANOVA."""
+    rng = np.random.default_rng(1)
+    ys = {s: rng.normal(i, 1 + i, size=(14, 2)) for i, s in enumerate("abc")}
+
+    class Sites:
+        def ask(self, action, queries, sites):
+            out = {}
+            for s in sites:
+                q, y = queries[s], ys[s]
+                x = combat.design(len(y), int(q["batch"]), 3)
+                if q["step"] == "sums":
+                    payload = {f"sums.{k}": v for k, v in combat.local_design_sums(y, x).items()}
+                elif q["step"] == "residuals":
+                    fit = combat.ComBatFit(np.asarray(q["beta"]), np.asarray(q["grand_mean"]))
+                    payload = {"residuals.ssr": combat.local_residual_squares(y, x, fit)}
+                elif s == "c":
+                    payload = {"refused.before": "policy", "refused.after": "policy"}
+                else:
+                    payload = {f"{w}.{k}": v for w in ("before", "after")
+                               for k, v in combat.local_site_moments(y).items()}
+                out[s] = reply_from_payload(s, {"status": "ok", **payload})
+            return out
+
+    block = harmonize.run_combat(Sites(), {}, ["a", "b", "c"], [], ["f0", "f1"],
+                                 np.arange(2), harmonize.Options())
+    assert block["status"] == "ok" and block["sites"] == ["a", "b", "c"]
+    assert block["site_effect"]["sites"] == ["a", "b"]
+    assert block["site_effect"]["sites_missing"] == ["c"]
