@@ -17,6 +17,7 @@ mean leave-one-site-out AUC with and without. These are measurements, not target
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -32,8 +33,6 @@ ARMS = ("none", "combat")
 
 
 def study(sites: Path, out: Path, harmonize: str) -> dict:
-    import json
-
     rc = launcher.run_simulation(sites, out, {
         "stages": "radiomics,validation", "validation": "loso", "harmonize": harmonize,
         "cv-folds": "5", "seed": "1"}, echo=False)

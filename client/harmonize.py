@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from client.guard import Statistic
-from client.radiomics import save_state, source_of, state
+from client.radiomics import RadiomicsData, save_state, source_of, state
 from client.session import SiteSession
 from shared import combat
 from shared.schema import Payload
@@ -42,11 +42,12 @@ def radiomics_combat(session: SiteSession, query: Payload) -> list[Statistic]:
     return STEPS[step](session, query)
 
 
-def _rows(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features y, covariates, column indices) of the site's rows for the stage."""
+def _rows(session: SiteSession, query: Payload
+          ) -> tuple[RadiomicsData, np.ndarray, np.ndarray, np.ndarray]:
+    """The stage's rows as extracted, with (features y, covariates, column indices)."""
     data = state(session, query)
     columns = np.asarray(query["columns"], dtype=np.int64)
-    return data.r1[:, columns], covariates(session, data.patients, query), columns
+    return data, data.r1[:, columns], covariates(session, data.patients, query), columns
 
 
 def covariates(session: SiteSession, patients: pd.Index, query: Payload) -> np.ndarray:
@@ -68,6 +69,12 @@ def covariates(session: SiteSession, patients: pd.Index, query: Payload) -> np.n
     return out
 
 
+def _design(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.ndarray]:
+    """(y, X): the features and the site's rows of the pooled design."""
+    _, y, cov, _ = _rows(session, query)
+    return y, combat.design(len(y), int(query["batch"]), int(query["n_batch"]), cov)
+
+
 def _moments(name: str, y: np.ndarray) -> Statistic:
     return Statistic(name, combat.local_site_moments(y), n=len(y))
 
@@ -75,8 +82,7 @@ def _moments(name: str, y: np.ndarray) -> Statistic:
 def _sums(session: SiteSession, query: Payload) -> list[Statistic]:
     """Crosses the wire: X'X and X'y (`shared.combat.local_design_sums`): aggregates over
     the site's patients, refused below `min_patients` like every statistic."""
-    y, cov, _ = _rows(session, query)
-    x = combat.design(len(y), int(query["batch"]), int(query["n_batch"]), cov)
+    y, x = _design(session, query)
     return [Statistic("sums", combat.local_design_sums(y, x), n=len(y))]
 
 
@@ -90,8 +96,7 @@ def _fit(query: Payload, with_variance: bool) -> combat.ComBatFit:
 def _residuals(session: SiteSession, query: Payload) -> list[Statistic]:
     """Crosses the wire: per feature the sum over the site's patients of the squared
     residual of the pooled fit (one number per feature)."""
-    y, cov, _ = _rows(session, query)
-    x = combat.design(len(y), int(query["batch"]), int(query["n_batch"]), cov)
+    y, x = _design(session, query)
     ssr = combat.local_residual_squares(y, x, _fit(query, with_variance=False))
     return [Statistic("residuals", {"ssr": ssr}, n=len(y))]
 
@@ -100,8 +105,7 @@ def _adjust(session: SiteSession, query: Payload) -> list[Statistic]:
     """Harmonize the site's rows and keep them here. Crosses the wire: only each feature's
     moments at this site (n, mean, sum of squared deviations) before and after, for the
     ANOVA of site."""
-    data = state(session, query)
-    y, cov, columns = _rows(session, query)
+    data, y, cov, columns = _rows(session, query)
     adjusted, _ = combat.local_adjustment(
         y, cov, _fit(query, with_variance=True), eb=bool(query.get("eb", True)),
         parametric=bool(query.get("parametric", True)))

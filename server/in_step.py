@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from server.progress import FIT
 from server.transport import Reply, Transport, reply_from_payload, site_query
@@ -49,7 +49,7 @@ class Lane:
         return self.steps.wait(self.name, _Ask(action, queries))
 
 
-class _InStep(Generic[T]):
+class _InStep:
     def __init__(self, transport: Transport, names: list[str]) -> None:
         self.transport, self.names = transport, names
         self.turn = threading.Condition()
@@ -119,7 +119,7 @@ def in_step(transport: Transport, fits: Mapping[str, Callable[[Transport], T]]) 
     Returns each fit's result; if fits raised, the first one's exception (in `fits` order)
     is raised once all have ended."""
     names = [f"l{i}" for i in range(len(fits))]
-    steps: _InStep[T] = _InStep(transport, names)
+    steps = _InStep(transport, names)
     results: dict[str, T] = {}
     errors: dict[str, BaseException] = {}
 
