@@ -8,7 +8,7 @@ import pandas as pd
 
 from client.guard import Statistic
 from client.session import SiteSession
-from shared import cohort
+from shared import cohort, disclosure
 from shared.schema import Payload
 
 
@@ -22,8 +22,10 @@ def cohort_sums(session: SiteSession, query: Payload) -> list[Statistic]:
     min_cell_count). Never a row.
     """
     y = session.labels()
+    ids = session.site.clinical.index.astype(str)
+    task = query.get("task", "")
     out = [Statistic("labels", {"n": np.bincount(y, minlength=2).astype(np.int64)},
-                     n=None, counts=("n",))]
+                     n=None, counts=("n",), patients=list(ids), family=f"cohort.labels:{task}")]
     for name in _covariates(query):
         column = _column(session, name)
         if column is None:
@@ -32,13 +34,19 @@ def cohort_sums(session: SiteSession, query: Payload) -> list[Statistic]:
             x = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
             n, total = cohort.local_group_sums(x, y)
             out += [Statistic(f"numeric.{name}.g{g}", {"n": int(n[g]), "sum": float(total[g])},
-                              n=int(n[g])) for g in (0, 1)]
+                              n=int(n[g]), patients=_present(ids, x, y == g),
+                              family=f"cohort.sum:{name}") for g in (0, 1)]
             out.append(Statistic(f"integer.{name}", {"flag": cohort.local_is_integer(x)},
-                                 n=int(n.sum())))
+                                 n=int(n.sum()), patients=_present(ids, x),
+                                 family=f"cohort.integer:{name}"))
         else:
-            levels, table = cohort.local_level_counts(column.to_numpy(dtype=object), y)
+            values = column.to_numpy(dtype=object)
+            levels, table = cohort.local_level_counts(values, y)
+            present = pd.notna(column).to_numpy()
             out.append(Statistic(f"categorical.{name}", {"levels": levels, "table": table},
-                                 n=int(table.sum()), counts=("table",)))
+                                 n=int(table.sum()), counts=("table",),
+                                 patients=list(ids[present]),
+                                 family=f"cohort.levels:{name}:{task}"))
     return out
 
 
@@ -58,7 +66,10 @@ def cohort_squares(session: SiteSession, query: Payload) -> list[Statistic]:
         x = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
         n, _ = cohort.local_group_sums(x, y)
         ss = cohort.local_group_squares(x, y, means)
-        out += [Statistic(f"squares.{name}.g{g}", {"ss": float(ss[g])}, n=int(n[g]))
+        ids = session.site.clinical.index.astype(str)
+        out += [Statistic(f"squares.{name}.g{g}", {"ss": float(ss[g])}, n=int(n[g]),
+                          patients=_present(ids, x, y == g),
+                          family=disclosure.family(f"cohort.squares:{name}", means[g]))
                 for g in (0, 1)]
     return out
 
@@ -83,11 +94,21 @@ def cohort_histograms(session: SiteSession, query: Payload) -> list[Statistic]:
             continue
         x = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
         cells = cohort.local_group_histograms(x, y, edges, min_cell)
+        ids = session.site.clinical.index.astype(str)
+        family, grid = f"cohort.histogram:{name}", np.asarray(edges, dtype=float)
         for g, (first, last, count) in enumerate(cells):
             out.append(Statistic(f"hist.{name}.g{g}", {"first": first, "last": last,
                                                        "count": count},
-                                 n=int(count.sum()), counts=("count",)))
+                                 n=int(count.sum()), counts=("count",),
+                                 patients=_present(ids, x, y == g), family=family, grid=grid))
     return out
+
+
+def _present(ids: pd.Index, x: np.ndarray, rows: np.ndarray | None = None) -> list[str]:
+    """The patients a numeric covariate's statistic is computed over: those with a value
+    (in `rows`)."""
+    keep = ~np.isnan(x) if rows is None else ~np.isnan(x) & rows
+    return list(ids[keep])
 
 
 def _covariates(query: Payload) -> list[str]:

@@ -64,7 +64,8 @@ def fusion_setup(session: SiteSession, query: Payload) -> list[Statistic]:
         patients, x, _, kinds = _joined(session, query, list(DLR_PARTS))
         kind = kinds[0] if len(set(kinds)) == 1 else "/".join(kinds)
         _write(session, query, DLR, patients, x.mean(axis=1), kind)
-        out.append(Statistic("dlr", {"n": len(patients)}, n=len(patients)))
+        out.append(Statistic("dlr", {"n": len(patients)}, n=len(patients),
+                             patients=list(patients.astype(str)), family="fusion.dlr"))
     return out
 
 
@@ -75,11 +76,12 @@ def fusion_step(session: SiteSession, query: Payload) -> list[Statistic]:
         raise ValueError(f"{session.site_id} is not a training site")
     models = listed(query.get("fusion-models"))
 
-    def design(s: SiteSession, q: Query) -> tuple[np.ndarray, np.ndarray]:
-        _, x, y, _ = _joined(s, query, models)
-        return x, y
+    def design(s: SiteSession, q: Query) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        patients, x, y, _ = _joined(s, query, models)
+        return x, y, [str(p) for p in patients]
 
-    return rounds.solver_step(session, query, design)
+    return rounds.solver_step(session, query, design,
+                              {"fusion-models": models, "runs": runs_of(query)})
 
 
 def fusion_score(session: SiteSession, query: Payload) -> list[Statistic]:
@@ -93,4 +95,5 @@ def fusion_score(session: SiteSession, query: Payload) -> list[Statistic]:
     score = logistic.predict_proba(x, float(query["intercept"]), np.asarray(query["coef"]))
     kind = "fitted" if "train" in session.site.config.roles else "external"
     _write(session, query, FUSION, patients, score, kind)
-    return [Statistic("fused", {"n": len(patients)}, n=len(patients))]
+    return [Statistic("fused", {"n": len(patients)}, n=len(patients),
+                      patients=list(patients.astype(str)), family="fusion.fused")]

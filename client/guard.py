@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client.ledger import DisclosureLedger, Release
 from shared.policy import PrivacyPolicy
 from shared.schema import (
     HANDSHAKE,
@@ -32,6 +33,7 @@ from shared.schema import (
 )
 
 SUPPRESSED = -1  # a small count replaced before release (small-cell suppression)
+LEDGER_CHECKED = "ledger.checked"  # reply key: statistics the ledger compared (a count)
 
 
 class PolicyRefusal(Exception):
@@ -47,6 +49,11 @@ class Statistic:
     from patients, e.g. software versions); `counts` names the entries that are count
     tables, to which the cell rule applies. `refused` is set by a handler whose site half
     the policy already forbade (e.g. a p×p matrix above max_feature_ratio).
+
+    `patients` (the ids it is computed over) and `family` (what is aggregated: the
+    statistic and every query parameter its value depends on, not which rows) are what the
+    site's disclosure ledger (`client.ledger`) compares with the earlier releases; neither
+    is sent.
     """
 
     name: str
@@ -54,6 +61,10 @@ class Statistic:
     n: int | None
     counts: tuple[str, ...] = ()
     refused: str | None = None
+    patients: Sequence[str] | None = None
+    family: str | None = None
+    columns: Sequence[int] | None = None  # per-feature values: which features (ledger)
+    grid: float | np.ndarray | None = None  # counts on a grid: its bin width or edges (ledger)
 
 
 @dataclass
@@ -62,25 +73,32 @@ class EgressGuard:
     policy: PrivacyPolicy
     patient_ids: frozenset[str]
     audit_path: Path
+    ledger: DisclosureLedger | None = None
     _id_pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False)
 
     def release(self, action: str, run_id: str, statistics: Iterable[Statistic]) -> Payload:
-        """Check each statistic against the policy; return what may leave, audited."""
-        payload: Payload = {}
+        """Check each statistic against the policy, then the ones that pass against the
+        site's disclosure ledger; return what may leave, audited."""
+        passed: list[Statistic] = []
         refused: dict[str, str] = {}
         for stat in statistics:
             reason = self._violation(stat)
             if reason is None:
-                payload.update({f"{stat.name}.{k}": v for k, v in stat.values.items()})
+                passed.append(stat)
             else:
                 refused[stat.name] = reason
-        leaked = self._patient_level(payload)
+        leaked = self._patient_level(_flat(passed))
         if leaked:
             return self.refuse(action, run_id, leaked)
+        checked = self._differencing(action, run_id, passed)
+        refused.update(checked.refused)
+        payload = _flat([s for s in passed if s.name not in checked.refused])
         payload["status"] = STATUS_OK
+        if checked.checked:
+            payload[LEDGER_CHECKED] = checked.checked
         for name, reason in refused.items():
             payload[f"refused.{name}"] = reason
-        self._audit(action, run_id, payload, refused)
+        self._audit(action, run_id, payload, refused, checked)
         return payload
 
     def refuse(self, action: str, run_id: str, reason: str) -> Payload:
@@ -102,6 +120,18 @@ class EgressGuard:
             payload["site.site_id"] = self.site_id
         self._audit(action, run_id, payload, {})
         return payload
+
+    def _differencing(self, action: str, run_id: str, passed: list[Statistic]) -> LedgerCheck:
+        """The ledger's verdict on the statistics that name their patients; the others that
+        are computed from patients are counted as unchecked."""
+        releases = [Release(s.name, s.family or f"{message_type(action)}:{s.name}",
+                            s.patients, s.columns, s.grid)
+                    for s in passed if s.patients is not None]
+        unchecked = sum(1 for s in passed if s.patients is None and s.n)
+        if self.ledger is None:
+            return LedgerCheck({}, 0, unchecked + len(releases), 0.0)
+        verdict = self.ledger.release(releases, message_type(action), run_id)
+        return LedgerCheck(verdict.refused, verdict.checked, unchecked, verdict.seconds)
 
     def _violation(self, stat: Statistic) -> str | None:
         if stat.refused is not None:
@@ -134,7 +164,8 @@ class EgressGuard:
             )
         return self._id_pattern
 
-    def _audit(self, action: str, run_id: str, payload: Payload, refused: dict[str, str]) -> None:
+    def _audit(self, action: str, run_id: str, payload: Payload, refused: dict[str, str],
+               checked: LedgerCheck | None = None) -> None:
         arrays, _ = split_payload(payload)
         size, sha256 = digest(payload)
         record = {
@@ -150,9 +181,28 @@ class EgressGuard:
             "sha256": sha256,
             "refused": refused,
         }
+        if checked is not None:
+            record["ledger"] = {"checked": checked.checked, "unchecked": checked.unchecked,
+                                "refused": len(checked.refused),
+                                "ms": round(checked.seconds * 1000, 3)}
         self.audit_path.parent.mkdir(parents=True, exist_ok=True)
         with self.audit_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """What the ledger said about one message: refusal reasons by statistic, how many
+    statistics it compared, how many computed from patients named none (not compared)."""
+
+    refused: dict[str, str]
+    checked: int
+    unchecked: int
+    seconds: float
+
+
+def _flat(statistics: Iterable[Statistic]) -> Payload:
+    return {f"{s.name}.{k}": v for s in statistics for k, v in s.values.items()}
 
 
 def suppress_small(count: int, policy: PrivacyPolicy) -> int:

@@ -27,7 +27,7 @@ import pandas as pd
 from client.guard import Statistic
 from client.radiomics import RadiomicsData, save_state, source_of, state
 from client.session import SiteSession
-from shared import combat
+from shared import combat, disclosure
 from shared.schema import Payload
 
 
@@ -39,7 +39,11 @@ def radiomics_combat(session: SiteSession, query: Payload) -> list[Statistic]:
     step = str(query.get("step", ""))
     if step not in STEPS:
         raise ValueError(f"unknown ComBat step {step!r}; known: {', '.join(STEPS)}")
-    return STEPS[step](session, query)
+    patients = [str(p) for p in state(session, query).patients]  # every step: all rows
+    columns = [int(c) for c in query["columns"]]
+    return [replace(s, patients=patients, columns=columns, family=disclosure.query_family(
+                f"combat.{step}.{s.name}", query, drop=("columns", "names")))
+            for s in STEPS[step](session, query)]
 
 
 def _rows(session: SiteSession, query: Payload

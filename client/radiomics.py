@@ -23,8 +23,8 @@ from client import rounds
 from client.extraction import extract_features
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
-from shared import logistic, roc, schema, screening
-from shared.folds import stratified_folds
+from shared import disclosure, logistic, roc, schema, screening
+from shared.folds import site_folds
 from shared.schema import Payload, nest
 
 PARAMS = Path(__file__).resolve().parent.parent / "shared" / "radiomics_params.yaml"
@@ -64,7 +64,7 @@ def radiomics_extract(session: SiteSession, query: Payload) -> list[Statistic]:
     return [Statistic("features", {"names": [str(c) for c in r1.columns],
                                    "source": str(r1.attrs.get("source", "pyradiomics")),
                                    "roles": list(session.site.config.roles)},
-                      n=len(r1)),
+                      n=len(r1), patients=[str(p) for p in r1.index], family="radiomics.features"),
             Statistic("counts", counts, n=None, counts=tuple(counts))]
 
 
@@ -84,8 +84,10 @@ def radiomics_columns(session: SiteSession, query: Payload) -> list[Statistic]:
     stage's matrix at the site (`cache/radiomics/run-<run>.npz`) for the later rounds,
     which may run in another process.
 
-    Crosses the wire: the number of rows used. The folds are drawn here from the study seed
-    and never sent.
+    Crosses the wire: the number of rows used and of CV folds this site draws them into
+    (`shared.folds.site_fold_count`: fewer than `cv-folds` where a fold would hold fewer
+    than min_difference patients). The folds are drawn here from the study seed and never
+    sent.
     """
     names = list(query["names"])
     r1, r2, _ = _extract(session, query)  # per-patient cache hits
@@ -98,11 +100,13 @@ def radiomics_columns(session: SiteSession, query: Payload) -> list[Statistic]:
         y=labels.loc[patients].to_numpy(dtype=np.int64),
     )
     held_out = session.site_id in [str(s) for s in query.get("holdout", [])]
+    folds = 0
     if "train" in session.site.config.roles and not held_out:
-        data.folds = stratified_folds(data.y, int(query["cv-folds"]), int(query["seed"]),
-                                      session.site_id)
+        data.folds, folds = site_folds(data.y, int(query["cv-folds"]), int(query["seed"]),
+                                       session.site_id, session.site.config.privacy.difference)
     save_state(session, str(query.get("run_id", "")), data)
-    return [Statistic("rows", {"n": len(data.y)}, n=len(data.y))]
+    return [Statistic("rows", {"n": len(data.y), "folds": folds}, n=len(data.y),
+                      patients=[str(p) for p in patients], family="radiomics.rows")]
 
 
 def source_of(query: Payload) -> str:
@@ -163,7 +167,7 @@ def state(session: SiteSession, query: Payload) -> RadiomicsData:
 def radiomics_step(session: SiteSession, query: Payload) -> list[Statistic]:
     """One solver round for every fold's fit (standardization, ICC, LASSO, screening, LR)."""
     which = rows_of(query)
-    return rounds.solver_step(session, query, lambda s, q: design(s, {**q, **which}))
+    return rounds.solver_step(session, query, lambda s, q: design(s, {**q, **which}), which)
 
 
 def rows_of(query: Payload) -> dict[str, Any]:
@@ -172,20 +176,21 @@ def rows_of(query: Payload) -> dict[str, Any]:
     return {"source": source_of(query), schema.COMBAT: bool(query.get(schema.COMBAT, False))}
 
 
-def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) for one solver query: rows `train` (all), `train-fold` (not in `fold`) or
-    `readers` (patients with both masks, x as 2 readers × n × p); columns by index into the agreed
-    names; z-scored when the query carries `center` and `scale`."""
+def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(x, y, patients) for one solver query: rows `train` (all), `train-fold` (not in
+    `fold`) or `readers` (patients with both masks, x as 2 readers × n × p); columns by index
+    into the agreed names; z-scored when the query carries `center` and `scale`."""
     data = state(session, q)
     rows = _rows(data, q)
+    patients = [str(p) for p in data.patients[rows]]
     columns = np.asarray(q["columns"], dtype=np.int64) if "columns" in q else slice(None)
     if q.get("rows") == "readers":
         pair = np.stack([data.r1[rows][:, columns], data.r2[rows][:, columns]])
-        return pair, data.y[rows]
+        return pair, data.y[rows], patients
     x = data.r1[rows][:, columns]
     if "center" in q:
         x = (x - np.asarray(q["center"])) / np.asarray(q["scale"])
-    return x, data.y[rows]
+    return x, data.y[rows], patients
 
 
 def _rows(data: RadiomicsData, q: Payload) -> np.ndarray:
@@ -222,13 +227,17 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
         kind = "external"
     _save_predictions(session, str(query.get("run_id", "run")), data, scores, kind,
                       source_of(query))
-    hist = roc.local_histogram(scores, data.y, roc.grid(int(query.get("bins", roc.DEFAULT_BINS))))
+    edges = roc.grid(int(query.get("bins", roc.DEFAULT_BINS)))
+    hist = roc.local_histogram(scores, data.y, edges)
     min_cell = session.site.config.privacy.min_cell_count
     out = []
+    family = disclosure.query_family("radiomics.score", query, drop=("bins",))
     for label in (0, 1):
         first, last, counts = roc.coarsen(hist[label], min_cell)
         out.append(Statistic(f"hist{label}", {"first": first, "last": last, "count": counts},
-                             n=int(np.sum(data.y == label)), counts=("count",)))
+                             n=int(np.sum(data.y == label)), counts=("count",),
+                             patients=[str(p) for p in data.patients[data.y == label]],
+                             family=family, grid=edges))
     out.append(Statistic("scores", {"kind": kind}, n=None))
     return out
 
@@ -264,12 +273,16 @@ def radiomics_screen(session: SiteSession, query: Payload) -> list[Statistic]:
     out = []
     for key in query.get("solvers", []):
         q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""), **rows_of(query))
-        x, y = design(session, q)
+        x, y, patients = design(session, q)
+        family = disclosure.query_family(f"screen.{q['method']}", q, drop=("columns",))
+        columns = [int(c) for c in q.get("columns", range(x.shape[1]))]
         if q["method"] == "chi2":
             terms = screening.local_class_sums(screening.unit_range(x), y)
-            out.append(Statistic(key, dict(terms), n=len(y), counts=("count",)))
+            out.append(Statistic(key, dict(terms), n=len(y), counts=("count",),
+                                 patients=patients, family=family, columns=columns))
             continue
         tables = screening.local_binned_counts(x, y, np.asarray(q["cuts"]))["count"]
-        out += [Statistic(f"{key}.f{j}", {"count": table}, n=len(y), counts=("count",))
+        out += [Statistic(f"{key}.f{j}", {"count": table}, n=len(y), counts=("count",),
+                          patients=patients, family=family, columns=[columns[j]])
                 for j, table in enumerate(tables)]
     return out

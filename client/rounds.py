@@ -7,19 +7,20 @@ above `max_feature_ratio`) becomes a refusal of that statistic only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from client.guard import Statistic
 from client.session import SiteSession
-from shared import glm, icc, standardize
+from shared import disclosure, glm, icc, standardize
 from shared.federated import Query, Refused, Reply
 from shared.schema import Payload, nest
 
-# A design builds (x, y) for one solver query: x (n × p) — or (2 readers × n × p) for ICC —
-# and the 0/1 labels y of the same rows.
-Design = Callable[[SiteSession, Query], tuple[np.ndarray, np.ndarray]]
+# A design builds (x, y, patients) for one solver query: x (n × p) — or (2 readers × n × p)
+# for ICC —, the 0/1 labels y of the same rows and those rows' patient ids.
+Design = Callable[[SiteSession, Query], tuple[np.ndarray, np.ndarray, Sequence[str]]]
 SiteHalf = Callable[[np.ndarray, np.ndarray, Query, SiteSession], Reply]
 
 
@@ -44,20 +45,27 @@ SITE_HALVES: dict[str, SiteHalf] = {
 COUNT_TABLES: dict[str, tuple[str, ...]] = {}
 
 
-def solver_step(session: SiteSession, query: Payload, design: Design) -> list[Statistic]:
-    """Answer every solver query in `query` with its site half on its design."""
+def solver_step(session: SiteSession, query: Payload, design: Design,
+                inputs: Mapping[str, Any]) -> list[Statistic]:
+    """Answer every solver query in `query` with its site half on its design. `inputs` are
+    the query's keys that say which values the designs read (e.g. the feature source); with
+    the solver query they make each statistic's ledger family (`shared.disclosure`)."""
     out = []
     for key in query.get("solvers", []):
         q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""))
-        family = str(q.get("step", "")).split(".", 1)[0]
-        half = SITE_HALVES.get(family)
+        kind = str(q.get("step", "")).split(".", 1)[0]
+        half = SITE_HALVES.get(kind)
         if half is None:
             raise ValueError(f"unknown solver step {q.get('step')!r}")
-        x, y = design(session, q)
+        x, y, patients = design(session, q)
+        family = disclosure.query_family(str(q["step"]), {**q, **inputs}, drop=("columns",))
+        ledger = {"patients": patients, "family": family,
+                  "columns": None if "columns" not in q else list(map(int, q["columns"]))}
         try:
             reply = half(x, y, q, session)
         except Refused as err:
             out.append(Statistic(key, {}, n=len(y), refused=str(err)))
             continue
-        out.append(Statistic(key, dict(reply), n=len(y), counts=COUNT_TABLES.get(family, ())))
+        out.append(Statistic(key, dict(reply), n=len(y), counts=COUNT_TABLES.get(kind, ()),
+                             **ledger))
     return out

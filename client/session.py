@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from client.guard import EgressGuard
+from client.ledger import LEDGER_FILE, DisclosureLedger
 from client.site import (
     CLINICAL_CSV,
     FEATURES_CSV,
@@ -110,7 +111,9 @@ def _open_session(root: str, task: str | None, needs: tuple[str, ...],
     site = _stored_site(Path(root), task, needs, stamp)
     patient_ids = frozenset(map(str, site.clinical.index)) | frozenset(site.excluded)
     audit = Path(root) / AUDIT_DIR
-    guard = EgressGuard(site.config.site_id, site.config.privacy, patient_ids, audit / EGRESS_LOG)
+    policy = site.config.privacy
+    guard = EgressGuard(site.config.site_id, policy, patient_ids, audit / EGRESS_LOG,
+                        DisclosureLedger(audit / LEDGER_FILE, policy.difference))
     _log_exclusions(site, audit / SITE_LOG)
     return SiteSession(site=site, guard=guard, task=task)
 

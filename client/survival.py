@@ -38,6 +38,8 @@ Disclosure policy of this stage (the site's `privacy:` block; a query cannot low
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
@@ -45,7 +47,7 @@ from client.guard import PolicyRefusal, Statistic
 from client.session import SiteSession
 from client.validation import runs_of, site_scores
 from shared import concordance as cindex
-from shared import cox
+from shared import cox, disclosure
 from shared.kaplan_meier import bin_times, local_time_table
 from shared.labels import LabelError, her2_low_status
 from shared.schema import Payload
@@ -67,12 +69,13 @@ def survival_setup(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     times, events = _times(session, query)
     policy, config = session.site.config.privacy, session.site.config
+    ids = np.asarray(session.site.clinical.index.astype(str))
     out = [Statistic("site", {"time_bin": float(policy.time_bin), "time_unit": config.time_unit,
                               "allow_event_queries": bool(policy.allow_event_queries)}, n=None)]
-    out.append(_km_statistic("km.all", times, events))
+    out.append(_km_statistic("km.all", times, events, ids, policy.time_bin))
     group = str(query.get("group", "") or "")
     if group:
-        out += _group_statistics(session, group, times, events, query)
+        out += _group_statistics(session, group, times, events, query, ids)
     terms = _list(query.get("covariates"))
     present = np.ones(len(times), dtype=bool)
     for name in terms:
@@ -85,85 +88,101 @@ def survival_setup(session: SiteSession, query: Payload) -> list[Statistic]:
         if name == "label" or _is_numeric(values):
             x = pd.to_numeric(values[mask]).to_numpy(dtype=np.float64)
             out.append(Statistic(f"design.{name}", {"kind": "numeric", "n": int(mask.sum()),
-                                                    "sum": float(x.sum())}, n=int(mask.sum())))
+                                                    "sum": float(x.sum())}, n=int(mask.sum()),
+                                 patients=list(ids[mask]), family=f"survival.sum:{name}"))
         else:
             levels = sorted({str(v) for v in values[mask]})
             out.append(Statistic(f"design.{name}", {"kind": "categorical", "levels": levels},
-                                 n=int(mask.sum())))
+                                 n=int(mask.sum()), patients=list(ids[mask]),
+                                 family=f"survival.levels:{name}"))
     if terms:
+        binned, step = cox_times(session, times[present])
         cohort_events = events[present]
         out.append(Statistic("cox.setup", {
-            "event_times": np.unique(times[present][cohort_events]),
+            "event_times": np.unique(binned[cohort_events]),
             "totals": np.array([present.sum(), cohort_events.sum()], dtype=np.int64),
-        }, n=int(present.sum()), counts=("totals",)))
+            "time_bin": float(step),
+        }, n=int(present.sum()), counts=("totals",), patients=list(ids[present]),
+            family=f"survival.cox.setup:{step:g}"))
     return out
 
 
 def survival_cox(session: SiteSession, query: Payload) -> list[Statistic]:
     """A Newton round: risk-set and tied-death sums on the global event-time grid, for each
     candidate β in the query (see shared.cox.local_risk_set_sums for what they reveal)."""
-    times, events, x = _cox_data(session, query)
+    times, events, x, ids = _cox_data(session, query)
     grid = np.asarray(query["grid"], dtype=np.float64)
     betas = np.atleast_2d(np.asarray(query["betas"], dtype=np.float64))
     sums = cox.local_risk_set_sums(times, events, x, grid, betas)
     values = dict(sums.as_dict())
     values["totals"] = _totals(events)
-    return [Statistic("cox", values, n=len(times), counts=("totals",))]
+    small = disclosure.small_risk_set_differences(
+        times, grid, session.site.config.privacy.difference)
+    return [Statistic("cox", values, n=len(times), counts=("totals",), patients=ids,
+                      family=disclosure.query_family("survival.cox", query)),
+            Statistic("risk_sets", {"small_differences": small}, n=None)]
 
 
 def survival_events(session: SiteSession, query: Payload) -> list[Statistic]:
     """Exact C-index, first round: the (binned time, score) of each of the site's events,
     and its within-site pair counts. Only under `allow_event_queries`."""
     _require_event_queries(session)
-    times, events, scores = _scores(session, query)
+    times, events, scores, ids = _scores(session, query)
     pairs = cindex.local_pair_counts(times, events, scores)
-    return [
+    return _on_cohort([
         Statistic("cindex.events", {"time": times[events], "score": scores[events]},
                   n=len(times), counts=()),
         _pairs_statistic("cindex.within", pairs, times, events),
-    ]
+    ], ids, query)
 
 
 def survival_pairs(session: SiteSession, query: Payload) -> list[Statistic]:
     """Exact C-index, second round: totals of this site's patients paired with the other
     sites' events in the query. Only under `allow_event_queries`."""
     _require_event_queries(session)
-    times, events, scores = _scores(session, query)
+    times, events, scores, ids = _scores(session, query)
     pairs = cindex.local_cross_counts(times, events, scores,
                                       np.asarray(query["event_time"], dtype=np.float64),
                                       np.asarray(query["event_score"], dtype=np.float64))
-    return [_pairs_statistic("cindex.cross", pairs, times, events)]
+    return _on_cohort([_pairs_statistic("cindex.cross", pairs, times, events)], ids, query)
 
 
 def survival_histograms(session: SiteSession, query: Payload) -> list[Statistic]:
     """Bounded C-index, first round: within-site pair counts and the site's events as a
     count table over rectangles of the server's grid, cut no finer than this site's
     min_cell_count allows (the guard then checks every cell)."""
-    times, events, scores = _scores(session, query)
+    times, events, scores, ids = _scores(session, query)
     cells, counts = cindex.local_event_partition(
         times, events, scores, np.asarray(query["time_edges"], dtype=np.float64),
         np.asarray(query["score_edges"], dtype=np.float64),
         session.site.config.privacy.min_cell_count)
-    return [
+    return _on_cohort([
         _pairs_statistic("cindex.within", cindex.local_pair_counts(times, events, scores),
                          times, events),
         Statistic("cindex.table", {"cells": cells, "counts": counts}, n=len(times),
                   counts=("counts",)),
-    ]
+    ], ids, query)
 
 
 def survival_bounds(session: SiteSession, query: Payload) -> list[Statistic]:
     """Bounded C-index, second round: this site's patients, exactly, against the other
     sites' event tables in the query; seven totals (shared.concordance.BoundCounts)."""
-    times, events, scores = _scores(session, query)
+    times, events, scores, ids = _scores(session, query)
     bound = cindex.local_bound_counts(
         times, events, scores, np.asarray(query["time_edges"], dtype=np.float64),
         np.asarray(query["score_edges"], dtype=np.float64),
         np.asarray(query["cells"], dtype=np.int64).reshape(-1, 4),
         np.asarray(query["counts"], dtype=np.int64).reshape(-1))
-    return [Statistic("cindex.bound", {"totals": bound.as_array(),
-                                       "cohort": _totals(events)},
-                      n=len(times), counts=("cohort",))]
+    return _on_cohort([Statistic("cindex.bound", {"totals": bound.as_array(),
+                                                  "cohort": _totals(events)},
+                                 n=len(times), counts=("cohort",))], ids, query)
+
+
+def _on_cohort(stats: list[Statistic], ids: list[str], query: Payload) -> list[Statistic]:
+    """Statistics over the Cox cohort, for the ledger: each a family of its own name and
+    the query's parameters (β, the other sites' events or tables, the grid)."""
+    return [replace(s, patients=ids, family=disclosure.query_family(f"survival.{s.name}", query))
+            for s in stats]
 
 
 # --------------------------------------------------------------------------- data
@@ -264,18 +283,38 @@ def design_matrix(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.
     return x[present] - center, present
 
 
-def _cox_data(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cox_data(session: SiteSession, query: Payload
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Times (`cox_times`), events, centred design and patient ids of the Cox cohort."""
     times, events = _times(session, query)
     x, present = design_matrix(session, query)
-    return times[present], events[present], x
+    ids = list(session.site.clinical.index.astype(str)[present])
+    return cox_times(session, times[present])[0], events[present], x, ids
 
 
-def _scores(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Binned times, events and risk scores x'β of the Cox cohort. The score is summed
+def cox_times(session: SiteSession, times: np.ndarray) -> tuple[np.ndarray, float]:
+    """The Cox cohort's binned times and their bin. Under `allow_risk_set_differences:
+    false` the site's bin is raised (`shared.disclosure.coarsened_time_bin`) until no two
+    successive released risk sets can differ by fewer than min_difference patients; when
+    no bin does, the Cox queries are refused."""
+    policy = session.site.config.privacy
+    if policy.allow_risk_set_differences:
+        return times, float(policy.time_bin)
+    step = disclosure.coarsened_time_bin(times, policy.time_bin, policy.difference)
+    if step is None:
+        raise PolicyRefusal(f"allow_risk_set_differences is false and the Cox cohort's "
+                            f"risk sets cannot differ by ≥ min_difference "
+                            f"({policy.difference}) patients at any time bin")
+    return bin_times(times, step), step
+
+
+def _scores(session: SiteSession, query: Payload
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Binned times, events, risk scores x'β and ids of the Cox cohort. The score is summed
     element-wise (not by BLAS) so that equal rows give equal scores at every site."""
-    times, events, x = _cox_data(session, query)
+    times, events, x, ids = _cox_data(session, query)
     beta = np.asarray(query["beta"], dtype=np.float64)
-    return times, events, (x * beta).sum(axis=1)
+    return times, events, (x * beta).sum(axis=1), ids
 
 
 def _require_event_queries(session: SiteSession) -> None:
@@ -291,15 +330,19 @@ def _totals(events: np.ndarray) -> np.ndarray:
     return np.array([len(events), int(np.sum(events))], dtype=np.int64)
 
 
-def _km_statistic(name: str, times: np.ndarray, events: np.ndarray) -> Statistic:
+def _km_statistic(name: str, times: np.ndarray, events: np.ndarray, ids: np.ndarray,
+                  time_bin: float) -> Statistic:
+    """A Kaplan–Meier time table. Every group's table is one family with the site's whole
+    cohort: a group of all patients but a few, next to the whole table, is refused."""
     table = local_time_table(times, events)
     return Statistic(name, {"time": table.time, "at_risk": table.at_risk,
                             "events": table.events, "totals": _totals(events)},
-                     n=len(times), counts=("totals",))
+                     n=len(times), counts=("totals",), patients=list(ids),
+                     family="survival.km", grid=float(time_bin))
 
 
 def _group_statistics(session: SiteSession, group: str, times: np.ndarray,
-                      events: np.ndarray, query: Payload) -> list[Statistic]:
+                      events: np.ndarray, query: Payload, ids: np.ndarray) -> list[Statistic]:
     values = column(session, group, query)
     if values is None:
         return [Statistic("group", {"missing": True}, n=None)]
@@ -309,10 +352,12 @@ def _group_statistics(session: SiteSession, group: str, times: np.ndarray,
     if len(levels) > MAX_GROUP_LEVELS:
         return [Statistic("group", {"error": f"{group!r} has more than {MAX_GROUP_LEVELS} "
                                              "values here; not a grouping column"}, n=None)]
-    out = [Statistic("group", {"levels": levels}, n=int(known.sum()))]
+    out = [Statistic("group", {"levels": levels}, n=int(known.sum()), patients=list(ids[known]),
+                     family=f"survival.group:{group}")]
+    time_bin = session.site.config.privacy.time_bin
     for i, level in enumerate(levels):
         mask = known & (text == level)
-        out.append(_km_statistic(f"km.g{i}", times[mask], events[mask]))
+        out.append(_km_statistic(f"km.g{i}", times[mask], events[mask], ids[mask], time_bin))
     return out
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from client import imaging
 from client.session import SiteSession
-from shared.folds import stratified_folds
+from shared.folds import site_folds
 from shared.training_params import DSFR_UNIT, TrainParams
 
 IMAGE_KINDS = {"dsfr": ("mri", "mri_mask"), "dl_mri": ("mri", "mri_mask"),
@@ -142,7 +142,8 @@ def site_data(session: SiteSession, p: TrainParams) -> ModelData:
         session.cache[key] = memo
     data = ModelData(memo.patients, memo.y, memo.x, memo.mask, memo.owner, None, memo.failed)
     if "train" in site.config.roles:
-        data.folds = stratified_folds(data.y, p.folds, p.seed, session.site_id)
+        data.folds, _ = site_folds(data.y, p.folds, p.seed, session.site_id,
+                                   site.config.privacy.difference)
     return data
 
 

@@ -11,7 +11,7 @@ DeLong test needs.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import pandas as pd
 
 from client.guard import Statistic
 from client.session import SiteSession
-from shared import roc
+from shared import disclosure, roc
 from shared import validation as val
 from shared.schema import Payload
 
@@ -124,7 +124,9 @@ def validation_ranges(session: SiteSession, query: Payload) -> list[Statistic]:
     for i, name in enumerate(names):
         scores = models[name].score
         out.append(Statistic(f"m{i}", {"moments": val.local_logit_moments(scores)},
-                             n=len(scores)))
+                             n=len(scores), patients=list(models[name].patients.astype(str)),
+                             family=disclosure.family("validation.moments", name,
+                                                      runs_of(query))))
     return out
 
 
@@ -157,14 +159,19 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
             session.log_exclusion(patient, f"validation: no {name!r} score in {scores.file}")
         masks = groups(session, scores, columns)
         out.append(Statistic(f"m{i}", {"groups": list(masks)}, n=None))
+        edges = edges_for(query, name)
+        family = disclosure.family("validation.histogram", name, runs_of(query))
         for j, mask in enumerate(masks.values()):
-            out.append(_cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask],
-                              edges_for(query, name), min_cell))
+            stat = _cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, min_cell)
+            out.append(replace(stat, patients=list(scores.patients[mask].astype(str)),
+                               family=family, grid=edges))
     return out
 
 
 def _cells(name: str, score: np.ndarray, y: np.ndarray, edges: np.ndarray,
            min_cell: int) -> Statistic:
+    """One group's two label histograms (the ledger compares every group of a model: a
+    subgroup of all patients but a few, next to the whole, is refused)."""
     hist = roc.local_histogram(score, y, edges)
     sums, squares = val.local_score_sums(score, y, edges)
     values: dict = {}
@@ -209,7 +216,11 @@ def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
                                               np.asarray(query[f"s{s}.d01"]))
         out.append(Statistic(f"s{s}", {"moments": moments, "set": set_name,
                                        "n": np.array([np.sum(y == 0), np.sum(y == 1)])},
-                             n=len(y), counts=("n",)))
+                             n=len(y), counts=("n",), patients=list(common.astype(str)),
+                             family=disclosure.family(
+                                 "validation.placements", wanted, runs_of(query),
+                                 query[f"s{s}.d10"], query[f"s{s}.d01"],
+                                 *[edges_for(query, m) for m in wanted])))
     return out
 
 

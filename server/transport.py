@@ -111,8 +111,11 @@ def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
                                  "sha256": sha256}
         refused = sorted(k.removeprefix("refused.") for k in reply.payload
                          if k.startswith("refused."))
-        if refused:  # statistics the site's policy withheld from this reply
+        if refused:  # statistics the site's policy withheld from this reply, and why
             entry["refused"] = refused
+            entry["why"] = {k: str(reply.payload[f"refused.{k}"])[:300] for k in refused}
+        if "ledger.checked" in reply.payload:  # releases the site's ledger compared
+            entry["ledger"] = int(reply.payload["ledger.checked"])
         wire.setdefault(site_id, []).append(entry)
 
 

@@ -31,6 +31,24 @@ def stratified_folds(y: np.ndarray, n_folds: int, seed: int, site_id: str = "") 
     return folds
 
 
+def site_fold_count(n: int, n_folds: int, min_size: int) -> int:
+    """How many of the study's folds a site of n patients uses so that each held-out fold
+    holds ≥ min_size patients: fit on all rows and on all but one fold are then two sets
+    that differ by ≥ min_size patients (`shared.disclosure`). Fold sizes at a site differ by
+    at most one, so that is ⌊n / min_size⌋ folds, and never fewer than 2: a site of fewer
+    than 2·min_size patients has folds its ledger refuses to fit without (the stage says
+    so), as no split of it can be fitted on safely."""
+    return max(2, min(int(n_folds), int(n) // max(1, int(min_size))))
+
+
+def site_folds(y: np.ndarray, n_folds: int, seed: int, site_id: str,
+               min_size: int) -> tuple[np.ndarray, int]:
+    """(fold of each patient, folds used): `stratified_folds` over the site's
+    `site_fold_count` folds; the study's other folds hold none of this site's patients."""
+    k = site_fold_count(len(y), n_folds, min_size)
+    return stratified_folds(y, k, seed, site_id), k
+
+
 def _site_key(site_id: str) -> int:
     """A stable integer from the site id (Python's hash() changes between runs)."""
     return int.from_bytes(hashlib.sha256(site_id.encode()).digest()[:8], "little")

@@ -15,12 +15,41 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
+class DPRequirement:
+    """`require_dp:` — the site releases CNN weight updates only clipped and noised, and only
+    while its privacy loss stays within `max_epsilon` (at δ = 1/n)."""
+
+    max_epsilon: float
+
+    @classmethod
+    def from_mapping(cls, raw: object) -> DPRequirement | None:
+        if raw is None or raw is False:
+            return None
+        if not isinstance(raw, dict) or set(raw) != {"max_epsilon"}:
+            raise PolicyError("require_dp must be a mapping with one key, max_epsilon")
+        value = raw["max_epsilon"]
+        if not _is_number(value) or value <= 0:
+            raise PolicyError("require_dp.max_epsilon must be a number > 0")
+        return cls(float(value))
+
+
+@dataclass(frozen=True)
 class PrivacyPolicy:
     min_patients: int = 10
     min_cell_count: int = 3
     time_bin: float = 30
     allow_event_queries: bool = False
     max_feature_ratio: float = 0.33
+    # Two releases of one statistic over patient sets S, T with 0 < |S Δ T| < this are
+    # refused (client.ledger); None: min_patients.
+    min_difference: int | None = None
+    allow_risk_set_differences: bool = True
+    require_dp: DPRequirement | None = None
+
+    @property
+    def difference(self) -> int:
+        """The smallest symmetric difference two releases of one statistic may have."""
+        return self.min_patients if self.min_difference is None else self.min_difference
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any] | None) -> PrivacyPolicy:
@@ -30,6 +59,7 @@ class PrivacyPolicy:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PolicyError(f"unknown privacy key(s) {unknown}; known: {sorted(known)}")
+        raw["require_dp"] = DPRequirement.from_mapping(raw.get("require_dp"))
         policy = cls(**raw)
         policy.validate()
         return policy
@@ -44,6 +74,12 @@ class PrivacyPolicy:
             (isinstance(self.allow_event_queries, bool), "allow_event_queries must be true/false"),
             (_is_number(self.max_feature_ratio) and self.max_feature_ratio > 0,
              "max_feature_ratio must be a number > 0"),
+            (self.min_difference is None or (isinstance(self.min_difference, int)
+                                             and not isinstance(self.min_difference, bool)
+                                             and self.min_difference >= 1),
+             "min_difference must be an integer >= 1"),
+            (isinstance(self.allow_risk_set_differences, bool),
+             "allow_risk_set_differences must be true/false"),
         ]
         for ok, message in checks:
             if not ok:
