@@ -62,6 +62,7 @@ HANDLERS: dict[str, Handler] = {
     schema.VALIDATION_RANGES: _lazy("validation", "validation_ranges"),
     schema.VALIDATION_SCORES: _lazy("validation", "validation_scores"),
     schema.VALIDATION_MOMENTS: _lazy("validation", "validation_moments"),
+    schema.SCORES_REFINE: _lazy("refine", "scores_refine"),
     **{action: _lazy("training", "train_round" if action.startswith("train.")
                      else "evaluate_round") for action in schema.TRAIN_ACTIONS},
 }

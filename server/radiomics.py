@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from server import harmonize
+from server import refine as refinement
 from server.progress import report_round
 from server.rounds import RoundRefused, drive, pack
 from server.transport import (
@@ -148,7 +149,7 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
     if not train:
         raise RadiomicsError("no training site could serve the radiomics stage")
     setup = dict(context, names=names, **{"cv-folds": rc.cv_folds, "seed": rc.seed})
-    _ask(transport, schema.RADIOMICS_COLUMNS, setup, train + external, "columns")
+    rows = _ask(transport, schema.RADIOMICS_COLUMNS, setup, train + external, "columns")
 
     def fit_on(train_sites: list[str]) -> tuple[RadiomicsFit, dict[str, Any]]:
         fit = RadiomicsFit(transport, context, train_sites, names, rc,
@@ -158,6 +159,7 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
     (fit, result), restarts = on_stable_sites(fit_on, train, min_sites=config.min_sites,
                                               stage=STAGE)
     result["restarts"] = restarts
+    result["cv_folds_by_site"] = site_folds(rows, fit.sites, rc.cv_folds)
     result.update(_score(transport, fit.context, fit.sites, fit.external, fit, rc))
     result["sites"] = {s: {"status": "ok", "role": "train" if s in fit.sites else "external"}
                        for s in fit.sites + external}
@@ -169,6 +171,14 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
             result["sites"][s] = ({"status": "dropped", "reason": dropped} if dropped
                                   else {"status": "failed", "reason": "no radiomics features"})
     return result
+
+
+def site_folds(rows: dict[str, Reply], sites: list[str], cv_folds: int) -> dict[str, Any]:
+    """How many of the `cv-folds` folds each training site drew its patients into: fewer
+    where a held-out fold would hold fewer than its min_difference patients (its ledger
+    would refuse fitting on all rows but that fold); `reduced` names those sites."""
+    folds = {s: int(rows[s].payload.get("rows.folds", cv_folds)) for s in sites}
+    return {"folds": folds, "reduced": sorted(s for s, k in folds.items() if k < cv_folds)}
 
 
 def _ask(transport: Transport, action: str, query: dict, sites: list[str],
@@ -466,35 +476,38 @@ def _score(transport: Transport, context: dict, train: list[str], external: list
         query[f"fold{k}.intercept"] = float(model["intercept"])
     replies = transport.ask(schema.RADIOMICS_SCORE, query, train + external)
     report_round(f"{STAGE}:score", 1, 1, replies)
+    grid = roc.grid(rc.bins)
+    first = refinement.first_round({s: r.payload for s, r in replies.items() if r.ok}, grid)
+    model = str(context.get("source") or "radiomics")
+    state = refinement.refine_auc(transport, context, model, grid, first, STAGE)
     out: dict[str, Any] = {"auc": {}}
     for name, group in (("train_oof", train), ("external", external)):
         if group:
-            out["auc"][name] = _auc({s: replies[s] for s in group if replies[s].ok})
-    out["auc"]["sites"] = {s: _auc({s: replies[s]}) for s in train + external if replies[s].ok}
-    out["auc"]["grid"] = {"bins": rc.bins, "method": "coarsened label-stratified histograms"}
+            out["auc"][name] = _auc(state, model, [s for s in group if replies[s].ok])
+    out["auc"]["sites"] = {s: _auc(state, model, [s]) for s in train + external
+                           if replies[s].ok}
+    out["auc"]["grid"] = {"bins": rc.bins, "method": "coarsened label-stratified histograms, "
+                          "refined where bins held both labels (`refinement`)"}
+    out["auc"]["refinement"] = state.summary()
     return out
 
 
-def _auc(replies: Mapping[str, Reply]) -> dict[str, Any]:
-    """Pooled AUC over the sites that released both labels' histograms; `sites_missing`
+def _auc(state: refinement.Refinement, model: str, sites: list[str]) -> dict[str, Any]:
+    """Pooled AUC over the sites that released both labels' histograms, refined
+    (`server.refine.auc_block`: `exact` on the raw scores, else `bound`); `sites_missing`
     names a site whose policy refused one (e.g. fewer than min_patients of a label), left
     out whole so that the AUC is that of a well-defined set of patients."""
-    cells: dict[int, list] = {0: [], 1: []}
-    missing = set()
-    for site, reply in replies.items():
-        p = reply.payload
-        if not all(f"hist{label}.count" in p for label in (0, 1)):
-            missing.add(site)
-            continue
-        for label in (0, 1):
-            cells[label].append((p[f"hist{label}.first"], p[f"hist{label}.last"],
-                                 p[f"hist{label}.count"]))
-    if not cells[0] or not cells[1]:
+    missing = sorted(s for s in sites if s not in state.cells[model]["all"])
+    present = [s for s in sites if s not in missing]
+    if not present:
         return {"auc": None, "reason": "a label's histogram was refused or absent",
-                "sites_missing": sorted(missing)}
-    result = roc.combine_auc(cells[0], cells[1])
-    return {"auc": _num(result.auc), "bound": [_num(result.lower), _num(result.upper)],
-            "n": list(result.n), "sites_missing": sorted(missing)}
+                "sites_missing": missing}
+    block = refinement.auc_block(state, model, present)
+    if block.get("auc") is None:
+        return {**block, "reason": "a label's histogram was refused or absent",
+                "sites_missing": missing}
+    return {**block, "auc": _num(block["auc"]), "bound": [_num(v) for v in block["bound"]],
+            "sites_missing": missing}
 
 
 def _num(value: float) -> float | None:

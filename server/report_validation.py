@@ -79,15 +79,22 @@ def validation_sections(results: dict[str, Any], out: Path) -> str:
                  "score)" if bins else "Each site sent histograms of its predicted "
                  "probabilities per label (never a patient's score)")
     parts.append(
-        f"<p>{grid_text}; every metric below is computed from the sum of those histograms. "
-        "Where a row is not exact, patients of the two labels sharing a bin could be ordered "
-        "either way, so the AUC of the unbinned scores lies within the <i>bound</i> shown; "
-        "the 95% CI is DeLong's. The threshold is the Youden cut of the pooled training "
-        "sites, applied unchanged to every set (each set's own optimum is listed for "
-        "reference). Classification metrics carry Wilson 95% intervals, F1 a delta-method "
-        "one (small print).</p>")
+        f"<p>{grid_text}; every metric below is computed from the sum of those histograms, "
+        "refined where a bin held patients of both labels. A row is <i>exact</i> when the "
+        "refinement proved that every such bin holds one score value: its AUC, CI, Youden "
+        "cut and classification metrics are then those of the unbinned scores. Where a row "
+        "is not exact (a site's min_cell_count kept bins merged), patients of the two labels "
+        "sharing a bin could be ordered either way, so the AUC of the unbinned scores lies "
+        "within the <i>bound</i> shown; the 95% CI is DeLong's. The threshold is the "
+        "Youden cut of the pooled training sites, applied unchanged to every set (each "
+        "set's own optimum is listed for reference). Classification metrics carry Wilson "
+        "95% intervals, F1 a delta-method one (small print).</p>")
     if grid.get("note"):
         parts.append(f"<p class='muted'>{_e(grid['note'])}</p>")
+    refined = _dict(val.get("refinement"))
+    if refined.get("rounds") is not None:
+        parts.append(f"<p class='muted'>Refinement: {_e(refined['rounds'])} extra round(s), "
+                     f"{_e(refined.get('bytes'))} bytes from the sites.</p>")
     union = {key: list(dict.fromkeys(str(s) for m in models
                                      for s in _list(_model_sets(sets, m).get(key))))
              for key in ("training", "external")}

@@ -8,12 +8,19 @@ min_cell_count, with the cells' Σscore and Σscore². The server pools them per
 DeLong CI, the training sites' Youden cut (applied unchanged everywhere, each set's own
 optimum reported beside it), ACC/SEN/SPE/PPV/NPV/F1 with Wilson CIs, the calibration curve,
 Brier score and calibration slope/intercept (`shared.validation`).
+Refinement (`scores_refine`, `server.refine`, at most three rounds): the bins that hold
+both labels, pooled over the sites, are split into sub-bins until each is proven to hold
+one score value (the bins are then true ties) or a site's min_cell_count stops it; every
+site's cells are replaced by its refined ones, on the model's refined grid.
 Round 2 (`validation_moments`): for the paired DeLong test between models, the server sends
-each set's per-bin placement deviations and the sites return k × k sums.
+each set's per-bin placement deviations on the refined grid and the sites return k × k sums.
 
-Exactness: with uncoarsened cells (every cell a single grid bin) every statistic equals the
-library's on the scores snapped to the grid's bin centres; `auc_bound` bounds the AUC of the
-snapped scores in any case, and `exact` says which case holds. Brier is exact for raw scores.
+Exactness: `exact` is true only when refinement proved it for the set — every bin holding
+both labels is a cell of its own at every site and holds one score value — and the applied
+cut splits no site's cell; the AUC, DeLong CI, paired tests, Youden cut and confusion
+metrics then equal those of the raw scores (scikit-learn, pROC). Otherwise `auc_bound`
+bounds the AUC of the raw scores. Brier and calibration means are exact for raw scores in
+any case; the calibration slope is fitted on the bin centres.
 
 `validation = loso` adds leave-one-site-out: for each training site, the radiomics model is
 fitted on the others and validated on it (server.radiomics with a holdout). The refits run
@@ -31,11 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from server import refine as refinement
 from server.in_step import in_step
 from server.progress import report_round
 from server.radiomics import run_radiomics
 from server.transport import Reply, StageError, StageSkipped, Transport
-from shared import roc, schema
+from shared import refine, roc, schema
 from shared import validation as val
 from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig, query_needs
 from shared.schema import Payload, nest
@@ -80,15 +88,27 @@ class ValidationConfig:
 @dataclass
 class Cells:
     """One site's cells of one (model, group): per label, each cell's grid-bin range
-    (`first`, `last`) and its values (`count`, `sum` of scores, `sq` sum of squares)."""
+    (`first`, `last`) and its values (`count`, `sum` of scores, `sq` sum of squares).
+    After refinement the counts' cells lie on the model's refined grid, the sums keep their
+    first-round cells (`sfirst`, `slast`, on the same refined grid), and `part` holds the
+    cells as key intervals with the site's one-value flags (`shared.refine.SitePart`)."""
 
     payload: Payload
+    part: refine.SitePart | None = None
 
     def of(self, label: int, value: str = "count") -> roc.Cells:
         """(first, last, values) of one label, as `shared.roc` takes cells."""
         p = self.payload
-        return (np.asarray(p[f"first{label}"]), np.asarray(p[f"last{label}"]),
+        prefix = "s" if value != "count" and f"sfirst{label}" in p else ""
+        return (np.asarray(p[f"{prefix}first{label}"]), np.asarray(p[f"{prefix}last{label}"]),
                 np.asarray(p[f"{value}{label}"]))
+
+    def key_part(self, bits: np.ndarray) -> refine.SitePart:
+        """The cells as key intervals on grid keys `bits` (its refined part if refined)."""
+        if self.part is not None:
+            return self.part
+        pair = tuple(refine.KeyCells.from_grid(*self.of(g), bits) for g in (0, 1))
+        return refine.SitePart(pair)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -110,9 +130,12 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
         raise StageSkipped("no site has scores of any model to validate: "
                            + "; ".join(f"{s}: {v.get('reason') or 'no predictions'}"
                                        for s, v in status.items()))
-    result = validate(scores, vc, grids(context, vc))
+    base = {m: grids(context, vc).get(m, vc.uniform()) for m in _models(scores)}
+    edges, refined = refine_scores(transport, context, scores, base)
+    result = validate(scores, vc, edges, base)
+    result["refinement"] = _refinement_block(refined, result)
     result["sites"] = status
-    result["comparisons"] = compare(transport, context, scores, result, vc)
+    result["comparisons"] = compare(transport, context, scores, result, vc, edges)
     if vc.mode == "loso":
         result["loso"] = leave_one_site_out(transport, config, sites, scores, vc)
     return result
@@ -179,6 +202,59 @@ def _site_scores(reply: Reply) -> SiteScores:
     return site
 
 
+def _models(scores: dict[str, SiteScores]) -> list[str]:
+    return sorted({m for v in scores.values() for m in v.cells})
+
+
+def refine_scores(transport: Transport, context: Payload, scores: dict[str, SiteScores],
+                  base: dict[str, np.ndarray]
+                  ) -> tuple[dict[str, np.ndarray], refinement.Refinement]:
+    """Refinement rounds (`server.refine`) on every model's first-round cells; each site's
+    cells are replaced by its refined ones. Returns each model's refined grid edges."""
+    first = {m: {} for m in base}
+    for site, v in scores.items():
+        for model, by_group in v.cells.items():
+            bits = refine.bit_edges(base[model])
+            for group, cells in by_group.items():
+                first[model].setdefault(group, {})[site] = tuple(
+                    refine.KeyCells.from_grid(*cells.of(g), bits) for g in (0, 1))
+    state = refinement.run(transport, context, refinement.start(first, base), base, STAGE)
+    edges = {}
+    for model in base:
+        bits = state.bits(model)
+        edges[model] = refine.float_edges(bits)
+        for group, by_site in first[model].items():
+            for site, pair in by_site.items():
+                scores[site].cells[model][group] = _refined_cells(
+                    scores[site].cells[model][group], pair, state.part(model, group, site),
+                    bits)
+    return edges, state
+
+
+def _refined_cells(cells: Cells, before: tuple[refine.KeyCells, ...], part: refine.SitePart,
+                   bits: np.ndarray) -> Cells:
+    payload = dict(cells.payload)
+    for g in (0, 1):
+        payload[f"first{g}"], payload[f"last{g}"], payload[f"count{g}"] = part.cells[g].on(bits)
+        payload[f"sfirst{g}"], payload[f"slast{g}"], _ = before[g].on(bits)
+    return Cells(payload, part)
+
+
+def _refinement_block(state: refinement.Refinement, result: dict[str, Any]) -> dict[str, Any]:
+    """results `validation.refinement`: rounds and reply bytes spent, and per model the
+    refined grid's size and whether the pooled statistics are exact on the raw scores."""
+    per_model = {m: {"bins": len(state.bits(m)) - 1,
+                     "rounds": len(state.history.get(m, [])),
+                     "exact": (result[m].get("pooled") or {}).get("exact")}
+                 for m in result["models"]}
+    return {**state.summary(), "models": per_model,
+            "note": "after the first histogram round the server asked sub-histograms of the "
+                    "bins holding both labels (and whether each site's patients there share "
+                    "one value) until each such bin was proven to hold one score value, or "
+                    "a site's min_cell_count stopped it; `exact` is then exact on the raw "
+                    "scores"}
+
+
 def site_sets(scores: dict[str, SiteScores], model: str) -> dict[str, list[str]]:
     """The sets of sites a model is validated on: pooled, training, external."""
     have = sorted(s for s, v in scores.items() if model in v.cells)
@@ -189,17 +265,24 @@ def site_sets(scores: dict[str, SiteScores], model: str) -> dict[str, list[str]]
 
 
 def validate(scores: dict[str, SiteScores], vc: ValidationConfig,
-             model_grids: dict[str, np.ndarray]) -> dict[str, Any]:
-    models = sorted({m for v in scores.values() for m in v.cells})
+             model_grids: dict[str, np.ndarray],
+             base: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Every model's metrics blocks on its (refined) grid `model_grids`; the results list
+    the first-round grid `base`."""
+    models = _models(scores)
     edges = {m: model_grids.get(m, vc.uniform()) for m in models}
+    first = {m: (base or {}).get(m, edges[m]) for m in models}
     result: dict[str, Any] = {
         "grid": {"kind": vc.grid, "bins": vc.bins, "calibration_bins": vc.calibration_bins,
-                 "edges": {m: e.tolist() for m, e in edges.items()},
+                 "edges": {m: np.asarray(e).tolist() for m, e in first.items()},
                  "note": GRID_NOTES[vc.grid] + (
                      " Statistics come from label-stratified histograms of the scores on the "
-                     "grid: exact (= the library on the scores snapped to bin centres) when "
-                     "`exact`; otherwise cells a site merged for its min_cell_count are spread "
-                     "evenly and `auc_bound` bounds the AUC.")},
+                     "grid, refined where bins held both labels (`refinement`). `exact`: "
+                     "the AUC, DeLong CI, paired tests, Youden cut and confusion metrics "
+                     "equal those of the raw scores (proven: every bin holding both labels "
+                     "holds one score value). Otherwise cells a site merged for its "
+                     "min_cell_count are spread evenly, and `auc_bound` bounds the AUC of "
+                     "the raw scores.")},
         "models": models,
         "sets": {},
     }
@@ -259,16 +342,20 @@ def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, thresho
     out: dict[str, Any] = {"sites_missing": missing or []}
     if not parts:
         return {**out, "auc": None, "reason": "no site released this histogram"}
-    hist, sums, squares, exact = pooled_histogram(parts, len(edges) - 1)
+    hist, sums, squares, _ = pooled_histogram(parts, len(edges) - 1)
     n0, n1 = hist.sum(axis=1)
     out["n"] = [round(float(n0)), round(float(n1))]
     if n0 == 0 or n1 == 0:
         return {**out, "auc": None, "reason": "only one label present"}
     with np.errstate(invalid="ignore", divide="ignore"):
         delong = val.combine_delong([hist], vc.level)  # SE undefined with one of a label
-    bound = roc.combine_auc(*[[p.of(g) for p in parts] for g in (0, 1)])
+    bits = grid_keys(edges)
+    key_parts = [p.key_part(bits) for p in parts]
+    bound = refine.auc_bound(bits, key_parts)
     own = val.combine_youden([hist], edges)
     cut = own.threshold if threshold is None else threshold
+    proven = refine.is_exact(bits, key_parts)
+    exact = proven and _cut_between_cells(parts, edges, cut)
     diag = val.diagnostics(val.combine_confusion([hist], edges, cut), vc.level)
     calibration = val.combine_calibration([hist], [sums], edges, vc.calibration_bins)
     slope = _calibration_slope(hist, edges)
@@ -277,7 +364,7 @@ def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, thresho
              "ppv": diag.ppv, "npv": diag.npv, "f1": diag.f1}
     out.update({
         "auc": delong.auc, "auc_ci": [delong.lower, delong.upper], "auc_se": delong.se,
-        "auc_bound": [bound.lower, bound.upper], "exact": exact,
+        "auc_bound": [delong.auc, delong.auc] if proven else list(bound), "exact": exact,
         "threshold": cut, "threshold_source": source or "own",
         "confusion": diag.confusion.tolist(),
         **{k: r.value for k, r in rates.items()},
@@ -294,6 +381,24 @@ def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, thresho
     return out
 
 
+def grid_keys(edges: np.ndarray) -> np.ndarray:
+    """Score keys of a grid's edges: a first-round grid (last edge 1.0, closed) or a refined
+    one (`shared.refine.float_edges`, last edge just above 1.0)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    return refine.bit_edges(edges) if edges[-1] <= 1.0 else refine.keys(edges)
+
+
+def _cut_between_cells(parts: list[Cells], edges: np.ndarray, cut: float) -> bool:
+    """The cut `score >= cut` splits no site's cell: the confusion counts are then exact."""
+    k = int(np.searchsorted(edges, cut))
+    for part in parts:
+        for g in (0, 1):
+            first, last, count = (np.asarray(v) for v in part.of(g))
+            if np.any((first < k) & (last >= k) & (count > 0)):
+                return False
+    return True
+
+
 def _calibration_slope(hist: np.ndarray, edges: np.ndarray) -> tuple[float | None, ...]:
     """(intercept, slope) of the logistic recalibration; None when the labels are separated
     by the scores or all scores share one bin (no finite maximum-likelihood fit)."""
@@ -307,22 +412,27 @@ def _calibration_slope(hist: np.ndarray, edges: np.ndarray) -> tuple[float | Non
 
 
 def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores],
-            result: dict[str, Any], vc: ValidationConfig) -> list[dict[str, Any]]:
+            result: dict[str, Any], vc: ValidationConfig,
+            edges: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Round 2: paired DeLong tests between every two models on the same sites' patients,
-    for the pooled, training and external sets and each site."""
+    for the pooled, training and external sets and each site, on the models' refined grids
+    `edges` (sent with the query, so that the sites bin their patients on them)."""
     plans = _comparison_sets(scores, result)
     if not plans:
         return []
-    query: dict[str, Any] = dict(context, sets=[name for name, _, _ in plans])
-    bins = {m: len(e) - 1 for m, e in result["grid"]["edges"].items()}
+    names = sorted(edges)
+    query: dict[str, Any] = dict(context, sets=[name for name, _, _ in plans],
+                                 **{"grid.models": names},
+                                 **{f"grid.e{i}": edges[m] for i, m in enumerate(names)})
+    bins = {m: len(e) - 1 for m, e in edges.items()}
     deviations: dict[str, list[np.ndarray]] = {}
     for s, (name, members, models) in enumerate(plans):
         hists = [pooled_histogram(_parts(scores, members, m, ALL), bins[m])[0] for m in models]
         deviations[name] = hists
         devs = [val.placement_deviations(h) for h in hists]
         query[f"s{s}.models"] = models
-        query[f"s{s}.d10"] = np.stack([d[1] for d in devs])
-        query[f"s{s}.d01"] = np.stack([d[2] for d in devs])
+        query[f"s{s}.d10"] = _padded([d[1] for d in devs])  # refined grids differ in size
+        query[f"s{s}.d01"] = _padded([d[2] for d in devs])
     sites = sorted({site for _, members, _ in plans for site in members})
     replies = transport.ask(schema.VALIDATION_MOMENTS, query, sites)
     report_round(f"{STAGE}:moments", 1, 1, replies)
@@ -352,6 +462,15 @@ def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores
         for a, b in pairs:
             out.append(_comparison(name, models[a], models[b],
                                    val.paired_delong(aucs, cov, a, b), exact))
+    return out
+
+
+def _padded(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of different lengths as one k × max-length array (zeros after each row's end;
+    a site indexes each model's row only with that model's bins)."""
+    out = np.zeros((len(rows), max(len(r) for r in rows)))
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
     return out
 
 
@@ -431,7 +550,8 @@ def _held_out(transport: Transport, config: StudyConfig, sites: list[str], held:
     except (StageError, StageSkipped) as err:
         return {m: {"auc": None, "reason": str(err)} for m in LOSO_MODELS}
     held_scores, _, used = collect(transport, {**context, "run-variant": variant}, [held], vc)
-    edges = grids(used, vc)
+    base = {m: grids(used, vc).get(m, vc.uniform()) for m in _models(held_scores)}
+    edges, _ = refine_scores(transport, used, held_scores, base)
     row = {}
     for model in LOSO_MODELS:
         site = held_scores.get(held)

@@ -61,6 +61,8 @@ VALIDATION_SCORES = "validation_scores"
 VALIDATION_MOMENTS = "validation_moments"
 ACTIONS += (FUSION_SETUP, FUSION_STEP, FUSION_SCORE, VALIDATION_RANGES,
             VALIDATION_SCORES, VALIDATION_MOMENTS)
+SCORES_REFINE = "scores_refine"  # finer sub-histograms of mixed score bins (shared.refine)
+ACTIONS += (SCORES_REFINE,)
 # Several independent fits' queries in one message (`server.in_step`): each part is a
 # query of one of the actions above, answered and audited at the site as if it came alone.
 BATCH = "batch"

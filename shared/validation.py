@@ -276,7 +276,9 @@ def combine_youden(parts: list[np.ndarray], edges: np.ndarray) -> YoudenCut:
     tpr = tp / n1.sum()
     fpr = fp / n0.sum()
     j = tpr - fpr
-    k = int(np.argmax(j))  # first maximum = lowest threshold
+    # first maximum = lowest threshold; J values of different cuts differ by ≥ 1/(n0·n1),
+    # so a tolerance only absorbs the rounding of fractional (spread) counts
+    k = int(np.flatnonzero(j >= j.max() - 1e-12)[0])
     return YoudenCut(float(edges[k]), k, float(j[k]), float(tpr[k]), float(1 - fpr[k]))
 
 

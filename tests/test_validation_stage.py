@@ -20,7 +20,7 @@ import yaml
 from scipy import stats
 from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
+from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
 
 from client.handlers import serve
@@ -141,11 +141,12 @@ def test_paired_delong_equals_direct(exact) -> None:
 def test_youden_of_training_sites_is_applied_unchanged(exact, model: str) -> None:
     parts, v = exact["parts"], exact["results"]["validation"][model]
     train = pooled(parts, [0, 1, 2])
-    # the Youden cut by brute force over the grid edges (ties: the lowest threshold)
-    js = [np.mean(train[model][train.label == 1] >= e) - np.mean(train[model][train.label == 0]
-                                                                   >= e) for e in EDGES]
-    threshold = EDGES[int(np.argmax(js))]
-    assert v["threshold"]["value"] == threshold and v["threshold"]["source"] == "training"
+    # the Youden cut by brute force over the scores (ties: the lowest threshold); the stage
+    # reports a refined-grid edge that calls the same training patients positive
+    ref = youden_by_scores(train[model].to_numpy(), train.label.to_numpy())
+    threshold = v["threshold"]["value"]
+    assert v["threshold"]["source"] == "training"
+    np.testing.assert_array_equal(train[model] >= threshold, train[model] >= ref)
     for name, rows in (("external", parts[3]), ("pooled", pooled(parts)), ("training", train)):
         block = v[name]
         pred = (rows[model] >= threshold).astype(int)
@@ -161,9 +162,19 @@ def test_youden_of_training_sites_is_applied_unchanged(exact, model: str) -> Non
     # each set's own optimum is reported beside the applied cut
     ext = parts[3]
     own = [np.mean(ext[model][ext.label == 1] >= e) - np.mean(ext[model][ext.label == 0] >= e)
-           for e in EDGES]
-    assert v["external"]["own"]["threshold"] == EDGES[int(np.argmax(own))]
+           for e in np.unique(ext[model])]
+    cut = youden_by_scores(ext[model].to_numpy(), ext.label.to_numpy())
+    np.testing.assert_array_equal(ext[model] >= v["external"]["own"]["threshold"],
+                                  ext[model] >= cut)
     assert v["external"]["own"]["j"] == pytest.approx(max(own), abs=1e-12)
+
+
+def youden_by_scores(score: np.ndarray, y: np.ndarray) -> float:
+    """The lowest score value t maximising TPR − FPR of `score >= t` (scikit-learn's
+    roc_curve thresholds, every distinct score a candidate)."""
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
+    j = tpr - fpr
+    return float(np.min(thresholds[np.isclose(j, j.max(), rtol=0, atol=1e-12)]))
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -228,8 +239,9 @@ def test_loso_fills_the_matrix_for_every_training_site(tmp_path: Path) -> None:
         held = pd.read_csv(folders[i] / "predictions" / f"radiomics-in-process-loso-{site}.csv")
         assert set(held.kind) == {"external"}  # scored by models that never saw it
         labels = parts[i].set_index("patient_id").loc[held.patient_id, "label"]
-        snapped = val.snap(held.score.to_numpy(), EDGES)
-        assert cell["auc"] == pytest.approx(roc_auc_score(labels, snapped), abs=1e-9)
+        # refined until exact: the AUC of the raw held-out scores, not of the binned ones
+        assert cell["exact"] is True
+        assert cell["auc"] == pytest.approx(roc_auc_score(labels, held.score), abs=1e-9)
         assert cell["auc_ci"][0] < cell["auc"] <= cell["auc_ci"][1]
     # the study's own radiomics fit (all training sites) is untouched by the LOSO fits
     main = pd.read_csv(folders[0] / "predictions" / "radiomics-in-process.csv")
@@ -300,7 +312,8 @@ def test_a_site_with_a_bad_predictions_file_fails_alone(tmp_path: Path) -> None:
 def test_adaptive_grid_resolves_scores_in_a_narrow_range(tmp_path: Path) -> None:
     """A model whose probabilities all lie near 0.35 (like a weak late fusion) has them in
     two or three bins of the uniform grid; the adaptive grid, placed from the pooled mean and
-    SD of the logit scores, resolves them."""
+    SD of the logit scores, resolves them. Refinement then makes both exact on the raw
+    scores."""
     parts = cohort()
     for part in parts:
         part["m_a"] = 0.35 + 0.01 * (part["m_a"] - 0.5)  # same ranking, range 0.345–0.355
@@ -311,10 +324,12 @@ def test_adaptive_grid_resolves_scores_in_a_narrow_range(tmp_path: Path) -> None
     truth = roc_auc_score(rows.label, rows.m_a)
     coarse = results["uniform"]["validation"]["m_a"]["pooled"]
     fine = results["adaptive"]["validation"]["m_a"]["pooled"]
-    assert coarse["auc_bound"][1] - coarse["auc_bound"][0] > 0.3
-    assert fine["auc_bound"][0] <= truth <= fine["auc_bound"][1]
-    assert fine["auc_bound"][1] - fine["auc_bound"][0] < 0.02
-    assert abs(fine["auc"] - truth) < 0.005
+    for grid in results:
+        assert results[grid]["validation"]["refinement"]["rounds"] <= 3
+    for block in (coarse, fine):
+        assert block["exact"] is True
+        assert block["auc"] == pytest.approx(truth, abs=1e-9)
+        assert block["auc_bound"] == pytest.approx([truth, truth], abs=1e-9)
     grid = results["adaptive"]["validation"]["grid"]
     edges = np.asarray(grid["edges"]["m_a"])
     assert grid["kind"] == "adaptive" and edges[0] == 0 and edges[-1] == 1
