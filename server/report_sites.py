@@ -130,5 +130,36 @@ def privacy_section(results: dict[str, Any]) -> str:
             "<code>&lt;site&gt;/predictions/</code>.</p>"
             + _table(["site", "replies", "bytes", "refused statistics", "replies by type"],
                      rows)
+            + ledger_section(results)
             + ("<details><summary>message log per site</summary>" + "".join(logs)
                + "</details>" if logs else ""))
+
+
+def ledger_section(results: dict[str, Any]) -> str:
+    """The sites' disclosure ledgers (`run.ledger`): releases compared with the earlier
+    ones of the same statistic, refused, and why each refusal was made."""
+    ledger = _dict(_dict(results.get("run")).get("ledger"))
+    sites = _dict(ledger.get("sites"))
+    if not sites:
+        return ""
+    rows, reasons = [], []
+    for site, entry in sites.items():
+        entry = _dict(entry)
+        types = _dict(entry.get("by_type"))
+        rows.append([_e(site), _e(entry.get("checked")), _e(entry.get("refused")),
+                     "<br>".join(f"{_e(t)}: {_e(_dict(c).get('checked'))}"
+                                 for t, c in types.items()) or DASH])
+        reasons += [[_e(site), _e(_dict(r).get("type")), _e(_dict(r).get("statistic")),
+                     _e(_dict(r).get("reason"))] for r in _list(entry.get("refusals"))]
+    explained = (_table(["site", "message type", "statistic", "why the ledger refused it"],
+                        reasons) if reasons else
+                 "<p>No release was refused by a ledger: no statistic was asked over a set "
+                 "of patients that differs from an earlier one by fewer than the site's "
+                 "<code>min_difference</code>.</p>")
+    return ("<h3>Disclosure ledgers</h3><p>Each site compares every statistic it releases "
+            "with the earlier releases of the same statistic (this run's and earlier "
+            "runs'), and refuses one whose patients differ from an earlier one's by 0 &lt; "
+            "k &lt; its <code>min_difference</code>, or that shifts an earlier grid over the "
+            "same patients (<code>audit/disclosures.sqlite</code> at the site).</p>"
+            + _table(["site", "releases compared", "refused", "compared, by message type"],
+                     rows) + explained)

@@ -390,11 +390,14 @@ def _cox_stage(transport: Transport, config: StudyConfig, base: dict[str, Any],
     query = {**base, **design.query(), "grid": grid}
     p = len(design.columns)
     first: dict[str, cox.RiskSetSums] = {}
+    small: dict[str, int] = {}
 
     def evaluate(betas: np.ndarray) -> cox.RiskSetSums:
         replies = ask_same_sites(transport, SURVIVAL_COX, dict(query, betas=betas), sites)
         rounds(replies, "cox")
         _require(replies, "cox.s0", SURVIVAL_COX)
+        small.update({s: int(replies[s].payload.get("risk_sets.small_differences", 0))
+                      for s in sites if not small})
         sums = cox.combine_risk_set_sums([_sums(replies[s]) for s in sites])
         if "zero" not in first and not np.any(betas):
             first["zero"] = sums
@@ -407,7 +410,8 @@ def _cox_stage(transport: Transport, config: StudyConfig, base: dict[str, Any],
     all_terms = tuple(range(len(design.terms)))
     full = fit_terms([all_terms], [None])[0]
     moments = _score_moments(first.get("zero"))
-    common = {"n": int(totals[0]), "events": int(totals[1]), "sites_used": list(sites)}
+    common = {"n": int(totals[0]), "events": int(totals[1]), "sites_used": list(sites),
+              "risk_sets": risk_set_summary(setup, sites, small)}
     out = {"cox": {**_model_entry(full, design, all_terms), **common}}
     out["cox"].update(_concordance(transport, base, design, full, setup, sites, exits,
                                    moments, rounds))
@@ -422,6 +426,17 @@ def _cox_stage(transport: Transport, config: StudyConfig, base: dict[str, Any],
                                   moments, rounds))
         out["cox_stepwise"] = entry
     return out
+
+
+def risk_set_summary(setup: dict[str, Reply], sites: list[str],
+                     small: dict[str, int]) -> dict[str, Any]:
+    """Per site the time bin its Cox risk sets are on (raised at a site whose policy sets
+    `allow_risk_set_differences: false`) and how many successive risk sets it released
+    that differ by fewer than its min_difference patients (0 at such a site)."""
+    bins = {s: float(setup[s].payload.get("cox.setup.time_bin",
+                                          setup[s].payload["site.time_bin"])) for s in sites}
+    return {"time_bin": bins, "small_differences": dict(small),
+            "small_differences_total": int(sum(small.values()))}
 
 
 def _require(replies: dict[str, Reply], key: str, action: str) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from server import checkpoint
 from server.cohort import run_cohort
 from server.deep import run_deep
+from server.disclosures import ledger_summary
 from server.dsfr import run_dsfr
 from server.fusion import run_fusion
 from server.progress import report_round
@@ -94,6 +95,7 @@ def run_study(transport: Transport, config: StudyConfig, run_id: str = "") -> di
             results["run"].update(status="stopped", reason="the server stopped unexpectedly")
         results["run"]["finished"] = _now()
         results["run"]["wire"] = getattr(transport, "wire", {})
+        results["run"]["ledger"] = ledger_summary(results["run"]["wire"])
         results["provenance"] = provenance(config, results)
         write_results(results, out / "results.json")
         write_report(results, out)

@@ -6,7 +6,7 @@ direct computation on Python sets."""
 from __future__ import annotations
 
 import json
-from itertools import combinations
+from itertools import combinations, pairwise
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +233,7 @@ def test_coarsened_cox_bin_leaves_no_small_risk_set_difference(times: list[int],
         return
     binned = np.ceil(t / step) * step
     grid = np.unique(np.r_[binned, binned + 0.5, [0.0, 1e9]])  # any global grid
-    for lo, hi in zip(grid[:-1], grid[1:], strict=True):  # patients leaving in (lo, hi]
+    for lo, hi in pairwise(grid):  # patients leaving in (lo, hi]
         left = np.sum((binned >= lo) & (binned < hi))
         assert left == 0 or left >= d
     assert disclosure.small_risk_set_differences(binned, grid, d) == 0
@@ -243,7 +243,7 @@ def test_risk_set_leavers_equal_python_sets() -> None:
     t = np.array([5, 5, 8, 12, 12, 12, 20.0])
     grid = np.array([5, 9, 12, 30.0])
     sets = [set(range(len(t)))] + [{i for i in range(len(t)) if t[i] >= g} for g in grid]
-    expect = [len(a - b) for a, b in zip(sets[:-1], sets[1:], strict=True)]
+    expect = [len(a - b) for a, b in pairwise(sets)]
     assert disclosure.risk_set_leavers(t, grid).tolist() == expect == [0, 3, 0, 4]
     assert disclosure.small_risk_set_differences(t, grid, 4) == 1
 
@@ -262,3 +262,84 @@ def test_every_pair_of_folds_differs_by_at_least_min_difference() -> None:
     folds, k = site_folds(y, 10, 2, "s", 10)
     sets = [set(np.flatnonzero(folds != f)) for f in range(k)] + [set(range(len(y)))]
     assert all(len(a ^ b) >= 10 for a, b in combinations(sets, 2))
+
+
+# --------------------------------------------------------------------------- Cox risk sets
+
+
+def test_cox_risk_sets_under_a_policy_that_forbids_small_differences(tmp_path: Path) -> None:
+    """site-1 sets allow_risk_set_differences: false. Its Cox times are raised to the
+    smallest multiple of 30 days at which every rounded time holds ≥ 10 patients (found here
+    by brute force), the pooled fit equals lifelines on the pooled rows with site-1's times
+    so binned, site-1 releases no small difference and the other sites' count is theirs."""
+    from lifelines import CoxPHFitter
+
+    from server.workflow import run_study
+    from simulation.in_process import InProcessTransport
+    from tests.test_survival_stage import config, split
+    from tests.test_survival_stage import write_site as survival_site
+    from tests.test_survival_stats import LIFELINES_TIGHT
+
+    parts = split()
+    folders = [survival_site(tmp_path, f"site-{i + 1}", p, allow_risk_set_differences=i != 0)
+               for i, p in enumerate(parts)]
+    terms = ("pnodes", "tsize", "age")
+    results = run_study(InProcessTransport(folders),
+                        config(tmp_path, survival_covariates=terms, stepwise="none"))
+    model = results["survival"]["cox"]
+    t1 = np.ceil(parts[0].dfs_time.to_numpy(float) / 30) * 30
+    step = next(30 * m for m in range(1, 1000)
+                if np.unique(np.ceil(t1 / (30 * m)), return_counts=True)[1].min() >= 10)
+    assert step > 30 and model["risk_sets"]["time_bin"] == {"site-1": step, "site-2": 30,
+                                                           "site-3": 30}
+    small = model["risk_sets"]["small_differences"]
+    assert small["site-1"] == 0 and small["site-2"] > 0 and small["site-3"] > 0
+    grid = np.unique(np.concatenate(
+        [np.ceil(parts[0].dfs_time[parts[0].dfs_event == 1] / step) * step]
+        + [np.ceil(p.dfs_time[p.dfs_event == 1] / 30) * 30 for p in parts[1:]]))
+    own = np.ceil(parts[1].dfs_time.to_numpy(float) / 30) * 30
+    assert small["site-2"] == disclosure.small_risk_set_differences(own, grid, 10)
+
+    rows = pd.concat(parts, ignore_index=True)
+    times = np.concatenate([np.ceil(parts[0].dfs_time / step) * step]
+                           + [np.ceil(p.dfs_time / 30) * 30 for p in parts[1:]])
+    frame = pd.DataFrame({"T": times, "E": rows.dfs_event,
+                          **{n: rows[n].astype(float) for n in terms}})
+    fit = CoxPHFitter().fit(frame, "T", "E", fit_options=LIFELINES_TIGHT)
+    for name in terms:
+        assert model["coef"][name] == pytest.approx(fit.params_[name], rel=1e-6, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- a whole study
+
+
+def test_a_study_passes_the_ledgers_and_reports_them(tmp_path: Path) -> None:
+    """The radiomics (10 CV folds asked, sites of 40–80 patients) and validation stages
+    under the default policy: every statistic computed from patients is compared by its
+    site's ledger (none unchecked), none is refused, and results and report say so."""
+    from server.workflow import run_study
+    from shared.config import StudyConfig, stage_settings
+    from simulation.in_process import InProcessTransport
+    from tests.splits import non_iid_split
+
+    frame = wisconsin().iloc[:180].copy()
+    frame.insert(0, "patient_id", [f"w{i:04d}" for i in range(len(frame))])
+    names = [c for c in frame.columns if c not in ("patient_id", "label")][:10]
+    folders = [write_site(tmp_path / "sites", p[["patient_id", "label"]], name=f"site-{i + 1}",
+                          features=p[["patient_id", *names]])
+               for i, p in enumerate(non_iid_split(frame, by="mean area", n_sites=3, seed=2))]
+    config = StudyConfig(out_dir=str(tmp_path / "out"), task="label",
+                         stages=("radiomics", "validation"),
+                         settings=stage_settings({"cv-folds": 10, "seed": 3}))
+    results = run_study(InProcessTransport(folders), config)
+    assert results["radiomics"]["sites"]["site-1"]["status"] == "ok"
+    ledger = results["run"]["ledger"]
+    assert ledger["refused"] == 0 and ledger["checked"] > 100, ledger["checked"]
+    assert all(ledger["sites"][f"site-{i}"]["checked"] > 0 for i in (1, 2, 3))
+    folds = results["radiomics"]["cv_folds_by_site"]["folds"]
+    assert all(2 <= k <= 10 for k in folds.values())
+    for folder in folders:
+        records = [r for r in audit(folder) if "ledger" in r]
+        assert records and all(r["ledger"]["unchecked"] == 0 for r in records), folder.name
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "Disclosure ledgers" in report and "No release was refused by a ledger" in report
