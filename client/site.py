@@ -42,6 +42,7 @@ from client.site_images import IMAGE_NAMES, IMAGES_DIR, find_image, patient_imag
 from client.site_messages import one_line
 from client.site_values import (
     LABEL_PARSERS,
+    decimal_number,
     prediction_problem,
     survival_problems,
     typed_clinical,
@@ -490,7 +491,7 @@ class _Inspection:
         duplicated = {k for k, n in Counter(keys).items() if n > 1}
         self._check_table_ids(PREDICTIONS_CSV, list(table["patient_id"]), what="score")
         models = sorted({m for m in table.model if m})
-        scores = pd.to_numeric(table.score, errors="coerce")
+        scores = table.score.map(decimal_number)  # correctly rounded, as float() reads it
         for i, row in table.iterrows():
             patient = row.patient_id
             if patient not in self.ids:

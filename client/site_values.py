@@ -42,6 +42,16 @@ def prediction_problem(row: pd.Series, score: float, duplicated: bool) -> str | 
     return None
 
 
+def decimal_number(text: object) -> float:
+    """The float a decimal text stands for, correctly rounded (as Python's float() and
+    scikit-learn's readers get it; pandas' default parser is off by one unit in the last
+    place for about a third of 17-digit decimals), or NaN."""
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        return math.nan
+
+
 def _number(text: object) -> float | None:
     """A finite float from text, or None."""
     try:

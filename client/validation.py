@@ -92,7 +92,8 @@ def _read(session: SiteSession, path: Path) -> pd.DataFrame:
     stat = path.stat()
     key = f"predictions.{path.name}.{stat.st_mtime_ns}.{stat.st_size}"
     if key not in session.cache:
-        session.cache[key] = pd.read_csv(path, dtype={"patient_id": str})
+        session.cache[key] = pd.read_csv(path, dtype={"patient_id": str},
+                                         float_precision="round_trip")  # scores bit for bit
     return session.cache[key]
 
 

@@ -16,17 +16,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from server import refine as refinement
 from server.progress import report_round
 from server.training import Outcome, auc_of, comparison, train_model, weights_payload
 from server.training_plan import Plan
 from server.training_setup import Setup, setup
 from server.transport import StageSkipped, Transport
-from shared import schema
+from shared import roc, schema
 from shared.config import StudyConfig
 from shared.training_params import IMAGES
 
 log = logging.getLogger("feddlr")
 STAGE = "deep"
+GRID = roc.grid(roc.DEFAULT_BINS)  # the grid of the sites' score histograms (client.training)
 
 
 def run_deep(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
@@ -72,16 +74,35 @@ def score(transport: Transport, config: StudyConfig, outcome: Outcome,
     replies = transport.ask(schema.TRAIN_SCORE, query, targets)
     report_round(f"{STAGE}:{outcome.name}:score", 1, 1, replies)
     ok = {s: r.payload for s, r in replies.items() if r.ok}
+    state = refinement.refine_auc(transport, {"task": config.task}, outcome.name,
+                                  GRID, refinement.first_round(ok, GRID), STAGE)
     auc: dict[str, Any] = {}
     for name, group in (("train_oof", st.train), ("external", st.external)):
         members = {s: ok[s] for s in group if s in ok}
         if members:
-            auc[name] = auc_of(members)
-    auc["sites"] = {s: auc_of({s: p}) for s, p in ok.items()}
+            auc[name] = refined(auc_of(members), state, outcome.name, list(members))
+    auc["sites"] = {s: refined(auc_of({s: p}), state, outcome.name, [s]) for s, p in ok.items()}
     auc["failed"] = {s: f"{r.status}: {r.reason}" for s, r in replies.items() if not r.ok}
-    auc["grid"] = {"method": "coarsened label-stratified histograms"}
+    auc["grid"] = {"method": "coarsened label-stratified histograms, refined where bins held "
+                             "both labels (`refinement`)"}
+    auc["refinement"] = state.summary()
     gradcam = {s: int(p.get("gradcam.written", 0)) for s, p in ok.items()}
     return auc, gradcam
+
+
+def refined(block: dict[str, Any], state: refinement.Refinement, model: str,
+            sites: list[str]) -> dict[str, Any]:
+    """A histogram AUC block with the refined AUC (`server.refine.auc_block`): `auc_exact`
+    true when the refinement proved it equal to the AUC of the sites' own scores; otherwise
+    `auc_bound` bounds that AUC. Sites whose histograms were refused stay out, as before."""
+    present = [s for s in sites if s in state.cells[model]["all"]]
+    if block.get("auc") is None or not present:
+        return block
+    fine = refinement.auc_block(state, model, present)
+    if fine.get("auc") is None:
+        return block
+    return {**block, "auc": float(fine["auc"]), "auc_bound": [float(v) for v in fine["bound"]],
+            "auc_exact": bool(fine["exact"])}
 
 
 def compare(federated: Outcome, pooled: Outcome) -> dict[str, Any]:

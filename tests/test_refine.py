@@ -303,3 +303,37 @@ def test_exact_is_never_wrong(sites, min_cell: int, bins: int, rounds: int) -> N
     cut = val.combine_youden([hist], refine.float_edges(bits))
     _, sen, spe = youden(score, y)
     assert (cut.sensitivity, cut.specificity) == pytest.approx((sen, spe), abs=1e-9)
+
+
+def test_a_site_reads_its_scores_bit_for_bit(tmp_path: Path) -> None:
+    """predictions.csv and the site's own prediction files are read as Python's float()
+    reads their decimals (pandas' default parser is one ulp off for about a third of
+    17-digit decimals, which would move a score across a tie or a grid edge)."""
+    from client.session import clear_sessions, open_session
+
+    rng = np.random.default_rng(4)
+    texts = [repr(float(v)) for v in rng.random(400)]
+    folder = tmp_path / "site-a"
+    folder.mkdir()
+    (folder / "site.yaml").write_text(yaml.safe_dump({"site_id": "site-a", "roles": ["external"],
+                                                      "time_unit": "days"}))
+    ids = [f"p{i:04d}" for i in range(400)]
+    pd.DataFrame({"patient_id": ids, "label": rng.integers(0, 2, 400)}).to_csv(
+        folder / "clinical.csv", index=False)
+    (folder / "predictions.csv").write_text(
+        "patient_id,model,score\n" + "".join(f"{p},m_a,{t}\n" for p, t in zip(ids, texts,
+                                                                               strict=True)))
+    (folder / "predictions").mkdir()
+    (folder / "predictions" / "m_b-r1.csv").write_text(
+        "patient_id,model,score,kind\n" + "".join(f"{p},m_b,{t},external\n"
+                                                  for p, t in zip(ids, texts, strict=True)))
+    clear_sessions()
+    from client.validation import site_scores
+
+    session = open_session(str(folder), "label", ("clinical", "label", "predictions"))
+    expect = np.array([float(t) for t in texts])
+    assert not np.array_equal(pd.to_numeric(pd.Series(texts)).to_numpy(), expect)  # the trap
+    found = site_scores(session, ["r1"], [])
+    for model in ("m_a", "m_b"):
+        got = pd.Series(found[model].score, index=found[model].patients).loc[ids].to_numpy()
+        assert np.array_equal(got, expect), model
