@@ -103,7 +103,7 @@ def survival_setup(session: SiteSession, query: Payload) -> list[Statistic]:
             "totals": np.array([present.sum(), cohort_events.sum()], dtype=np.int64),
             "time_bin": float(step),
         }, n=int(present.sum()), counts=("totals",), patients=list(ids[present]),
-            family=f"survival.cox.setup:{step:g}"))
+            family="survival.km", grid=float(step)))  # its event times: a coarser KM table
     return out
 
 

@@ -148,6 +148,22 @@ def test_b_km_group_of_all_but_two_patients(tmp_path: Path) -> None:
     assert reply["refused.km.g0"].startswith(DIFFERENCE + " 2 patient(s)")
 
 
+def test_b_a_covariate_missing_for_one_patient(tmp_path: Path) -> None:
+    """The Cox cohort (patients with every covariate) of all but one patient: its event
+    times next to the Kaplan–Meier table of all would date that patient's event."""
+    frame = gbsg2().iloc[:40]
+    age = frame["age"].astype(float).to_numpy()
+    age[7] = np.nan
+    clinical = pd.DataFrame({"patient_id": [f"m{i:03d}" for i in range(40)], "label": 0,
+                             "dfs_time": frame["time"].to_numpy(),
+                             "dfs_event": frame["cens"].to_numpy(), "age": age})
+    folder = write_site(tmp_path, clinical)
+    reply = serve(folder, schema.SURVIVAL_SETUP, {"task": "", "needs": "survival",
+                                                  "covariates": ["age"]}, "r1")
+    assert "km.all.at_risk" in reply and "design.age.sum" in reply
+    assert reply["refused.cox.setup"].startswith(DIFFERENCE + " 1 patient(s)")
+
+
 def test_c_the_same_query_in_a_later_run_over_one_patient_fewer(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     n = 40
