@@ -43,9 +43,11 @@ client/local_training.py; Grad-CAM in client/gradcam.py.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from client.dp import SiteDP
 from client.gradcam import gradcam
 from client.guard import Statistic, suppress_small
 from client.local_training import (
@@ -74,8 +77,8 @@ from client.local_training import (
 )
 from client.session import SiteSession
 from client.training_data import CACHE, ModelData, site_data, unit_rows
-from shared import fedavg, networks, pretrained, roc
-from shared.folds import stratified_folds
+from shared import disclosure, fedavg, networks, pretrained, roc
+from shared.folds import site_folds
 from shared.schema import Payload
 from shared.training_params import DSFR_UNIT, NAME, TrainParams
 
@@ -134,7 +137,7 @@ def validate(nets: dict[str, nn.Module], data: ModelData, p: TrainParams,
         return [Statistic("val", {"loss_sum": float(loss.sum()), "n_slices": len(samples),
                                   "dice_sum": float(dice.sum()), "n": len(dice),
                                   "inter": float(inter.sum()), "total": float(total.sum())},
-                          n=len(dice))]
+                          n=len(dice), patients=_ids(data, val), family=_round_family(p))]
     probs = np.full(len(data.patients), np.nan)
     for unit in p.units:
         _, val = unit_rows(data, unit)
@@ -143,9 +146,30 @@ def validate(nets: dict[str, nn.Module], data: ModelData, p: TrainParams,
             logits = predict(nets[unit], data.x[samples], device, p).reshape(-1)
             probs[data.owner[samples]] = 1 / (1 + np.exp(-logits))
     seen = ~np.isnan(probs)
-    return [Statistic("val", {"loss_sum": _bce_sum(probs[seen], data.y[seen]),
-                              "n": int(seen.sum())}, n=int(seen.sum())),
-            *histograms(probs[seen], data.y[seen], min_cell)]
+    family = _round_family(p)
+    return ledgered([Statistic("val", {"loss_sum": _bce_sum(probs[seen], data.y[seen]),
+                                       "n": int(seen.sum())}, n=int(seen.sum())),
+                     *histograms(probs[seen], data.y[seen], min_cell)],
+                    data, seen, family)
+
+
+def _ids(data: ModelData, rows: np.ndarray) -> list[str]:
+    return [str(i) for i in np.asarray(data.patients)[rows]]
+
+
+def _round_family(p: TrainParams, *parts: object) -> str:
+    """The ledger family of a round's statistics: the model, the training and the round
+    (which fix the weights every unit received), and `parts`."""
+    return disclosure.family(f"train.{p.model}", p.train_id, p.round, *parts)
+
+
+def ledgered(stats: list[Statistic], data: ModelData, rows: np.ndarray,
+             family: str) -> list[Statistic]:
+    """Statistics over the patients `rows`, for the ledger (a histogram: with its grid)."""
+    patients = _ids(data, rows)
+    return [replace(s, patients=patients, family=f"{family}:{s.name.rstrip('01')}",
+                    grid=roc.grid(roc.DEFAULT_BINS) if s.name.startswith("hist") else None)
+            for s in stats]
 
 
 def _bce_sum(probs: np.ndarray, y: np.ndarray) -> float:
@@ -166,10 +190,12 @@ def histograms(scores: np.ndarray, y: np.ndarray, min_cell: int,
 
 
 def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, site: str,
-              *, train: bool, min_cell: int, site_root: Path | None = None) -> list[Statistic]:
+              *, train: bool, min_cell: int, site_root: Path | None = None,
+              site_dp: SiteDP | None = None) -> list[Statistic]:
     """Validate the received weights, then (train=True) train every unit and return its
     update. The core of `train.<model>` / `evaluate.<model>`, also run by the pooled
-    reference on all sites' data at once."""
+    reference on all sites' data at once. `site_dp` (client/dp.py): the round's DP and
+    the site's `require_dp` — the update is clipped/noised as asked, or refused."""
     started = time.perf_counter()
     device = pick_device(p.device)
     set_determinism(p.deterministic, device)
@@ -206,14 +232,39 @@ def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, 
             update = {k: (after[k] - starts[unit][k] if np.issubdtype(after[k].dtype,
                                                                       np.floating)
                           else after[k]) for k in after}
-            values: dict[str, Any] = {f"delta.{k}": v for k, v in
-                                      fedavg.encode(update, p.wire).items()}
-            values.update(n=int(rows.sum()), samples=len(samples), loss=loss, steps=steps)
-            out.append(Statistic(unit, values, n=int(rows.sum())))
+            stat = _update(unit, update, site_dp, p.wire, n=int(rows.sum()),
+                           samples=len(samples), loss=loss, steps=steps)
+            out.append(replace(stat, patients=_ids(data, rows),
+                               family=_round_family(p, "update", weights_digest(starts[unit]))))
     out.append(Statistic("device", {"type": device.type, "amp": str(amp_dtype(device, p.amp)),
                                     "seconds": time.perf_counter() - started,
                                     "wire": p.wire}, n=None))
     return out
+
+
+def _update(unit: str, update: dict[str, np.ndarray], site_dp: SiteDP | None, wire: str,
+            *, n: int, samples: int, loss: float, steps: int) -> Statistic:
+    """A unit's update statistic: `delta.<key>` in the wire dtype, n, samples, loss, steps.
+    Under DP (`site_dp`) the update is clipped/noised as the round asks or refused by the
+    site's `require_dp`, and the training loss (not noised) stays at the site."""
+    if site_dp is None:
+        values: dict[str, Any] = {f"delta.{k}": v for k, v in fedavg.encode(update, wire).items()}
+        values.update(n=n, samples=samples, loss=loss, steps=steps)
+        return Statistic(unit, values, n=n)
+    values, refused = site_dp.release(unit, update, wire)
+    values.update(n=n, samples=samples, steps=steps)
+    return Statistic(unit, values, n=n, refused=refused)
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """A digest of the weights a unit started its round from: units (CV folds) that start
+    from the same weights compute one statistic over different patients, so the ledger
+    compares their updates."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(weights):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(weights[key]).tobytes())
+    return h.hexdigest()
 
 
 def _params(query: Payload) -> TrainParams:
@@ -229,7 +280,20 @@ def train_round(session: SiteSession, query: Payload) -> list[Statistic]:
     p = _params(query)
     return run_round(site_data(session, p), p, query, _state_dir(session), session.site_id,
                      train=True, min_cell=session.site.config.privacy.min_cell_count,
-                     site_root=session.site.root)
+                     site_root=session.site.root, site_dp=_site_dp(session, query, p))
+
+
+def _site_dp(session: SiteSession, query: Payload, p: TrainParams) -> SiteDP | None:
+    """The round's DP request and the site's `require_dp` (None: neither, today's path)."""
+    from client.session import AUDIT_DIR
+    from shared.dp import Q_MODE
+
+    requirement = session.site.config.privacy.require_dp
+    if Q_MODE not in query and requirement is None:
+        return None
+    return SiteDP.for_round(query, list(p.units), p.train_id, p.model, p.round, requirement,
+                            len(session.labels()), session.site.root / AUDIT_DIR,
+                            _state_dir(session))
 
 
 def evaluate_round(session: SiteSession, query: Payload) -> list[Statistic]:
@@ -333,9 +397,10 @@ def score_data(data: ModelData, p: TrainParams, query: Payload, state_dir: Path,
     device = pick_device(p.device)
     set_determinism(p.deterministic, device)
     probs, kind, nets = unit_probabilities(data, p, query, state_dir, device)
-    stats = [Statistic("val", {"loss_sum": _bce_sum(probs, data.y), "n": len(probs)},
-                       n=len(probs)),
-             *histograms(probs, data.y, min_cell),
+    stats = [*ledgered([Statistic("val", {"loss_sum": _bce_sum(probs, data.y), "n": len(probs)},
+                                  n=len(probs)),
+                        *histograms(probs, data.y, min_cell)],
+                       data, np.ones(len(probs), dtype=bool), _round_family(p, "score")),
              Statistic("scores", {"kind": kind}, n=None)]
     return stats, probs, kind, nets
 
@@ -434,15 +499,16 @@ def dsfr_features(session: SiteSession, query: Payload) -> list[Statistic]:
                  if is_train else None)
     vectors = dsfr_vectors(net, data, layer, device, p, p.seed)
     names = [f"dsfr_{layer}_c{c:04d}" for c in range(vectors.shape[1])]
-    folds = (stratified_folds(data.y, int(query["cv-folds"]), int(query["seed"]),
-                              session.site_id) if is_train else None)
+    folds = (site_folds(data.y, int(query["cv-folds"]), int(query["seed"]), session.site_id,
+                        session.site.config.privacy.difference)[0] if is_train else None)
     state = radiomics.RadiomicsData(patients=pd.Index(data.patients), r1=vectors, r2=None,
                                     y=data.y, folds=folds)
     radiomics.save_state(session, str(query.get("run_id", "")), state, source=source)
     policy = session.site.config.privacy
     return [Statistic("features", {"names": names, "source": source,
                                    "roles": list(session.site.config.roles)},
-                      n=len(data.patients)),
+                      n=len(data.patients), patients=[str(i) for i in data.patients],
+                      family=f"dsfr.features:{source}"),
             Statistic("counts", {"n_extracted": np.array([suppress_small(len(data.patients),
                                                                          policy)]),
                                  "n_failed": np.array([suppress_small(len(data.failed),

@@ -1,6 +1,7 @@
 """Report section of the CNN stages (`dsfr`, `deep`): per model the training plan, the
 federated validation per round (pooled and per site, with a figure), the chosen round, the
-out-of-fold AUC, bytes on the wire and time; the federated-vs-pooled comparison."""
+out-of-fold AUC, bytes on the wire and time; the federated-vs-pooled comparison; under
+`dp=…` the mode, C, σ and ε per site and overall."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ def training_sections(results: dict[str, Any], out: Path) -> str:
                             [[_e(m), _f(c["auc_federated"]), _f(c["auc_pooled"]),
                               _f(c["delta_auc"]), _f(c["wall_time_ratio"], 2)]
                              for m, c in comparisons.items()]))
+    dp_rows = [_dp_row(name, model["dp"]) for name, (model, _) in models.items()
+               if model.get("dp")]
+    if dp_rows:
+        parts.append(_table(["model", "DP", "clipping norm C", "noise multiplier σ",
+                             "steps (rounds × units)", "ε overall (δ = 1/Σn)",
+                             "ε per site (δ = 1/n)"], dp_rows))
     if "training" in dsfr:
         parts.append(_dsfr_table(dsfr))
     parts.append(f"<img src='{_curves(models, out)}' alt='validation per round'>")
@@ -64,6 +71,17 @@ def training_sections(results: dict[str, Any], out: Path) -> str:
                  "sites' held-out rows (deep models: BCE loss; DSFR: Dice), pooled over sites "
                  "(thick) and per site. Probabilities and Grad-CAM maps stay at the sites.</p>")
     return "\n".join(parts)
+
+
+def _dp_row(name: str, dp: dict[str, Any]) -> list[str]:
+    """One model's differential privacy: mode, C, σ, steps and ε (Opacus' RDP accountant)."""
+    eps = dp.get("epsilon", {})
+    sites = ", ".join(f"{s} {_f(e, 2)}" for s, e in eps.items() if s != "overall")
+    clip = _f(dp["clipping_norm"], 4) + (" (initial, adaptive)"
+                                         if dp["mode"] == "client-adaptive" else "")
+    return [_e(name), _e(dp["mode"]), _e(clip), _f(dp["noise_multiplier"], 3),
+            _e(dp.get("steps", {}).get("overall", "—")), _f(eps.get("overall"), 2),
+            _e(sites or "—")]
 
 
 def _local_work(plan: dict[str, Any]) -> str:

@@ -56,8 +56,9 @@ from server.transport import (
     StudyError,
     Transport,
 )
-from shared import fedavg, roc, schema
+from shared import dp, fedavg, roc, schema
 from shared.config import StudyConfig
+from shared.dp import DPConfig
 from shared.schema import nest
 from shared.training_params import IMAGES
 
@@ -155,7 +156,8 @@ class Trainer:
     def __init__(self, backend: FederatedBackend | PooledBackend, plan: Plan, name: str,
                  sites: list[str], config: StudyConfig, out: Path, stage: str,
                  identity: Mapping[str, Any], pos_weight: float,
-                 sizes: Mapping[str, int] | None = None) -> None:
+                 sizes: Mapping[str, int] | None = None,
+                 dp_config: DPConfig | None = None) -> None:
         self.backend, self.plan, self.name, self.stage = backend, plan, name, stage
         self.sizes = dict(sizes or {})  # patients per site (setup): caps an update's weight
         self.sites = list(sites)
@@ -164,11 +166,15 @@ class Trainer:
         self.checkpoints = Checkpoints(out / "training" / name)
         from server.checkpoint import fingerprint as study_fingerprint
 
-        blob = json.dumps(_plain({"study": study_fingerprint(config), "plan": asdict(plan),
-                                  "name": name, "mode": backend.kind, "identity": identity,
-                                  "sites": self.sites}), sort_keys=True)
+        record = {"study": study_fingerprint(config), "plan": asdict(plan), "name": name,
+                  "mode": backend.kind, "identity": identity, "sites": self.sites}
+        if dp_config is not None:
+            record["dp"] = dp_config.as_dict()
+        blob = json.dumps(_plain(record), sort_keys=True)
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         self.train_id = self.fingerprint[:16]
+        self.dp = (None if dp_config is None else
+                   ServerDP(dp_config, plan.units, self.sites, self.sizes, self.checkpoints.folder))
 
     # -- helpers -----------------------------------------------------------------------
     def _base(self, round_no: int, lr: float, epochs: int) -> dict[str, Any]:
@@ -225,6 +231,8 @@ class Trainer:
                 history = state["history"]
                 validation = {int(k): v for k, v in state["validation"].items()}
                 best = state["best"]
+                if self.dp is not None:
+                    self.dp.load(state.get("dp") or {})
                 resumed = {"from_round": int(state["round"]), "written": state.get("written")}
                 log.info("[%s] %s: resuming after round %d from %s", self.stage, self.name,
                          state["round"], self.checkpoints.folder)
@@ -233,10 +241,14 @@ class Trainer:
                 log.info("[%s] %s: starting afresh (%s)", self.stage, self.name, why)
         sites = list(self.sites)
         started = time.perf_counter()
+        if self.dp is not None:
+            self.dp.open_key(fresh=resumed is None or resumed.get("from_round") is None)
         for r in range(start, plan.rounds + 1):
             t0 = time.perf_counter()
             query = {**self._base(r, plan.lr_at(r), plan.local_epochs),
                      **self.weights_query(weights, keys)}
+            if self.dp is not None:
+                query.update(self.dp.query())
             down = fedavg.wire_bytes({k: v for k, v in query.items()
                                       if isinstance(v, np.ndarray)})
             replies = self.backend.ask(f"train.{plan.model}", query, sites)
@@ -245,31 +257,16 @@ class Trainer:
             self._validation(validation, r - 1, replies, sites, weights, best)
             entry = {"round": r, "lr": plan.lr_at(r), "sites": {}, "units": {}}
             for unit in plan.units:
-                updates = []
-                for site in sites:
-                    payload = replies[site].payload
-                    info = entry["sites"].setdefault(site, {"wire": {"down": down}})
-                    if f"{unit}.n" not in payload:
-                        info.setdefault("refused", {})[unit] = str(
-                            payload.get(f"refused.{unit}", "no update"))
-                        continue
-                    delta = fedavg.decode(nest(payload, f"{unit}.delta"), plan.wire,
-                                          like=weights[unit])
-                    problem = _bad_update(delta, weights[unit], keys)
-                    claimed, size = float(payload[f"{unit}.n"]), self.sizes.get(site)
-                    if not problem and (claimed <= 0 or (size is not None and claimed > size)):
-                        problem = f"it claims {claimed:g} patients (the site has {size})"
-                    if problem:
-                        log.warning("[%s] %s: %s's update of %s left out: %s", self.stage,
-                                    self.name, site, unit, problem)
-                        info.setdefault("refused", {})[unit] = f"left out: {problem}"
-                        continue
-                    updates.append((float(payload[f"{unit}.n"]), delta))
-                    info.setdefault("loss", {})[unit] = float(payload[f"{unit}.loss"])
-                    info.setdefault("n", {})[unit] = int(payload[f"{unit}.n"])
-                if updates:
-                    mean = fedavg.fedavg(updates, skip=local)
+                updates = self._collect(unit, replies, sites, entry, down, weights[unit], keys)
+                if self.dp is not None:
+                    mean = self.dp.aggregate(unit, r, updates, entry, local)
+                else:
+                    mean = fedavg.fedavg([(n, d) for _, n, d in updates],
+                                         skip=local) if updates else None
+                if mean is not None:
                     weights[unit] = optimizers[unit].step(weights[unit], mean, plain=buffers)
+                    if self.dp is not None:
+                        weights[unit] = dp_postprocess(weights[unit])
                 entry["units"][unit] = {"sites": len(updates)}
             for site in sites:
                 payload = replies[site].payload
@@ -288,7 +285,8 @@ class Trainer:
                 "validation": validation, "best": best, "train_id": self.train_id,
                 "strategy": {"name": plan.strategy, "proximal_mu": plan.mu,
                              "fedbn": bool(local),
-                             "server_optimizer": repr(optimizers[plan.units[0]])}},
+                             "server_optimizer": repr(optimizers[plan.units[0]])},
+                **({} if self.dp is None else {"dp": self.dp.state()})},
                 {u: o.state_dict() for u, o in optimizers.items()})
         # validation of the final weights
         query = {**self._base(plan.rounds + 1, 0.0, 0), **self.weights_query(weights, keys)}
@@ -321,7 +319,43 @@ class Trainer:
             "train_id": self.train_id,
             "pretrained": pretrained or None,
         }
+        if self.dp is not None:
+            result["dp"] = self.dp.summary()
+            self.dp.close_key()
         return Outcome(self.name, plan, chosen, chosen_round, result)
+
+    def _collect(self, unit: str, replies: Mapping[str, Reply], sites: list[str],
+                 entry: dict[str, Any], down: int, weights: Mapping[str, np.ndarray],
+                 keys: list[str]) -> list[tuple[str, float, dict[str, np.ndarray]]]:
+        """The round's usable updates of `unit`, as (site, patients, decoded update), in
+        site order; a site's refusal, or why its update is left out, goes in `entry`."""
+        updates = []
+        for site in sites:
+            payload = replies[site].payload
+            info = entry["sites"].setdefault(site, {"wire": {"down": down}})
+            if f"{unit}.n" not in payload:
+                info.setdefault("refused", {})[unit] = str(
+                    payload.get(f"refused.{unit}", "no update"))
+                continue
+            if self.dp is not None:
+                self.dp.sent(site)
+            delta = fedavg.decode(nest(payload, f"{unit}.delta"), self.plan.wire, like=weights)
+            problem = _bad_update(delta, weights, keys)
+            claimed, size = float(payload[f"{unit}.n"]), self.sizes.get(site)
+            if not problem and (claimed <= 0 or (size is not None and claimed > size)):
+                problem = f"it claims {claimed:g} patients (the site has {size})"
+            if not problem and self.dp is not None:
+                delta, problem = self.dp.admit(site, unit, delta, payload)
+            if problem:
+                log.warning("[%s] %s: %s's update of %s left out: %s", self.stage,
+                            self.name, site, unit, problem)
+                info.setdefault("refused", {})[unit] = f"left out: {problem}"
+                continue
+            updates.append((site, float(payload[f"{unit}.n"]), delta))
+            if f"{unit}.loss" in payload:  # under DP the loss stays at the site
+                info.setdefault("loss", {})[unit] = float(payload[f"{unit}.loss"])
+            info.setdefault("n", {})[unit] = int(payload[f"{unit}.n"])
+        return updates
 
     def _survivors(self, replies: Mapping[str, Reply], sites: list[str], when: str) -> list[str]:
         bad = {s: r for s, r in replies.items() if not r.ok}
@@ -371,6 +405,147 @@ def _bad_update(delta: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarra
     return None
 
 
+class ServerDP:
+    """The server half of `dp=…` for one model (shared/dp.py): the clipping norm of every
+    unit (client-adaptive: moved each round), the check or the clipping of each update,
+    the equal-weight mean with its Gaussian noise — drawn from a key in the checkpoint
+    folder that is never sent and is deleted when training ends —, the updates each site
+    sent, and ε from the accountant."""
+
+    KEY = "dp-noise.key"
+
+    def __init__(self, config: DPConfig, units: list[str], sites: list[str],
+                 sizes: Mapping[str, int], folder: Path) -> None:
+        self.config, self.units, self.sizes = config, list(units), dict(sizes)
+        self.clip = dict.fromkeys(units, config.clipping_norm)
+        self.sent_count = dict.fromkeys(sites, 0)
+        self.releases = 0
+        self.key_path, self._key = folder / self.KEY, b""
+        self._bits: dict[str, dict[str, int]] = {}
+        self.count_std: float | None = None
+        self.update_sigma = config.noise_multiplier
+        if config.mode == "client-adaptive":
+            try:
+                self.count_std, self.update_sigma = dp.adaptive_noise(
+                    config.noise_multiplier, len(sites), config.count_stddev)
+            except ValueError as err:
+                raise StageError(str(err)) from None
+
+    def query(self) -> dict[str, Any]:
+        """The round's DP fields of `train.<model>`: mode, σ, each unit's clipping norm."""
+        return dp.RoundDP.query(self.config.mode, self.config.noise_multiplier, self.clip)
+
+    def sent(self, site: str) -> None:
+        self.sent_count[site] = self.sent_count.get(site, 0) + 1
+
+    def admit(self, site: str, unit: str, delta: dict[str, np.ndarray],
+              payload: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], str | None]:
+        """(the update to average, why it is left out): server-fixed clips it; the
+        client-clipped modes check that the site did (and client-adaptive reads its norm
+        bit); local's noise hides the norm, so it is taken as sent."""
+        mode, norm = self.config.mode, self.clip[unit]
+        if mode == "server-fixed":
+            return dp.clip(delta, norm)[0], None
+        if mode == "local":
+            return delta, None
+        size = dp.update_norm(delta)
+        if size > norm * (1 + 1e-9):
+            return delta, (f"its norm {size:.4g} exceeds the clipping norm {norm:.4g} "
+                           f"(not clipped at the site)")
+        if mode == "client-adaptive":
+            bit = payload.get(f"{unit}.{dp.UNCLIPPED}")
+            if bit not in (0, 1):
+                return delta, "it lacks the norm bit of client-adaptive clipping"
+            self._bits.setdefault(unit, {})[site] = int(bit)
+        return delta, None
+
+    def aggregate(self, unit: str, round_no: int,
+                  updates: list[tuple[str, float, dict[str, np.ndarray]]],
+                  entry: dict[str, Any], skip: set[str]) -> dict[str, np.ndarray] | None:
+        """The released mean update of `unit` (None without updates); the round's clipping
+        norm, noise std and number of updates go in `entry["dp"][unit]`."""
+        norm, m = self.clip[unit], len(updates)
+        info: dict[str, Any] = {"clipping_norm": norm, "sites": m}
+        entry.setdefault("dp", {})[unit] = info
+        bits = self._bits.pop(unit, {})
+        if not updates:
+            return None
+        if self.config.mode in dp.CENTRAL:
+            std = dp.central_std(self.update_sigma, norm, m)
+        else:  # local: each site added σC; on the mean that is σC/√m
+            std = 0.0
+            info["noise_std_of_mean"] = self.config.noise_multiplier * norm / m ** 0.5
+        mean = dp.private_mean([d for _, _, d in updates], std,
+                               dp.noise_rng(self._key, unit, round_no), skip=skip)
+        info["noise_std"] = std
+        self.releases += 1
+        if self.config.mode == "client-adaptive":
+            count = sum(bits[s] for s, _, _ in updates)
+            noise = dp.noise_rng(self._key, unit, round_no, "count").normal(
+                0.0, self.count_std) if self.count_std else 0.0
+            fraction = (count + noise) / m
+            self.clip[unit] = dp.adaptive_norm(norm, fraction, self.config.target_quantile,
+                                               self.config.clip_lr)
+            info["unclipped_fraction"] = fraction  # noised: part of the release
+        return mean
+
+    def summary(self) -> dict[str, Any]:
+        """`dp` of the model's results: the configuration, each site's steps (the unit
+        updates it sent) and rounds, δ = 1/n and ε per site and overall (δ = 1/Σn, the
+        releases of the aggregate)."""
+        sigma, units = self.config.noise_multiplier, max(len(self.units), 1)
+        delta = {s: 1 / self.sizes[s] for s in self.sent_count if self.sizes.get(s, 0) > 1}
+        total = sum(self.sizes.get(s, 0) for s in self.sent_count)
+        if total > 1:
+            delta["overall"] = 1 / total
+        steps = {**self.sent_count, "overall": self.releases}
+        return {
+            **self.config.as_dict(), "update_noise_multiplier": self.update_sigma,
+            "count_stddev": self.count_std, "aggregation": "equal weights",
+            "clipping_norm_final": dict(self.clip), "delta": delta, "steps": steps,
+            "rounds": {s: n // units for s, n in steps.items()}, "units": len(self.units),
+            "epsilon": {s: (dp.epsilon(sigma, n, delta[s]) if s in delta else None)
+                        for s, n in steps.items()},
+            "accountant": "Opacus RDPAccountant: Gaussian, sampling rate 1, one step per "
+                          "unit and round, add/remove one site's update"}
+
+    def state(self) -> dict[str, Any]:
+        return {"clip": self.clip, "sent": self.sent_count, "releases": self.releases}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.clip.update({u: float(c) for u, c in state.get("clip", {}).items()})
+        self.sent_count.update({s: int(n) for s, n in state.get("sent", {}).items()})
+        self.releases = int(state.get("releases", 0))
+
+    def open_key(self, fresh: bool) -> None:
+        """A new noise key for a fresh training, the checkpointed one for a resumed run (a
+        replayed round then draws the same noise)."""
+        if fresh or not self.key_path.is_file():
+            self.key_path.parent.mkdir(parents=True, exist_ok=True)
+            self.key_path.write_bytes(os.urandom(32))
+            os.chmod(self.key_path, 0o600)
+        self._key = self.key_path.read_bytes()
+
+    def close_key(self) -> None:
+        self.key_path.unlink(missing_ok=True)
+
+
+def dp_postprocess(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Noised BatchNorm variances clamped at 0 (post-processing: no privacy cost)."""
+    for key, value in weights.items():
+        if key.endswith("running_var"):
+            weights[key] = np.maximum(value, 0).astype(value.dtype)
+    return weights
+
+
+def dp_settings(config: StudyConfig) -> DPConfig | None:
+    """The run config's DP (None: `dp = off`)."""
+    try:
+        return DPConfig.from_settings(config.settings)
+    except ValueError as err:
+        raise StageError(f"run config dp: {err}") from None
+
+
 def summarize_validation(model: str, payloads: Mapping[str, Mapping[str, Any]]) -> dict:
     """Per site and pooled validation of one set of weights: deep models BCE loss and AUC
     (from coarsened histograms, with its bound); DSFR focal loss and Dice."""
@@ -405,6 +580,8 @@ def summarize_validation(model: str, payloads: Mapping[str, Mapping[str, Any]]) 
 
 def auc_of(payloads: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """AUC from the label-stratified coarsened histograms of the sites that sent both."""
+    from shared import refine  # kept inside: this function is the whole of the edit here
+
     cells: dict[int, list] = {0: [], 1: []}
     missing = []
     for site, p in payloads.items():
@@ -416,7 +593,11 @@ def auc_of(payloads: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     if not cells[0] or not cells[1]:
         return {"auc": None, "auc_sites_missing": sorted(missing)}
     result = roc.combine_auc(cells[0], cells[1])
+    # exact on the raw scores only when no bin holds both labels (these per-round scores
+    # are not kept at the sites, so no refinement round can split the bins); the bound
+    # holds for the raw scores in any case
     return {"auc": _num(result.auc), "auc_bound": [_num(result.lower), _num(result.upper)],
+            "auc_exact": refine.no_mixed_bins(cells[0], cells[1]),
             "auc_sites_missing": sorted(missing)}
 
 
@@ -458,7 +639,7 @@ def train_model(transport: Transport, config: StudyConfig, plan: Plan, setup_: S
         resolved = plan.resolved(setup_.gpu)
         trainer = Trainer(FederatedBackend(transport), resolved, plan.model, setup_.train,
                           config, out, stage, setup_.identity, setup_.pos_weight,
-                          setup_.sizes)
+                          setup_.sizes, dp_settings(config))
         outcome = trainer.run()
         outcome.result["devices"] = setup_.devices
         outcomes.append(outcome)

@@ -392,6 +392,23 @@ SETTINGS: tuple[Setting, ...] = (
        "by federated validation", "training", choices=("final", "best")),
     _s("gradcam-patients", "int", 2, "Grad-CAM maps written at each site (never sent)",
        "training", within="[0, 1000]"),
+    _s("dp", "word", "off", "differential privacy of the weight updates (shared/dp.py): "
+       "clip at the sites or the server, Gaussian noise on the aggregate or at each site; "
+       "ε at δ = 1/n in `dp` of the model's results (README, Differential privacy)",
+       "training", choices=("off", "client-fixed", "client-adaptive", "server-fixed",
+                            "local")),
+    _s("dp-clipping-norm", "float", 1.0, "clipping norm C of a site's update (all weights "
+       "of one unit, L2); `client-adaptive`: its initial value", "training",
+       within="(0, inf)"),
+    _s("dp-noise-multiplier", "float", 1.0, "noise multiplier σ: noise std σC/m on the "
+       "mean of m updates (`local`: σC on each)", "training", within="[0, inf)"),
+    _s("dp-target-quantile", "float", 0.5, "`client-adaptive`: the fraction of updates "
+       "the clipping norm should leave unclipped", "training", within="[0, 1]"),
+    _s("dp-clip-lr", "float", 0.2, "`client-adaptive`: the clipping norm's geometric "
+       "learning rate", "training", within="(0, inf)"),
+    _s("dp-count-stddev", "float", "default", "`client-adaptive`: noise std of the count "
+       "of unclipped updates; `default` = Flower's sites/20 (must exceed σ/2)", "training",
+       words=DEFAULT, within="[0, inf)"),
     # DSFR's head: the radiomics stage's selection with its own values
     _s("dsfr-layer", "str", "default", "the U-Net ReLU whose feature maps are the DSFR "
        "features (scratch `activation_7`, paper `activation_9`)", "dsfr", words=DEFAULT),

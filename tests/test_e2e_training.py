@@ -122,3 +122,17 @@ def test_deep_auc_from_histograms(run: dict) -> None:
         if oof["auc"] is not None:
             assert oof["auc_bound"][0] <= oof["auc"] <= oof["auc_bound"][1]
         assert np.isfinite(run["results"]["deep"]["models"][model]["seconds"])
+
+
+def test_every_training_statistic_passes_the_ledger(run: dict) -> None:
+    """The CNN rounds' updates, validation sums and histograms, scores and DSFR features
+    all name their patients and families for the sites' ledgers (none is unchecked), and
+    the project's own folds and rounds are not refused."""
+    for site in SITES:
+        lines = (run["sites"] / site / "audit" / "egress.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        training = [r for r in records if r["message_type"].startswith(("train.", "evaluate."))]
+        assert training and all(r["ledger"]["checked"] > 0 for r in training)
+        assert all(r["ledger"]["unchecked"] == 0 for r in records if "ledger" in r), site
+    ledger = run["results"]["run"]["ledger"]
+    assert ledger["refused"] == 0, ledger["sites"]
