@@ -93,8 +93,9 @@ class DisclosureLedger:
         close = disclosure.too_close(row.members, [e.members for e in earlier],
                                      self.min_difference)
         if close is not None:
-            return (f"differs from an earlier release of the same statistic by {close} "
-                    f"patient(s), fewer than min_difference ({self.min_difference})")
+            # not by how many: that count of a few patients is itself below the threshold
+            return (f"differs from an earlier release of the same statistic by fewer than "
+                    f"min_difference ({self.min_difference}) patients")
         for e in earlier:
             if (row.grid is not None and e.grid is not None and row.members & e.members
                     and not disclosure.nested(row.grid, e.grid)):

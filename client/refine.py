@@ -15,7 +15,7 @@ import numpy as np
 
 from client.guard import Statistic
 from client.session import SiteSession
-from client.validation import Scores, groups, listed, runs_of, site_scores
+from client.validation import Scores, listed, released_groups, runs_of, site_scores
 from shared import refine
 from shared.schema import Payload, nest
 
@@ -40,7 +40,7 @@ def scores_refine(session: SiteSession, query: Payload) -> list[Statistic]:
     out = [Statistic("catalog", {"models": [m for m in wanted if m in models]}, n=None)]
     for i, name in enumerate(out[0].values["models"]):  # type: ignore[arg-type]
         spec = nest(query, f"r.m{wanted.index(name)}")
-        masks = groups(session, models[name], columns)
+        masks, _ = released_groups(session, models[name], columns)
         out += release(f"m{i}", models[name], masks, spec, min_cell)
     return out
 

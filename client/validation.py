@@ -115,6 +115,27 @@ def groups(session: SiteSession, scores: Scores, columns: list[str]) -> dict[str
     return out
 
 
+def released_groups(session: SiteSession, scores: Scores, columns: list[str]
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(groups the site releases, groups it withholds with the reason). Checked before any
+    histogram is computed: a subgroup level whose patients differ from `all` or from a
+    level kept before it by 0 < k < min_difference patients is withheld, since next to it
+    the difference would be those few patients' histogram (the site's ledger would refuse
+    it; this keeps the stage's own design from asking it)."""
+    d = session.site.config.privacy.difference
+    kept: dict[str, np.ndarray] = {}
+    withheld: dict[str, str] = {}
+    for name, mask in groups(session, scores, columns).items():
+        close = next((other for other, m in kept.items()
+                      if 0 < int(np.sum(mask ^ m)) < d), None)
+        if close is None:
+            kept[name] = mask
+        else:
+            withheld[name] = (f"withheld before release: its patients differ from those of "
+                              f"{close!r} by fewer than min_difference ({d})")
+    return kept, withheld
+
+
 def validation_ranges(session: SiteSession, query: Payload) -> list[Statistic]:
     """Round 0: per model, n, Σ logit(score), Σ logit(score)², from which the server places
     that model's grid (`shared.validation.local_logit_moments`, where the wire is described).
@@ -158,14 +179,17 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
         scores = models[name]
         for patient in scores.missing:  # never dropped silently: named here, counted by n
             session.log_exclusion(patient, f"validation: no {name!r} score in {scores.file}")
-        masks = groups(session, scores, columns)
-        out.append(Statistic(f"m{i}", {"groups": list(masks)}, n=None))
+        masks, withheld = released_groups(session, scores, columns)
+        names = [*masks, *withheld]
+        out.append(Statistic(f"m{i}", {"groups": names}, n=None))
         edges = edges_for(query, name)
         family = disclosure.family("validation.histogram", name, runs_of(query))
         for j, mask in enumerate(masks.values()):
             stat = _cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, min_cell)
             out.append(replace(stat, patients=list(scores.patients[mask].astype(str)),
                                family=family, grid=edges))
+        out += [Statistic(f"m{i}.g{len(masks) + j}", {}, n=None, refused=why)
+                for j, why in enumerate(withheld.values())]
     return out
 
 

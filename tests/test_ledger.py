@@ -23,7 +23,8 @@ from shared import disclosure, schema, standardize
 from shared.folds import site_fold_count, site_folds
 from tests.splits import gbsg2, wisconsin
 
-DIFFERENCE = "differs from an earlier release of the same statistic by"
+DIFFERENCE = ("differs from an earlier release of the same statistic by fewer than "
+              "min_difference (10) patients")
 
 
 def write_site(root: Path, rows: pd.DataFrame, *, features: pd.DataFrame | None = None,
@@ -127,11 +128,15 @@ def test_b_subgroup_whose_complement_is_two_patients(tmp_path: Path) -> None:
                   {"task": "label", "needs": "predictions", "bins": 20,
                    "subgroups": ["menopause"]}, "r1")
     assert reply["status"] == "ok"
-    assert list(reply["m0.groups"]) == ["all", "menopause=post", "menopause=pre"]
+    # released groups first, then those withheld
+    assert list(reply["m0.groups"]) == ["all", "menopause=pre", "menopause=post"]
     assert "m0.g0.count0" in reply  # all patients
-    assert reply["refused.m0.g1"].startswith(DIFFERENCE + " 2 patient(s)")
-    assert "min_patients" in reply["refused.m0.g2"]  # the 2 themselves
-    assert audit(folder)[-1]["refused"]["m0.g1"] == reply["refused.m0.g1"]
+    assert "min_patients" in reply["refused.m0.g1"]  # the 2 themselves
+    # checked before it is computed: withheld, as the ledger would refuse it
+    assert reply["refused.m0.g2"] == ("withheld before release: its patients differ from "
+                                      "those of 'all' by fewer than min_difference (10)")
+    assert "m0.g2.count0" not in reply
+    assert audit(folder)[-1]["refused"]["m0.g2"] == reply["refused.m0.g2"]
 
 
 def test_b_km_group_of_all_but_two_patients(tmp_path: Path) -> None:
@@ -145,7 +150,7 @@ def test_b_km_group_of_all_but_two_patients(tmp_path: Path) -> None:
     reply = serve(folder, schema.SURVIVAL_SETUP, {"task": "", "needs": "survival",
                                                   "group": "arm"}, "r1")
     assert "km.all.at_risk" in reply
-    assert reply["refused.km.g0"].startswith(DIFFERENCE + " 2 patient(s)")
+    assert reply["refused.km.g0"].startswith(DIFFERENCE)
 
 
 def test_b_a_covariate_missing_for_one_patient(tmp_path: Path) -> None:
@@ -161,7 +166,7 @@ def test_b_a_covariate_missing_for_one_patient(tmp_path: Path) -> None:
     reply = serve(folder, schema.SURVIVAL_SETUP, {"task": "", "needs": "survival",
                                                   "covariates": ["age"]}, "r1")
     assert "km.all.at_risk" in reply and "design.age.sum" in reply
-    assert reply["refused.cox.setup"].startswith(DIFFERENCE + " 1 patient(s)")
+    assert reply["refused.cox.setup"].startswith(DIFFERENCE)
 
 
 def test_c_the_same_query_in_a_later_run_over_one_patient_fewer(tmp_path: Path) -> None:
@@ -175,8 +180,8 @@ def test_c_the_same_query_in_a_later_run_over_one_patient_fewer(tmp_path: Path) 
     assert "numeric.age.g0.sum" in first and "numeric.age.g1.sum" in first
     write_site(tmp_path, clinical.drop(index=3))  # one label-0 patient left the table
     again = serve(folder, schema.COHORT_SUMS, query, "run-2")
-    assert again["refused.numeric.age.g0"].startswith(DIFFERENCE + " 1 patient(s)")
-    assert again["refused.labels"].startswith(DIFFERENCE + " 1 patient(s)")
+    assert again["refused.numeric.age.g0"].startswith(DIFFERENCE)
+    assert again["refused.labels"].startswith(DIFFERENCE)
     assert "numeric.age.g1.sum" in again  # the unchanged group: the same set again
     assert audit(folder)[-1]["run_id"] == "run-2"
     assert set(audit(folder)[-1]["refused"]) == {"numeric.age.g0", "labels", "integer.age"}
