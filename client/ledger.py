@@ -14,7 +14,9 @@ from earlier runs stay comparable after patients leave or join the site's table.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -107,19 +109,16 @@ class DisclosureLedger:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """One transaction: committed when the block ends, rolled back on an error."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        try:
-            db.executescript(_SCHEMA)
+        with _LOCK:
+            db = _connection(self.path)
             db.execute("BEGIN IMMEDIATE")
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     @staticmethod
     def _bits(db: sqlite3.Connection, ids: set[str]) -> dict[str, int]:
@@ -166,6 +165,39 @@ def _grid_text(grid: np.ndarray) -> str:
     if np.ndim(grid) == 0:
         return f"bin {float(grid):g}"
     return f"{len(grid)} edges from {float(np.min(grid)):g}"
+
+
+_LOCK = threading.Lock()
+_OPEN: dict[tuple[str, int], tuple[sqlite3.Connection, tuple[int, int] | None]] = {}
+
+
+def _connection(path: Path) -> sqlite3.Connection:
+    """This process's connection to a ledger, kept open: closing the last connection to a
+    write-ahead-logged database checkpoints and syncs it, which would cost every release
+    a disk sync (a ClientApp process serves many messages in a simulation)."""
+    key = (str(path), os.getpid())
+    if key in _OPEN and _identity(path) != _OPEN[key][1]:  # the file was removed or replaced
+        _OPEN.pop(key)[0].close()
+    if key not in _OPEN:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        # write-ahead log, synced at checkpoints: a release costs no fsync of its own
+        # (a power cut can lose the last releases' records, never corrupt the ledger)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        if new:
+            db.executescript(_SCHEMA)
+        _OPEN[key] = (db, _identity(path))
+    return _OPEN[key][0]
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _overlap(a: int | None, b: int | None) -> bool:

@@ -364,3 +364,23 @@ def test_a_study_passes_the_ledgers_and_reports_them(tmp_path: Path) -> None:
         assert records and all(r["ledger"]["unchecked"] == 0 for r in records), folder.name
     report = (tmp_path / "out" / "report.html").read_text()
     assert "Disclosure ledgers" in report and "No release was refused by a ledger" in report
+
+
+def test_a_site_folder_made_again_starts_a_new_ledger(tmp_path: Path) -> None:
+    """The ledger's open connection follows its file: a folder removed and made again in
+    the same process (a re-simulated site) gets a fresh ledger, not the old one's ghost."""
+    import shutil
+
+    folder, names = wisconsin_site(tmp_path, 39, min_patients=10, min_difference=3)
+    columns(folder, names)
+    assert "s.sum" in standardize_sums(folder, rows="train")
+    shutil.rmtree(folder)
+    folder, names = wisconsin_site(tmp_path, 39, min_patients=10, min_difference=10)
+    columns(folder, names)
+    set_policy(folder, min_difference=3)
+    assert "s.sum" in standardize_sums(folder, rows="train-fold", fold=0)
+    assert (folder / "audit" / "disclosures.sqlite").is_file()
+    set_policy(folder, min_difference=40)
+    assert standardize_sums(folder, rows="train")["refused.s"].startswith(
+        "differs from an earlier release of the same statistic by fewer than "
+        "min_difference (40)")
