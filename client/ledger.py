@@ -193,8 +193,12 @@ def _connection(path: Path) -> sqlite3.Connection:
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
+    """The ledger file as this process opened it: its inode, while its write-ahead log
+    exists (it does as long as a connection is open, so a file removed and made again —
+    which may get the same inode — has none until it is opened anew)."""
     try:
         stat = path.stat()
+        Path(f"{path}-wal").stat()
     except OSError:
         return None
     return stat.st_dev, stat.st_ino

@@ -9,12 +9,14 @@ The messages that use them are in client/training.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ from client.training_data import ModelData
 from shared import fedavg, networks
 from shared.schema import Payload, nest
 from shared.training_params import TrainParams
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
 
@@ -62,11 +67,27 @@ def device_info() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
+def flushing_denormals(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` with subnormal floats flushed to zero on the CPU (tiny focal-loss gradients
+    would take the subnormal slow path), then switch that off again: the flag is process
+    state, and the statistics this process computes afterwards (the site's exact federated
+    sums, a test's hypothesis floats) need IEEE subnormals."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        torch.set_flush_denormal(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_flush_denormal(False)
+
+    return wrapper
+
+
 def set_determinism(on: bool, device: torch.device) -> None:
     """Deterministic kernels on CUDA (cuDNN, cuBLAS); CPU kernels already are, for a given
     thread count (and `torch.use_deterministic_algorithms` costs seconds of imports)."""
     if device.type != "cuda":
-        torch.set_flush_denormal(True)  # tiny focal-loss gradients: no subnormal slow path
         return
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on

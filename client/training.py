@@ -63,6 +63,7 @@ from client.local_training import (
     amp_dtype,
     build,
     device_info,
+    flushing_denormals,
     focal_loss,
     load_local,
     load_weights,
@@ -189,6 +190,7 @@ def histograms(scores: np.ndarray, y: np.ndarray, min_cell: int,
     return out
 
 
+@flushing_denormals
 def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, site: str,
               *, train: bool, min_cell: int, site_root: Path | None = None,
               site_dp: SiteDP | None = None) -> list[Statistic]:
@@ -392,6 +394,7 @@ def unit_probabilities(data: ModelData, p: TrainParams, query: Payload, state_di
     return probs, kind, nets
 
 
+@flushing_denormals
 def score_data(data: ModelData, p: TrainParams, query: Payload, state_dir: Path,
                min_cell: int) -> tuple[list[Statistic], np.ndarray, str, dict]:
     device = pick_device(p.device)
@@ -477,6 +480,7 @@ def dsfr_vectors(net: nn.Module, data: ModelData, layer: str, device: torch.devi
     return out
 
 
+@flushing_denormals
 def dsfr_features(session: SiteSession, query: Payload) -> list[Statistic]:
     """DSFR features of every patient with the chosen U-Net weights, kept at the site as
     the rows of the `dsfr` selection/LR head (client.radiomics state, source `dsfr`).

@@ -28,15 +28,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.dp import LEDGER_FILE, SiteDP
 from client.session import open_session
-from server.training import ServerDP, train_model
-from server.training_plan import Plan
-from server.training_setup import setup
+from server.training import ServerDP
 from shared import dp, fedavg
-from shared.config import StudyConfig, stage_settings
 from shared.policy import DPRequirement
 from shared.schema import nest
 from simulation.cohort import simulate_cohort
 from simulation.in_process import InProcessTransport
+from tests.test_training_engine import run as engine_run
 
 TINY = {"cnn-width": 0.0625, "mri-size": 16, "deep-cv-folds": 2, "rounds": 2,
         "local-steps": 3, "batch-size": 4, "gradcam-patients": 0, "seed": 5}
@@ -306,13 +304,8 @@ def _sites(cohort: Path, tmp: Path, require: dict[str, float] | None = None) -> 
 
 
 def _train(sites: Path, out: Path, names: list[str], **extra: Any) -> tuple[dict, Capture]:
-    config = StudyConfig(sites_dir=str(sites), out_dir=str(out), stages=("deep",),
-                         settings=stage_settings({**TINY, **extra}))
-    plan = Plan.from_settings(config.settings, "dl_mri")
     transport = Capture([sites / n for n in names])
-    transport.handshake({"task": config.task, "run_id": "t", "needs": ["mri"]})
-    st = setup(transport, config, "dl_mri", list(transport.roots), "deep", plan.pretrained)
-    (outcome,) = train_model(transport, config, plan, st, "deep")
+    (outcome,), _, _ = engine_run(sites, out, names, base=TINY, transport=transport, **extra)
     return {"result": outcome.result, "weights": outcome.weights}, transport
 
 

@@ -43,11 +43,14 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run(sites: Path, out: Path, names: list[str], **extra) -> tuple:
+def run(sites: Path, out: Path, names: list[str], *, base: dict | None = None,
+        transport: InProcessTransport | None = None, **extra) -> tuple:
+    """DL-MRI trained by the engine on `names` (settings `base`, default TINY, and
+    `extra`), through `transport` (default: in process); (outcomes, setup, plan)."""
     config = StudyConfig(sites_dir=str(sites), out_dir=str(out), stages=("deep",),
-                         settings=stage_settings({**TINY, **extra}))
+                         settings=stage_settings({**(TINY if base is None else base), **extra}))
     plan = Plan.from_settings(config.settings, "dl_mri")
-    transport = InProcessTransport([sites / n for n in names])
+    transport = transport or InProcessTransport([sites / n for n in names])
     transport.handshake({"task": config.task, "run_id": "t", "needs": ["mri"]})
     st = setup(transport, config, "dl_mri", list(transport.roots), "deep", plan.pretrained)
     return train_model(transport, config, plan, st, "deep"), st, plan

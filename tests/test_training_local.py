@@ -228,3 +228,22 @@ def test_every_plan_key_is_declared_and_its_default_parses() -> None:
     assert set(KEYS) <= set(BY_KEY)
     for model in ("dsfr", "dl_mri", "dl_us"):
         plan_of({}, model)
+
+
+def test_subnormals_are_flushed_only_during_the_cnn_work() -> None:
+    """The CNN handlers flush subnormal floats on the CPU while they run and switch it off
+    after: the flag is process state, and it had leaked into everything the process did
+    next (hypothesis refuses to draw floats under it; exact sums lose subnormals)."""
+    import torch
+
+    from client.local_training import flushing_denormals
+
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+
+    @flushing_denormals
+    def inside() -> float:
+        return float(tiny * 1.0)
+
+    assert inside() == 0.0
+    assert float(tiny * 1.0) != 0.0
+    assert np.float32(1e-40) * np.float32(1.0) != 0.0
