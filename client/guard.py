@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from client.ledger import DisclosureLedger, Release
+from client.ledger import Checked, DisclosureLedger, Release
+from shared import schema
 from shared.policy import PrivacyPolicy
 from shared.schema import (
     HANDSHAKE,
@@ -33,7 +34,6 @@ from shared.schema import (
 )
 
 SUPPRESSED = -1  # a small count replaced before release (small-cell suppression)
-LEDGER_CHECKED = "ledger.checked"  # reply key: statistics the ledger compared (a count)
 
 
 class PolicyRefusal(Exception):
@@ -95,7 +95,7 @@ class EgressGuard:
         payload = _flat([s for s in passed if s.name not in checked.refused])
         payload["status"] = STATUS_OK
         if checked.checked:
-            payload[LEDGER_CHECKED] = checked.checked
+            payload[schema.LEDGER_CHECKED] = checked.checked
         for name, reason in refused.items():
             payload[f"refused.{name}"] = reason
         self._audit(action, run_id, payload, refused, checked)
@@ -121,7 +121,7 @@ class EgressGuard:
         self._audit(action, run_id, payload, {})
         return payload
 
-    def _differencing(self, action: str, run_id: str, passed: list[Statistic]) -> LedgerCheck:
+    def _differencing(self, action: str, run_id: str, passed: list[Statistic]) -> Checked:
         """The ledger's verdict on the statistics that name their patients; the others that
         are computed from patients are counted as unchecked."""
         releases = [Release(s.name, s.family or f"{message_type(action)}:{s.name}",
@@ -129,9 +129,10 @@ class EgressGuard:
                     for s in passed if s.patients is not None]
         unchecked = sum(1 for s in passed if s.patients is None and s.n)
         if self.ledger is None:
-            return LedgerCheck({}, 0, unchecked + len(releases), 0.0)
+            return Checked({}, 0, 0.0, unchecked + len(releases))
         verdict = self.ledger.release(releases, message_type(action), run_id)
-        return LedgerCheck(verdict.refused, verdict.checked, unchecked, verdict.seconds)
+        verdict.unchecked = unchecked
+        return verdict
 
     def _violation(self, stat: Statistic) -> str | None:
         if stat.refused is not None:
@@ -165,7 +166,7 @@ class EgressGuard:
         return self._id_pattern
 
     def _audit(self, action: str, run_id: str, payload: Payload, refused: dict[str, str],
-               checked: LedgerCheck | None = None) -> None:
+               checked: Checked | None = None) -> None:
         arrays, _ = split_payload(payload)
         size, sha256 = digest(payload)
         record = {
@@ -188,17 +189,6 @@ class EgressGuard:
         self.audit_path.parent.mkdir(parents=True, exist_ok=True)
         with self.audit_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-@dataclass(frozen=True)
-class LedgerCheck:
-    """What the ledger said about one message: refusal reasons by statistic, how many
-    statistics it compared, how many computed from patients named none (not compared)."""
-
-    refused: dict[str, str]
-    checked: int
-    unchecked: int
-    seconds: float
 
 
 def _flat(statistics: Iterable[Statistic]) -> Payload:

@@ -52,11 +52,14 @@ class Release:
 
 @dataclass
 class Checked:
-    """The ledger's answer for one message: a refusal reason per refused statistic."""
+    """The ledger's answer for one message: a refusal reason per refused statistic, how
+    many statistics it compared, and (set by the guard) how many computed from patients
+    named none, so could not be compared."""
 
     refused: dict[str, str]
     checked: int
     seconds: float
+    unchecked: int = 0
 
 
 class DisclosureLedger:
@@ -64,8 +67,7 @@ class DisclosureLedger:
         self.path = Path(path)
         self.min_difference = int(min_difference)
 
-    def release(self, releases: Sequence[Release], action: str, run_id: str,
-                may_record: bool = True) -> Checked:
+    def release(self, releases: Sequence[Release], action: str, run_id: str) -> Checked:
         """Check every release against the earlier ones (and those before it in this
         message) and record the ones not refused. A refused release is not recorded."""
         started = time.perf_counter()
@@ -85,10 +87,9 @@ class DisclosureLedger:
                     accepted.append(row)
                 else:
                     refused[r.name] = reason
-            if may_record:
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                db.executemany("INSERT OR IGNORE INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               [(*a.stored(), action, run_id, stamp) for a in accepted])
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            db.executemany("INSERT OR IGNORE INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*a.stored(), action, run_id, stamp) for a in accepted])
         return Checked(refused, len(releases), time.perf_counter() - started)
 
     def _conflict(self, row: _Row, earlier: list[_Row]) -> str | None:
@@ -96,13 +97,13 @@ class DisclosureLedger:
                                      self.min_difference)
         if close is not None:
             # not by how many: that count of a few patients is itself below the threshold
-            return (f"differs from an earlier release of the same statistic by fewer than "
-                    f"min_difference ({self.min_difference}) patients")
+            return (f"{disclosure.DIFFERS} by fewer than min_difference "
+                    f"({self.min_difference}) patients")
         for e in earlier:
             if (row.grid is not None and e.grid is not None and row.members & e.members
                     and not disclosure.nested(row.grid, e.grid)):
-                return ("asks the same statistic over the same patients on a grid that shifts "
-                        f"an earlier one ({_grid_text(e.grid)} → {_grid_text(row.grid)}); "
+                return (f"asks the same statistic over the same patients {disclosure.SHIFTS} "
+                        f"({_grid_text(e.grid)} → {_grid_text(row.grid)}); "
                         "together they would show cells finer than either")
         return None
 

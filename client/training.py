@@ -167,9 +167,10 @@ def _round_family(p: TrainParams, *parts: object) -> str:
 def ledgered(stats: list[Statistic], data: ModelData, rows: np.ndarray,
              family: str) -> list[Statistic]:
     """Statistics over the patients `rows`, for the ledger (a histogram: with its grid)."""
-    patients = _ids(data, rows)
-    return [replace(s, patients=patients, family=f"{family}:{s.name.rstrip('01')}",
-                    grid=roc.grid(roc.DEFAULT_BINS) if s.name.startswith("hist") else None)
+    patients, grid = _ids(data, rows), roc.grid(roc.DEFAULT_BINS)
+    return [replace(s, patients=patients, family=f"{family}:hist", grid=grid)
+            if s.name.startswith("hist") else replace(s, patients=patients,
+                                                      family=f"{family}:{s.name}")
             for s in stats]
 
 

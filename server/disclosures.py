@@ -11,13 +11,11 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-# How a site's guard words a ledger refusal (client.ledger.DisclosureLedger._conflict).
-LEDGER_REASONS = ("differs from an earlier release of the same statistic",
-                  "on a grid that shifts an earlier one")
+from shared.disclosure import DIFFERS, SHIFTS
 
 
 def is_ledger_refusal(reason: str) -> bool:
-    return any(r in reason for r in LEDGER_REASONS)
+    return DIFFERS in reason or SHIFTS in reason
 
 
 def ledger_summary(wire: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -114,8 +114,8 @@ def record_wire(wire: dict[str, list[dict]], site_id: str, action: str,
         if refused:  # statistics the site's policy withheld from this reply, and why
             entry["refused"] = refused
             entry["why"] = {k: str(reply.payload[f"refused.{k}"])[:300] for k in refused}
-        if "ledger.checked" in reply.payload:  # releases the site's ledger compared
-            entry["ledger"] = int(reply.payload["ledger.checked"])
+        if schema.LEDGER_CHECKED in reply.payload:  # releases the site's ledger compared
+            entry["ledger"] = int(reply.payload[schema.LEDGER_CHECKED])
         wire.setdefault(site_id, []).append(entry)
 
 

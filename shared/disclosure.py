@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 
 ROW_KEYS = frozenset({"rows", "fold", "run_id"})  # query keys that choose rows, not values
+# How a ledger refusal reads (client.ledger; server.disclosures counts them by these).
+DIFFERS = "differs from an earlier release of the same statistic"
+SHIFTS = "on a grid that shifts an earlier one"
 
 
 def bitset(indices: Iterable[int]) -> int:

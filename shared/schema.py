@@ -88,6 +88,7 @@ def action_of(message_type: str) -> str | None:
     category, _, action = message_type.partition(".")
     return action if category == "query" and action in ACTIONS else None
 
+LEDGER_CHECKED = "ledger.checked"  # reply key: statistics the site's ledger compared
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
 STATUS_FAILED = "failed"
