@@ -14,9 +14,10 @@ import yaml
 from client.guard import EgressGuard, PolicyRefusal, Statistic
 from client.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
 from client.site import CLINICAL_CSV, SITE_ID_PATTERN, SITE_YAML, SiteError, present_needs
-from shared import schema
+from shared import queries, schema
 from shared.labels import TASKS
 from shared.policy import PrivacyPolicy
+from shared.queries import QueryRejected
 from shared.schema import Payload
 
 Handler = Callable[[SiteSession, Payload], list[Statistic]]
@@ -138,6 +139,10 @@ def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload
     handler = HANDLERS.get(action)
     if handler is None:
         return guard.fail(action, run_id, f"unknown action {action!r}")
+    try:  # the query as its declaration allows it, before anything is computed
+        queries.check(action, query)
+    except QueryRejected as err:
+        return guard.refuse(action, run_id, f"{session.site_id}: {err}")
     try:
         statistics = handler(session, dict(query, run_id=run_key(run_id, query)))
     except PolicyRefusal as err:

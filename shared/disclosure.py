@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.queries import NOT_VALUE_KEYS
+
 ROW_KEYS = frozenset({"rows", "fold", "run_id"})  # query keys that choose rows, not values
 # How a ledger refusal reads (client.ledger; server.disclosures counts them by these).
 DIFFERS = "differs from an earlier release of the same statistic"
@@ -90,8 +92,10 @@ def family(*parts: Any) -> str:
 
 def query_family(head: str, query: Mapping[str, Any], drop: Iterable[str] = ()) -> str:
     """The family of a value computed from a query: every key except those that choose rows
-    (`ROW_KEYS`) or are named in `drop`."""
-    skip = ROW_KEYS | set(drop)
+    (`ROW_KEYS`), those no statistic depends on (declared so in `shared.queries`, e.g. a
+    run's prediction files or a worker count) and those named in `drop`. The query has
+    passed its declaration, so no undeclared key can make a fresh family."""
+    skip = ROW_KEYS | NOT_VALUE_KEYS | set(drop)
     return family(head, *[(k, query[k]) for k in sorted(query) if k not in skip])
 
 

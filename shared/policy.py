@@ -45,11 +45,26 @@ class PrivacyPolicy:
     min_difference: int | None = None
     allow_risk_set_differences: bool = True
     require_dp: DPRequirement | None = None
+    # The largest coefficient, per standard deviation of its column at this site, of a point
+    # at which the site evaluates a loss, gradient, Hessian, score or Cox sums: steeper
+    # points turn a sigmoid or exp(x'β) into a step that isolates one patient.
+    max_coefficient: float = 20.0
+    # CNN rounds: the smallest local batch, and the fewest patients behind one update.
+    min_batch_size: int = 4
+    min_update_patients: int | None = None  # None: min_patients
+    # The most memory (MiB) the site lets one query's computation take.
+    max_query_memory_mb: int = 2048
 
     @property
     def difference(self) -> int:
         """The smallest symmetric difference two releases of one statistic may have."""
         return self.min_patients if self.min_difference is None else self.min_difference
+
+    @property
+    def update_patients(self) -> int:
+        """The fewest patients one CNN update may be computed from."""
+        return self.min_patients if self.min_update_patients is None else \
+            self.min_update_patients
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any] | None) -> PrivacyPolicy:
@@ -80,10 +95,20 @@ class PrivacyPolicy:
              "min_difference must be an integer >= 1"),
             (isinstance(self.allow_risk_set_differences, bool),
              "allow_risk_set_differences must be true/false"),
+            (_is_number(self.max_coefficient) and self.max_coefficient > 0,
+             "max_coefficient must be a number > 0"),
+            (_is_count(self.min_batch_size), "min_batch_size must be an integer >= 1"),
+            (self.min_update_patients is None or _is_count(self.min_update_patients),
+             "min_update_patients must be an integer >= 1"),
+            (_is_count(self.max_query_memory_mb), "max_query_memory_mb must be an integer >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise PolicyError(message)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _is_number(value: object) -> bool:

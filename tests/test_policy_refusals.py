@@ -48,15 +48,29 @@ def audit(folder: Path) -> list[dict]:
 
 
 QUERY = {"task": "label", "covariates": ["age", "grade", "site_group"]}
-# what a server might add to talk the site out of its policy; the guard never reads the query
+# what a server might add to talk the site out of its policy: keys no query declares
 LOWERING = {"min_patients": 1, "min_cell_count": 1, "privacy.min_patients": 1,
             "privacy.min_cell_count": 1, "policy": "off"}
 
 
-@pytest.mark.parametrize("extra", [{}, LOWERING], ids=["plain", "server-tries-to-lower"])
-def test_statistic_over_3_patients_is_refused_and_logged(tmp_path: Path, extra: dict) -> None:
+def test_a_query_that_tries_to_lower_the_policy_gets_nothing(tmp_path: Path) -> None:
+    """Undeclared keys are refused, not ignored: the whole query, audited, before any
+    statistic is computed."""
     folder = make_site(tmp_path)
-    reply = serve(folder, schema.COHORT_SUMS, {**QUERY, **extra}, "r1")
+    for action, query in ((schema.COHORT_SUMS, {**QUERY, **LOWERING}),
+                          (schema.HANDSHAKE, {"task": "label", **LOWERING})):
+        reply = serve(folder, action, query, "r0")
+        assert reply["status"] == "refused"
+        assert set(reply) - {"site.site_id"} == {"status", "reason"}
+        assert "unknown query key(s) 'min_cell_count'" in reply["reason"]
+        record = audit(folder)[-1]
+        assert record["status"] == "refused" and not any(k.startswith(("numeric", "counts"))
+                                                         for k in record["keys"])
+
+
+def test_statistic_over_3_patients_is_refused_and_logged(tmp_path: Path) -> None:
+    folder = make_site(tmp_path)
+    reply = serve(folder, schema.COHORT_SUMS, QUERY, "r1")
     assert reply["status"] == "ok"
     assert reply["numeric.age.g0.n"] == 10 and reply["numeric.age.g0.sum"] == sum(range(40, 50))
     assert "numeric.age.g1.sum" not in reply and "numeric.age.g1.n" not in reply
@@ -68,16 +82,15 @@ def test_statistic_over_3_patients_is_refused_and_logged(tmp_path: Path, extra: 
     assert not any(k.startswith("numeric.age.g1.") for k in record["keys"])
 
     squares = serve(folder, schema.COHORT_SQUARES,
-                    {**QUERY, **extra, "means.age": np.array([45.0, 50.0])}, "r1")
+                    {**QUERY, "means.age": np.array([45.0, 50.0])}, "r1")
     assert "squares.age.g0.ss" in squares and "squares.age.g1.ss" not in squares
     assert squares["refused.squares.age.g1"] == reason
     assert audit(folder)[-1]["refused"] == {"squares.age.g1": reason}
 
 
-@pytest.mark.parametrize("extra", [{}, LOWERING], ids=["plain", "server-tries-to-lower"])
-def test_histogram_with_a_cell_of_1_is_refused_and_logged(tmp_path: Path, extra: dict) -> None:
+def test_histogram_with_a_cell_of_1_is_refused_and_logged(tmp_path: Path) -> None:
     folder = make_site(tmp_path)
-    reply = serve(folder, schema.COHORT_SUMS, {**QUERY, **extra}, "r2")
+    reply = serve(folder, schema.COHORT_SUMS, QUERY, "r2")
     # grade × label = [[5, 2], [5, 1]]: cells of 2 and 1 are below min_cell_count 3
     assert "categorical.grade.table" not in reply
     reason = reply["refused.categorical.grade"]
@@ -91,7 +104,7 @@ def test_histogram_with_a_cell_of_1_is_refused_and_logged(tmp_path: Path, extra:
 
 def test_small_handshake_counts_are_suppressed(tmp_path: Path) -> None:
     folder = make_site(tmp_path, min_cell_count=5)
-    reply = serve(folder, schema.HANDSHAKE, {"task": "label", **LOWERING}, "r3")
+    reply = serve(folder, schema.HANDSHAKE, {"task": "label"}, "r3")
     assert reply["counts.label_counts"].tolist() == [10, -1]  # 3 < 5: suppressed
     assert reply["counts.n_patients"].tolist() == [13]
     labels = serve(folder, schema.COHORT_SUMS, {"task": "label", "covariates": []}, "r3")
@@ -105,7 +118,7 @@ def test_the_edge_applies_the_same_policy_to_a_real_message(tmp_path: Path) -> N
     metadata = Metadata(run_id=5, message_id="m1", src_node_id=0, dst_node_id=2,
                         reply_to_message_id="", group_id="", created_at=time.time(), ttl=60,
                         message_type=f"query.{schema.COHORT_SUMS}")
-    message = Message(to_records({**QUERY, **LOWERING}), metadata=metadata)
+    message = Message(to_records(QUERY), metadata=metadata)
     reply = read_payload(app(message, context).content)
     assert reply["status"] == "ok"
     assert set(k for k in reply if k.startswith("refused.")) == {
@@ -156,13 +169,15 @@ def test_p_by_p_matrix_above_max_feature_ratio_is_refused_and_logged(tmp_path: P
     assert setup["status"] == "ok"
     step = {**context, "solvers": ["fit"], "q.fit.step": "glm.terms", "q.fit.loss": "logistic",
             "q.fit.points": np.zeros((1, 13)), "q.fit.rows": "train"}
-    for extra in ({}, {"max_feature_ratio": 10.0, "q.fit.max_feature_ratio": 10.0}):
-        reply = serve(folder, schema.RADIOMICS_STEP, {**step, **extra, "q.fit.hessian": True},
-                      "rx")
-        assert reply["status"] == "ok" and "fit.hessian" not in reply
-        assert reply["refused.fit"] == ("p×p matrix refused: 12 features > 0.33 × 30 patients "
-                                        "(max_feature_ratio)")
-        assert audit(folder)[-1]["refused"] == {"fit": reply["refused.fit"]}
+    reply = serve(folder, schema.RADIOMICS_STEP, {**step, "q.fit.hessian": True}, "rx")
+    assert reply["status"] == "ok" and "fit.hessian" not in reply
+    assert reply["refused.fit"] == ("p×p matrix refused: 12 features > 0.33 × 30 patients "
+                                    "(max_feature_ratio)")
+    assert audit(folder)[-1]["refused"] == {"fit": reply["refused.fit"]}
+    raising = {"max_feature_ratio": 10.0, "q.fit.max_feature_ratio": 10.0}
+    reply = serve(folder, schema.RADIOMICS_STEP, {**step, **raising, "q.fit.hessian": True},
+                  "rx")
+    assert reply["status"] == "refused" and not any(k.startswith("fit.") for k in reply)
     gradient = serve(folder, schema.RADIOMICS_STEP, {**step, "q.fit.hessian": False}, "rx")
     assert gradient["fit.gradient"].shape == (1, 13)  # the gradient-only round is answered
     assert not any(k.startswith("refused.") for k in gradient)
