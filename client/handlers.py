@@ -145,7 +145,7 @@ def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload
         return guard.refuse(action, run_id, f"{session.site_id}: {err}")
     try:
         statistics = handler(session, dict(query, run_id=run_key(run_id, query)))
-    except PolicyRefusal as err:
+    except (PolicyRefusal, QueryRejected) as err:  # the site's bounds on its own data
         return guard.refuse(action, run_id, f"{session.site_id}: {err}")
     except Exception as err:
         return guard.fail(action, run_id, f"{action} failed at {session.site_id}: "
