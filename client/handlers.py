@@ -126,6 +126,12 @@ def _site_name(site_root: Path) -> str:
 
 
 def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload:
+    if action in queries.QUERIES:  # the query as its declaration allows it, before anything
+        try:  # is read or computed (an unknown action is answered below)
+            queries.check(action, query)
+        except QueryRejected as err:
+            return _fallback_guard(site_root).refuse(action, run_id,
+                                                     f"{_site_name(site_root)}: {err}")
     task = str(query.get("task", "her2-positive"))  # "": the query needs no task label
     needs = _needs(site_root, _names(query.get("needs", "")))
     try:
@@ -139,10 +145,6 @@ def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload
     handler = HANDLERS.get(action)
     if handler is None:
         return guard.fail(action, run_id, f"unknown action {action!r}")
-    try:  # the query as its declaration allows it, before anything is computed
-        queries.check(action, query)
-    except QueryRejected as err:
-        return guard.refuse(action, run_id, f"{session.site_id}: {err}")
     try:
         statistics = handler(session, dict(query, run_id=run_key(run_id, query)))
     except (PolicyRefusal, QueryRejected) as err:  # the site's bounds on its own data

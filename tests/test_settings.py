@@ -98,3 +98,8 @@ def test_a_run_config_that_does_not_parse_still_leaves_a_status(tmp_path: Path) 
     run = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))["run"]
     assert run["status"] == "stopped" and run["run_id"] == "7"
     assert run["reason"] == "configuration: run config cv-folds: 1 is not in [2, 100]"
+
+
+def test_queries_document_equals_the_declarations() -> None:
+    text = (ROOT / "docs" / "QUERIES.md").read_text(encoding="utf-8")
+    assert settings_docs.queries_text() == text, "run `make settings`"
