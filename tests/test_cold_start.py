@@ -19,7 +19,7 @@ from pathlib import Path
 from client.app import answer  # noqa: F401  (what Flower loads)
 from client.handlers import serve
 root = Path(sys.argv[1])
-statuses = [serve(root, action, {"q.task": "her2-positive"}, "1")["status"]
+statuses = [serve(root, action, {"task": "her2-positive"}, "1")["status"]
             for action in ("handshake", "cohort_sums", "survival_setup")]
 print(json.dumps({"statuses": statuses, "heavy": [m for m in HEAVY if m in sys.modules]}))
 """.replace("HEAVY", repr(HEAVY))

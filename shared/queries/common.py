@@ -29,5 +29,8 @@ EXTRACTION = (
     Param("workers", "int", "extraction processes (0 = the site's cores)", lo=0, hi=256,
           value=False),
     Param("combat", "bool", "use the stage's rows after ComBat harmonization", value=True),
+    Param("holdout", "names", "sites held out of training in a leave-one-site-out fit (their "
+          "rows are scored, not fitted)", pattern=r"[A-Za-z0-9_.-]{1,80}", max_items=1000,
+          rows=True),
     SOURCE,
 )
