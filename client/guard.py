@@ -74,6 +74,7 @@ class EgressGuard:
     patient_ids: frozenset[str]
     audit_path: Path
     ledger: DisclosureLedger | None = None
+    check_ms: float | None = None  # the next record's query declaration check, in ms
     _id_pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False)
 
     def release(self, action: str, run_id: str, statistics: Iterable[Statistic]) -> Payload:
@@ -182,6 +183,9 @@ class EgressGuard:
             "sha256": sha256,
             "refused": refused,
         }
+        if self.check_ms is not None:
+            record["check_ms"] = round(self.check_ms, 3)
+            self.check_ms = None
         if checked is not None:
             record["ledger"] = {"checked": checked.checked, "unchecked": checked.unchecked,
                                 "refused": len(checked.refused),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,12 +127,15 @@ def _site_name(site_root: Path) -> str:
 
 
 def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload:
+    started = time.perf_counter()
     if action in queries.QUERIES:  # the query as its declaration allows it, before anything
         try:  # is read or computed (an unknown action is answered below)
             queries.check(action, query)
         except QueryRejected as err:
-            return _fallback_guard(site_root).refuse(action, run_id,
-                                                     f"{_site_name(site_root)}: {err}")
+            guard = _fallback_guard(site_root)
+            guard.check_ms = (time.perf_counter() - started) * 1000
+            return guard.refuse(action, run_id, f"{_site_name(site_root)}: {err}")
+    check_ms = (time.perf_counter() - started) * 1000
     task = str(query.get("task", "her2-positive"))  # "": the query needs no task label
     needs = _needs(site_root, _names(query.get("needs", "")))
     try:
@@ -140,6 +144,7 @@ def _serve(site_root: Path, action: str, query: Payload, run_id: str) -> Payload
     except (SiteError, ValueError) as err:
         return error_reply(site_root, action, run_id, _site_error_text(site_root, err))
     guard = session.guard
+    guard.check_ms = check_ms  # in the audit record: what the declaration check cost
     if task and task not in TASKS:
         return guard.fail(action, run_id, f"unknown task {task!r}; known: {list(TASKS)}")
     handler = HANDLERS.get(action)
