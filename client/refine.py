@@ -9,14 +9,13 @@ as `client.validation.site_scores` reads them.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from client.guard import Statistic
 from client.session import SiteSession
 from client.validation import Scores, listed, released_groups, runs_of, site_scores
-from shared import refine
+from shared import refine, roc
+from shared.queries import QueryRejected
 from shared.schema import Payload, nest
 
 
@@ -48,19 +47,26 @@ def scores_refine(session: SiteSession, query: Payload) -> list[Statistic]:
 def release(key: str, scores: Scores, masks: dict[str, np.ndarray], spec: Payload,
             min_cell: int) -> list[Statistic]:
     """One model's statistics for one round: its group names, the one-value flags of this
-    round's split bins, and per group the sub-cells (`shared.refine.site_cells`)."""
-    bits0 = refine.bit_edges(np.asarray(spec["grid"], dtype=np.float64))
-    rounds = [(np.asarray(spec[f"r{k}.lo"], dtype=np.int64),
-               np.asarray(spec[f"r{k}.hi"], dtype=np.int64))
-              for k in range(int(spec["rounds"]))]
-    tag = _tag(bits0, rounds)
-    family = f"scores.refine:{scores.model}:{scores.file}:{tag}"
+    round's split bins, and per group the sub-cells (`shared.refine.site_cells`). The
+    first-round grid is the one `validation_scores` bins on (the server's within the
+    site's resolution, `shared.roc.site_edges`); above min_cell_count 1 a bin's sub-cells
+    are released only as ties of one score value (`shared.refine`)."""
+    edges, rounds = _spec(spec)
+    keep = roc.site_edges(edges, len(scores.y), min_cell)
+    bits0 = refine.bit_edges(edges[keep])
+    # One family per model's scores, whatever the run, grid or split lists. Above
+    # min_cell_count 1 its first-round grid is pinned by the ledger like a histogram's: a
+    # refinement on a grid that shifts an earlier one over the same patients is refused,
+    # so its cells (and flags) never show a grid other than one nested in the first.
+    family = f"scores.refine:{scores.digest}"
+    grid = edges[keep] if min_cell > 1 else None
     k = refine.keys(scores.score)
     patients = [str(p) for p in scores.patients]
     lo, hi = rounds[-1]
+    own = refine.site_cells(k, scores.y, bits0, rounds, min_cell).own
     out = [Statistic(key, {"groups": list(masks)}, n=None),
-           Statistic(f"{key}.flags", {"one_value": refine.one_value(k, lo, hi, min_cell)},
-                     n=len(k), patients=patients, family=f"{family}:one_value")]
+           Statistic(f"{key}.flags", {"one_value": refine.one_value(k, lo, hi, min_cell, own)},
+                     n=len(k), patients=patients, family=f"{family}:one_value", grid=grid)]
     for j, mask in enumerate(masks.values()):
         release = refine.site_cells(k[mask], scores.y[mask], bits0, rounds, min_cell)
         values = {f"{field}{g}": getattr(release, field)[g]
@@ -68,14 +74,24 @@ def release(key: str, scores: Scores, masks: dict[str, np.ndarray], spec: Payloa
         out.append(Statistic(f"{key}.g{j}", values, n=int(mask.sum()),
                              counts=("count0", "count1"),
                              patients=[p for p, m in zip(patients, mask, strict=True) if m],
-                             family=family))  # every group one family: the ledger compares them
+                             family=family, grid=grid))  # groups one family: compared
     return out
 
 
-def _tag(bits0: np.ndarray, rounds: list[tuple[np.ndarray, np.ndarray]]) -> str:
-    """A short digest of every query parameter the release depends on (grid and splits)."""
-    h = hashlib.sha256(bits0.tobytes())
-    for lo, hi in rounds:
-        h.update(lo.tobytes())
-        h.update(hi.tobytes())
-    return h.hexdigest()[:16]
+def _spec(spec: Payload) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """A model's refinement query (`r.m<i>.*`): its first-round grid and every round's split
+    bins as score keys, or QueryRejected."""
+    edges = roc.checked_grid(spec.get("grid"), "refinement grid")
+    count = spec.get("rounds")
+    if not isinstance(count, int | np.integer) or count < 1:
+        raise QueryRejected("refinement: rounds must be 1 or more")
+    rounds = []
+    for r in range(int(count)):
+        lo, hi = (np.asarray(spec.get(f"r{r}.{end}", []), dtype=np.float64).ravel()
+                  for end in ("lo", "hi"))
+        if len(lo) != len(hi) or not np.all(np.isfinite(lo)) or not np.all(np.isfinite(hi)) \
+                or np.any(np.abs(np.r_[lo, hi]) > 2.0**63 - 2**11):
+            raise QueryRejected(f"refinement round {r}: split bins must be pairs of score keys")
+        rounds.append((np.asarray(spec.get(f"r{r}.lo", []), dtype=np.int64).ravel(),
+                       np.asarray(spec.get(f"r{r}.hi", []), dtype=np.int64).ravel()))
+    return edges, rounds

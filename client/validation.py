@@ -10,6 +10,7 @@ DeLong test needs.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from client.guard import Statistic
 from client.session import SiteSession
 from shared import disclosure, roc
 from shared import validation as val
+from shared.queries import QueryRejected
 from shared.schema import Payload
 
 PREDICTIONS_DIR = "predictions"
@@ -40,6 +42,7 @@ class Scores:
     y: np.ndarray
     file: str  # where the scores were read
     missing: pd.Index  # the site's patients without a score (logged once, in round 1)
+    digest: str = ""  # the model's scores as read (`scores_digest`): what a family names
 
 
 def site_scores(session: SiteSession, runs: list[str], wanted: list[str]) -> dict[str, Scores]:
@@ -50,7 +53,7 @@ def site_scores(session: SiteSession, runs: list[str], wanted: list[str]) -> dic
     found: dict[str, Scores] = {}
     for run in runs:
         if not RUN_PATTERN.match(run):
-            raise ValueError(f"bad run id {run!r}")
+            raise QueryRejected(f"bad run id {run!r}")
         for path in sorted((session.site.root / PREDICTIONS_DIR).glob(f"*-{run}.csv")):
             model = path.name[: -len(f"-{run}.csv")]
             if model in found or (wanted and model not in wanted) or "-" in model:
@@ -85,7 +88,20 @@ def _aligned(session: SiteSession, model: str, kind: str, table: pd.DataFrame,
                          f"[0, 1] ({len(bad)} such rows)")
     patients = labels.index.intersection(scores.index, sort=False)
     return Scores(model, kind, patients, scores.loc[patients].to_numpy(),
-                  labels.loc[patients].to_numpy(), file, labels.index.difference(scores.index))
+                  labels.loc[patients].to_numpy(), file, labels.index.difference(scores.index),
+                  scores_digest(table))
+
+
+def scores_digest(table: pd.DataFrame) -> str:
+    """A digest of a model's (patient, score) rows as the site read them, whatever run id,
+    file or task they were asked under: the ledger family of a statistic of these scores
+    (issue 25: a shifted grid refused in one run stays refused under a new run id, under
+    `runs: ["x"]` that falls back to predictions.csv, or under another task's labels)."""
+    rows = pd.Series(table["score"].to_numpy(dtype=np.float64),
+                     index=table["patient_id"].astype(str)).sort_index()
+    h = hashlib.sha256("\x00".join(rows.index).encode())
+    h.update(rows.to_numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def _read(session: SiteSession, path: Path) -> pd.DataFrame:
@@ -147,17 +163,20 @@ def validation_ranges(session: SiteSession, query: Payload) -> list[Statistic]:
         scores = models[name].score
         out.append(Statistic(f"m{i}", {"moments": val.local_logit_moments(scores)},
                              n=len(scores), patients=list(models[name].patients.astype(str)),
-                             family=disclosure.family("validation.moments", name,
-                                                      runs_of(query))))
+                             family=disclosure.family("validation.logit_moments",
+                                                      models[name].digest)))
     return out
 
 
 def edges_for(query: Payload, model: str) -> np.ndarray:
     """The grid the server fixed for `model` (`grid.models` / `grid.e<i>`), else the
-    uniform grid of `bins` bins."""
+    uniform grid of `bins` bins; checked (`shared.roc.checked_grid`)."""
     names = listed(query.get("grid.models"))
     if model in names:
-        return np.asarray(query[f"grid.e{names.index(model)}"], dtype=np.float64)
+        return roc.checked_grid(query.get(f"grid.e{names.index(model)}"),
+                                f"model {model!r}'s grid")
+    if "bins" not in query:
+        raise QueryRejected(f"no grid for model {model!r} and no bins")
     return roc.grid(int(query["bins"]))
 
 
@@ -183,27 +202,41 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
         names = [*masks, *withheld]
         out.append(Statistic(f"m{i}", {"groups": names}, n=None))
         edges = edges_for(query, name)
-        family = disclosure.family("validation.histogram", name, runs_of(query))
+        keep = roc.site_edges(edges, len(scores.y), min_cell)
+        family = histogram_family(scores)
         for j, mask in enumerate(masks.values()):
-            stat = _cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, min_cell)
+            stat = _cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, keep,
+                          min_cell)
             out.append(replace(stat, patients=list(scores.patients[mask].astype(str)),
-                               family=family, grid=edges))
+                               family=family, grid=edges[keep]))
         out += [Statistic(f"m{i}.g{len(masks) + j}", {}, n=None, refused=why)
                 for j, why in enumerate(withheld.values())]
     return out
 
 
-def _cells(name: str, score: np.ndarray, y: np.ndarray, edges: np.ndarray,
+def histogram_family(scores: Scores) -> str:
+    """Every histogram of one model's scores is one family, whatever its grid, group, run
+    id or task: the ledger compares their patient sets and refuses a grid that shifts an
+    earlier one over the same patients."""
+    return disclosure.family("validation.histogram", scores.digest)
+
+
+def _cells(name: str, score: np.ndarray, y: np.ndarray, edges: np.ndarray, keep: np.ndarray,
            min_cell: int) -> Statistic:
-    """One group's two label histograms (the ledger compares every group of a model: a
-    subgroup of all patients but a few, next to the whole, is refused)."""
-    hist = roc.local_histogram(score, y, edges)
-    sums, squares = val.local_score_sums(score, y, edges)
+    """One group's two label histograms on the grid `edges[keep]` (the server's grid within
+    the site's resolution, `shared.roc.site_edges`), coarsened to min_cell_count; cells as
+    ranges of the server's bins, with each cell's Σscore and Σscore² (a cell holds ≥
+    min_cell_count patients). The ledger compares every group of a model: a subgroup of all
+    patients but a few, next to the whole, is refused."""
+    coarse = edges[keep]
+    hist = roc.local_histogram(score, y, coarse)
+    sums, squares = val.local_score_sums(score, y, coarse)
     values: dict = {}
     for label in (0, 1):
         first, last, count = roc.coarsen(hist[label], min_cell)
         # a merged cell's sums: its bins' (bins between cells are empty, so reduceat fits)
-        values.update({f"first{label}": first, f"last{label}": last, f"count{label}": count,
+        values.update({f"first{label}": keep[first], f"last{label}": keep[last + 1] - 1,
+                       f"count{label}": count,
                        f"sum{label}": _cell_sums(sums[label], first),
                        f"sq{label}": _cell_sums(squares[label], first)})
     return Statistic(name, values, n=len(y), counts=("count0", "count1"))
@@ -215,38 +248,89 @@ def _cell_sums(per_bin: np.ndarray, first: np.ndarray) -> np.ndarray:
 
 def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
     """Round 2: for each set of sites this site belongs to, the k × k placement-moment sums
-    of the set's models over this site's patients (`shared.validation.local_placement_moments`).
+    of the set's models over this site's patients (`shared.validation.local_cell_moments`).
 
     Query: `runs`, the grids, `sets` (set names) and per set `<set>.models` plus
     `<set>.d10` / `<set>.d01` (k × bins deviations of the set's pooled histograms).
-    Crosses the wire: per set, two k × k matrices of sums over ≥ min_patients patients, and
-    the number of patients scored by all k models (to check the set's patients are the
-    histograms' patients).
+    Checked before anything is computed: each model listed once, two or more of them, the
+    deviations shaped and valued as a pooled histogram's placements
+    (`shared.validation.check_placements`). Each patient's placement is that of the cell
+    the site released them in (`shared.validation.cell_values`: the grid within the site's
+    resolution, coarsened to min_cell_count), so no placement reads out a bin inside a cell.
+    Only the sets the site is in are answered (pooled, training or external by its roles,
+    and its own `site:<id>`).
+    Crosses the wire: per set, two k × k matrices of sums over ≥ min_patients patients, the
+    number of patients scored by all k models (to check the set's patients are the
+    histograms' patients), and `exact` (1 when every placement was constant on the cell it
+    was evaluated on, so the sums equal the per-bin ones).
     """
     models = site_scores(session, runs_of(query), [])
+    min_cell = session.site.config.privacy.min_cell_count
     out = []
     for s, set_name in enumerate(listed(query.get("sets"))):
         wanted = listed(query.get(f"s{s}.models"))
-        if not all(m in models for m in wanted):
+        if len(set(wanted)) != len(wanted) or len(wanted) < 2:
+            raise QueryRejected(f"set {set_name!r}: a paired comparison lists two or more "
+                                "models, each once")
+        if not _member(session, set_name) or not all(m in models for m in wanted):
             continue
-        common = models[wanted[0]].patients
-        for m in wanted[1:]:
-            common = common.intersection(models[m].patients, sort=False)
-        first = models[wanted[0]]
-        y = pd.Series(first.y, index=first.patients).loc[common].to_numpy()
-        bins = np.stack([val.bin_index(pd.Series(models[m].score, index=models[m].patients)
-                                       .loc[common].to_numpy(), edges_for(query, m))
-                         for m in wanted])
-        moments = val.local_placement_moments(bins, y, np.asarray(query[f"s{s}.d10"]),
-                                              np.asarray(query[f"s{s}.d01"]))
-        out.append(Statistic(f"s{s}", {"moments": moments, "set": set_name,
-                                       "n": np.array([np.sum(y == 0), np.sum(y == 1)])},
-                             n=len(y), counts=("n",), patients=list(common.astype(str)),
-                             family=disclosure.family(
-                                 "validation.placements", wanted, runs_of(query),
-                                 query[f"s{s}.d10"], query[f"s{s}.d01"],
-                                 *[edges_for(query, m) for m in wanted])))
+        out.append(_set_moments(f"s{s}", set_name, [models[m] for m in wanted],
+                                [edges_for(query, m) for m in wanted],
+                                query.get(f"s{s}.d10"), query.get(f"s{s}.d01"), min_cell))
     return out
+
+
+def _member(session: SiteSession, set_name: str) -> bool:
+    """Whether this site is one of a comparison set's sites (as `server.validation`
+    makes them: pooled, training = train role, external = external role and not train)."""
+    roles = set(session.site.config.roles)
+    return (set_name == "pooled" or (set_name == "training" and "train" in roles)
+            or (set_name == "external" and "external" in roles and "train" not in roles)
+            or set_name == f"site:{session.site_id}")
+
+
+def _set_moments(key: str, set_name: str, scores: list[Scores], grids: list[np.ndarray],
+                 d10: object, d01: object, min_cell: int) -> Statistic:
+    d10, d01 = val.check_placements(d10, d01, [len(e) - 1 for e in grids])
+    common = scores[0].patients
+    for model in scores[1:]:
+        common = common.intersection(model.patients, sort=False)
+    y = pd.Series(scores[0].y, index=scores[0].patients).loc[common].to_numpy()
+    values = np.zeros((2, len(scores), len(common)))  # [D01 of negatives, D10 of positives]
+    exact = True
+    for a, (model, edges) in enumerate(zip(scores, grids, strict=True)):
+        keep = roc.site_edges(edges, len(model.y), min_cell)
+        score = pd.Series(model.score, index=model.patients).loc[common].to_numpy()
+        coarse = val.bin_index(score, edges[keep])
+        for g, rows in ((0, d01), (1, d10)):
+            mine = y == g
+            first, last, _ = roc.coarsen(np.bincount(coarse[mine], minlength=len(keep) - 1),
+                                         min_cell)
+            cell, constant = val.cell_values(rows[a], keep[coarse[mine]], keep[first],
+                                             keep[last + 1] - 1)
+            values[g, a, mine] = cell
+            exact &= constant
+    moments = val.local_cell_moments(values[0], values[1], y)
+    return Statistic(key, {"moments": moments, "set": set_name,
+                           "n": np.array([np.sum(y == 0), np.sum(y == 1)]),
+                           "exact": int(exact)},
+                     n=len(y), counts=("n",), patients=list(common.astype(str)),
+                     family=disclosure.family("validation.placements", set_name,
+                                              *sorted(m.digest for m in scores)),
+                     grid=_pinned(d10, d01))
+
+
+def _pinned(d10: np.ndarray, d01: np.ndarray) -> np.ndarray:
+    """The placements a set's sums were evaluated at, as the ledger's grid: three edges
+    0 < u < 1, u a digest of the arrays. Two different placements of one set over the same
+    patients are then not nested, and the ledger refuses the second: a site releases one
+    set's sums for one pooled placement function, so repeated queries with chosen
+    placements cannot solve for the joint table of its patients' cells under two models
+    (each sum is one equation in it). A re-run over the same pool asks the same ones."""
+    h = hashlib.sha256(np.ascontiguousarray(d10).tobytes())
+    h.update(np.ascontiguousarray(d01).tobytes())
+    u = (int(h.hexdigest()[:13], 16) + 1) / (16**13 + 2)
+    return np.array([0.0, u, 1.0])
 
 
 def listed(value: object) -> list[str]:

@@ -445,6 +445,7 @@ def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores
                 complete = False
                 continue
             complete &= _same_patients(part, scores[site], models)
+            complete &= int(part.get("exact", 1)) == 1  # placements constant on its cells
             moments.append(part["moments"])
         pairs = list(itertools.combinations(range(len(models)), 2))
         if len(moments) != len(members):

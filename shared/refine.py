@@ -123,6 +123,7 @@ class SiteRelease:
     first: tuple[np.ndarray, np.ndarray]
     last: tuple[np.ndarray, np.ndarray]
     count: tuple[np.ndarray, np.ndarray]
+    own: np.ndarray | None = None  # per split bin: a cell of its own (either label) before it
 
 
 def site_cells(k: np.ndarray, y: np.ndarray, bits0: np.ndarray,
@@ -133,14 +134,22 @@ def site_cells(k: np.ndarray, y: np.ndarray, bits0: np.ndarray,
     y = np.asarray(y).astype(bool)
     cells = [_first_round(k[y == g], bits0, min_cell) for g in (0, 1)]
     out: list[tuple[np.ndarray, ...]] = []
+    own = np.zeros(0, dtype=bool)
     for lo, hi in rounds:
         out = []
+        own = _own(cells, lo, hi)
         for g in (0, 1):
             cells[g], released = _refine_label(k[y == g], cells[g], lo, hi, min_cell)
             out.append(released)
     if not out:
         raise ValueError("no refinement round to answer")
-    return SiteRelease(*(tuple(o[i] for o in out) for i in range(4)))  # type: ignore[arg-type]
+    return SiteRelease(*(tuple(o[i] for o in out) for i in range(4)), own)  # type: ignore[arg-type]
+
+
+def _own(cells: list[KeyCells], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per split bin [lo, hi): is it one of the site's cells (of either label)?"""
+    mine = {(int(a), int(b)) for c in cells for a, b in zip(c.lo, c.hi, strict=True)}
+    return np.array([(int(a), int(b)) in mine for a, b in zip(lo, hi, strict=True)], dtype=bool)
 
 
 def _first_round(k: np.ndarray, bits0: np.ndarray, min_cell: int) -> KeyCells:
@@ -163,7 +172,10 @@ def _refine_label(k: np.ndarray, cells: KeyCells, lo: np.ndarray, hi: np.ndarray
         if cell is None:
             continue  # no cell of its own here (none, or inside a merged cell)
         inside = k[(k >= a) & (k < b)]
-        first, last, count = sparse_coarsen((inside - a) // width[s], min_cell)
+        sub = (inside - a) // width[s]
+        first, last, count = sparse_coarsen(sub, min_cell)
+        if min_cell > 1 and not _tied_groups(inside, sub, first, last):
+            continue  # its sub-cells' bounds would be patients' scores: the cell stays whole
         keep[cell] = False
         for f, la, c in zip(first.tolist(), last.tolist(), count.tolist(), strict=True):
             new.append((a + f * int(width[s]), min(a + (la + 1) * int(width[s]), b), c))
@@ -178,12 +190,30 @@ def _refine_label(k: np.ndarray, cells: KeyCells, lo: np.ndarray, hi: np.ndarray
             (rel[:, 0], rel[:, 1], rel[:, 2], rel[:, 3]))
 
 
-def one_value(k: np.ndarray, lo: np.ndarray, hi: np.ndarray, min_cell: int) -> np.ndarray:
+def _tied_groups(inside: np.ndarray, sub: np.ndarray, first: np.ndarray,
+                 last: np.ndarray) -> bool:
+    """Whether every sub-cell holds patients of one score value only. A sub-cell of several
+    values has its first and last sub-bin at its lowest and highest patient's score (to
+    2⁻³² of the bin): order statistics of real patients. A tie of min_cell_count or more
+    patients at one value is theirs together, as a histogram cell's count is."""
+    for f, la in zip(first.tolist(), last.tolist(), strict=True):
+        group = inside[(sub >= f) & (sub <= la)]
+        if f != la or group.min() != group.max():
+            return False
+    return True
+
+
+def one_value(k: np.ndarray, lo: np.ndarray, hi: np.ndarray, min_cell: int,
+              own: np.ndarray | None = None) -> np.ndarray:
     """Per split bin: 1 when all the site's patients in it share one value, 0 when not,
-    −1 (withheld) when it holds fewer than max(min_cell, 1) of them. int8."""
+    −1 (withheld) when it holds fewer than max(min_cell, 1) of them or is not one of the
+    site's cells (`own`; `SiteRelease.own`): asked of any key interval, the flag would say
+    whether fewer than min_cell_count patients lie in it, and bisection would find them."""
     out = np.full(len(lo), -1, dtype=np.int8)
     for s, (a, b) in enumerate(zip(np.asarray(lo).tolist(), np.asarray(hi).tolist(),
                                    strict=True)):
+        if own is not None and not own[s]:
+            continue
         inside = k[(k >= a) & (k < b)]
         if len(inside) >= max(min_cell, 1):
             out[s] = int(inside.min() == inside.max())

@@ -20,12 +20,64 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.queries.bounds import max_bins
+from shared.queries.params import QueryRejected
+
 DEFAULT_BINS = 200
 
 
 def grid(bins: int = DEFAULT_BINS) -> np.ndarray:
     """Edges of the shared score grid on [0, 1]."""
     return np.linspace(0.0, 1.0, bins + 1)
+
+
+def checked_grid(edges: object, what: str = "score grid") -> np.ndarray:
+    """A grid as the server sent it, or QueryRejected: 1-D, finite, strictly increasing,
+    from 0 (or below) to 1 (or above), so that every probability lies in a bin and a grid
+    cannot pile the scores into its outer bins."""
+    grid = np.asarray(edges, dtype=np.float64) if isinstance(edges, list | tuple | np.ndarray) \
+        else np.zeros(0)
+    if grid.ndim != 1 or len(grid) < 2 or not np.all(np.isfinite(grid)):
+        raise QueryRejected(f"{what}: needs two or more finite edges")
+    if np.any(np.diff(grid) <= 0):
+        raise QueryRejected(f"{what}: edges must be strictly increasing")
+    if grid[0] > 0.0 or grid[-1] < 1.0:
+        raise QueryRejected(f"{what}: must cover [0, 1] (from {grid[0]:g} to {grid[-1]:g})")
+    return grid
+
+
+def resolution(n: int, min_cell: int) -> int | None:
+    """The most bins a site with `n` scored patients bins them in (`max_bins`: no more bins
+    than could each hold min_cell_count of them). None at min_cell_count 1: that policy lets
+    single patients' cells leave, and refinement resolves them to their float value anyway."""
+    return None if min_cell <= 1 else max_bins(n, min_cell)
+
+
+def site_edges(edges: np.ndarray, n: int, min_cell: int) -> np.ndarray:
+    """Indices of the edges of `edges` a site bins in: all of them within its `resolution`,
+    else every k-th (and the last), k the smallest that brings the bins within it. The
+    coarser grid depends on the server's grid and the site's n only, never on where its
+    scores lie, and every coarse cell is a range of the server's bins."""
+    bins = len(edges) - 1
+    bound = resolution(n, min_cell)
+    if bound is None or bins <= bound:
+        return np.arange(len(edges))
+    k = -(-bins // bound)
+    return np.unique(np.r_[np.arange(0, bins, k), bins])
+
+
+def site_cells(scores: np.ndarray, y: np.ndarray, edges: np.ndarray, n: int,
+               min_cell: int) -> tuple[Cells, Cells]:
+    """A site's released cells of each label on the server's grid `edges`: its histogram on
+    the grid bounded to its resolution (`site_edges`), coarsened to min_cell_count
+    (`coarsen`); first/last are indices of the server's grid bins."""
+    keep = site_edges(edges, n, min_cell)
+    hist = local_histogram(scores, y, np.asarray(edges)[keep])
+    out = []
+    for g in (0, 1):
+        first, last, count = coarsen(hist[g], min_cell)
+        out.append((keep[first], keep[last + 1] - 1, count))
+    return out[0], out[1]
 
 
 def local_histogram(scores: np.ndarray, y: np.ndarray, edges: np.ndarray) -> np.ndarray:

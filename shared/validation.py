@@ -38,6 +38,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from shared import roc
+from shared.queries.params import QueryRejected
 
 GROUPS = 2  # label 0 (negative) and label 1 (positive)
 
@@ -93,6 +94,65 @@ def local_placement_moments(bins: np.ndarray, y: np.ndarray, d10: np.ndarray,
     rows = np.arange(len(bins))[:, None]
     neg = np.asarray(d01)[rows, bins[:, ~y]]  # (k, n0)
     pos = np.asarray(d10)[rows, bins[:, y]]  # (k, n1)
+    return np.stack([neg @ neg.T, pos @ pos.T])
+
+
+PLACEMENT_TOL = 1e-9  # rounding of a pooled histogram's cumulative sums
+
+
+def check_placements(d10: object, d01: object, bins: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The placement deviations a query sends for k models on grids of `bins` bins, as
+    (d10, d01) arrays, or QueryRejected. They must be what `placement_deviations` makes of
+    a pooled histogram: k rows (one per model), finite, each model's row V − AUC of a
+    placement V in [0, 1] (so within [−1, 1] and spanning at most 1), D10 non-decreasing
+    and D01 non-increasing over the model's bins, zeros after them (`_padded`). A one-hot
+    row, or a row that picks bins, is none of these."""
+    out = []
+    for name, value, sign in (("d10", d10, 1.0), ("d01", d01, -1.0)):
+        rows = np.asarray(value, dtype=np.float64) if isinstance(value, np.ndarray | list) \
+            else np.zeros((0, 0))
+        if rows.ndim != 2 or rows.shape[0] != len(bins) or rows.shape[1] < max(bins, default=0):
+            raise QueryRejected(f"placements {name}: shape {rows.shape} does not fit "
+                                f"{len(bins)} models of {max(bins, default=0)} bins")
+        if not np.all(np.isfinite(rows)) or np.any(np.abs(rows) > 1 + PLACEMENT_TOL):
+            raise QueryRejected(f"placements {name}: values beyond [-1, 1]")
+        for a, b in enumerate(bins):
+            row = rows[a, :b]
+            if np.any(sign * np.diff(row) < -PLACEMENT_TOL) or np.ptp(row) > 1 + PLACEMENT_TOL \
+                    or np.any(rows[a, b:] != 0):
+                raise QueryRejected(f"placements {name}: model {a}'s row is not the placement "
+                                    "of a pooled histogram (monotone, spanning at most 1)")
+        out.append(rows)
+    return out[0], out[1]
+
+
+def cell_values(row: np.ndarray, index: np.ndarray, cells_first: np.ndarray,
+                cells_last: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Per patient, the mean of `row` over the grid bins of the cell the patient is in
+    (cells as (first, last) bin ranges, in order, holding every patient's bin `index`), and
+    whether `row` is constant on every cell (the mean is then each patient's own bin's).
+
+    A site evaluates the server's placements per released cell, not per bin: a sum over its
+    patients is then a function of its cells and counts, which the server already has, and
+    no placement can pick out a bin inside a cell."""
+    row = np.asarray(row, dtype=np.float64)
+    first, last = np.asarray(cells_first, np.int64), np.asarray(cells_last, np.int64)
+    if not len(first):
+        return np.zeros(len(index)), True
+    total = np.r_[0.0, np.cumsum(row)]
+    mean = (total[last + 1] - total[first]) / (last - first + 1)
+    cell = np.searchsorted(first, np.asarray(index, np.int64), side="right") - 1
+    constant = all(np.ptp(row[f:la + 1]) <= PLACEMENT_TOL for f, la in zip(first, last,
+                                                                             strict=True))
+    return mean[cell], constant
+
+
+def local_cell_moments(values01: np.ndarray, values10: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`local_placement_moments` from per-patient placement values (k × n: a negative's
+    D01, a positive's D10, each already evaluated on its cell, `cell_values`)."""
+    y = np.asarray(y).astype(bool)
+    neg = np.atleast_2d(values01)[:, ~y]
+    pos = np.atleast_2d(values10)[:, y]
     return np.stack([neg @ neg.T, pos @ pos.T])
 
 

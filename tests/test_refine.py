@@ -203,10 +203,12 @@ def test_coarsened_sites_give_a_raw_score_bound_and_not_exact(tmp_path: Path) ->
             block = v[model][name]
             assert block["exact"] is False
             assert block["auc_bound"][0] <= truth <= block["auc_bound"][1]
-    # every count a site sent in a refinement round is >= 5 (the guard's cell rule held)
+    # issue 25: a site of n patients bins its scores in at most n // 5 bins (every k-th edge
+    # of the 200-bin grid), so no first-round cell is a single bin that a round could split
+    assert v["refinement"]["rounds"] == 0
     audit = [yaml.safe_load(line) for line in
              (tmp_path / "sites" / "site-1" / "audit" / "egress.jsonl").read_text().splitlines()]
-    assert any(r["message_type"] == f"query.{schema.SCORES_REFINE}" for r in audit)
+    assert not any(r["message_type"] == f"query.{schema.SCORES_REFINE}" for r in audit)
 
 
 # ----------------------------------------------------------------- the protocol, any inputs
@@ -240,11 +242,11 @@ class Sites:
 
 def first_cells(score: np.ndarray, y: np.ndarray, edges: np.ndarray,
                 min_cell: int) -> tuple[refine.KeyCells, ...]:
-    """A site's first-round cells, as `client.validation.validation_scores` makes them."""
-    hist = roc.local_histogram(score, y, edges)
+    """A site's first-round cells, as `client.validation.validation_scores` makes them (on
+    the grid within the site's resolution, `roc.site_edges`)."""
     bits = refine.bit_edges(edges)
-    return tuple(refine.KeyCells.from_grid(*roc.coarsen(hist[g], min_cell), bits)
-                 for g in (0, 1))
+    return tuple(refine.KeyCells.from_grid(*cells, bits)
+                 for cells in roc.site_cells(score, y, edges, len(y), min_cell))
 
 
 def scores_strategy() -> st.SearchStrategy:

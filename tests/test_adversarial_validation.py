@@ -1,0 +1,243 @@
+"""Issue 25, attack classes 4 and 5 (validation): a hostile coordinator calls a default-policy
+site's handlers (`client.handlers.serve`) directly and tries to read its patients' model
+scores and labels out of the validation and refinement queries.
+
+The site: 38 patients, the default policy (min_patients 10, min_cell_count 3, min_difference
+10), an outside model's float64 scores in `predictions.csv`. What an attacker learns is
+compared with that file, not with refusal strings.
+
+Before the fix (commit 862bbee) these tests recovered:
+- 4a: a 100,000-bin grid with each cell's first/last bin, Σscore and Σscore² gave 38/38
+  (score, label) pairs to within 1e-4;
+- 4b: `validation_moments` with the model listed 20 times and one-hot placement rows gave the
+  uncoarsened per-bin counts of both labels on a 100-bin grid (every bin right, 29 cells of 1
+  or 2 patients);
+- 4c: a 3-bin grid and its sub-histograms (`scores_refine`) gave cells whose first/last
+  sub-bins pinned the extreme patients' scores (with the cell's Σ and Σ² from round 1: 36/38
+  scores);
+- 5: a grid shifted from a released one, refused by the ledger, was released with
+  `runs: ["x"]` and under a new run id (cells of 1–2 patients from the two grids together).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from client.handlers import serve
+from client.session import clear_sessions
+from shared import refine, roc, schema
+from shared.schema import nest
+
+N = 38
+MODEL = "m_a"
+
+
+def write_site(root: Path, seed: int = 5) -> tuple[Path, pd.DataFrame]:
+    """A default-policy site (its privacy block empty) with one outside model's scores."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.r_[np.zeros(N // 2, int), np.ones(N - N // 2, int)])
+    score = 1 / (1 + np.exp(-(1.2 * y - 0.6 + rng.normal(0, 1, N))))
+    frame = pd.DataFrame({"patient_id": [f"p{i:03d}" for i in range(N)], "label": y,
+                          "score": [float(repr(float(s))) for s in score]})
+    folder = root / "site-a"
+    folder.mkdir(parents=True)
+    (folder / "site.yaml").write_text(yaml.safe_dump(
+        {"site_id": "site-a", "roles": ["external"], "time_unit": "days"}))
+    frame[["patient_id", "label"]].to_csv(folder / "clinical.csv", index=False)
+    pd.DataFrame({"patient_id": frame.patient_id, "model": MODEL,
+                  "score": [repr(s) for s in frame.score]}).to_csv(
+        folder / "predictions.csv", index=False)
+    clear_sessions()
+    return folder, frame
+
+
+def ask(folder: Path, action: str, query: dict, run_id: str = "r1") -> dict:
+    return serve(folder, action, {"task": "label", "needs": ["predictions?"], **query}, run_id)
+
+
+def matched(recovered: list[tuple[float, int]], truth: pd.DataFrame, tol: float = 1e-4) -> int:
+    """How many of the site's (score, label) pairs the attacker holds to within `tol`
+    (one recovered pair per patient)."""
+    left = list(recovered)
+    hits = 0
+    for s, y in zip(truth.score, truth.label, strict=True):
+        best = next((i for i, (r, g) in enumerate(left) if g == y and abs(r - s) < tol), None)
+        if best is not None:
+            hits += 1
+            left.pop(best)
+    return hits
+
+
+def cells_of(reply: dict, prefix: str) -> list[tuple[int, int, int, int, float, float]]:
+    """(label, first, last, count, Σscore, Σscore²) of every released cell."""
+    out = []
+    for g in (0, 1):
+        keys = [f"{prefix}.{k}{g}" for k in ("first", "last", "count", "sum", "sq")]
+        if all(k in reply for k in keys):
+            out += [(g, *row) for row in zip(*(np.asarray(reply[k]).tolist() for k in keys),
+                                             strict=True)]
+    return out
+
+
+def solve_cell(lo: float, hi: float, count: int, total: float, squares: float) -> list[float]:
+    """A cell's scores from its range and moments: the extremes at the centres of its first
+    and last bin, the (at most two) others from Σ and Σ²."""
+    if count == 1:
+        return [total]
+    inner = count - 2
+    ends = [lo, hi] if count > 1 else []
+    s, q = total - sum(ends), squares - sum(e * e for e in ends)
+    if inner == 0:
+        return ends
+    if inner == 1:
+        return [*ends, s]
+    if inner == 2:  # a + b = s, a² + b² = q
+        disc = max(2 * q - s * s, 0.0)
+        return [*ends, (s - np.sqrt(disc)) / 2, (s + np.sqrt(disc)) / 2]
+    return [*ends, *[s / inner] * inner]  # more than 4: a guess
+
+
+# --------------------------------------------------------------------------- class 4
+
+
+def test_4a_a_fine_grid_with_cell_moments_gives_no_score(tmp_path: Path) -> None:
+    folder, truth = write_site(tmp_path)
+    bins = 100_000
+    reply = ask(folder, schema.VALIDATION_SCORES, {"bins": bins, "models": [MODEL]})
+    edges = roc.grid(bins)
+    width = edges[1] - edges[0]
+    recovered = []
+    for g, first, last, count, total, squares in cells_of(reply, "m0.g0"):
+        lo, hi = edges[first] + width / 2, edges[last] + width / 2
+        recovered += [(s, g) for s in solve_cell(lo, hi, count, total, squares)]
+    # 862bbee: 38/38 pairs to within 1e-4
+    assert matched(recovered, truth) == 0
+    # what it may learn: cells of >= 3 patients whose bounds lie on a grid of at most
+    # n // min_cell_count = 12 bins
+    cells = cells_of(reply, "m0.g0")
+    assert cells and all(c[3] >= 3 for c in cells)
+    bounds = {c[1] for c in cells} | {c[2] + 1 for c in cells} | {0, bins}
+    assert len(bounds) <= N // 3 + 1
+
+
+def per_bin_counts_by_one_hot(folder: Path, bins: int) -> np.ndarray | None:
+    """Class 4b: the model listed 20 times, row j of the placements one-hot on bin b + j:
+    the diagonal of each label's k × k sum is that label's count in each bin."""
+    counts = np.zeros((2, bins))
+    for start in range(0, bins, 20):
+        rows = np.zeros((20, bins))
+        rows[np.arange(20), start + np.arange(20)] = 1.0
+        reply = ask(folder, schema.VALIDATION_MOMENTS, {
+            "sets": ["pooled"], "s0.models": [MODEL] * 20, "grid.models": [MODEL],
+            "grid.e0": roc.grid(bins), "s0.d10": rows, "s0.d01": rows}, f"m{start}")
+        if "s0.moments" not in reply:
+            return None
+        moments = np.asarray(reply["s0.moments"])
+        counts[0, start:start + 20] = np.diag(moments[0])
+        counts[1, start:start + 20] = np.diag(moments[1])
+    return counts
+
+
+def test_4b_one_model_listed_twenty_times_with_one_hot_rows(tmp_path: Path) -> None:
+    folder, truth = write_site(tmp_path)
+    bins = 100
+    learned = per_bin_counts_by_one_hot(folder, bins)
+    true = roc.local_histogram(truth.score.to_numpy(), truth.label.to_numpy(), roc.grid(bins))
+    assert (true > 0).sum() and ((true > 0) & (true < 3)).sum() >= 10  # small cells exist
+    # 862bbee: learned == true, every bin (29 cells of 1 or 2 patients)
+    assert learned is None or not np.array_equal(learned, true)
+    if learned is not None:
+        assert not np.any((learned > 0) & (learned < 3))
+
+
+def test_4b_placements_that_are_no_pooled_placements_are_refused(tmp_path: Path) -> None:
+    """Each model once, with rows shaped as a pooled histogram's placements would be: a
+    single one-hot row (not monotone) releases nothing."""
+    folder, _ = write_site(tmp_path)
+    row = np.zeros((1, 100))
+    row[0, 40] = 1.0
+    reply = ask(folder, schema.VALIDATION_MOMENTS, {
+        "sets": ["pooled"], "s0.models": [MODEL], "grid.models": [MODEL],
+        "grid.e0": roc.grid(100), "s0.d10": row, "s0.d01": row})
+    assert "s0.moments" not in reply
+
+
+def test_4c_sub_histograms_carry_no_patient_score(tmp_path: Path) -> None:
+    """A coarse grid, then every bin split (`scores_refine`): the sub-cells' first/last
+    sub-bins are the extreme patients' scores to 2⁻³² of the bin; with the first round's Σ
+    and Σ² the middle one follows."""
+    folder, truth = write_site(tmp_path)
+    bins = 3
+    edges = roc.grid(bins)
+    first = ask(folder, schema.VALIDATION_SCORES, {"bins": bins, "models": [MODEL]})
+    bits = refine.bit_edges(edges)
+    recovered = []
+    for g, a, b, count, total, squares in cells_of(first, "m0.g0"):
+        lo, hi = bits[a:b + 1], bits[a + 1:b + 2]
+        reply = ask(folder, schema.SCORES_REFINE, {
+            "refine.models": [MODEL], "r.m0.grid": edges, "r.m0.rounds": 1,
+            "r.m0.r0.lo": lo, "r.m0.r0.hi": hi})
+        part = nest(reply, "m0.g0")
+        if f"count{g}" not in part or not len(part[f"count{g}"]):
+            continue
+        width = refine.sub_width(lo, hi)
+        split = np.asarray(part[f"split{g}"])
+        f, la = np.asarray(part[f"first{g}"]), np.asarray(part[f"last{g}"])
+        low = refine.float_edges(lo[split] + f * width[split])
+        high = refine.float_edges(lo[split] + la * width[split])
+        if len(split) == 1 and part[f"count{g}"][0] == count:
+            recovered += [(s, g) for s in solve_cell(low[0], high[0], count, total, squares)]
+        else:
+            recovered += [(s, g) for pair in zip(low, high, strict=True) for s in pair]
+    # 862bbee: 36/38 scores exact to 1e-4 (every cell of 3 and its extremes)
+    assert matched(recovered, truth) <= 1
+
+
+# --------------------------------------------------------------------------- class 5
+
+
+def shifted_pair() -> tuple[np.ndarray, np.ndarray]:
+    a = np.linspace(0.0, 1.0, 7)
+    b = np.r_[0.0, a[1:-1] + 0.05, 1.0]
+    return a, b
+
+
+def small_cells_from_two_grids(replies: list[tuple[np.ndarray, dict]], truth: pd.DataFrame
+                               ) -> int:
+    """Patients the attacker places in an intersection of two released cells that holds
+    fewer than 3 of them (the union of two shifted grids): counted against the truth."""
+    if len(replies) < 2:
+        return 0
+    (ea, ra), (eb, rb) = replies
+    cuts = np.unique(np.r_[ea, eb])
+    learned = 0
+    for g in (0, 1):
+        got = [c for c in cells_of(ra, "m0.g0") if c[0] == g], \
+            [c for c in cells_of(rb, "m0.g0") if c[0] == g]
+        if not all(got):
+            continue
+        s = truth.score[truth.label == g].to_numpy()
+        count = np.histogram(s, cuts)[0]
+        learned += int(np.sum(count[(count > 0) & (count < 3)]))
+    return learned
+
+
+@pytest.mark.parametrize("bypass", ["runs", "run_id"])
+def test_5_a_refused_shifted_grid_stays_refused(tmp_path: Path, bypass: str) -> None:
+    folder, truth = write_site(tmp_path)
+    a, b = shifted_pair()
+    base = {"models": [MODEL], "grid.models": [MODEL]}
+    first = ask(folder, schema.VALIDATION_SCORES, {**base, "grid.e0": a})
+    assert "m0.g0.count0" in first
+    again = ask(folder, schema.VALIDATION_SCORES, {**base, "grid.e0": b})
+    assert "m0.g0.count0" not in again  # the ledger refuses it in the same run
+    query = {**base, "grid.e0": b, **({"runs": ["x"]} if bypass == "runs" else {})}
+    second = ask(folder, schema.VALIDATION_SCORES, query, "r2" if bypass == "run_id" else "r1")
+    released = [(a, first)] + ([(b, second)] if "m0.g0.count0" in second else [])
+    # 862bbee: both released; patients in intersections of < 3 located
+    assert small_cells_from_two_grids(released, truth) == 0
