@@ -10,13 +10,19 @@ Before the fix (commit 862bbee) these tests recovered:
 - 4a: a 100,000-bin grid with each cell's first/last bin, Σscore and Σscore² gave 38/38
   (score, label) pairs to within 1e-4;
 - 4b: `validation_moments` with the model listed 20 times and one-hot placement rows gave the
-  uncoarsened per-bin counts of both labels on a 100-bin grid (every bin right, 29 cells of 1
-  or 2 patients);
-- 4c: a 3-bin grid and its sub-histograms (`scores_refine`) gave cells whose first/last
-  sub-bins pinned the extreme patients' scores (with the cell's Σ and Σ² from round 1: 36/38
-  scores);
+  uncoarsened per-bin counts of both labels on a 100-bin grid (every bin right: 34 non-empty
+  bins, each of 1 or 2 patients); a single one-hot row was answered too;
+- 4c: a 3-bin grid and its sub-histograms (`scores_refine`): the sub-cells' first/last
+  sub-bins are the extreme patients' scores, 17/38 (score, label) pairs exact;
+- 4d: `scores_refine`'s one-value flags asked for every interval of a 300-point grid located
+  31 bins holding one or two patients;
+- 4e: placement sums for the same set were answered for any number of placement functions;
 - 5: a grid shifted from a released one, refused by the ledger, was released with
-  `runs: ["x"]` and under a new run id (cells of 1–2 patients from the two grids together).
+  `runs: ["x"]` and under a new run id: 16 patients in intersections of the two grids'
+  cells holding fewer than 3.
+
+After the fix: 0/38 pairs, no per-bin count, 0 scores, no located bin, one placement function
+per set, 0 patients (each test's last assertion).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from shared.schema import nest
 
 N = 38
 MODEL = "m_a"
+OTHER = "m_b"
 
 
 def write_site(root: Path, seed: int = 5) -> tuple[Path, pd.DataFrame]:
@@ -49,8 +56,10 @@ def write_site(root: Path, seed: int = 5) -> tuple[Path, pd.DataFrame]:
     (folder / "site.yaml").write_text(yaml.safe_dump(
         {"site_id": "site-a", "roles": ["external"], "time_unit": "days"}))
     frame[["patient_id", "label"]].to_csv(folder / "clinical.csv", index=False)
-    pd.DataFrame({"patient_id": frame.patient_id, "model": MODEL,
-                  "score": [repr(s) for s in frame.score]}).to_csv(
+    other = 1 / (1 + np.exp(-(0.8 * y - 0.4 + rng.normal(0, 1, N))))
+    pd.concat([pd.DataFrame({"patient_id": frame.patient_id, "model": m, "score": v})
+               for m, v in ((MODEL, [repr(s) for s in frame.score]),
+                            (OTHER, [repr(float(s)) for s in other]))]).to_csv(
         folder / "predictions.csv", index=False)
     clear_sessions()
     return folder, frame
@@ -196,6 +205,51 @@ def test_4c_sub_histograms_carry_no_patient_score(tmp_path: Path) -> None:
             recovered += [(s, g) for pair in zip(low, high, strict=True) for s in pair]
     # 862bbee: 36/38 scores exact to 1e-4 (every cell of 3 and its extremes)
     assert matched(recovered, truth) <= 1
+
+
+def test_4d_one_value_flags_of_chosen_intervals_locate_no_patient(tmp_path: Path) -> None:
+    """`one_value` is −1 for a split bin holding fewer than 3 of the site's patients. Asked
+    for every interval [x_i, x_j) of a 300-point grid in one message, the shortest interval
+    from each x_i holding 3 patients ends in the bin of a patient."""
+    folder, truth = write_site(tmp_path)
+    x = np.linspace(0.0, 1.0, 301)
+    i, j = np.triu_indices(len(x), k=1)
+    keys = refine.keys(x)
+    reply = ask(folder, schema.SCORES_REFINE, {
+        "refine.models": [MODEL], "r.m0.grid": np.array([0.0, 1.0]), "r.m0.rounds": 1,
+        "r.m0.r0.lo": keys[i], "r.m0.r0.hi": keys[j]})
+    flags = np.asarray(reply.get("m0.flags.one_value", np.full(len(i), -1)))
+    occupied = set()
+    for start in range(len(x)):
+        ends = j[(i == start) & (flags >= 0)]
+        if len(ends):
+            occupied.add(int(ends.min()) - 1)  # the bin of the 3rd patient from x_start
+    true = np.histogram(truth.score, x)[0]
+    small = {b for b in occupied if 0 < true[b] < 3}
+    # 862bbee: 31 bins holding one or two patients located
+    assert len(small) == 0
+
+
+def test_4e_a_set_releases_its_sums_for_one_placement_function(tmp_path: Path) -> None:
+    """Two models, each once, monotone placements: each message's cross sum is one equation
+    in the joint table of the patients' cells under the two models. The site answers a set
+    for one placement function (the same again in a re-run), not for a second."""
+    folder, _ = write_site(tmp_path)
+    grid = roc.grid(12)
+
+    def step(at: int, rising: bool) -> np.ndarray:
+        row = (np.arange(12) >= at).astype(float)
+        return np.stack([row - 0.5, row - 0.5]) if rising else np.stack([0.5 - row] * 2)
+
+    def moments(at: int, run: str) -> dict:
+        return ask(folder, schema.VALIDATION_MOMENTS, {
+            "sets": ["pooled"], "s0.models": [MODEL, OTHER], "grid.models": [MODEL, OTHER],
+            "grid.e0": grid, "grid.e1": grid, "s0.d10": step(at, True),
+            "s0.d01": step(at, False)}, run)
+
+    assert "s0.moments" in moments(6, "r1")
+    assert "s0.moments" in moments(6, "r2")  # the same placements again: a re-run
+    assert all("s0.moments" not in moments(at, f"r{at}") for at in (3, 4, 5, 7, 8))
 
 
 # --------------------------------------------------------------------------- class 5
