@@ -228,12 +228,12 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
     _save_predictions(session, str(query.get("run_id", "run")), data, scores, kind,
                       source_of(query))
     edges = roc.grid(int(query.get("bins", roc.DEFAULT_BINS)))
-    hist = roc.local_histogram(scores, data.y, edges)
     min_cell = session.site.config.privacy.min_cell_count
+    cells = roc.site_cells(scores, data.y, edges, len(data.y), min_cell)  # its resolution
     out = []
     family = disclosure.query_family("radiomics.score", query, drop=("bins",))
     for label in (0, 1):
-        first, last, counts = roc.coarsen(hist[label], min_cell)
+        first, last, counts = cells[label]
         out.append(Statistic(f"hist{label}", {"first": first, "last": last, "count": counts},
                              n=int(np.sum(data.y == label)), counts=("count",),
                              patients=[str(p) for p in data.patients[data.y == label]],

@@ -182,10 +182,10 @@ def _bce_sum(probs: np.ndarray, y: np.ndarray) -> float:
 def histograms(scores: np.ndarray, y: np.ndarray, min_cell: int,
                bins: int = roc.DEFAULT_BINS) -> list[Statistic]:
     """Per label, the scores' histogram on the shared grid, coarsened to min_cell."""
-    hist = roc.local_histogram(scores, y, roc.grid(bins))
+    cells = roc.site_cells(scores, y, roc.grid(bins), len(y), min_cell)  # its resolution
     out = []
     for label in (0, 1):
-        first, last, counts = roc.coarsen(hist[label], min_cell)
+        first, last, counts = cells[label]
         out.append(Statistic(f"hist{label}", {"first": first, "last": last, "count": counts},
                              n=int(np.sum(y == label)), counts=("count",)))
     return out
