@@ -6,6 +6,14 @@ an external one), or an outside model's column in the site's own `predictions.cs
 never leave: the server gets per (model, patient group) label-stratified histograms on its
 grid (coarsened to the site's min_cell_count), and in a second round the sums the paired
 DeLong test needs.
+
+The coordinator is not trusted (issue 25). A grid is checked (`shared.roc.checked_grid`)
+and binned at no more than n // min_cell_count bins (`shared.roc.site_edges`: every k-th of
+the server's edges), so a cell's first/last bin and its Σscore, Σscore² pin no patient's
+score; placements are checked and evaluated per released cell; only the comparison sets
+the site is in are answered. Ledger families name the statistic and the model's scores as
+read (`scores_digest`), not run ids, `runs` or the task: a grid shifted from one released
+over the same patients stays refused whatever run it is asked under.
 """
 
 from __future__ import annotations

@@ -22,7 +22,18 @@ where its previous release had that exact bin as a cell of its own: a bin inside
 cell stays merged, so no release can be subtracted from an earlier one to expose a cell
 below min_cell_count. Per split bin the site also says whether all its patients in it share
 one value (`one_value`: 1 / 0, or −1 — withheld — when it holds fewer than min_cell_count
-patients there); no value is sent.
+patients there or is not one of its cells); no value is sent.
+
+Above min_cell_count 1 (issue 25) a sub-cell's first and last sub-bin would be its lowest
+and highest patient's score to 2⁻³² of the bin — order statistics of real patients. There a
+bin's sub-cells are released only when each is a tie: ≥ min_cell_count patients of one
+label sharing one float64 value (theirs together, like a histogram cell's count); a bin of
+several values stays one cell. The first-round grid is the server's within the site's
+resolution (`roc.site_edges`: n // min_cell_count bins), so at a site with fewer than
+bins × min_cell_count patients the first-round cells span several of the server's bins and
+no round splits them: exactness at min_cell_count ≥ 2 needs both a large site and mixed
+bins that are ties. At min_cell_count 1 nothing changed: the policy releases cells of one
+patient, and two rounds make any bin atomic.
 
 Server side. The server keeps every site's cells as key intervals, merges each round's
 sub-cells in (`merge`), and builds the refined grid from all cell bounds (`refined_edges`).

@@ -28,6 +28,14 @@ models, which no pair of histograms holds. It takes a second round: the server s
 pooled per-bin placement deviations of every model (`placement_deviations`), and each site
 returns k × k sums of their products over its own patients (`local_placement_moments`).
 Exact on the grid when the pooled histograms are; no count table crosses the wire.
+
+Under a hostile coordinator (issue 25) the site checks what it is sent before it sums:
+each model once (a model listed twenty times with one-hot rows read out the per-bin
+counts), the deviations shaped and valued as a pooled histogram's (`check_placements`:
+monotone, within [−1, 1]), and each patient's placement taken as the mean over the cell the
+site released them in (`cell_values`), so that a sum's diagonal is a function of released
+cells. Where the placements are constant on every cell (always at min_cell_count 1, and for
+a proven-exact set) the sums equal the per-bin ones; the site says so (`exact`).
 """
 
 from __future__ import annotations
