@@ -216,7 +216,7 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
             stat = _cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, keep,
                           min_cell)
             out.append(replace(stat, patients=list(scores.patients[mask].astype(str)),
-                               family=family, grid=edges[keep]))
+                               family=family, grid=pinned(edges[keep])))
         out += [Statistic(f"m{i}.g{len(masks) + j}", {}, n=None, refused=why)
                 for j, why in enumerate(withheld.values())]
     return out
@@ -224,8 +224,8 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
 
 def histogram_family(scores: Scores) -> str:
     """Every histogram of one model's scores is one family, whatever its grid, group, run
-    id or task: the ledger compares their patient sets and refuses a grid that shifts an
-    earlier one over the same patients."""
+    id or task: the ledger compares their patient sets and, over the same patients,
+    releases them on one grid only (`pinned`)."""
     return disclosure.family("validation.histogram", scores.digest)
 
 
@@ -241,8 +241,8 @@ def _cells(name: str, score: np.ndarray, y: np.ndarray, edges: np.ndarray, keep:
     sums, squares = val.local_score_sums(score, y, coarse)
     values: dict = {}
     for label in (0, 1):
-        first, last, count = roc.coarsen(hist[label], min_cell)
-        # a merged cell's sums: its bins' (bins between cells are empty, so reduceat fits)
+        first, last, count = roc.cells_of(hist[label], min_cell)
+        # a cell's sums: its bins' (cells are runs of bins, the bins between them empty)
         values.update({f"first{label}": keep[first], f"last{label}": keep[last + 1] - 1,
                        f"count{label}": count,
                        f"sum{label}": _cell_sums(sums[label], first),
@@ -312,8 +312,8 @@ def _set_moments(key: str, set_name: str, scores: list[Scores], grids: list[np.n
         coarse = val.bin_index(score, edges[keep])
         for g, rows in ((0, d01), (1, d10)):
             mine = y == g
-            first, last, _ = roc.coarsen(np.bincount(coarse[mine], minlength=len(keep) - 1),
-                                         min_cell)
+            first, last, _ = roc.cells_of(np.bincount(coarse[mine], minlength=len(keep) - 1),
+                                          min_cell)
             cell, constant = val.cell_values(rows[a], keep[coarse[mine]], keep[first],
                                              keep[last + 1] - 1)
             values[g, a, mine] = cell
@@ -325,22 +325,26 @@ def _set_moments(key: str, set_name: str, scores: list[Scores], grids: list[np.n
                      n=len(y), counts=("n",), patients=list(common.astype(str)),
                      family=disclosure.family("validation.placements", set_name,
                                               *sorted(m.digest for m in scores)),
-                     grid=_pinned(d10, d01))
+                     grid=pinned(d10, d01))
 
 
-def _pinned(d10: np.ndarray, d01: np.ndarray) -> np.ndarray:
-    """The placements a set's sums were evaluated at, as the ledger's grid: three edges
-    0 < u < 1, u a digest of the arrays. Two different placements of one set over the same
-    patients are then not nested, and the ledger refuses the second: a site releases one
-    set's sums for one pooled placement function, so repeated queries with chosen
-    placements cannot solve for the joint table of its patients' cells under two models
-    (each sum is one equation in it). A re-run over the same pool asks the same ones."""
-    h = hashlib.sha256(np.ascontiguousarray(d10).tobytes())
-    h.update(np.ascontiguousarray(d01).tobytes())
+def pinned(*arrays: np.ndarray) -> np.ndarray:
+    """What a statistic was evaluated on (a grid, placement rows), as the ledger's grid:
+    three edges 0 < u < 1, u a digest of the arrays. Two different ones are never nested,
+    so over the same patients the ledger releases a family for one of them only; the same
+    one again (a re-run) passes.
+
+    Why not the edges themselves: the ledger lets nested grids pass (one refines the
+    other), but a site's cells are merged to min_cell_count, and a coarser grid's cell
+    minus the finer grid's merged one is a cell of one or two patients. For placements: each
+    set's sums are one equation in the joint table of the patients' cells under two models;
+    one placement function per set keeps a coordinator from solving for it."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        h.update(b"\x00")
     u = (int(h.hexdigest()[:13], 16) + 1) / (16**13 + 2)
     return np.array([0.0, u, 1.0])
-
-
 def listed(value: object) -> list[str]:
     if value is None or value == "":
         return []

@@ -329,14 +329,41 @@ def _missing(scores: dict[str, SiteScores], sites: list[str], model: str, group:
     return sorted(s for s in sites if group in scores[s].refused.get(model, {}))
 
 
-def pooled_histogram(parts: list[Cells], bins: int) -> tuple[np.ndarray, np.ndarray,
-                                                             np.ndarray, bool]:
-    """(2 × bins) counts, Σscore and Σscore² per (label, grid bin) over the sites' cells."""
-    spread = {value: [roc.expand([p.of(g, value) for p in parts], bins) for g in (0, 1)]
-              for value in ("count", "sum", "sq")}
-    counts, sums, squares = (np.stack([c for c, _ in spread[v]]) for v in ("count", "sum", "sq"))
-    exact = all(e for _, e in spread["count"])
-    return counts, sums, squares, exact
+def pooled_histogram(parts: list[Cells], edges: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray, bool]:
+    """(2 × bins) counts, Σscore and Σscore² per (label, grid bin) over the sites' cells: a
+    cell spanning several bins in the bin of its mean score where its sums are on its
+    cells (`roc.place_at_means`), else spread evenly over them (`roc.expand`: refined
+    cells, whose sums stayed on the first round's)."""
+    bins = len(edges) - 1
+    out = np.zeros((3, 2, bins))
+    exact = True
+    for p in parts:
+        for g in (0, 1):
+            if not _sums_on_cells(p, g):
+                for v, value in enumerate(("count", "sum", "sq")):
+                    spread, whole = roc.expand([p.of(g, value)], bins)
+                    out[v, g] += spread
+                    exact &= whole or v > 0
+            else:
+                placed = roc.place_at_means(p.of(g), p.of(g, "sum")[2], p.of(g, "sq")[2], edges)
+                for v in range(3):
+                    out[v, g] += placed[v]
+                first, last, count = p.of(g)
+                exact &= bool(np.all((np.asarray(first) == np.asarray(last))
+                                     | (np.asarray(count) == 0)))
+    return out[0], out[1], out[2], exact
+
+
+def _sums_on_cells(cells: Cells, g: int) -> bool:
+    """Whether a site's label-g sums are on its count cells (not refined apart from them)."""
+    p = cells.payload
+    if f"sum{g}" not in p:
+        return False
+    if f"sfirst{g}" not in p:
+        return True
+    return all(np.array_equal(np.asarray(p[f"s{e}{g}"]), np.asarray(p[f"{e}{g}"]))
+               for e in ("first", "last"))
 
 
 def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, threshold: float | None,
@@ -345,7 +372,7 @@ def metrics(parts: list[Cells], edges: np.ndarray, vc: ValidationConfig, thresho
     out: dict[str, Any] = {"sites_missing": missing or []}
     if not parts:
         return {**out, "auc": None, "reason": "no site released this histogram"}
-    hist, sums, squares, _ = pooled_histogram(parts, len(edges) - 1)
+    hist, sums, squares, _ = pooled_histogram(parts, edges)
     n0, n1 = hist.sum(axis=1)
     out["n"] = [round(float(n0)), round(float(n1))]
     if n0 == 0 or n1 == 0:
@@ -427,10 +454,9 @@ def compare(transport: Transport, context: Payload, scores: dict[str, SiteScores
     query: dict[str, Any] = dict(context, sets=[name for name, _, _ in plans],
                                  **{"grid.models": names},
                                  **{f"grid.e{i}": edges[m] for i, m in enumerate(names)})
-    bins = {m: len(e) - 1 for m, e in edges.items()}
     deviations: dict[str, list[np.ndarray]] = {}
     for s, (name, members, models) in enumerate(plans):
-        hists = [pooled_histogram(_parts(scores, members, m, ALL), bins[m])[0] for m in models]
+        hists = [pooled_histogram(_parts(scores, members, m, ALL), edges[m])[0] for m in models]
         deviations[name] = hists
         devs = [val.placement_deviations(h) for h in hists]
         query[f"s{s}.models"] = models

@@ -165,7 +165,7 @@ def _own(cells: list[KeyCells], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def _first_round(k: np.ndarray, bits0: np.ndarray, min_cell: int) -> KeyCells:
     index = np.clip(np.searchsorted(bits0, k, side="right") - 1, 0, len(bits0) - 2)
-    first, last, count = roc.coarsen(np.bincount(index, minlength=len(bits0) - 1), min_cell)
+    first, last, count = roc.cells_of(np.bincount(index, minlength=len(bits0) - 1), min_cell)
     return KeyCells.from_grid(first, last, count, bits0)
 
 

@@ -75,9 +75,29 @@ def site_cells(scores: np.ndarray, y: np.ndarray, edges: np.ndarray, n: int,
     hist = local_histogram(scores, y, np.asarray(edges)[keep])
     out = []
     for g in (0, 1):
-        first, last, count = coarsen(hist[g], min_cell)
+        first, last, count = cells_of(hist[g], min_cell)
         out.append((keep[first], keep[last + 1] - 1, count))
     return out[0], out[1]
+
+
+def cells_of(counts: np.ndarray, min_cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A site's cells of one label's histogram: `coarsen` at min_cell_count 1 (each
+    non-empty bin its own cell), `tile` above it."""
+    return coarsen(counts, min_cell) if min_cell <= 1 else tile(counts, min_cell)
+
+
+def tile(counts: np.ndarray, min_cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`coarsen`, with every cell reported by its edges: a cell runs from the bin after the
+    previous cell (bin 0 for the first) to the bin where it reached min_cell, the last one
+    to the grid's end. A merged cell's first and last non-empty bin would be the bins of
+    its lowest and highest patient (with a narrow bin around a score the coordinator knows,
+    whether a patient of that label has it); its edges are those of the cells around it."""
+    first, last, count = coarsen(counts, min_cell)
+    if not len(first):
+        return first, last, count
+    first = np.r_[0, last[:-1] + 1].astype(np.int64)
+    last = np.r_[last[:-1], len(np.asarray(counts)) - 1].astype(np.int64)
+    return first, last, count
 
 
 def local_histogram(scores: np.ndarray, y: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -163,6 +183,27 @@ def expand(parts: list[Cells], bins: int) -> tuple[np.ndarray, bool]:
             counts[a:b + 1] += c / (b - a + 1)
             exact &= bool(a == b)
     return counts, exact
+
+
+def place_at_means(cells: Cells, sums: np.ndarray, squares: np.ndarray, edges: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One site's label counts, Σscore and Σscore² per grid bin, each cell's in the bin of
+    its mean score (its Σscore / count, within the cell): an estimate of where a cell that
+    spans several bins holds its patients (a site's cells run from one to the next, empty
+    bins included, `tile`), unbiased where spreading it evenly is not. A cell of one bin
+    is placed exactly."""
+    first, last, count = (np.asarray(v) for v in cells)
+    bins = len(edges) - 1
+    out = [np.zeros(bins) for _ in range(3)]
+    if not len(first):
+        return out[0], out[1], out[2]
+    count = count.astype(np.float64)
+    mean = np.divide(sums, count, out=np.zeros(len(count)), where=count > 0)
+    index = np.searchsorted(edges, mean, side="right") - 1
+    index = np.clip(index, first, last).astype(np.int64)
+    for target, values in zip(out, (count, sums, squares), strict=True):
+        np.add.at(target, index, np.asarray(values, dtype=np.float64))
+    return out[0], out[1], out[2]
 
 
 def _bins(parts: list[Cells]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

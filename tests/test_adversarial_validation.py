@@ -18,8 +18,9 @@ Before the fix (commit 862bbee) these tests recovered:
   31 bins holding one or two patients;
 - 4e: placement sums for the same set were answered for any number of placement functions;
 - 5: a grid shifted from a released one, refused by the ledger, was released with
-  `runs: ["x"]` and under a new run id: 16 patients in intersections of the two grids'
-  cells holding fewer than 3.
+  `runs: ["x"]` and under a new run id: 8 patients counted in intervals holding one or two
+  of a label (differences of the two releases' cells);
+- 5b: coarser grids nested in a released one (the ledger allowed them): 9 such patients.
 
 After the fix: 0/38 pairs, no per-bin count, 0 scores, no located bin, one placement function
 per set, 0 patients (each test's last assertion).
@@ -261,23 +262,41 @@ def shifted_pair() -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def small_cells_from_two_grids(replies: list[tuple[np.ndarray, dict]], truth: pd.DataFrame
-                               ) -> int:
-    """Patients the attacker places in an intersection of two released cells that holds
-    fewer than 3 of them (the union of two shifted grids): counted against the truth."""
-    if len(replies) < 2:
-        return 0
-    (ea, ra), (eb, rb) = replies
-    cuts = np.unique(np.r_[ea, eb])
+def known_counts(edges: np.ndarray, reply: dict, label: int) -> dict:
+    """What one release says of one label: each cell's count over its edges, and zero over
+    the bins between cells (nothing there)."""
+    out: dict = {}
+    cells = [c for c in cells_of(reply, "m0.g0") if c[0] == label]
+    end = 0
+    for _, first, last, count, _, _ in cells:
+        if first > end:
+            out[(edges[end], edges[first])] = 0
+        out[(edges[first], edges[last + 1])] = count
+        end = last + 1
+    if cells and end < len(edges) - 1:
+        out[(edges[end], edges[-1])] = 0
+    return out
+
+
+def small_counts_learned(releases: list[tuple[np.ndarray, dict]], truth: pd.DataFrame) -> int:
+    """Patients the attacker counts in an interval holding one or two of a label: from the
+    releases' cells, and every difference of two known intervals sharing an end (only
+    counts that are right, against the site's file)."""
     learned = 0
     for g in (0, 1):
-        got = [c for c in cells_of(ra, "m0.g0") if c[0] == g], \
-            [c for c in cells_of(rb, "m0.g0") if c[0] == g]
-        if not all(got):
-            continue
         s = truth.score[truth.label == g].to_numpy()
-        count = np.histogram(s, cuts)[0]
-        learned += int(np.sum(count[(count > 0) & (count < 3)]))
+        known: dict = {}
+        for edges, reply in releases:
+            known.update(known_counts(edges, reply, g))
+        for _ in range(2):
+            for (a, b), n in list(known.items()):
+                for (c, d), m in list(known.items()):
+                    if a == c and d < b:
+                        known.setdefault((d, b), n - m)
+                    elif b == d and a < c:
+                        known.setdefault((a, c), n - m)
+        learned += sum(n for (a, b), n in known.items() if 0 < n < 3
+                       and n == np.sum((s >= a) & ((s < b) | (b >= 1.0))))
     return learned
 
 
@@ -293,5 +312,21 @@ def test_5_a_refused_shifted_grid_stays_refused(tmp_path: Path, bypass: str) -> 
     query = {**base, "grid.e0": b, **({"runs": ["x"]} if bypass == "runs" else {})}
     second = ask(folder, schema.VALIDATION_SCORES, query, "r2" if bypass == "run_id" else "r1")
     released = [(a, first)] + ([(b, second)] if "m0.g0.count0" in second else [])
-    # 862bbee: both released; patients in intersections of < 3 located
-    assert small_cells_from_two_grids(released, truth) == 0
+    # 862bbee: both released, 8 patients counted in intervals of one or two
+    assert small_counts_learned(released, truth) == 0
+
+
+def test_5_a_coarser_grid_next_to_a_merged_cell(tmp_path: Path) -> None:
+    """The ledger lets nested grids pass (one refines the other), but a cell merged for
+    min_cell_count, next to a coarser grid's cell, differs from it by one or two patients."""
+    folder, truth = write_site(tmp_path)
+    fine = roc.grid(12)
+    learned = []
+    for drop in range(1, 11):  # the fine grid, then coarser ones without one edge each
+        edges = fine if not learned else np.delete(fine, drop)
+        reply = ask(folder, schema.VALIDATION_SCORES, {
+            "models": [MODEL], "grid.models": [MODEL], "grid.e0": edges}, f"n{drop}")
+        if "m0.g0.count0" in reply:
+            learned.append((edges, reply))
+    # 862bbee: every grid released, 9 patients counted in intervals of one or two
+    assert small_counts_learned(learned, truth) == 0

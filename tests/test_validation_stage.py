@@ -213,7 +213,9 @@ def test_coarsened_histograms_give_a_bound_that_holds(tmp_path: Path) -> None:
             block = v[model][name]
             assert block["exact"] is False
             assert block["auc_bound"][0] <= truth <= block["auc_bound"][1]
-            assert abs(block["auc"] - truth) < 0.01
+            # a site bins in at most n // 5 bins and tiles its cells (issue 25): the estimate
+            # (each cell at its mean score) is within 0.02 here, the bound holds it
+            assert abs(block["auc"] - truth) < 0.02
             assert block["brier"] == pytest.approx(brier_score_loss(rows.label, rows[model]),
                                                    abs=1e-12)  # sums: exact regardless
     # what a site sends: cells of >= 5 patients, nothing per patient
