@@ -1,9 +1,14 @@
 """Site-side radiomics: pyradiomics features of each patient's MRI tumour, extracted locally.
 
-`extract_features(site)` runs pyradiomics (paper 1's parameters by default,
-`shared/radiomics_params.yaml`: 1130 features) on every usable patient of a loaded site and
-returns one row per patient with pyradiomics' own column names (`original_glcm_Contrast`,
-`wavelet-LLH_firstorder_Mean`, `log-sigma-1-0-mm-3D_firstorder_Mean`; no `diagnostics_*`).
+`extract_features(site)` runs pyradiomics (paper 1's parameters by default: the `paper`
+preset, `shared/radiomics_params.yaml`, 1130 features) on every usable patient of a loaded
+site and returns one row per patient with pyradiomics' own column names
+(`original_glcm_Contrast`, `wavelet-LLH_firstorder_Mean`,
+`log-sigma-1-0-mm-3D_firstorder_Mean`; no `diagnostics_*`).
+
+- **Parameters a query names** (`params_file`): a preset shipped with the app (`PRESETS`)
+  or a YAML file inside the site folder, read up to `MAX_PARAMS_BYTES`; nothing else is
+  opened, and no error quotes the file (issue 25: the coordinator is not trusted).
 
 - **Readers.** `reader="r1"` uses `mri_mask`; `reader="r2"` uses `mri_mask_r2` with the
   same parameters (for ICC), for the patients that have one.
@@ -53,8 +58,13 @@ from client.extraction_job import (
     reason,
 )
 from client.site import FEATURES_CSV, Site, SiteError, load_site
+from client.site_files import SiteFileRefused, read_bounded, site_file
 
 DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "shared" / "radiomics_params.yaml"
+# Parameter presets shipped with the app, by the name a query may send (`radiomics-params`)
+PRESETS: dict[str, Path] = {"paper": DEFAULT_PARAMS}  # paper 1's: 1130 features
+PARAMS_SUFFIXES = (".yaml", ".yml")
+MAX_PARAMS_BYTES = 256 << 10  # a pyradiomics parameter file is a few kB
 CACHE_DIR = Path("cache") / "radiomics"
 MASKS: dict[str, str] = {"r1": "mri_mask", "r2": "mri_mask_r2"}
 
@@ -82,8 +92,10 @@ def extract_features(
 ) -> tuple[pd.DataFrame, dict[str, str]]:
     """Radiomics features of the site's usable patients and {patient_id: reason} failures.
 
-    `params` is a pyradiomics parameter file (default: the paper's); an invalid one raises
-    ValueError before any patient is touched. `workers` defaults to the usable CPU cores.
+    `params` is a pyradiomics parameter file the site chose (default: the paper's; a
+    query's name goes through `params_file` first); an invalid one raises ValueError,
+    quoting nothing of the file, before any patient is touched. `workers` defaults to the
+    usable CPU cores.
     """
     if reader not in MASKS:
         raise ValueError(f"reader must be one of {', '.join(MASKS)}; got {reader!r}")
@@ -112,17 +124,47 @@ def cache_key(image: Path, mask: Path, params: Path) -> str:
 # --------------------------------------------------------------------------- parameters
 
 
-def _load_params(path: Path) -> _Params:
-    """Validated parameters; ValueError naming the file when pyradiomics refuses them."""
+def params_file(name: str, root: Path) -> Path:
+    """The parameter file a query's `radiomics-params` names: a preset shipped with the app
+    (`PRESETS`; "" = `paper`) or a YAML file inside the site folder (client.site_files:
+    nothing outside it is opened, whether or not it exists)."""
+    name = name.strip()
+    if name in PRESETS or not name:
+        return PRESETS[name or "paper"]
     try:
-        data = path.read_bytes()
+        return site_file(name, [root], PARAMS_SUFFIXES, "radiomics params", MAX_PARAMS_BYTES)
+    except SiteFileRefused as error:
+        raise SiteFileRefused(f"{error} (or a preset: {', '.join(PRESETS)})") from None
+
+
+def _load_params(path: Path) -> _Params:
+    """Validated parameters, read up to MAX_PARAMS_BYTES; ValueError naming the file (its
+    name only) and the kind of problem, never a line or value of it."""
+    shown = path.name
+    try:
+        data = read_bounded(path, MAX_PARAMS_BYTES, f"radiomics params {shown!r}")
         sha256 = hashlib.sha256(data).hexdigest()
         settings = (yaml.safe_load(data) or {}).get("setting") or {}
         label = int(settings.get("label", 1))
         extractor(path, sha256)
-    except Exception as error:
-        raise ValueError(f"radiomics params {path}: {one_line(error)}") from None
+    except SiteFileRefused:
+        raise
+    except Exception as error:  # pyradiomics', YAML's and int()'s messages quote the file
+        raise ValueError(f"radiomics params {shown!r}: {_params_problem(error)}") from None
     return _Params(path, sha256, label)
+
+
+def _params_problem(error: Exception) -> str:
+    """What is wrong with a parameter file, in words that quote nothing of it."""
+    if isinstance(error, OSError):
+        return "unreadable at this site"
+    if isinstance(error, yaml.YAMLError | UnicodeDecodeError):
+        return "not a YAML file"
+    if isinstance(error, AttributeError | TypeError):
+        return "not a mapping of pyradiomics settings"
+    if isinstance(error, ValueError):
+        return "setting.label is not an integer"
+    return "not a valid pyradiomics parameter file (pyradiomics refused it)"
 
 
 # --------------------------------------------------------------------------- features.csv
@@ -397,4 +439,5 @@ def _summary_text(attrs: dict[str, Any]) -> str:
     return text
 
 
-__all__ = ["CACHE_DIR", "DEFAULT_PARAMS", "MASKS", "cache_key", "extract_features"]
+__all__ = ["CACHE_DIR", "DEFAULT_PARAMS", "MASKS", "PRESETS", "cache_key", "extract_features",
+           "params_file"]

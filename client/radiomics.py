@@ -20,14 +20,13 @@ import numpy as np
 import pandas as pd
 
 from client import rounds
-from client.extraction import extract_features
+from client.extraction import extract_features, params_file
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
 from shared import disclosure, logistic, roc, schema, screening
 from shared.folds import site_folds
 from shared.schema import Payload, nest
 
-PARAMS = Path(__file__).resolve().parent.parent / "shared" / "radiomics_params.yaml"
 MODEL = "radiomics"
 SOURCE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
@@ -70,7 +69,7 @@ def radiomics_extract(session: SiteSession, query: Payload) -> list[Statistic]:
 
 def _extract(session: SiteSession, query: Payload) -> tuple[pd.DataFrame, pd.DataFrame | None,
                                                             dict[str, str]]:
-    params = _params(query)
+    params = _params(session, query)
     workers = int(query.get("workers", 0)) or (os.cpu_count() or 1)
     r1, failed = extract_features(session.site, params=params, workers=workers)
     r2 = None
@@ -257,9 +256,9 @@ def _save_predictions(session: SiteSession, run_id: str, data: RadiomicsData,
     frame.to_csv(folder / f"{source}-{run_id}.csv", index=False)
 
 
-def _params(query: Payload) -> Path:
-    name = str(query.get("radiomics-params", "") or "")
-    return Path(name) if name else PARAMS
+def _params(session: SiteSession, query: Payload) -> Path:
+    """`radiomics-params`: a shipped preset or a YAML file inside the site folder only."""
+    return params_file(str(query.get("radiomics-params", "") or ""), session.site.root)
 
 
 def radiomics_screen(session: SiteSession, query: Payload) -> list[Statistic]:

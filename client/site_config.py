@@ -17,7 +17,7 @@ from shared.policy import PolicyError, PrivacyPolicy
 ROLES = ("train", "external", "survival")
 TIME_UNITS = ("days", "months", "years")
 FREE_FORM_KEYS = ("scanner", "description", "contact")
-CONFIG_KEYS = ("site_id", "roles", "time_unit", "privacy", *FREE_FORM_KEYS)
+CONFIG_KEYS = ("site_id", "roles", "time_unit", "privacy", "pretrained_dir", *FREE_FORM_KEYS)
 SITE_ID_PATTERN = re.compile(r"^[a-z0-9-]+$")
 
 SITE_YAML = "site.yaml"
@@ -29,6 +29,9 @@ class SiteConfig:
     roles: tuple[str, ...]
     time_unit: str
     privacy: PrivacyPolicy
+    # where the site keeps pretrained weights besides its site folder (absolute, or relative
+    # to the site folder); a query's `pretrained` names files there or in the site folder
+    pretrained_dir: Path | None = None
 
 
 _Report = Callable[[str], None]  # records one problem message
@@ -57,9 +60,10 @@ def parse_config(root: Path) -> tuple[SiteConfig | None, list[str]]:
     roles = _config_roles(raw.get("roles"), problem)
     time_unit = _config_time_unit(raw.get("time_unit"), problem)
     privacy = _config_privacy(raw.get("privacy"), problem)
+    weights = _config_pretrained_dir(raw.get("pretrained_dir"), root, problem)
     if problems or site_id is None or roles is None or time_unit is None or privacy is None:
         return None, problems
-    return SiteConfig(site_id, roles, time_unit, privacy), problems
+    return SiteConfig(site_id, roles, time_unit, privacy, weights), problems
 
 
 def _config_site_id(value: Any, problem: _Report) -> str | None:
@@ -95,6 +99,17 @@ def _config_time_unit(value: Any, problem: _Report) -> str | None:
         problem(f"time_unit {shown}; one of: {', '.join(TIME_UNITS)}")
         return None
     return value
+
+
+def _config_pretrained_dir(value: Any, root: Path, problem: _Report) -> Path | None:
+    """The site's folder of pretrained weights (None: only the site folder)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        problem(f"pretrained_dir must be a folder path; got {value!r}")
+        return None
+    folder = Path(value.strip()).expanduser()
+    return folder if folder.is_absolute() else root / folder
 
 
 def _config_privacy(value: Any, problem: _Report) -> PrivacyPolicy | None:

@@ -77,6 +77,8 @@ from client.local_training import (
     train_unit,
 )
 from client.session import SiteSession
+from client.site_config import SiteConfig, parse_config
+from client.site_files import site_file
 from client.training_data import CACHE, ModelData, site_data, unit_rows
 from shared import disclosure, fedavg, networks, pretrained, roc
 from shared.folds import site_folds
@@ -331,24 +333,34 @@ def train_setup(session: SiteSession, query: Payload) -> list[Statistic]:
 
 
 def pretrained_hash(session: SiteSession, path: str) -> list[Statistic]:
-    """The sha256 of the site's copy of the pretrained file, or why there is none (a
-    reason naming the file: missing, unreadable, not a weights file)."""
+    """The sha256 of the site's copy of the pretrained file, or why there is none: missing,
+    not a weights file, or outside the site's folders (one answer whether or not such a file
+    exists; client.site_files). Never the site's own paths, never any other file's hash."""
     if not path:
         return []
     try:
-        target = pretrained.resolve(path, session.site.root)
-        if not target.is_file():
-            raise ValueError(f"pretrained file {path} is missing at this site ({target})")
+        target = pretrained_file(path, session.site.root, session.site.config)
         values = {"sha256": pretrained.file_sha256(target), "error": ""}
-    except (OSError, ValueError) as err:
+    except OSError:
+        values = {"sha256": "", "error": f"pretrained file {path!r}: unreadable at this site"}
+    except ValueError as err:
         values = {"sha256": "", "error": str(err)}
     return [Statistic("pretrained", values, n=None)]
+
+
+def pretrained_file(path: str, root: Path, config: SiteConfig | None = None) -> Path:
+    """The weights file a query's `pretrained` names: inside the site folder or the site's
+    own `pretrained_dir` (site.yaml), a weights suffix, a regular file; else ValueError."""
+    if config is None:
+        config, _ = parse_config(root)
+    folders = [root] + ([config.pretrained_dir] if config and config.pretrained_dir else [])
+    return site_file(path, folders, pretrained.SUFFIXES, "pretrained file")
 
 
 def pretrained_weights(p: TrainParams, root: Path) -> dict[str, np.ndarray]:
     """The site's own copy of the pretrained file, as the network's state."""
     probe = build(p, torch.device("cpu"))
-    pretrained.load_into(p.model, probe, pretrained.resolve(p.pretrained, root))
+    pretrained.load_into(p.model, probe, pretrained_file(p.pretrained, root))
     return numpy_state(probe, list(probe.state_dict()))
 
 

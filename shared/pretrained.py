@@ -6,9 +6,14 @@ study (README, "Pretrained weights"). The setup round asks each site for the fil
 starts the federated model from it (round-0 weights = the file) and writes the hash into
 `provenance`. In round 1 each site checks that the weights it received are its file's.
 
-PATH is absolute, or relative to the site folder at a site and to the working directory at
-the server. Only weight files are read (`.pt`, `.pth`, `.bin`, `.ckpt`, `.safetensors`):
-the server cannot use the setup round to learn the hash of any other file at a site.
+At the server PATH is absolute or relative to the working directory (`resolve`). At a
+site it is a file inside the site folder or the folder the site's own site.yaml names
+(`pretrained_dir`), relative to one of them or absolute within one of them
+(`client.training.pretrained_file`, through `client.site_files`): a PATH that leads
+anywhere else is refused with one answer whether or not the file exists, and never opened.
+Only weight files are read (`.pt`, `.pth`, `.bin`, `.ckpt`, `.safetensors`): the server
+cannot use the setup round to learn the hash of any other file at a site, and errors never
+quote a file's content.
 
 The one module of shared/ that reads a file: the coordinator and every site must read the
 same public weights file the same way (it holds no patient data).
@@ -28,7 +33,8 @@ SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 def resolve(path: str, base: Path) -> Path:
-    """PATH as this side reads it (relative paths against `base`); only weight files."""
+    """PATH as the coordinator reads its own copy (relative paths against `base`); only
+    weight files. A site never uses this: see the module's docstring."""
     target = Path(path).expanduser()
     if target.suffix.lower() not in SUFFIXES:
         raise ValueError(f"pretrained file {path!r}: not a weights file (one of "
@@ -54,11 +60,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except ImportError as err:
             raise ValueError(f"pretrained file {path.name}: reading .safetensors needs the "
                              "`safetensors` package at this site") from err
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except Exception as err:  # a header's error can quote it: the kind only
+            raise ValueError(f"pretrained file {path.name}: unreadable as safetensors "
+                             f"({type(err).__name__})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or foreign file: a reason, not a traceback
-        raise ValueError(f"pretrained file {path.name}: unreadable ({err})") from None
+        # the unpickler's message can quote the file (a refused global's name): its kind only
+        raise ValueError(f"pretrained file {path.name}: unreadable as torch weights "
+                         f"({type(err).__name__})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -231,8 +231,10 @@ SETTINGS: tuple[Setting, ...] = (
        "numeric columns get mean ± sd and t-tests, text columns level counts and chi-square",
        "cohort"),
     # radiomics
-    _s("radiomics-params", "str", "", "a pyradiomics params YAML; empty = the paper's "
-       "(`shared/radiomics_params.yaml`, 1130 features)", "radiomics"),
+    _s("radiomics-params", "str", "", "pyradiomics parameters: a preset shipped with the app "
+       "(`paper`: `shared/radiomics_params.yaml`, 1130 features) or a YAML file inside each "
+       "site folder (relative to it, ≤ 256 kB); nothing else is opened; empty = `paper`",
+       "radiomics"),
     _s("radiomics-workers", "int", 0, "extraction processes per site (0 = the site's CPU "
        "count)", "radiomics", within="[0, 256]"),
     _s("icc-threshold", "float", 0.75, "drop features with ICC(2,1) ≤ this (skipped with the "
@@ -335,7 +337,8 @@ SETTINGS: tuple[Setting, ...] = (
        within="(0, 4]", per_model=True),
     _s("augment", "bool", "default", "paper 2's augmentations (MONAI)", "training",
        words=DEFAULT, per_model=True),
-    _s("pretrained", "str", "", "PATH of round-0 weights, e.g. `dl_mri=resnet_18.pth` (see "
+    _s("pretrained", "str", "", "PATH of round-0 weights, e.g. `dl_mri=resnet_18.pth`: at "
+       "each site a file inside its site folder or its site.yaml's `pretrained_dir` (see "
        "Pretrained weights)", "training", per_model=True),
     _s("spacing", "float", "default", "common spacing in mm before cropping; 0 = the native "
        "grid", "training", words=DEFAULT, within="[0, 20]", per_model=True),
