@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 
 from client.guard import Statistic
+from client.ledger import Release
 from client.session import SiteSession
-from shared import disclosure, roc
+from shared import disclosure, roc, schema
 from shared import validation as val
 from shared.queries import QueryRejected
-from shared.schema import Payload
+from shared.schema import Payload, message_type
 
 PREDICTIONS_DIR = "predictions"
 ALL = "all"  # the patient group of every scored patient
@@ -132,7 +133,7 @@ def groups(session: SiteSession, scores: Scores, columns: list[str]) -> dict[str
         values = clinical.loc[scores.patients, column]
         levels = sorted({str(v) for v in values.dropna()})
         if len(levels) > MAX_LEVELS:
-            raise ValueError(f"{session.site_id}: subgroup column {column!r} has "
+            raise QueryRejected(f"{session.site_id}: subgroup column {column!r} has "
                              f"{len(levels)} distinct values (at most {MAX_LEVELS})")
         for level in levels:
             out[f"{column}={level}"] = (values.astype(str) == level).to_numpy()
@@ -216,7 +217,8 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
             stat = _cells(f"m{i}.g{j}", scores.score[mask], scores.y[mask], edges, keep,
                           min_cell)
             out.append(replace(stat, patients=list(scores.patients[mask].astype(str)),
-                               family=family, grid=pinned(edges[keep])))
+                               family=family, grid=histogram_pin(edges, len(scores.y),
+                                                                 min_cell)))
         out += [Statistic(f"m{i}.g{len(masks) + j}", {}, n=None, refused=why)
                 for j, why in enumerate(withheld.values())]
     return out
@@ -282,10 +284,40 @@ def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
                                 "models, each once")
         if not _member(session, set_name) or not all(m in models for m in wanted):
             continue
-        out.append(_set_moments(f"s{s}", set_name, [models[m] for m in wanted],
-                                [edges_for(query, m) for m in wanted],
-                                query.get(f"s{s}.d10"), query.get(f"s{s}.d01"), min_cell))
+        chosen, grids = [models[m] for m in wanted], [edges_for(query, m) for m in wanted]
+        refused = _grids_refused(session, f"s{s}", chosen, grids, str(query.get("run_id")))
+        out.append(Statistic(f"s{s}", {}, n=None, refused=refused) if refused else
+                   _set_moments(f"s{s}", set_name, chosen, grids, query.get(f"s{s}.d10"),
+                                query.get(f"s{s}.d01"), min_cell))
     return out
+
+
+def _grids_refused(session: SiteSession, key: str, scores: list[Scores],
+                   grids: list[np.ndarray], run_id: str) -> str | None:
+    """Above min_cell_count 1, the cells a set's sums are taken over must be those of the
+    model's released histogram: each model's grid (within the site's resolution) is
+    checked against, and recorded in, the ledger under the histogram's family, as a
+    histogram on it would be. Otherwise a sum's diagonal would count cells of a grid the
+    ledger never saw. None when all pass."""
+    ledger = session.guard.ledger
+    min_cell = session.site.config.privacy.min_cell_count
+    if ledger is None or min_cell <= 1:
+        return None
+    common = scores[0].patients
+    for model in scores[1:]:
+        common = common.intersection(model.patients, sort=False)
+    releases = [Release(f"{key}.grid{a}", histogram_family(model), list(common.astype(str)),
+                        grid=histogram_pin(edges, len(model.y), min_cell))
+                for a, (model, edges) in enumerate(zip(scores, grids, strict=True))]
+    verdict = ledger.release(releases, message_type(schema.VALIDATION_MOMENTS), run_id)
+    return next(iter(verdict.refused.values()), None)
+
+
+def histogram_pin(edges: np.ndarray, n: int, min_cell: int) -> np.ndarray:
+    """The ledger's grid of a model's histogram: its grid within the site's resolution,
+    pinned (`pinned`; the last edge read as 1.0: a refined grid ends just above it)."""
+    coarse = np.asarray(edges, dtype=np.float64)[roc.site_edges(edges, n, min_cell)]
+    return pinned(np.minimum(coarse, 1.0))
 
 
 def _member(session: SiteSession, set_name: str) -> bool:
@@ -314,8 +346,8 @@ def _set_moments(key: str, set_name: str, scores: list[Scores], grids: list[np.n
             mine = y == g
             first, last, _ = roc.cells_of(np.bincount(coarse[mine], minlength=len(keep) - 1),
                                           min_cell)
-            cell, constant = val.cell_values(rows[a], keep[coarse[mine]], keep[first],
-                                             keep[last + 1] - 1)
+            cell, constant = val.cell_values(rows[a], score[mine], keep[coarse[mine]], edges,
+                                             keep[first], keep[last + 1] - 1)
             values[g, a, mine] = cell
             exact &= constant
     moments = val.local_cell_moments(values[0], values[1], y)

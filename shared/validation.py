@@ -134,25 +134,30 @@ def check_placements(d10: object, d01: object, bins: list[int]) -> tuple[np.ndar
     return out[0], out[1]
 
 
-def cell_values(row: np.ndarray, index: np.ndarray, cells_first: np.ndarray,
-                cells_last: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Per patient, the mean of `row` over the grid bins of the cell the patient is in
-    (cells as (first, last) bin ranges, in order, holding every patient's bin `index`), and
-    whether `row` is constant on every cell (the mean is then each patient's own bin's).
+def cell_values(row: np.ndarray, scores: np.ndarray, index: np.ndarray, edges: np.ndarray,
+                cells_first: np.ndarray, cells_last: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Per patient, `row` at the bin of the mean score of the cell the patient is in (cells
+    as (first, last) bin ranges of `edges`, in order, holding every patient's bin `index`;
+    `scores` the patients' scores), and whether `row` is constant on every cell (the value
+    is then each patient's own bin's).
 
     A site evaluates the server's placements per released cell, not per bin: a sum over its
-    patients is then a function of its cells and counts, which the server already has, and
-    no placement can pick out a bin inside a cell."""
+    patients is then a function of its cells, counts and sums, which the server already
+    has, and no placement can pick out a bin inside a cell. The cell's mean score is where
+    the server placed the cell in its pooled histogram (`roc.place_at_means`), so the
+    placement read there is the one the pooled statistics gave those patients."""
     row = np.asarray(row, dtype=np.float64)
     first, last = np.asarray(cells_first, np.int64), np.asarray(cells_last, np.int64)
     if not len(first):
         return np.zeros(len(index)), True
-    total = np.r_[0.0, np.cumsum(row)]
-    mean = (total[last + 1] - total[first]) / (last - first + 1)
     cell = np.searchsorted(first, np.asarray(index, np.int64), side="right") - 1
+    count = np.bincount(cell, minlength=len(first)).astype(np.float64)
+    total = np.bincount(cell, weights=np.asarray(scores, np.float64), minlength=len(first))
+    mean = np.divide(total, count, out=np.zeros(len(first)), where=count > 0)
+    at = np.clip(np.searchsorted(edges, mean, side="right") - 1, first, last)
     constant = all(np.ptp(row[f:la + 1]) <= PLACEMENT_TOL for f, la in zip(first, last,
                                                                              strict=True))
-    return mean[cell], constant
+    return row[at][cell], constant
 
 
 def local_cell_moments(values01: np.ndarray, values10: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -17,6 +17,8 @@ Before the fix (commit 862bbee) these tests recovered:
 - 4d: `scores_refine`'s one-value flags asked for every interval of a 300-point grid located
   31 bins holding one or two patients;
 - 4e: placement sums for the same set were answered for any number of placement functions;
+- 4f: placement sums on a grid shifted from the released histogram's, with step placements:
+  5 patients counted in intervals holding one or two of a label;
 - 5: a grid shifted from a released one, refused by the ledger, was released with
   `runs: ["x"]` and under a new run id: 8 patients counted in intervals holding one or two
   of a label (differences of the two releases' cells);
@@ -251,6 +253,31 @@ def test_4e_a_set_releases_its_sums_for_one_placement_function(tmp_path: Path) -
     assert "s0.moments" in moments(6, "r1")
     assert "s0.moments" in moments(6, "r2")  # the same placements again: a re-run
     assert all("s0.moments" not in moments(at, f"r{at}") for at in (3, 4, 5, 7, 8))
+
+
+def test_4f_placement_sums_on_a_grid_shifted_from_the_histogram(tmp_path: Path) -> None:
+    """The histogram on one grid, then placement sums on a shifted one: with D10 a step at
+    an edge t, a set's positive-label sum counts the positives above t; next to the
+    histogram's top cell it leaves the few between t and that cell's edge."""
+    folder, truth = write_site(tmp_path)
+    a, b = shifted_pair()
+    first = ask(folder, schema.VALIDATION_SCORES, {"models": [MODEL], "grid.models": [MODEL],
+                                                   "grid.e0": a})
+    known = [(a, first)]
+    for s, (name, t) in enumerate((("pooled", 3), ("external", 4), ("site:site-a", 5))):
+        step = (np.arange(len(b) - 1) >= t).astype(float)
+        reply = ask(folder, schema.VALIDATION_MOMENTS, {
+            "sets": [name], "s0.models": [MODEL, OTHER], "grid.models": [MODEL, OTHER],
+            "grid.e0": b, "grid.e1": b, "s0.d10": np.stack([step, step]),
+            "s0.d01": -np.stack([step, step])}, f"m{s}")
+        if "s0.moments" in reply:  # positives at or above b[t]: one tiled "cell" [b[t], 1]
+            above = round(float(np.asarray(reply["s0.moments"])[1, 0, 0]))
+            below = int(np.asarray(reply["s0.n"])[1]) - above
+            known.append((np.array([0.0, b[t], 1.0]), {
+                "m0.g0.first1": [0, 1], "m0.g0.last1": [0, 1], "m0.g0.count1": [below, above],
+                **{f"m0.g0.{k}1": [0.0, 0.0] for k in ("sum", "sq")}}))
+    # 862bbee: all three answered, 5 patients counted in intervals of one or two
+    assert small_counts_learned(known, truth) == 0
 
 
 # --------------------------------------------------------------------------- class 5

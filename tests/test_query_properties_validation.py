@@ -10,7 +10,8 @@ prediction file:
 - a refinement sub-cell holds patients of one score value only, and a one-value flag is
   given only for a bin holding ≥ min_cell_count patients;
 - placement sums come only for two or more distinct models, for sets the site is in, and
-  equal the sums over the site's released cells (no bin inside a cell is read).
+  equal the sums over the site's released cells, each read at its mean score (no bin
+  inside a cell is read).
 """
 
 from __future__ import annotations
@@ -229,8 +230,12 @@ def check_moments(reply: dict, query: dict, site: tuple) -> None:
             for g, rows in ((0, query[f"s{s}.d01"]), (1, query[f"s{s}.d10"])):
                 row = np.asarray(rows, dtype=np.float64)[a]
                 first, last, count = cells[g]
-                means = [row[f:la + 1].mean() for f, la in zip(first, last, strict=True)]
-                expected = float(np.dot(count, np.square(means)))
+                mine = scores[model][labels == g]
+                # each cell read at the bin of its mean score (released: its Σscore / count)
+                at = [int(np.clip(np.searchsorted(edges, mine[(mine >= edges[f]) & (
+                    (mine < edges[la + 1]) | (la + 1 == len(edges) - 1))].mean(),
+                    side="right") - 1, f, la)) for f, la in zip(first, last, strict=True)]
+                expected = float(np.dot(count, np.square(row[at]))) if len(at) else 0.0
                 assert moments[g, a, a] == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
