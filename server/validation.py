@@ -21,9 +21,10 @@ cut splits no site's cell; the AUC, DeLong CI, paired tests, Youden cut and conf
 metrics then equal those of the raw scores (scikit-learn, pROC). Otherwise `auc_bound`
 bounds the AUC of the raw scores. Brier and calibration means are exact for raw scores in
 any case; the calibration slope is fitted on the bin centres. A site above min_cell_count
-1 bins at most n // min_cell_count of the grid's bins (issue 25), so at small sites the
-cells are wider and the bound wider; a paired test is exact only where every site says
-its placements were constant on its cells.
+1 bins at most n // min_cell_count of the grid's bins and reports cells by their edges
+(issue 25), so at small sites the cells are wider and the bound wider; the estimates place
+a cell spanning several bins at its mean score (`pooled_histogram`). A paired test is exact
+only where every site says its placements were constant on its cells.
 
 `validation = loso` adds leave-one-site-out: for each training site, the radiomics model is
 fitted on the others and validated on it (server.radiomics with a holdout). The refits run

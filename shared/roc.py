@@ -6,6 +6,11 @@ Each site counts its scores per label in the bins of a grid the server fixes (un
 non-empty cell holds at least `min_cell_count` patients (`coarsen`), and sends the merged
 bins as index ranges of the shared grid.
 
+Against a hostile coordinator (issue 25) a site bins in at most n // min_cell_count of the
+grid's bins (`site_edges`) and, above min_cell_count 1, reports each cell by its edges
+(`tile`: from the previous cell to where it reached min_cell_count), so that no cell's
+first or last bin is a patient's (`site_cells` does both).
+
 The server then knows each score only up to its (merged) bin. For a positive in bin
 [a, b) and a negative in [c, d): the pair is concordant if a ≥ d, discordant if b ≤ c, and
 unknown otherwise. The AUC (Mann–Whitney, ties one half) lies between the bound that
