@@ -264,9 +264,11 @@ def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
     `<set>.d10` / `<set>.d01` (k × bins deviations of the set's pooled histograms).
     Checked before anything is computed: each model listed once, two or more of them, the
     deviations shaped and valued as a pooled histogram's placements
-    (`shared.validation.check_placements`). Each patient's placement is that of the cell
-    the site released them in (`shared.validation.cell_values`: the grid within the site's
-    resolution, coarsened to min_cell_count), so no placement reads out a bin inside a cell.
+    (`shared.validation.check_placements`), and above min_cell_count 1 each model's grid
+    that of its released histogram (`_grids_refused`). Each patient's placement is that of
+    the cell the site released them in (`shared.validation.cell_values`: the grid within the
+    site's resolution, coarsened to min_cell_count), so no placement reads out a bin inside
+    a cell; one placement function per set and patients (`pinned`).
     Only the sets the site is in are answered (pooled, training or external by its roles,
     and its own `site:<id>`).
     Crosses the wire: per set, two k × k matrices of sums over ≥ min_patients patients, the
@@ -285,10 +287,11 @@ def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
         if not _member(session, set_name) or not all(m in models for m in wanted):
             continue
         chosen, grids = [models[m] for m in wanted], [edges_for(query, m) for m in wanted]
+        d10, d01 = val.check_placements(query.get(f"s{s}.d10"), query.get(f"s{s}.d01"),
+                                        [len(e) - 1 for e in grids])
         refused = _grids_refused(session, f"s{s}", chosen, grids, str(query.get("run_id")))
         out.append(Statistic(f"s{s}", {}, n=None, refused=refused) if refused else
-                   _set_moments(f"s{s}", set_name, chosen, grids, query.get(f"s{s}.d10"),
-                                query.get(f"s{s}.d01"), min_cell))
+                   _set_moments(f"s{s}", set_name, chosen, grids, d10, d01, min_cell))
     return out
 
 
@@ -330,8 +333,7 @@ def _member(session: SiteSession, set_name: str) -> bool:
 
 
 def _set_moments(key: str, set_name: str, scores: list[Scores], grids: list[np.ndarray],
-                 d10: object, d01: object, min_cell: int) -> Statistic:
-    d10, d01 = val.check_placements(d10, d01, [len(e) - 1 for e in grids])
+                 d10: np.ndarray, d01: np.ndarray, min_cell: int) -> Statistic:
     common = scores[0].patients
     for model in scores[1:]:
         common = common.intersection(model.patients, sort=False)
