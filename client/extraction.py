@@ -58,7 +58,7 @@ from client.extraction_job import (
     reason,
 )
 from client.site import FEATURES_CSV, Site, SiteError, load_site
-from client.site_files import SiteFileRefused, read_bounded, site_file
+from client.site_files import SiteFileMissing, SiteFileRefused, read_bounded, site_file
 
 DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "shared" / "radiomics_params.yaml"
 # Parameter presets shipped with the app, by the name a query may send (`radiomics-params`)
@@ -133,8 +133,8 @@ def params_file(name: str, root: Path) -> Path:
         return PRESETS[name or "paper"]
     try:
         return site_file(name, [root], PARAMS_SUFFIXES, "radiomics params", MAX_PARAMS_BYTES)
-    except SiteFileRefused as error:
-        raise SiteFileRefused(f"{error} (or a preset: {', '.join(PRESETS)})") from None
+    except (SiteFileRefused, SiteFileMissing) as error:
+        raise type(error)(f"{error} (or a preset: {', '.join(PRESETS)})") from None
 
 
 def _load_params(path: Path) -> _Params:

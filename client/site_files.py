@@ -17,18 +17,26 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from shared.queries import QueryRejected
+
 MAX_NAME = 1024  # characters of a file name in a query
 
 
-class SiteFileRefused(ValueError):
-    """A file a query named that the site does not open (or cannot use); the message names
-    the query's own string, never the site's layout or the file's content."""
+class SiteFileRefused(QueryRejected):
+    """A file a query named that the site does not open (outside its folders, not a regular
+    file, too large): the query is refused (and audited). The message names the query's own
+    string, never the site's layout or the file's content."""
+
+
+class SiteFileMissing(ValueError):
+    """The file a query named, inside the site's folders, is not there (the query fails)."""
 
 
 def site_file(name: str, folders: Sequence[Path], suffixes: Sequence[str], what: str,
               max_bytes: int | None = None) -> Path:
-    """The regular file `name` names inside one of `folders` (its real path), or
-    SiteFileRefused. Relative names are tried in each folder in order."""
+    """The regular file `name` names inside one of `folders` (its real path); else
+    SiteFileRefused, or SiteFileMissing for a name inside them that is not there. Relative
+    names are tried in each folder in order."""
     # one answer for every name the site does not open: decided from the name (and the
     # site's own links), so it says nothing of what lies outside
     outside = SiteFileRefused(f"{what}: not a {' / '.join(suffixes)} file inside this site's "
@@ -47,7 +55,7 @@ def site_file(name: str, folders: Sequence[Path], suffixes: Sequence[str], what:
         found = _regular(real, name, what, max_bytes)
         if found is not None:
             return found
-    raise SiteFileRefused(f"{what} {name!r} is missing at this site")
+    raise SiteFileMissing(f"{what} {name!r} is missing at this site")
 
 
 def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:

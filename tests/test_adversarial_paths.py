@@ -33,7 +33,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from client.extraction import params_file
 from client.handlers import serve
 from client.session import clear_sessions
 from shared import schema
@@ -93,7 +96,7 @@ def test_7a_radiomics_params_outside_the_site_echo_nothing_and_are_no_oracle(
     replies["climb"] = extract(site, "../../hospital/secret.yaml")
     replies["link"] = extract(site, "linked.yaml")
     for name, reply in replies.items():
-        assert reply["status"] != schema.STATUS_OK, (name, reply)
+        assert reply["status"] == schema.STATUS_REFUSED, (name, reply)  # and audited
         for file in files.values():
             assert_nothing_of(reply, file)
     # existing, missing, climbing and linked outside paths: one and the same answer
@@ -195,3 +198,50 @@ def test_7b_pretrained_inside_the_site_or_its_configured_folder(
     other = weights(tmp_path / "other" / "o.pt", 4)  # beside the configured folder
     assert other not in learned(setup(site, str(tmp_path / "other" / "o.pt")))
     assert other not in learned(setup(site, "../other/o.pt"))
+
+
+PARTS = st.sampled_from(["..", ".", "", "sub", "out", "hospital", "secret.yaml", "mine.yaml",
+                         "etc", "passwd", "site-1", "sites", "zero.yaml"])
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base/sites/site-1 (mine.yaml, sub/mine.yaml, out -> ../../hospital, zero.yaml ->
+    /dev/zero) beside base/hospital/secret.yaml."""
+    base = tmp_path_factory.mktemp("tree")
+    site = base / "sites" / "site-1"
+    (site / "sub").mkdir(parents=True)
+    (base / "hospital").mkdir()
+    for file in (site / "mine.yaml", site / "sub" / "mine.yaml"):
+        file.write_bytes((ROOT / "shared" / "radiomics_params.yaml").read_bytes())
+    (site / "out").symlink_to(base / "hospital")
+    (site / "zero.yaml").symlink_to("/dev/zero")
+    return base
+
+
+def answer(name: str, site: Path) -> str:
+    try:
+        found = params_file(name, site)
+    except ValueError as error:
+        return f"{type(error).__name__}: {error}"
+    assert found.resolve().is_relative_to(site.resolve()) or found == params_file("", site)
+    return f"file {found}"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(absolute=st.booleans(), parts=st.lists(PARTS, max_size=6))
+def test_7a_any_name_opens_only_inside_and_no_answer_depends_on_an_outside_file(
+        tree: Path, absolute: bool, parts: list[str]) -> None:
+    """Hypothesis over names: a name resolves only to a file inside the site folder (or a
+    preset), and no answer changes when a file outside the site appears or disappears."""
+    site = tree / "sites" / "site-1"
+    name = "/".join(parts)
+    if absolute:
+        name = f"{tree}/{name}"
+    secret = tree / "hospital" / "secret.yaml"
+    secret.write_text("api_key: TOKEN-7f3a9c: rotate\n")
+    with_secret = answer(name, site)
+    secret.unlink()
+    assert answer(name, site) == with_secret
+    assert not any(token in with_secret for token in TOKENS)
