@@ -3,11 +3,12 @@
 `radiomics-params` and `pretrained` are paths the coordinator sends; a site used to open
 whatever they named. At commit 862bbee, against a simulated default-policy site:
 - `radiomics-params` = a YAML-ish file outside the site: the reply's reason echoed the
-  file's line (`mapping values are not allowed here ... line 1, column 20: api_key:
-  TOKEN-7f3a9c: rotate ^`) or a value (`invalid literal for int() ...: 'TOKEN-b41e'`);
-  a missing path answered `[Errno 2] No such file or directory`, an existing one a parse
-  error (an existence oracle: 2/2 paths told apart); `/dev/zero` was read until memory ran
-  out (under a 3 GiB address-space limit: `MemoryError` after reading it all).
+  file's line (`mapping values are not allowed here ... line 1, column 22: api_key:
+  TOKEN-7f3a9c: rotate ^`) or a value (`invalid literal for int() with base 10:
+  'TOKEN-b41e'`); a missing path answered `[Errno 2] No such file or directory`, an
+  existing one a parse error (an existence oracle: every path told apart); `/dev/zero` was
+  read until memory ran out (in a child under a 3 GiB address-space limit: `MemoryError`
+  after ~10 s and 2.5 GB resident).
 - `pretrained` = a `.pt` anywhere: the setup reply held its sha256 (1/1 hash recovered,
   equal to hashlib's), and a missing one answered "missing at this site (<absolute path>)"
   (existence oracle, and the site's own folder layout).
