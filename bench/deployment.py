@@ -158,6 +158,9 @@ class Loopback:
     def run(self, app: Path, out: Path, config: dict[str, str]) -> dict:
         pairs = " ".join(f"{k}={toml_value(v)}"
                          for k, v in {**config, "out-dir": str(out)}.items())
+        for env in self.hospitals.values():  # a SuperNode serves only an app its site approved
+            subprocess.run(["bash", str(DEPLOY / "approve.sh"), str(app)], cwd=REPO, env=env,
+                           check=True, capture_output=True, timeout=180)
         cpu_before = cpu_seconds()
         started = time.perf_counter()
         done = subprocess.run(["flwr", "run", str(app), "feddlr", "--stream",

@@ -11,7 +11,9 @@ Stock Flower 1.41/1.42 spends 6–8 s of every deployment round outside the work
 - a message is listed before its objects have arrived, and a missing object is asked for
   again only after 1 s (2 s, 4 s …).
 
-This launcher changes those and nothing else:
+This launcher changes those, and serves only apps the site approved (`deploy/approval.py`:
+a run's FAB is checked when the SuperNode fetches it, before any of its code is stored,
+installed or imported; FEDDLR_FAST=0 applies the same check to plain Flower):
 - `Backoff` stands in for the `time` module of `flwr.supernode.start_client_internal`:
   after a message the SuperNode looks at the SuperLink again within `FAST_POLL` s, each
   empty look `GROWTH` times later, up to Flower's 3 s (an idle node polls as Flower's
@@ -23,7 +25,7 @@ This launcher changes those and nothing else:
   process, which imported the libraries once (`preload`, torch and MONAI included). Every
   message still runs in a process of its own, so one message's crash, memory or state
   cannot reach the next, and the app's own code (`client`, `shared`, `wire`) is imported
-  by the child from the FAB the coordinator sent, as `flwr-clientapp` does;
+  by the child from the run's FAB — one the site approved — as `flwr-clientapp` does;
 - a FAB whose exact bytes were installed before is not unpacked again (`installed_once`),
   its code is compiled once into its folder, and missing objects are retried after 50 ms
   (`wire.flower_waits`).
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the FedDLR checkout
+from deploy.approval import enforce as enforce_approved_apps
 from wire.flower_waits import quick_object_pulls
 
 FAST_POLL = 0.05  # seconds: the first look again after a message
@@ -100,10 +103,12 @@ class Backoff(types.ModuleType):
 
 def run_supernode(args: list[str]) -> None:
     """Flower's `flower-supernode` CLI with `--isolation process`, its waits on `Backoff`,
-    and the warm SuperExec started beside it on its runtime API."""
+    the warm SuperExec started beside it on its runtime API, and only the apps the site's
+    operator approved served (`deploy/approval.py`)."""
     import flwr.supernode.start_client_internal as node
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    enforce_approved_apps(node)  # a run's FAB is checked before the node stores it
     clock = Backoff()
     node.time = clock
     push = node._push_messages

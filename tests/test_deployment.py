@@ -3,6 +3,7 @@ from our own CA, SuperNode authentication, no runtime dependency installation â€
 exactly the `deploy/â€¦` lines of the README section "Deploying across hospitals", in order.
 
 One deployment serves every assertion (see the report for its run time on 2 cores):
+- each hospital approves the checkout's app (README step 4; a SuperNode serves nothing else);
 - a SuperNode whose key is not registered, one without a key and one without TLS are refused;
 - run A (the README's run command: cohort + survival): site-3's SuperNode is shut down in
   the middle of cohort round 2; the site is `dropped`, the cohort tables are recomputed on
@@ -41,8 +42,8 @@ pytestmark = pytest.mark.slow
 
 SITES = ("site-1", "site-2", "site-3")
 NUMERIC = ("age", "tumour_size_mm", "ki67")
-SCRIPTS = ["ca.sh", "superlink.sh", "node-key.sh", "register.sh", "supernode.sh", "run.sh",
-           "superlink.sh", "run.sh"]
+SCRIPTS = ["ca.sh", "superlink.sh", "node-key.sh", "register.sh", "approve.sh", "supernode.sh",
+           "run.sh", "superlink.sh", "run.sh"]
 
 
 def readme_commands() -> list[str]:
@@ -158,8 +159,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("deploy")
     commands = readme_commands()
     assert [c.split()[0] for c in commands] == [f"deploy/{s}" for s in SCRIPTS], commands
-    ca_sh, superlink_sh, node_key_sh, register_sh, supernode_sh, run_a, restart_sh, resume = \
-        commands
+    ca_sh, superlink_sh, node_key_sh, register_sh, approve_sh, supernode_sh, run_a, \
+        restart_sh, resume = commands
     simulate_cohort(root / "sites", n_sites=3, n_patients=60, seed=21, images=False)
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FEDDLR_", "FLWR_"))}
@@ -197,6 +198,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         info["registered"] = done.stdout
+
+        def approve() -> None:  # each hospital records the checkout's FAB (README step 4)
+            for site in SITES:
+                done = subprocess.run(["bash", "-c", approve_sh], cwd=APP_DIR,
+                                      env=hospitals[site], capture_output=True, text=True,
+                                      timeout=120)
+                assert done.returncode == 0, done.stdout + done.stderr
+                info.setdefault("approved", []).append(done.stdout.split()[0])
+
+        approve()
         # 4. hospitals: SuperNodes (site-3 with the test hook that holds cohort round 2 in
         # its own environment); plus three that must be refused
         for site in SITES:
@@ -244,6 +255,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
         wait_healthy(port, ca)
         procs.start("site-3", supernode_sh, hospitals["site-3"])
         wait_online(coordinator, 3)
+        approve()  # the same checkout: the same sha256, already on each list
         info["c_rc"], info["c_log"] = run_study(resume, coordinator, root / "run-c.log")
         info["c_seconds"] = time.monotonic() - started
     finally:
@@ -311,6 +323,14 @@ def test_unregistered_keyless_and_plain_http_clients_are_refused(deployment: dic
     assert "Failed to initialize the connection" in deployment["insecure_log"]
     assert deployment["plain_http"].startswith("refused")
     assert deployment["registered"].count("registered successfully") == 3
+
+
+def test_each_hospital_approved_the_app_it_runs(deployment: dict) -> None:
+    (digest,) = set(deployment["approved"])  # before run A and again before run C
+    assert len(deployment["approved"]) == 2 * len(SITES)
+    for site in SITES:
+        listed = (deployment["root"] / "sites" / site / "approved_apps.txt").read_text()
+        assert [line.split()[0] for line in listed.splitlines()] == [digest]
 
 
 def test_run_a_goes_on_without_the_site_shut_down_mid_round(deployment: dict) -> None:
