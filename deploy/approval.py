@@ -189,7 +189,10 @@ def enforce(node: Any) -> None:
             message, run = seen["message"], seen.get("run")
             app = f"{run.fab_id}=={run.fab_version}" if run is not None else ""
             node.log(node.ERROR, "%s", refused.reason)
-            audit_refusal(config, refused, app, str(message.metadata.message_type))
+            try:
+                audit_refusal(config, refused, app, str(message.metadata.message_type))
+            except OSError as err:  # still refused; the node's log says why it is not audited
+                node.log(node.ERROR, "the refusal could not be audited: %s", err)
             reply = Message(Error(ErrorCode.INVALID_FAB, refused.reason), reply_to=message)
             node._insert_message(reply, kw["state"], kw["object_store"])
             return refused.run_id

@@ -183,3 +183,12 @@ def test_both_launchers_enforce_it() -> None:
     script = (APP_DIR / "deploy" / "supernode.sh").read_text()
     assert 'supernode=(python "$FEDDLR_APP/deploy/approval.py" supernode)' in script
     assert "flower-supernode" not in script.split("exec", 1)[1]  # never unchecked
+
+
+def test_a_refusal_that_cannot_be_audited_is_still_a_refusal(tmp_path: Path) -> None:
+    node = FakeNode()
+    approval.enforce(node)
+    (tmp_path / "audit").write_text("a file where the audit folder should be")
+    assert _pull(node, MODIFIED, tmp_path) == 7
+    assert node.stored == [] and node.inserted[0].has_error()
+    assert any("could not be audited" in line for line in node.logged)
