@@ -21,12 +21,26 @@ Disclosure policy of this stage (the site's `privacy:` block; a query cannot low
    Kaplan–Meier curve is made of, and refusing them would refuse every curve. Along time
    the control is the binning of point 1; the site chooses how coarse.
 4. **Cox risk-set sums** are released on the global event-time grid only (not at the
-   site's censoring times). Residual risk, stated plainly: when a single patient leaves a
-   site's risk set between two consecutive global event times, the difference of the two
-   released sums is that patient's (centred) covariate vector at that binned time. Exact
-   pooled Cox needs these per-time sums (DESIGN.md); removing the residual risk needs
-   secure aggregation across sites, which this version does not have. A hospital that
-   cannot accept it sets a coarser `time_bin` or leaves `survival` out of its roles.
+   site's censoring times), over the site's own reading of the covariates (a numeric column
+   stays numeric whatever `kind.<term>` says; the patients of a level held by fewer than
+   min_cell_count sit out of the Cox cohort; a numeric column is never sent as level
+   names), at points it bounds (each β gentle per SD of its columns and its weights e^{x'β}
+   spread over ≥ min_patients; the centre near its values; the grid on its time bin) and
+   within its memory bound (computed before anything is allocated). Under the default
+   `allow_risk_set_differences: false` its times are grouped into runs
+   (`shared.cox.released_times`) so that two successive released risk sets differ by 0 or
+   ≥ min_difference patients, and the deaths at a released time and each categorical
+   level among both number 0 or ≥ min_cell_count: no released sum or difference of sums is
+   one patient's covariates, DFS bin and event. The pooled fit is exact on those times
+   (lifelines on the pooled rows with each site's released times), not on the 30-day ones:
+   with 40 patients a site releases few runs (one, with three categorical covariates).
+   A site that sets `allow_risk_set_differences: true` releases on its own time_bin: exact
+   Cox on it, and when a single patient leaves its risk set between two consecutive global
+   event times, the difference of the two released sums is her (centred) covariate vector.
+   Residual risk either way: many Cox queries at different gentle β over the same runs
+   (each released: the same patient set) constrain the covariates within a run further.
+   Every statistic over a set of the site's survival patients is one ledger family, so two
+   Cox cohorts that differ by covariate completeness are not both released.
 5. **C-index across sites**: the (binned time, score) of each event leaves the site only
    when its policy sets `allow_event_queries` (the server uses that mode only when every
    site does); otherwise it releases its events as a 2-D (time × score) count table over
@@ -38,7 +52,7 @@ Disclosure policy of this stage (the site's `privacy:` block; a query cannot low
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -50,6 +64,7 @@ from shared import concordance as cindex
 from shared import cox, disclosure
 from shared.kaplan_meier import bin_times, local_time_table
 from shared.labels import LabelError, her2_low_status
+from shared.queries import bounds
 from shared.schema import Payload
 
 NEEDS = "survival"
@@ -57,6 +72,12 @@ MAX_GROUP_LEVELS = 12
 HER2_CLASS = "her2_class"  # derived: zero / low / positive (ASCO/CAP 2018, shared.labels)
 HER2_CLASS_ORDER = ("zero", "low", "positive")
 MODEL_PREFIXES = ("predicted:", "score:")  # a model's predicted label / its probability
+# Every statistic over a set of this site's survival patients (Kaplan–Meier tables, the
+# covariate sums of the setup, Cox sums, C-index pieces) is one ledger family: two of them
+# over sets differing by a few patients (a Cox cohort of the patients with a HER2 class next
+# to one of all patients) would give those patients away, whatever the covariates are.
+COHORT_FAMILY = "survival.km"
+MAX_EXPONENT = 500.0  # |x'β| above this overflows e^{x'β} in the sums
 
 
 # --------------------------------------------------------------------------- handlers
@@ -76,50 +97,40 @@ def survival_setup(session: SiteSession, query: Payload) -> list[Statistic]:
     group = str(query.get("group", "") or "")
     if group:
         out += _group_statistics(session, group, times, events, query, ids)
-    terms = _list(query.get("covariates"))
-    present = np.ones(len(times), dtype=bool)
-    for name in terms:
-        values = column(session, name, query)
-        if values is None:  # the server keeps the covariate only if other sites have it;
-            out.append(Statistic(f"design.{name}", {"kind": "missing"}, n=None))
-            continue  # then this site sits out of the Cox fit (no complete case)
-        mask = values.notna().to_numpy()
-        present &= mask
-        if name == "label" or _is_numeric(values):
-            x = pd.to_numeric(values[mask]).to_numpy(dtype=np.float64)
-            out.append(Statistic(f"design.{name}", {"kind": "numeric", "n": int(mask.sum()),
-                                                    "sum": float(x.sum())}, n=int(mask.sum()),
-                                 patients=list(ids[mask]), family=f"survival.sum:{name}"))
-        else:
-            levels = sorted({str(v) for v in values[mask]})
-            out.append(Statistic(f"design.{name}", {"kind": "categorical", "levels": levels},
-                                 n=int(mask.sum()), patients=list(ids[mask]),
-                                 family=f"survival.levels:{name}"))
-    if terms:
-        binned, step = cox_times(session, times[present])
-        cohort_events = events[present]
-        out.append(Statistic("cox.setup", {
-            "event_times": np.unique(binned[cohort_events]),
-            "totals": np.array([present.sum(), cohort_events.sum()], dtype=np.int64),
-            "time_bin": float(step),
-        }, n=int(present.sum()), counts=("totals",), patients=list(ids[present]),
-            family="survival.km", grid=float(step)))  # its event times: a coarser KM table
+    names = _list(query.get("covariates"))
+    if names:
+        out += _setup_covariates(session, names, query, times, events, ids)
     return out
 
 
 def survival_cox(session: SiteSession, query: Payload) -> list[Statistic]:
     """A Newton round: risk-set and tied-death sums on the global event-time grid, for each
-    candidate β in the query (see shared.cox.local_risk_set_sums for what they reveal)."""
-    times, events, x, ids = _cox_data(session, query)
-    grid = np.asarray(query["grid"], dtype=np.float64)
+    candidate β in the query (see shared.cox.local_risk_set_sums for what they reveal).
+
+    Before anything is computed: the memory the sums take (policy max_query_memory_mb), the
+    grid (increasing, on the site's time bin), the design (`design_matrix`), and every β:
+    gentle (policy max_coefficient per SD of the site's columns) and with weights e^{x'β}
+    spread over ≥ min_patients of the Cox cohort (Kish's effective sample size)."""
+    policy = session.site.config.privacy
+    grid = np.asarray(query["grid"], dtype=np.float64).reshape(-1)
     betas = np.atleast_2d(np.asarray(query["betas"], dtype=np.float64))
+    if betas.ndim != 2:
+        raise PolicyRefusal(f"betas must be a matrix (candidates × columns), not of shape "
+                            f"{betas.shape}")
+    bounds.require_memory(cox.risk_set_elements(len(session.site.clinical), grid.size,
+                                                *betas.shape),
+                          policy.max_query_memory_mb, "survival_cox")
+    _check_grid(grid, policy.time_bin)
+    times, events, x, ids = _cox_data(session, query)
+    if betas.shape[1] != x.shape[1]:
+        raise PolicyRefusal(f"betas have {betas.shape[1]} columns, the design has {x.shape[1]}")
+    _check_points(x, betas, session, "survival_cox")
     sums = cox.local_risk_set_sums(times, events, x, grid, betas)
     values = dict(sums.as_dict())
     values["totals"] = _totals(events)
-    small = disclosure.small_risk_set_differences(
-        times, grid, session.site.config.privacy.difference)
+    small = disclosure.small_risk_set_differences(times, grid, policy.difference)
     return [Statistic("cox", values, n=len(times), counts=("totals",), patients=ids,
-                      family=disclosure.query_family("survival.cox", query)),
+                      family=COHORT_FAMILY),
             Statistic("risk_sets", {"small_differences": small}, n=None)]
 
 
@@ -179,10 +190,10 @@ def survival_bounds(session: SiteSession, query: Payload) -> list[Statistic]:
 
 
 def _on_cohort(stats: list[Statistic], ids: list[str], query: Payload) -> list[Statistic]:
-    """Statistics over the Cox cohort, for the ledger: each a family of its own name and
-    the query's parameters (β, the other sites' events or tables, the grid)."""
-    return [replace(s, patients=ids, family=disclosure.query_family(f"survival.{s.name}", query))
-            for s in stats]
+    """Statistics over the Cox cohort, for the ledger: one family with every statistic
+    over this site's survival patients (`COHORT_FAMILY`), whatever β or grid they are on."""
+    del query  # the family is the patient set's, not the query's parameters
+    return [replace(s, patients=ids, family=COHORT_FAMILY) for s in stats]
 
 
 # --------------------------------------------------------------------------- data
@@ -251,69 +262,230 @@ def _times(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.ndarray
     return times, events
 
 
-def design_matrix(session: SiteSession, query: Payload) -> tuple[np.ndarray, np.ndarray]:
-    """(x, mask): the centred design over the Cox cohort.
+@dataclass(frozen=True)
+class Covariates:
+    """The covariates a query names, read as this site holds them (never as the query
+    says) over its survival patients: `present` marks the Cox cohort (every covariate the
+    site has known, and no level held by fewer than min_cell_count of the cohort)."""
 
-    The Cox cohort is the patients with every covariate of `cohort` that this site has (the
-    covariates asked for in the setup round, so the cohort is the same in every round). The
-    query names the model's terms (`terms`), each term's kind (`kind.<term>`: numeric or
-    categorical), the non-reference levels of each categorical term (`levels.<term>`, one
-    dummy column each, in order) and the centre of every column (`center`)."""
-    rows = session.site.clinical
-    columns, present = [], np.ones(len(rows), dtype=bool)
-    for name in _list(query.get("cohort")):
+    present: np.ndarray
+    numeric: dict[str, np.ndarray]  # a numeric column's values (NaN = missing)
+    text: dict[str, np.ndarray]  # a categorical column's level names (str)
+    levels: dict[str, list[str]]  # the levels held by ≥ min_cell_count of the cohort
+    merged: dict[str, str]  # a categorical column with rarer levels: why they sit out
+    missing: list[str]  # named, but not a column of this site
+
+    def level_matrix(self) -> np.ndarray:
+        """One 0/1 column per counted level of every categorical covariate, over the cohort."""
+        columns = [(self.text[name][self.present] == level).astype(np.float64)
+                   for name in self.text for level in self.levels[name]]
+        n = int(self.present.sum())
+        return np.column_stack(columns) if columns else np.zeros((n, 0))
+
+
+def covariates(session: SiteSession, names: list[str], query: Payload) -> Covariates:
+    """Each named covariate as its own column type at this site; the patients of a level
+    held by fewer than min_cell_count of the cohort sit out of it (as if the value were
+    missing: a level of one patient would make her dummy column her row), until every
+    level left is held by ≥ min_cell_count."""
+    present = np.ones(len(session.site.clinical), dtype=bool)
+    numeric: dict[str, np.ndarray] = {}
+    text: dict[str, np.ndarray] = {}
+    missing: list[str] = []
+    for name in dict.fromkeys(names):
         values = column(session, name, query)
-        if values is not None:
-            present &= values.notna().to_numpy()
-    for term in _list(query.get("terms")):
-        values = column(session, term, query)
         if values is None:
-            raise ValueError(f"covariate {term!r} is not available at this site")
+            missing.append(name)
+            continue
         present &= values.notna().to_numpy()
-        if str(query[f"kind.{term}"]) == "numeric":
-            columns.append(pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64))
+        if name == "label" or _is_numeric(values):
+            numeric[name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
         else:
-            text = np.array([str(v) for v in values], dtype=object)
-            columns += [(text == level).astype(np.float64)
+            text[name] = np.array([str(v) for v in values], dtype=object)
+    cells = session.site.config.privacy.min_cell_count
+    merged: dict[str, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for name, values in text.items():
+            levels, counts = np.unique(values[present].astype(str), return_counts=True)
+            rare = levels[counts < cells]
+            if rare.size:
+                present &= ~np.isin(values.astype(str), rare)
+                merged[name] = (f"levels held by fewer than min_cell_count ({cells}) patients "
+                                "here are left out of the Cox cohort")
+                changed = True
+    levels = {name: sorted({str(v) for v in values[present]}) for name, values in text.items()}
+    return Covariates(present, numeric, text, levels, merged, missing)
+
+
+def _setup_covariates(session: SiteSession, names: list[str], query: Payload,
+                      times: np.ndarray, events: np.ndarray, ids: np.ndarray
+                      ) -> list[Statistic]:
+    """What each covariate is at this site, over the Cox cohort (the patients with every
+    covariate this site has): numeric with its n and Σx (for centring), or categorical with
+    the names of the levels ≥ min_cell_count of them hold (a numeric column is never sent
+    as level names). Then the Cox cohort's event times on its released time step."""
+    cov = covariates(session, names, query)
+    present = cov.present
+    n, members = int(present.sum()), list(ids[present])
+    out = [Statistic(f"design.{name}", {"kind": "missing"}, n=None) for name in cov.missing]
+    for name in names:
+        if name in cov.numeric:
+            values = {"kind": "numeric", "n": n, "sum": float(cov.numeric[name][present].sum())}
+        elif name in cov.text:
+            values = {"kind": "categorical", "levels": cov.levels[name]}
+            if name in cov.merged:
+                values["merged"] = cov.merged[name]
+        else:
+            continue
+        out.append(Statistic(f"design.{name}", values, n=n, patients=members,
+                             family=COHORT_FAMILY))
+    binned, step = cox_times(session, times[present], events[present], cov.level_matrix())
+    cohort_events = events[present]
+    out.append(Statistic("cox.setup", {
+        "event_times": np.unique(binned[cohort_events]),
+        "totals": np.array([n, cohort_events.sum()], dtype=np.int64),
+        "time_bin": float(step),
+    }, n=n, counts=("totals",), patients=members, family=COHORT_FAMILY,
+        grid=float(step)))  # its event times: a coarser KM table
+    return out
+
+
+def design_matrix(session: SiteSession, query: Payload) -> tuple[np.ndarray, Covariates]:
+    """(x, covariates): the centred design over the Cox cohort.
+
+    The Cox cohort is the patients with every covariate of `cohort` and `terms` that this
+    site has (`covariates`; the server names the covariates of the setup round, so the
+    cohort is the same in every round). Each term is read as the site holds it: a
+    `kind.<term>` that says otherwise, or levels for a numeric column, are refused. A
+    categorical term has one dummy column per level of `levels.<term>` (a level the site
+    does not count is a column of zeros); `center` is checked against the site's columns."""
+    terms = _list(query.get("terms"))
+    cov = covariates(session, [*_list(query.get("cohort")), *terms], query)
+    columns = []
+    for term in terms:
+        if term in cov.missing:
+            raise ValueError(f"covariate {term!r} is not available at this site")
+        kind = "numeric" if term in cov.numeric else "categorical"
+        asked = query.get(f"kind.{term}")
+        if asked is not None and str(asked) != kind:
+            raise PolicyRefusal(f"covariate {term!r} is {kind} at this site; the query calls "
+                                f"it {asked} (a site reads each column as its own type)")
+        if kind == "numeric":
+            if f"levels.{term}" in query:
+                raise PolicyRefusal(f"covariate {term!r} is numeric at this site; its values "
+                                    "are not levels")
+            columns.append(cov.numeric[term])
+        else:
+            columns += [(cov.text[term] == level).astype(np.float64)
                         for level in _list(query.get(f"levels.{term}"))]
-    x = np.column_stack(columns) if columns else np.zeros((len(rows), 0))
+    x = np.column_stack(columns)[cov.present] if columns else np.zeros((int(cov.present.sum()), 0))
     center = np.asarray(query.get("center", np.zeros(x.shape[1])), dtype=np.float64)
     if center.shape != (x.shape[1],):
-        raise ValueError(f"center has shape {center.shape}; the design has {x.shape[1]} columns")
-    return x[present] - center, present
+        raise PolicyRefusal(f"center has shape {center.shape}; the design has {x.shape[1]} "
+                            "columns")
+    _check_center(center, x)
+    return x - center, cov
+
+
+CENTER_REACH = 10.0  # a centre lies within this many times a column's scale of its values
+
+
+def _check_center(center: np.ndarray, x: np.ndarray) -> None:
+    """A centre within reach of the site's values of its column: the pooled mean of any
+    honest split is (a site whose column is constant 0 included), a far one would only
+    lose the sums' precision or overflow e^{x'β}. A centre adds no information (the server
+    knows it), so the bound is loose: CENTER_REACH × max(range, |min|, |max|, 1)."""
+    if not np.all(np.isfinite(center)):
+        raise PolicyRefusal("center holds a value that is not finite")
+    if not len(x):
+        return
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    reach = CENTER_REACH * np.maximum.reduce([hi - lo, np.abs(lo), np.abs(hi),
+                                              np.ones_like(lo)])
+    if np.any(center < lo - reach) or np.any(center > hi + reach):
+        raise PolicyRefusal(f"center lies further than {CENTER_REACH:g} times a column's scale "
+                            "from this site's values of it")
+
+
+def _check_grid(grid: np.ndarray, time_bin: float) -> None:
+    """A Cox grid is the union of the sites' binned event times: finite, increasing, and on
+    this site's time bin (finer points would only split no risk set here, but say the
+    server is not asking what a study asks)."""
+    if not np.all(np.isfinite(grid)) or np.any(grid < 0) or np.any(np.diff(grid) <= 0):
+        raise PolicyRefusal("the Cox grid must be finite, ≥ 0 and strictly increasing")
+    if time_bin > 0:
+        ratio = grid / time_bin
+        if not np.allclose(ratio, np.round(ratio), rtol=0, atol=1e-9):
+            raise PolicyRefusal(f"the Cox grid has times that are not multiples of this "
+                                f"site's time_bin ({time_bin:g})")
+
+
+def _check_points(x: np.ndarray, betas: np.ndarray, session: SiteSession, what: str) -> None:
+    """Each candidate β: gentle (max_coefficient per SD of the site's design columns), no
+    overflow of e^{x'β}, and weights spread over ≥ min_patients of the Cox cohort (a steep
+    β makes one patient's row the whole risk-set sum)."""
+    policy = session.site.config.privacy
+    sd = x.std(axis=0) if len(x) else np.ones(x.shape[1])
+    bounds.require_gentle(betas, sd, policy.max_coefficient, what)
+    if not len(x):
+        return
+    scores = x @ np.atleast_2d(betas).T  # (n, m)
+    if np.any(np.abs(scores) > MAX_EXPONENT):
+        raise PolicyRefusal(f"{what}: x'β beyond ±{MAX_EXPONENT:g} at this site (e^{{x'β}} "
+                            "would overflow)")
+    for lp in scores.T:
+        bounds.require_spread(np.exp(lp - lp.max()), policy.min_patients, what)
 
 
 def _cox_data(session: SiteSession, query: Payload
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Times (`cox_times`), events, centred design and patient ids of the Cox cohort."""
     times, events = _times(session, query)
-    x, present = design_matrix(session, query)
+    x, cov = design_matrix(session, query)
+    present = cov.present
     ids = list(session.site.clinical.index.astype(str)[present])
-    return cox_times(session, times[present])[0], events[present], x, ids
+    binned, _ = cox_times(session, times[present], events[present], cov.level_matrix())
+    return binned, events[present], x, ids
 
 
-def cox_times(session: SiteSession, times: np.ndarray) -> tuple[np.ndarray, float]:
-    """The Cox cohort's binned times and their bin. Under `allow_risk_set_differences:
-    false` the site's bin is raised (`shared.disclosure.coarsened_time_bin`) until no two
-    successive released risk sets can differ by fewer than min_difference patients; when
-    no bin does, the Cox queries are refused."""
+def cox_times(session: SiteSession, times: np.ndarray, events: np.ndarray,
+              levels: np.ndarray) -> tuple[np.ndarray, float]:
+    """The Cox cohort's binned times and their bin.
+
+    Under `allow_risk_set_differences: false` (the default) the binned times are grouped
+    into runs (`shared.cox.released_times`) so that, on any grid, two successive risk sets
+    differ by 0 or ≥ min_difference patients, the deaths at a time are 0 or ≥
+    min_cell_count, and so are each categorical level's patients among both: then no
+    released sum or difference of sums is one patient's covariates, DFS bin and event. The
+    bin reported stays the site's time_bin (the runs' ends are on it). When no grouping
+    does, the Cox queries are refused. Under `true` the site's own time_bin is used: the
+    pooled fit is exact on it, and a bin's single leaver is her row (the site accepts
+    that)."""
     policy = session.site.config.privacy
     if policy.allow_risk_set_differences:
         return times, float(policy.time_bin)
-    step = disclosure.coarsened_time_bin(times, policy.time_bin, policy.difference)
-    if step is None:
-        raise PolicyRefusal(f"allow_risk_set_differences is false and the Cox cohort's "
-                            f"risk sets cannot differ by ≥ min_difference "
-                            f"({policy.difference}) patients at any time bin")
-    return bin_times(times, step), step
+    released = cox.released_times(times, events, levels, policy.difference,
+                                  policy.min_cell_count)
+    if released is None:
+        raise PolicyRefusal(f"the Cox cohort's risk sets cannot differ by ≥ min_difference "
+                            f"({policy.difference}) patients with deaths and levels in cells of "
+                            f"≥ min_cell_count ({policy.min_cell_count}) at any grouping of "
+                            "its times (allow_risk_set_differences is false)")
+    return released, float(policy.time_bin)
 
 
 def _scores(session: SiteSession, query: Payload
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Binned times, events, risk scores x'β and ids of the Cox cohort. The score is summed
-    element-wise (not by BLAS) so that equal rows give equal scores at every site."""
+    element-wise (not by BLAS) so that equal rows give equal scores at every site. β is
+    checked as a Newton round's is."""
     times, events, x, ids = _cox_data(session, query)
-    beta = np.asarray(query["beta"], dtype=np.float64)
+    beta = np.asarray(query["beta"], dtype=np.float64).reshape(-1)
+    if beta.shape != (x.shape[1],):
+        raise PolicyRefusal(f"beta has {beta.size} values, the design has {x.shape[1]} columns")
+    _check_points(x, beta, session, "the C-index's β")
     return times, events, (x * beta).sum(axis=1), ids
 
 

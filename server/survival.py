@@ -37,6 +37,7 @@ from server.transport import (
     Reply,
     SiteSetChanged,
     StageError,
+    StudyError,
     Transport,
     ask_same_sites,
     on_stable_sites,
@@ -166,8 +167,12 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str],
                              "min_patients complete cases, or 1–2 events)",
                              "sites_missing": answered}
         else:
-            models, restarts = on_stable_sites(fit, cox_sites, min_sites=config.min_sites,
-                                               stage="survival")
+            try:
+                models, restarts = on_stable_sites(fit, cox_sites, min_sites=config.min_sites,
+                                                   stage="survival")
+            except StudyError as err:  # every Cox site refused a point (e.g. a Newton step
+                # steeper than its max_coefficient on separable data): no model, not no study
+                models, restarts = {"cox": {"error": str(err), "sites_missing": answered}}, []
             for key in ("cox", "cox_stepwise"):
                 if "sites_used" in models.get(key, {}):
                     models[key]["sites_missing"] = [s for s in answered

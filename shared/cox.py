@@ -65,8 +65,9 @@ def local_risk_set_sums(times: np.ndarray, events: np.ndarray, x: np.ndarray,
     These are sums over patients; but the difference of the risk-set sums at two
     consecutive event times is a sum over the patients who left the site's risk set in
     between, which can be a single patient. That is inherent to an exact federated Cox fit
-    without secure aggregation, and the reason the site's time binning, `min_patients`
-    and the event-count rule gate this statistic (client/survival.py states the policy).
+    without secure aggregation; a site therefore groups its times first
+    (`released_times`, client/survival.py states the policy), so that every such
+    difference and every tied-death sum is a group's.
     """
     t = np.asarray(times, dtype=np.float64)
     e = np.asarray(events).astype(bool)
@@ -109,6 +110,79 @@ def local_risk_set_sums(times: np.ndarray, events: np.ndarray, x: np.ndarray,
         s0=np.moveaxis(s0, 0, 1), s1=np.moveaxis(s1, 0, 1), s2=np.moveaxis(s2, 0, 1),
         d0=np.moveaxis(d0, 0, 1), d1=np.moveaxis(d1, 0, 1), d2=np.moveaxis(d2, 0, 1),
     )
+
+
+def risk_set_elements(n: int, grid_size: int, m: int, p: int) -> list[int]:
+    """The float64 elements `local_risk_set_sums` allocates for n patients, a grid of
+    `grid_size` times and m candidate β over p columns (the weighted outer products and
+    their running sums, the released s·/d· arrays and their wire copies), so that a site
+    can refuse a query over its memory bound before allocating any of them."""
+    square, line = m * p * p, m * p
+    return [2 * (n + 1) * (square + line + m),  # w, w·x, w·x·x' and their cumulative sums
+            4 * grid_size * (square + line + m)]  # s·, d· and the copies sent
+
+
+def cell_ok(counts: np.ndarray, min_count: int) -> np.ndarray:
+    """Whether each count is 0 or at least `min_count` (a cell of 1…min_count−1 is one or
+    two patients' aggregate)."""
+    counts = np.asarray(counts)
+    return (counts == 0) | (counts >= min_count)
+
+
+def released_times(times: np.ndarray, events: np.ndarray, levels: np.ndarray,
+                   min_difference: int, min_cell_count: int) -> np.ndarray | None:
+    """A site's Cox times as it releases them: its binned times grouped, from the earliest,
+    into runs of successive times, each patient's time rounded up to the last time of her
+    run, so that on any global grid
+
+    - two successive risk sets differ by 0 or ≥ min_difference patients (a run holds ≥
+      min_difference), so their Σx, Σxx' are a group's, never one patient's row;
+    - the deaths at a released time are 0 or ≥ min_cell_count, so the tied-death sums D0,
+      D1, D2 (which Efron needs per time) are a group's too;
+    - within a run and within its deaths, each categorical level (`levels`, an (n, k) 0/1
+      matrix, one column per level) and its complement hold 0 or ≥ min_cell_count, so a
+      dummy's row of Σxx' (Σ age over the HER2-positive leavers) is not one patient's.
+
+    A run closes at the first time where it meets all three; a last run that never does
+    is merged into the runs before it. None when even the whole cohort as one run does not
+    (the site then refuses Cox). The pooled fit is exact on these times."""
+    t = np.asarray(times, dtype=np.float64)
+    e = np.asarray(events, dtype=np.float64)
+    g = np.asarray(levels, dtype=np.float64).reshape(len(t), -1)
+    if len(t) == 0:
+        return None
+    distinct, slot = np.unique(t, return_inverse=True)
+    # per distinct time: patients, deaths, and per level its patients and its deaths
+    cells = np.column_stack([np.ones(len(t)), e, g, g * e[:, None]])
+    per_time = np.zeros((len(distinct), cells.shape[1]))
+    np.add.at(per_time, slot, cells)
+    k = g.shape[1]
+    ends: list[int] = []
+    run = np.zeros(cells.shape[1])
+    for i, row in enumerate(per_time):
+        run += row
+        if _run_ok(run, k, min_difference, min_cell_count):
+            ends.append(i)
+            run[:] = 0
+    last = len(distinct) - 1
+    while not ends or ends[-1] != last:  # a tail that never closed joins the run before it
+        if ends:
+            ends.pop()
+        start = ends[-1] + 1 if ends else 0
+        if _run_ok(per_time[start:].sum(axis=0), k, min_difference, min_cell_count):
+            ends.append(last)
+        elif not ends:
+            return None
+    end_of = np.searchsorted(np.asarray(ends), np.arange(len(distinct)))
+    return distinct[np.asarray(ends)[end_of]][slot]
+
+
+def _run_ok(run: np.ndarray, k: int, min_difference: int, min_cell_count: int) -> bool:
+    count, deaths, held, died = run[0], run[1], run[2:2 + k], run[2 + k:]
+    if count < min_difference:
+        return False
+    cells = np.concatenate([[deaths], held, count - held, died, deaths - died])
+    return bool(np.all(cell_ok(np.round(cells), min_cell_count)))
 
 
 def _prefix(values: np.ndarray, count: np.ndarray) -> np.ndarray:

@@ -43,7 +43,9 @@ class PrivacyPolicy:
     # Two releases of one statistic over patient sets S, T with 0 < |S Δ T| < this are
     # refused (client.ledger); None: min_patients.
     min_difference: int | None = None
-    allow_risk_set_differences: bool = True
+    # Cox risk-set sums on the site's own time_bin (exact pooled Cox on it; a bin's single
+    # leaver is her row) rather than on a coarser released step (client.survival.cox_times).
+    allow_risk_set_differences: bool = False
     require_dp: DPRequirement | None = None
     # The largest coefficient, per standard deviation of its column at this site, of a point
     # at which the site evaluates a loss, gradient, Hessian, score or Cox sums: steeper

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from client.handlers import serve
 from client.session import clear_sessions
 from server.rounds import pack
-from shared import disclosure, schema, standardize
+from shared import cox, disclosure, schema, standardize
 from shared.folds import site_fold_count, site_folds
 from tests.splits import gbsg2, wisconsin
 
@@ -165,8 +165,9 @@ def test_b_a_covariate_missing_for_one_patient(tmp_path: Path) -> None:
     folder = write_site(tmp_path, clinical)
     reply = serve(folder, schema.SURVIVAL_SETUP, {"task": "", "needs": "survival",
                                                   "covariates": ["age"]}, "r1")
-    assert "km.all.at_risk" in reply and "design.age.sum" in reply
+    assert "km.all.at_risk" in reply and "design.age.sum" not in reply  # over the Cox cohort
     assert reply["refused.cox.setup"].startswith(DIFFERENCE)
+    assert reply["refused.design.age"].startswith(DIFFERENCE)
 
 
 def test_c_the_same_query_in_a_later_run_over_one_patient_fewer(tmp_path: Path) -> None:
@@ -289,10 +290,10 @@ def test_every_pair_of_folds_differs_by_at_least_min_difference() -> None:
 
 
 def test_cox_risk_sets_under_a_policy_that_forbids_small_differences(tmp_path: Path) -> None:
-    """site-1 sets allow_risk_set_differences: false. Its Cox times are raised to the
-    smallest multiple of 30 days at which every rounded time holds ≥ 10 patients (found here
-    by brute force), the pooled fit equals lifelines on the pooled rows with site-1's times
-    so binned, site-1 releases no small difference and the other sites' count is theirs."""
+    """site-1 sets allow_risk_set_differences: false. Its Cox times are grouped into runs
+    of ≥ 10 patients with 0 or ≥ 3 deaths each (shared.cox.released_times), the pooled fit
+    equals lifelines on the pooled rows with site-1's times so grouped, site-1 releases no
+    small difference and the other sites' count is theirs."""
     from lifelines import CoxPHFitter
 
     from server.workflow import run_study
@@ -309,20 +310,21 @@ def test_cox_risk_sets_under_a_policy_that_forbids_small_differences(tmp_path: P
                         config(tmp_path, survival_covariates=terms, stepwise="none"))
     model = results["survival"]["cox"]
     t1 = np.ceil(parts[0].dfs_time.to_numpy(float) / 30) * 30
-    step = next(30 * m for m in range(1, 1000)
-                if np.unique(np.ceil(t1 / (30 * m)), return_counts=True)[1].min() >= 10)
-    assert step > 30 and model["risk_sets"]["time_bin"] == {"site-1": step, "site-2": 30,
-                                                           "site-3": 30}
+    # site-1's times as it releases them: runs of ≥ 10 patients, 0 or ≥ 3 deaths (issue 25)
+    released = cox.released_times(t1, parts[0].dfs_event.to_numpy(), np.zeros((len(t1), 0)),
+                                  10, 3)
+    assert np.unique(released, return_counts=True)[1].min() >= 10
+    assert model["risk_sets"]["time_bin"] == {"site-1": 30, "site-2": 30, "site-3": 30}
     small = model["risk_sets"]["small_differences"]
     assert small["site-1"] == 0 and small["site-2"] > 0 and small["site-3"] > 0
     grid = np.unique(np.concatenate(
-        [np.ceil(parts[0].dfs_time[parts[0].dfs_event == 1] / step) * step]
+        [released[parts[0].dfs_event.to_numpy() == 1]]
         + [np.ceil(p.dfs_time[p.dfs_event == 1] / 30) * 30 for p in parts[1:]]))
     own = np.ceil(parts[1].dfs_time.to_numpy(float) / 30) * 30
     assert small["site-2"] == disclosure.small_risk_set_differences(own, grid, 10)
 
     rows = pd.concat(parts, ignore_index=True)
-    times = np.concatenate([np.ceil(parts[0].dfs_time / step) * step]
+    times = np.concatenate([released]
                            + [np.ceil(p.dfs_time / 30) * 30 for p in parts[1:]])
     frame = pd.DataFrame({"T": times, "E": rows.dfs_event,
                           **{n: rows[n].astype(float) for n in terms}})

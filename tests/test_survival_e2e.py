@@ -1,7 +1,8 @@
 """The survival stage end to end in the real Flower Simulation Engine, on the demo cohort
 (`feddlr simulate --sites 3 --patients 40 --seed 7`, clinical rows only): results equal
-lifelines on the pooled binned rows, truth.json's Cox coefficients lie in the reported 95%
-CIs, and every message a site sent is in its audit log. One run (~30 s) serves all."""
+lifelines on the pooled binned rows (Cox: on the times each site releases), truth.json's
+Cox coefficients lie in the reported 95% CIs, and every message a site sent is in its audit
+log. One run (~30 s) serves all."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.utils import concordance_index
 
+from shared import cox as shared_cox
 from shared.kaplan_meier import bin_times
 from simulation.cohort import her2_labels, simulate_cohort
 from simulation.launcher import run_simulation
@@ -37,16 +39,36 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"rc": rc, "root": root, "truth": truth, "results": results}
 
 
-def pooled_rows(run: dict) -> pd.DataFrame:
-    """The survival cohort of the her2-positive task (IHC2+ without ISH left out), binned."""
-    frames = [pd.read_csv(run["root"] / "sites" / s / "clinical.csv", dtype={"her2_ish": str})
-              for s in SITES]
+def released_times(rows: pd.DataFrame, her2: pd.Series) -> np.ndarray:
+    """One site's Cox times as the default policy releases them (client.survival.cox_times):
+    its 30-day bins grouped into runs of ≥ 10 patients with 0 or ≥ 3 deaths, and 0 or ≥ 3
+    of each level of the categorical covariates among both."""
+    levels = [(values == level).to_numpy(float)
+              for values in (her2, rows.hr_status, rows.lesion_type)
+              for level, count in values.value_counts().items() if count >= 3]
+    released = shared_cox.released_times(bin_times(rows.dfs_time.to_numpy(float), 30),
+                                         rows.dfs_event.to_numpy(), np.column_stack(levels),
+                                         10, 3)
+    assert released is not None
+    return released
+
+
+def pooled_rows(run: dict, released: bool = False) -> pd.DataFrame:
+    """The survival cohort of the her2-positive task (IHC2+ without ISH left out), binned
+    (`released`: each site's Cox times as it releases them)."""
+    frames = []
+    for s in SITES:
+        frame = pd.read_csv(run["root"] / "sites" / s / "clinical.csv", dtype={"her2_ish": str})
+        her2 = her2_labels(frame)
+        frame = frame[her2.notna()].reset_index(drop=True)
+        her2 = her2[her2.notna()].reset_index(drop=True)
+        frame["T"] = (released_times(frame, her2) if released
+                      else bin_times(frame.dfs_time.to_numpy(float), 30))
+        frames.append(frame)
     rows = pd.concat(frames, ignore_index=True)
     her2 = her2_labels(rows)
-    rows = rows[her2.notna()].reset_index(drop=True)
-    her2 = her2[her2.notna()].reset_index(drop=True)
     return pd.DataFrame({
-        "T": bin_times(rows.dfs_time.to_numpy(float), 30), "E": rows.dfs_event,
+        "T": rows["T"], "E": rows.dfs_event,
         "label": (her2 == "positive").astype(int),
         "her2_class=low": (her2 == "low").astype(float),
         "her2_class=positive": (her2 == "positive").astype(float),
@@ -77,6 +99,9 @@ def test_results_equal_lifelines_on_the_pooled_binned_rows(run: dict) -> None:
     np.testing.assert_allclose(curve["survival"], fit.survival_function_.iloc[:, 0], rtol=1e-6)
     np.testing.assert_allclose(curve["ci_lower"], fit.confidence_interval_.iloc[:, 0],
                                rtol=1e-6)
+    # the Cox fit is exact on the times the sites release under the default policy (runs
+    # of their 30-day bins: no risk-set step or tied-death group is a patient's row)
+    rows = pooled_rows(run, released=True)
     cox = CoxPHFitter().fit(rows[[*COLUMNS, "T", "E"]], "T", "E",
                             fit_options={"precision": 1e-12, "r_precision": 1e-16,
                                          "step_size": 1.0})

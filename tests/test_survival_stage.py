@@ -18,7 +18,7 @@ from lifelines.utils import concordance_index
 
 from client.handlers import serve
 from server.workflow import run_study
-from shared import schema
+from shared import cox, queries, schema
 from shared.config import StudyConfig, stage_settings
 from shared.kaplan_meier import bin_times
 from simulation.in_process import InProcessTransport
@@ -33,8 +33,10 @@ def write_site(root: Path, site_id: str, rows: pd.DataFrame, roles: tuple[str, .
         "survival",), **privacy: object) -> Path:
     folder = root / site_id
     folder.mkdir(parents=True)
+    # exact pooled Cox on the 30-day bins: these sites accept the risk-set differences
+    # (the default releases Cox sums on a coarser step, client.survival.cox_times)
     policy = {"min_patients": 10, "min_cell_count": 3, "time_bin": 30,
-              "allow_event_queries": True, **privacy}
+              "allow_event_queries": True, "allow_risk_set_differences": True, **privacy}
     (folder / "site.yaml").write_text(yaml.safe_dump(
         {"site_id": site_id, "roles": list(roles), "time_unit": "days", "privacy": policy}))
     rows.to_csv(folder / "clinical.csv", index=False)
@@ -70,6 +72,25 @@ def pooled_reference(parts: list[pd.DataFrame], time_bin: float = 30) -> pd.Data
         "menostat=Pre": (rows.menostat == "Pre").astype(float),
         "tgrade=II": (rows.tgrade == "II").astype(float),
         "tgrade=III": (rows.tgrade == "III").astype(float)})
+
+
+def released_rows(parts: list[pd.DataFrame], time_bin: float = 30,
+                  categorical: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The pooled rows with each site's Cox times (`T`) as a default-policy site releases
+    them (client.survival.cox_times): its bins grouped into runs of ≥ 10 patients with 0 or
+    ≥ 3 deaths, and 0 or ≥ 3 of each level of the `categorical` covariates among both."""
+    frames = []
+    for rows in parts:
+        times = bin_times(rows.dfs_time.to_numpy(float), time_bin)
+        text = [rows[c].astype(str) for c in categorical]
+        levels = [(values == level).to_numpy(float) for values in text
+                  for level, count in values.value_counts().items() if count >= 3]
+        released = cox.released_times(times, rows.dfs_event.to_numpy(),
+                                      np.column_stack(levels) if levels
+                                      else np.zeros((len(rows), 0)), 10, 3)
+        assert released is not None
+        frames.append(rows.assign(T=released, E=rows.dfs_event))
+    return pd.concat(frames, ignore_index=True)
 
 
 def lifelines_fit(frame: pd.DataFrame, columns: list[str]):
@@ -209,6 +230,8 @@ def test_a_query_for_raw_or_finer_times_is_refused(tmp_path: Path, action: str) 
             "kind.age": "numeric", "center": np.zeros(1), "grid": grid,
             "betas": np.zeros((1, 1)), "beta": np.zeros(1), "time_edges": np.zeros(3),
             "score_edges": np.zeros(3)}
+    declared = queries.QUERIES[action]
+    base = {k: v for k, v in base.items() if declared.param(k) is not None}  # this action's keys
     for ask in ({"time_bin": 0}, {"time_bin": 15}, {"exact_times": True}):
         reply = serve(folder, action, {**base, **ask}, "r1")
         assert reply["status"] == schema.STATUS_REFUSED
@@ -219,7 +242,9 @@ def test_a_query_for_raw_or_finer_times_is_refused(tmp_path: Path, action: str) 
     assert record["status"] == "refused" and record["keys"] == ["reason", "status"]
     assert serve(folder, action, {**base, "time_bin": 30}, "r1")["status"] == schema.STATUS_OK
     exact = write_site(tmp_path, "site-2", split()[1], time_bin=0)
-    reply = serve(exact, schema.SURVIVAL_SETUP, {**base, "time_bin": 0}, "r1")
+    setup = {k: v for k, v in base.items()
+             if queries.QUERIES[schema.SURVIVAL_SETUP].param(k) is not None}
+    reply = serve(exact, schema.SURVIVAL_SETUP, {**setup, "time_bin": 0}, "r1")
     assert reply["status"] == schema.STATUS_OK
 
 

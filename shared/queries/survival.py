@@ -15,7 +15,8 @@ BASE = (
     Param("exact_times", "bool", "asks for exact times (refused unless time_bin is 0)"),
 )
 SETUP = (
-    Param("group", "str", "the grouping column of the Kaplan–Meier curves", pattern=NAME),
+    Param("group", "str", "the grouping column of the Kaplan–Meier curves ('' = none)",
+          pattern=f"(?:{NAME})?"),
     Param("covariates", "names", "the Cox model's covariates", pattern=NAME,
           max_items=MAX_NAMES),
 )
