@@ -6,18 +6,23 @@ wire — the update under `delta.<key>` in the wire dtype: as is (`server-fixed`
 clips), clipped to the unit's norm C (`client-fixed`, `client-adaptive`, which also sends
 `dp_unclipped`, 1 when the update was within C: Flower's norm bit), or clipped and noised
 with N(0, (σC)²) (`local`, from a key that stays in `<site>/cache/training/<train-id>/`) —
-and, when the site's policy says `require_dp: {max_epsilon: X}`, why the update must not
-leave: the round is not under DP or not noised (σ = 0), or the site's privacy loss would
-pass X. The handler marks the unit's statistic refused with that reason, so the guard
-withholds, audits and reports it like any refusal.
+and, when the site's policy says `require_dp: {max_epsilon: X, noise_multiplier: σ,
+clipping_norm: C}`, the update clipped to the site's C and noised with N(0, (σC)²) by the
+site itself, whatever mode the server announces (a coordinator that announces server-fixed
+with a large σ would otherwise receive the raw update: issue 25), flagged `dp_site_noised`;
+or why the update must not leave: the round asks no DP (the server would average it as
+plain FedAvg), or the site's privacy loss would pass X. The handler marks the unit's
+statistic refused with that reason, so the guard withholds, audits and reports it like any
+refusal.
 
 The site's privacy loss is its own account, kept in `<site>/audit/dp-releases.json`
 (never sent; it outlives runs, like the disclosure ledger): every noised release this site
 has made — (train id, model, unit, round) with its noise multiplier — composed by the RDP
 accountant at δ = 1/n, n the site's patients. A replayed round (a resumed run) is the same
 release, not a second one. The count is conservative: an update the guard then refuses
-for another reason is counted too. Central modes rely on the coordinator adding the noise
-it announces; a hospital that does not trust that runs `local`.
+for another reason is counted too. Without `require_dp`, central modes rely on the
+coordinator adding the noise it announces; a hospital that does not trust that sets
+`require_dp`.
 """
 
 from __future__ import annotations
@@ -64,12 +69,18 @@ class SiteDP:
     def release(self, unit: str, update: Mapping[str, np.ndarray],
                 wire: str) -> tuple[dict[str, Any], str | None]:
         """(the unit statistic's values — `delta.<key>` and, client-adaptive,
-        `dp_unclipped` —, the reason it is refused or None). A refused update is not
-        counted in the ledger."""
+        `dp_unclipped`; under `require_dp` `dp_site_noised` —, the reason it is refused or
+        None). A refused update is not counted in the ledger."""
         refused = self.refusal(unit)
         if refused is not None:
             return {}, refused
         request = self.request
+        if self.requirement is not None:  # the site's own clipping and noise, whatever is asked
+            sigma, norm = self.site_noise(unit)
+            values = self._noised(unit, update, wire, sigma, norm)
+            values[dp.SITE_NOISED] = 1
+            self._record(unit, sigma)
+            return values, None
         if request is None:  # no DP asked, none required
             return _delta(fedavg.encode(update, wire)), None
         values = self._privatized(request, unit, update, wire)
@@ -77,16 +88,31 @@ class SiteDP:
             self._record(unit, request.noise_multiplier)
         return values, None
 
+    def site_noise(self, unit: str) -> tuple[float, float]:
+        """(σ, C) of the noise the site adds under `require_dp`: its own σ, or the round's
+        when a `local` round asks more; its own C, or the round's when smaller (a central
+        mode's server then finds the update within its norm up to the noise). Never less
+        than the site's: a server-fixed, un-noised or low-σ round gets the site's."""
+        need, request = self.requirement, self.request
+        assert need is not None and request is not None
+        asked = request.noise_multiplier if request.mode == "local" else 0.0
+        return (max(need.noise_multiplier, asked),
+                min(need.clipping_norm, request.clipping_norms[unit]))
+
+    def _noised(self, unit: str, update: Mapping[str, np.ndarray], wire: str, sigma: float,
+                norm: float) -> dict[str, Any]:
+        """Clipped to C, + N(0, (σC)²) from the site's key (a replayed round: the same draw)."""
+        clipped, _ = dp.clip(update, norm)
+        rng = dp.noise_rng(self._secret(), *self.release_id, unit)
+        return _delta(fedavg.encode(dp.add_noise(clipped, sigma * norm, rng), wire))
+
     def _privatized(self, request: dp.RoundDP, unit: str, update: Mapping[str, np.ndarray],
                     wire: str) -> dict[str, Any]:
         norm = request.clipping_norms[unit]
         if request.mode == "server-fixed":
             return _delta(fedavg.encode(update, wire))
         if request.mode == "local":
-            clipped, _ = dp.clip(update, norm)
-            rng = dp.noise_rng(self._secret(), *self.release_id, unit)
-            noised = dp.add_noise(clipped, request.noise_multiplier * norm, rng)
-            return _delta(fedavg.encode(noised, wire))
+            return self._noised(unit, update, wire, request.noise_multiplier, norm)
         encoded, was_clipped = dp.clip_encoded(update, norm, wire)
         values = _delta(encoded)
         if request.mode == "client-adaptive":
@@ -95,16 +121,18 @@ class SiteDP:
 
     # -- the policy ----------------------------------------------------------------------
     def refusal(self, unit: str) -> str | None:
-        """Why `require_dp` forbids this unit's update (None: it may leave)."""
+        """Why `require_dp` forbids this unit's update (None: it may leave, noised by the
+        site): a round without DP (the server would average it as plain FedAvg), or a
+        release that would take the site's ε past its budget."""
         need = self.requirement
         if need is None:
             return None
-        if self.request is None or self.request.noise_multiplier <= 0:
+        if self.request is None:
             return (f"policy requires DP with ε ≤ {need.max_epsilon:g}; this update is not "
                     f"noised")
         history = self._history()
         if self._key(unit) not in history:
-            history[self._key(unit)] = self.request.noise_multiplier
+            history[self._key(unit)] = self.site_noise(unit)[0]
         eps = self.epsilon(history)
         if eps is None or eps > need.max_epsilon:
             shown = "unbounded" if eps is None else f"{eps:.3g}"

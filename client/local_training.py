@@ -240,8 +240,12 @@ def local_batches(samples: np.ndarray, p: TrainParams,
 
 def train_unit(net: nn.Module, data: ModelData, samples: np.ndarray, p: TrainParams,
                device: torch.device, gen: torch.Generator,
-               anchor: dict[str, torch.Tensor] | None) -> tuple[float, int]:
-    """Local training on `samples` (`local_batches`); returns (mean training loss, steps)."""
+               anchor: dict[str, torch.Tensor] | None,
+               batches: list[np.ndarray] | None = None) -> tuple[float, int]:
+    """Local training on `samples` in `batches` (default `local_batches(samples, p, gen)`,
+    drawn first from `gen` as here); returns (mean training loss, steps)."""
+    if batches is None:
+        batches = local_batches(samples, p, gen)
     dtype = amp_dtype(device, p.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     optimizer = _optimizer(net, p)
@@ -249,7 +253,7 @@ def train_unit(net: nn.Module, data: ModelData, samples: np.ndarray, p: TrainPar
     augmenter = imaging.augmenter(spatial, p.size) if p.augment and p.model != "dsfr" else None
     net.train()
     total, steps = 0.0, 0
-    for idx in local_batches(samples, p, gen):
+    for idx in batches:
         x = torch.from_numpy(data.x[idx])
         if p.model == "dsfr":
             target = torch.from_numpy(data.mask[idx]).float()

@@ -21,8 +21,13 @@ Messages (see shared/schema.py):
   slices, larger cluster averaged; the table is kept at the site for the radiomics
   machinery (`client.radiomics` with source `dsfr`), only its column names leave.
 
-A weight update is a statistic over the patients trained on: the guard refuses it when
-they are fewer than `min_patients` (the server then averages the other sites).
+A weight update is a statistic over the patients its local steps used (`n`; local steps ×
+batch size may touch a few of the unit's patients): the site does not train a unit whose
+batches are smaller than its `min_batch_size` or whose update would rest on fewer than its
+`min_update_patients` (refused with the reason; the server averages the other sites), and
+the guard refuses it over fewer than `min_patients`. The training loss leaves only inside
+that statistic (an aggregate over ≥ min_patients). A batch of one with the head zeroed
+would make the head's update one patient's embedding and the loss her label (issue 25).
 
 State between messages lives on the site's disk (in the Simulation Engine consecutive
 messages of one site may run in different processes): each patient's prepared inputs
@@ -67,6 +72,7 @@ from client.local_training import (
     focal_loss,
     load_local,
     load_weights,
+    local_batches,
     numpy_state,
     pick_device,
     received_weights,
@@ -82,6 +88,7 @@ from client.site_files import site_file
 from client.training_data import CACHE, ModelData, site_data, unit_rows
 from shared import disclosure, fedavg, networks, pretrained, roc
 from shared.folds import site_folds
+from shared.policy import PrivacyPolicy
 from shared.schema import Payload
 from shared.training_params import DSFR_UNIT, NAME, TrainParams
 
@@ -196,11 +203,15 @@ def histograms(scores: np.ndarray, y: np.ndarray, min_cell: int,
 @flushing_denormals
 def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, site: str,
               *, train: bool, min_cell: int, site_root: Path | None = None,
-              site_dp: SiteDP | None = None) -> list[Statistic]:
+              site_dp: SiteDP | None = None,
+              policy: PrivacyPolicy | None = None) -> list[Statistic]:
     """Validate the received weights, then (train=True) train every unit and return its
     update. The core of `train.<model>` / `evaluate.<model>`, also run by the pooled
-    reference on all sites' data at once. `site_dp` (client/dp.py): the round's DP and
-    the site's `require_dp` — the update is clipped/noised as asked, or refused."""
+    reference on all sites' data at once (`policy` None: no site rules). `site_dp`
+    (client/dp.py): the round's DP and the site's `require_dp` — the update is
+    clipped/noised as asked or as the site requires, or refused. `policy`: a unit whose
+    batches are smaller than min_batch_size or whose update would rest on fewer than
+    min_update_patients patients is not trained, its update refused with the reason."""
     started = time.perf_counter()
     device = pick_device(p.device)
     set_determinism(p.deterministic, device)
@@ -223,38 +234,79 @@ def run_round(data: ModelData, p: TrainParams, query: Payload, state_dir: Path, 
         if data.folds is None:
             raise ValueError("an external site does not train")
         for unit in p.units:
-            rows, _ = unit_rows(data, unit)
-            samples = data.samples(rows)
-            gen = torch.Generator().manual_seed(round_seed(p.seed, site, p.model, unit,
-                                                           p.round))
-            torch.manual_seed(round_seed(p.seed, site, p.model, unit, p.round))
-            net = nets[unit]
-            anchor = {n: w.detach().clone() for n, w in net.named_parameters()
-                      if n in starts[unit]} if p.strategy == "fedprox" else None
-            loss, steps = train_unit(net, data, samples, p, device, gen, anchor)
-            save_local(state_dir, p, unit, p.round, net)
-            after = numpy_state(net, list(starts[unit]))
-            update = {k: (after[k] - starts[unit][k] if np.issubdtype(after[k].dtype,
-                                                                      np.floating)
-                          else after[k]) for k in after}
-            stat = _update(unit, update, site_dp, p.wire, n=int(rows.sum()),
-                           samples=len(samples), loss=loss, steps=steps)
-            out.append(replace(stat, patients=_ids(data, rows),
-                               family=_round_family(p, "update", weights_digest(starts[unit]))))
+            out.append(_train_one(unit, nets[unit], starts[unit], data, p, device, state_dir,
+                                  site, site_dp, policy))
     out.append(Statistic("device", {"type": device.type, "amp": str(amp_dtype(device, p.amp)),
                                     "seconds": time.perf_counter() - started,
                                     "wire": p.wire}, n=None))
     return out
 
 
+def _train_one(unit: str, net: nn.Module, start: dict[str, np.ndarray], data: ModelData,
+               p: TrainParams, device: torch.device, state_dir: Path, site: str,
+               site_dp: SiteDP | None, policy: PrivacyPolicy | None) -> Statistic:
+    """One unit's local training and its update statistic over the patients it used."""
+    rows, _ = unit_rows(data, unit)
+    samples = data.samples(rows)
+    gen = torch.Generator().manual_seed(round_seed(p.seed, site, p.model, unit, p.round))
+    torch.manual_seed(round_seed(p.seed, site, p.model, unit, p.round))
+    batches = local_batches(samples, p, gen)  # drawn first from `gen`, as train_unit would
+    used = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+    patients = np.zeros(len(data.patients), dtype=bool)
+    patients[data.owner[used]] = True  # n: the patients the update rests on, not the rows
+    family = _round_family(p, "update", weights_digest(start))
+    refused = update_refusal(p, int(patients.sum()), policy)
+    if refused is not None:
+        save_local(state_dir, p, unit, p.round, net)  # FedBN: the next round starts here
+        return Statistic(unit, {}, n=int(patients.sum()), refused=refused,
+                         patients=_ids(data, patients), family=family)
+    anchor = {n: w.detach().clone() for n, w in net.named_parameters()
+              if n in start} if p.strategy == "fedprox" else None
+    loss, steps = train_unit(net, data, samples, p, device, gen, anchor, batches)
+    save_local(state_dir, p, unit, p.round, net)
+    after = numpy_state(net, list(start))
+    update = {k: (after[k] - start[k] if np.issubdtype(after[k].dtype, np.floating)
+                  else after[k]) for k in after}
+    stat = _update(unit, update, site_dp, p.wire, n=int(patients.sum()),
+                   samples=len(np.unique(used)), loss=loss, steps=steps,
+                   min_patients=policy.min_patients if policy is not None else 1)
+    return replace(stat, patients=_ids(data, patients), family=family)
+
+
+def update_refusal(p: TrainParams, used: int, policy: PrivacyPolicy | None) -> str | None:
+    """Why the site does not train a unit this round (None: it does): a batch size below
+    its min_batch_size, or fewer patients behind the update than its min_update_patients
+    (local steps × batch size can touch a few of the unit's patients). A batch of one
+    patient with the head zeroed makes the head's update her embedding and the loss her
+    label. (A pass's last batch holds what is left of the rows, possibly fewer: it is one
+    step among the pass's, on an update that rests on ≥ min_update_patients patients.)"""
+    if policy is None:
+        return None
+    if p.batch_size < policy.min_batch_size:
+        return (f"batch size {p.batch_size} is below this site's min_batch_size "
+                f"({policy.min_batch_size})")
+    if used < policy.update_patients:
+        return (f"the update would rest on {used} patients, fewer than this site's "
+                f"min_update_patients ({policy.update_patients})")
+    return None
+
+
 def _update(unit: str, update: dict[str, np.ndarray], site_dp: SiteDP | None, wire: str,
-            *, n: int, samples: int, loss: float, steps: int) -> Statistic:
-    """A unit's update statistic: `delta.<key>` in the wire dtype, n, samples, loss, steps.
-    Under DP (`site_dp`) the update is clipped/noised as the round asks or refused by the
-    site's `require_dp`, and the training loss (not noised) stays at the site."""
+            *, n: int, samples: int, loss: float, steps: int,
+            min_patients: int) -> Statistic:
+    """A unit's update statistic: `delta.<key>` in the wire dtype, n (the patients used),
+    samples, loss, steps. The loss (a mean over the round's batches) leaves only as an
+    aggregate over ≥ min_patients patients used; otherwise `loss_withheld` says why. Under
+    DP (`site_dp`) the update is clipped/noised as the round asks or as the site's
+    `require_dp` says (or refused), and the loss (not noised) stays at the site."""
     if site_dp is None:
         values: dict[str, Any] = {f"delta.{k}": v for k, v in fedavg.encode(update, wire).items()}
-        values.update(n=n, samples=samples, loss=loss, steps=steps)
+        values.update(n=n, samples=samples, steps=steps)
+        if n >= min_patients:
+            values["loss"] = loss
+        else:
+            values["loss_withheld"] = (f"over {n} patients, fewer than min_patients "
+                                       f"({min_patients})")
         return Statistic(unit, values, n=n)
     values, refused = site_dp.release(unit, update, wire)
     values.update(n=n, samples=samples, steps=steps)
@@ -283,9 +335,10 @@ def _state_dir(session: SiteSession) -> Path:
 def train_round(session: SiteSession, query: Payload) -> list[Statistic]:
     """`train.<model>`: validate the received global weights, train, send the updates."""
     p = _params(query)
+    policy = session.site.config.privacy
     return run_round(site_data(session, p), p, query, _state_dir(session), session.site_id,
-                     train=True, min_cell=session.site.config.privacy.min_cell_count,
-                     site_root=session.site.root, site_dp=_site_dp(session, query, p))
+                     train=True, min_cell=policy.min_cell_count, site_root=session.site.root,
+                     site_dp=_site_dp(session, query, p), policy=policy)
 
 
 def _site_dp(session: SiteSession, query: Payload, p: TrainParams) -> SiteDP | None:

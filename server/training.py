@@ -446,8 +446,8 @@ class ServerDP:
         mode, norm = self.config.mode, self.clip[unit]
         if mode == "server-fixed":
             return dp.clip(delta, norm)[0], None
-        if mode == "local":
-            return delta, None
+        if mode == "local" or payload.get(f"{unit}.{dp.SITE_NOISED}") == 1:
+            return delta, None  # noised at the site (its `require_dp`): the norm is hidden
         size = dp.update_norm(delta)
         if size > norm * (1 + 1e-9):
             return delta, (f"its norm {size:.4g} exceeds the clipping norm {norm:.4g} "
@@ -480,7 +480,8 @@ class ServerDP:
         info["noise_std"] = std
         self.releases += 1
         if self.config.mode == "client-adaptive":
-            count = sum(bits[s] for s, _, _ in updates)
+            # a site that noised its update itself (require_dp) sends no bit: counted clipped
+            count = sum(bits.get(s, 0) for s, _, _ in updates)
             noise = dp.noise_rng(self._key, unit, round_no, "count").normal(
                 0.0, self.count_std) if self.count_std else 0.0
             fraction = (count + noise) / m

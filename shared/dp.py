@@ -50,6 +50,9 @@ CLIENT_CLIPPED = ("client-fixed", "client-adaptive", "local")  # the site clips
 # query keys (what the server tells a site each round)
 Q_MODE, Q_SIGMA, Q_CLIP = "dp.mode", "dp.noise_multiplier", "dp.clipping_norm"
 UNCLIPPED = "dp_unclipped"  # reply value next to `<unit>.delta.*` (client-adaptive)
+# reply value next to `<unit>.delta.*`: the site clipped and noised the update with its own
+# `require_dp` parameters (its norm is hidden by the noise, as under `local`)
+SITE_NOISED = "dp_site_noised"
 # RDP orders of the accountant: Opacus' defaults (1.1 … 63) widened at both ends, for the
 # small noise multipliers (optimal order near 1) and the large ones
 ORDERS = ([1 + x / 100 for x in range(1, 10)] + [1 + x / 10.0 for x in range(1, 100)]

@@ -16,21 +16,27 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class DPRequirement:
-    """`require_dp:` — the site releases CNN weight updates only clipped and noised, and only
-    while its privacy loss stays within `max_epsilon` (at δ = 1/n)."""
+    """`require_dp:` — the site releases CNN weight updates only clipped to its own
+    `clipping_norm` and noised with its own `noise_multiplier` (client/dp.py; whatever DP
+    mode or σ the server announces), and only while its privacy loss stays within
+    `max_epsilon` (at δ = 1/n)."""
 
     max_epsilon: float
+    noise_multiplier: float = 1.0  # σ: the site adds N(0, (σC)²) to each weight
+    clipping_norm: float = 1.0  # C: the L2 bound of one unit's update
 
     @classmethod
     def from_mapping(cls, raw: object) -> DPRequirement | None:
         if raw is None or raw is False:
             return None
-        if not isinstance(raw, dict) or set(raw) != {"max_epsilon"}:
-            raise PolicyError("require_dp must be a mapping with one key, max_epsilon")
-        value = raw["max_epsilon"]
-        if not _is_number(value) or value <= 0:
-            raise PolicyError("require_dp.max_epsilon must be a number > 0")
-        return cls(float(value))
+        keys = {"max_epsilon", "noise_multiplier", "clipping_norm"}
+        if not isinstance(raw, dict) or "max_epsilon" not in raw or set(raw) - keys:
+            raise PolicyError(f"require_dp must be a mapping with max_epsilon and optionally "
+                              f"noise_multiplier, clipping_norm (keys {sorted(keys)})")
+        for key, value in raw.items():
+            if not _is_number(value) or not 0 < value < float("inf"):
+                raise PolicyError(f"require_dp.{key} must be a number > 0")
+        return cls(**{k: float(v) for k, v in raw.items()})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,20 @@ IMAGES = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}  # the image each model
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")  # a unit or model name
 
+# Each number's range (inclusive), checked by the site (validate) and declared as the query
+# parameter's bound (shared/queries/training.py): finite values only, so no inf/NaN lr,
+# momentum or loss weight reaches the optimizer. A bound on lr or local steps does not stop
+# a batch-1 update from showing one patient (the head's ΔW/Δb is her embedding at any lr);
+# the site's min_batch_size and min_update_patients do (client/training.py).
+BOUNDS: dict[str, tuple[float, float]] = {
+    "width": (1 / 64, 4), "size": (8, 512), "spacing": (0, 20), "margin_mm": (0, 200),
+    "margin": (0, 1000), "folds": (2, 100), "seed": (0, 2**62), "epochs": (0, 1000),
+    "local_steps": (0, 100_000), "batch_size": (1, 4096), "lr": (0, 10),
+    "weight_decay": (0, 10), "momentum": (0, 1), "mu": (0, 1000), "smoothing": (0, 1),
+    "pos_weight": (0, 1000), "focal_alpha": (0, 1), "focal_gamma": (0, 10),
+    "round": (0, 1_000_000),
+}
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -99,12 +113,13 @@ class TrainParams:
                                       _choices("intensity-reference"))):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not one of {list(allowed)}")
-        largest = 160 if self.model == "dl_mri" else 512  # a site's memory: 160³ per patient
-        if not (8 <= self.size <= largest and 0 <= self.margin <= 1000 and self.folds >= 2
-                and 0 <= self.margin_mm <= 200 and 0 <= self.spacing <= 20
-                and self.batch_size >= 1 and self.epochs >= 0 and 0 < self.width <= 4
-                and 0 <= self.local_steps <= 100_000):
-            raise ValueError("training parameters out of range")
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:  # NaN fails too
+                raise ValueError(f"training parameter {name} = {value!r} is outside "
+                                 f"[{lo:g}, {hi:g}]")
+        if self.model == "dl_mri" and self.size > 160:  # a site's memory: 160³ per patient
+            raise ValueError("training parameter size is over 160 for dl_mri")
 
     def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported only here)
         from shared.networks import NetworkSpec

@@ -395,10 +395,20 @@ def test_a_site_that_requires_dp_refuses_plain_and_over_budget_updates(
                     ("", "", 0))
     assert ledger.epsilon() == pytest.approx(dp.epsilon(1.0, 3, 1 / n))
     assert ledger.epsilon() <= budget
-    # un-noised DP (σ = 0) is plain too
-    refusal = SiteDP(dp.RoundDP("client-fixed", 0.0, {"f0": 1.0}), DPRequirement(3.0), n,
-                     tmp_path / "x.json", tmp_path, ("", "", 1)).refusal("f0")
-    assert refusal == "policy requires DP with ε ≤ 3; this update is not noised"
+    # a round that asks no noise (σ = 0) or server-fixed gets the site's own clipping to its
+    # C and its own noise σC (σ, C: its require_dp's), never the raw update
+    update = {"a": np.zeros((300, 300), np.float32), "n": np.array(3, np.int64)}
+    update["a"][0, 0] = 4.0
+    for mode, sigma in (("client-fixed", 0.0), ("server-fixed", 50.0)):
+        site = SiteDP(dp.RoundDP(mode, sigma, {"f0": 1e9}), DPRequirement(10.0, 0.8, 0.5), n,
+                      tmp_path / f"{mode}.json", tmp_path, ("", "", 1))
+        assert site.refusal("f0") is None
+        values, refused = site.release("f0", update, "float32")
+        assert refused is None and values[dp.SITE_NOISED] == 1
+        sent = values["delta.a"].astype(np.float64)
+        sent[0, 0] -= 0.5  # clipped to C = 0.5
+        assert np.std(sent) == pytest.approx(0.8 * 0.5, rel=0.02)
+        assert site.epsilon() == pytest.approx(dp.epsilon(0.8, 1, 1 / n))
 
 
 def test_dp_that_clips_nothing_and_adds_no_noise_is_plain_fedavg(cohort: Path,

@@ -138,7 +138,8 @@ def test_a_round_is_deterministic_and_fedprox_pulls_towards_the_global_model(sit
 
 
 def test_the_guard_refuses_an_update_from_too_few_patients(site, tmp_path) -> None:
-    """min_patients applies to weight updates: the unit's training patients are `n`."""
+    """min_patients applies to weight updates (min_update_patients defaults to it): the
+    patients the local steps used are `n`; the site does not even train."""
     import shutil
 
     import yaml
@@ -152,7 +153,7 @@ def test_the_guard_refuses_an_update_from_too_few_patients(site, tmp_path) -> No
     reply = serve(strict, "train.dl_us", round_query(plan), "r1")
     assert reply["status"] == "ok"
     assert not any(".delta." in k for k in reply)
-    assert "fewer than min_patients" in reply["refused.f0"]
+    assert "fewer than this site's min_update_patients (500)" in reply["refused.f0"]
     audit = [json.loads(line) for line in (strict / "audit" / "egress.jsonl").read_text()
              .splitlines()]
     assert audit[-1]["message_type"] == "train.dl_us" and "f0" in audit[-1]["refused"]

@@ -1,7 +1,9 @@
 """CNN stage queries (client.training): setup, the weight rounds, scoring, DSFR features.
 
 The round parameters are `shared.training_params.TrainParams`' fields, declared there once
-with their ranges (TrainParams.validate); here each becomes a query parameter of its type.
+with their ranges (`BOUNDS`, checked by TrainParams.validate); here each becomes a query
+parameter of its type and range. The site's own rules on a round (min_batch_size, the
+patients behind an update) are checked in client/training.py against its data.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from shared import schema
 from shared.dp import Q_CLIP, Q_MODE, Q_SIGMA
 from shared.queries.common import COMMON, EXTRACTION, MAX_NAMES
 from shared.queries.params import Param, declared
-from shared.training_params import TrainParams
+from shared.training_params import BOUNDS, TrainParams
 
 _TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
 # How each field changes what a site releases: all of them change its update, except these.
@@ -21,6 +23,7 @@ _NOT_VALUE = frozenset({"device", "amp", "deterministic", "wire"})
 ROUND = tuple(
     Param(f.name, _TYPES.get(str(f.type), "names"), f"TrainParams.{f.name}",
           default=f.default, value=f.name not in _NOT_VALUE,
+          lo=BOUNDS.get(f.name, (None, None))[0], hi=BOUNDS.get(f.name, (None, None))[1],
           max_items=MAX_NAMES if f.name == "units" else None)
     for f in fields(TrainParams))
 WEIGHTS = Param("w.*", "array", "the global weights of one unit (w.<unit>.<state key>)")
