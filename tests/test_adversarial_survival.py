@@ -6,8 +6,8 @@ The site: `simulation.cohort` (38 patients, seed 4; 37 with a HER2 class), its s
 policy (min_patients 10, min_cell_count 3, time_bin 30, min_difference = min_patients). What
 an attacker reconstructs is compared with clinical.csv, not with refusal strings.
 
-Before the fix (commit 862bbee; client/survival.py and shared/cox.py were unchanged up to
-a9b9df3, where these tests were first run):
+Before the fix (commit 862bbee, where each test was run; client/survival.py and
+shared/cox.py were unchanged up to a9b9df3, which gave the same):
 - 1: one query (age declared categorical with every age 20–83 as a level, tumour size and
   ki67 numeric, HER2 class, β = 0, a grid of every 30 days) gave 37/37 complete records
   (age, tumour size, HER2 class, ki67, DFS bin, event) exactly; the differences of s2 between
@@ -15,13 +15,16 @@ a9b9df3, where these tests were first run):
   events;
 - 1b: the same with age numeric (the site's own type) still gave 25/37 full records (the
   patients alone in their 30-day bin: Δs1 is their row);
+- 1c: the site's own types with every level of its categorical columns as a dummy (β = 0):
+  in a 30-day bin, a level (or its complement) held by one leaver makes that dummy's row of
+  Δs2 her values: 33/38 patients' (age, ki67, tumour size);
 - 5: two queries whose cohorts differ by covariate completeness (`cohort: []` and
   `cohort: [her2_class]`) were both released (two families): their difference is the one
   patient without a HER2 class: her age, ki67, tumour size, DFS bin and event (1/1);
 - 7: a query of 64 candidate β over 64 columns and a 100,000-point grid was computed (the
   site allocated its first arrays, then failed on a (T, m, p, p) array of 195 GiB).
 
-After the fix: 0 records, 0 exact ages/ki67/tumour sizes linked to an outcome, the second
+After the fix: 0 records, 0 exact ages/ki67/tumour sizes (1b, 1c), the second
 cohort refused by the ledger, the memory query refused before any array is allocated
 (each test's last assertions).
 """
@@ -162,6 +165,44 @@ def test_1b_the_sites_own_column_types_give_no_patients_row(site: Path) -> None:
     exact = {k: matches(found, complete, (k, "dfs_bin")) for k in ("age", "ki67")}
     print(f"attack 1b: {reply['status']}, {recovered}/{len(complete)} records, {exact}")
     assert recovered == 0 and exact == {"age": 0, "ki67": 0}
+
+
+def level_attack(site: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Attack 1c, after the fix: the site's own types, every level of its categorical
+    columns as a dummy, β = 0; in each released risk-set step, a level (or its complement)
+    held by one leaver makes the dummy's row of Δs2 her age, ki67 and tumour size."""
+    levels = {"her2_class": ["low", "positive"], "hr_status": ["positive"],
+              "lesion_type": ["non-mass"]}
+    terms = ["age", "ki67", "tumour_size_mm", *levels]
+    query = {"terms": terms, **{f"levels.{k}": v for k, v in levels.items()},
+             **{f"kind.{t}": "numeric" for t in terms[:3]},
+             **{f"kind.{t}": "categorical" for t in levels}, "grid": GRID,
+             "betas": np.zeros((1, 7))}
+    reply = cox(site, **query)
+    if "cox.s2" not in reply:
+        return reply, []
+    d = leavers(reply)
+    s0 = np.asarray(reply["cox.s0"])[0]
+    steps = s0 - np.concatenate([s0[1:], [0.0]])
+    found = []
+    for k in np.flatnonzero(steps):
+        for j in range(3, 7):
+            held = d["s2"][k, j, j]
+            rest = d["s1"][k] - d["s2"][k, j]  # Σ over the step's leavers without the level
+            for count, row in ((held, d["s2"][k, j]), (steps[k] - held, rest)):
+                if round(count) == 1:
+                    found.append({"age": row[0], "ki67": row[1], "tumour_size_mm": row[2]})
+    return reply, found
+
+
+def test_1c_no_level_is_one_patient_in_a_released_step(site: Path) -> None:
+    rows = truth(site)
+    reply, found = level_attack(site)
+    keys = ("age", "ki67", "tumour_size_mm")
+    distinct = list({tuple(f[k] for k in keys): f for f in found}.values())  # each patient once
+    exact = matches(distinct, rows, keys)
+    print(f"attack 1c: {reply['status']}, {exact}/{len(rows)} (age, ki67, tumour size)")
+    assert exact == 0
 
 
 def completeness_attack(site: Path) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
