@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from client import imaging
 from client.training_data import ModelData
 from shared import fedavg, networks
+from shared.queries.params import QueryRejected
 from shared.schema import Payload, nest
 from shared.training_params import TrainParams
 
@@ -119,11 +120,11 @@ def load_weights(net: nn.Module, received: dict[str, np.ndarray],
     merged.update(received)
     missing = [k for k in merged if k not in state]
     if missing:
-        raise ValueError(f"weights for unknown keys {missing[:3]}")
+        raise QueryRejected(f"weights for unknown keys {missing[:3]}")
     for key, value in merged.items():
         target = state[key]
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"weight {key}: shape {tuple(value.shape)} is not "
+            raise QueryRejected(f"weight {key}: shape {tuple(value.shape)} is not "
                              f"{tuple(target.shape)}")
         state[key] = torch.from_numpy(np.asarray(value)).to(target.dtype)
     net.load_state_dict(state)
@@ -140,10 +141,10 @@ def received_weights(query: Payload, unit: str, p: TrainParams,
     with FedBN, normalization layers in a message are ignored), as float32."""
     raw = nest(query, f"w.{unit}")
     if not raw:
-        raise ValueError(f"no weights for unit {unit!r} in the message")
+        raise QueryRejected(f"no weights for unit {unit!r} in the message")
     missing = [k for k in like if k not in raw]
     if missing:
-        raise ValueError(f"the message lacks weights {missing[:3]} for unit {unit!r}")
+        raise QueryRejected(f"the message lacks weights {missing[:3]} for unit {unit!r}")
     return fedavg.decode({k: raw[k] for k in like}, p.wire,
                          like={k: v.cpu().numpy() for k, v in like.items()})
 

@@ -89,6 +89,7 @@ from client.training_data import CACHE, ModelData, site_data, unit_rows
 from shared import disclosure, fedavg, networks, pretrained, roc
 from shared.folds import site_folds
 from shared.policy import PrivacyPolicy
+from shared.queries.params import QueryRejected
 from shared.schema import Payload
 from shared.training_params import DSFR_UNIT, NAME, TrainParams
 
@@ -325,7 +326,23 @@ def weights_digest(weights: dict[str, np.ndarray]) -> str:
 
 
 def _params(query: Payload) -> TrainParams:
-    return TrainParams.from_query(query)
+    """The round's parameters; a query outside TrainParams' ranges is refused whole."""
+    try:
+        return TrainParams.from_query(query)
+    except ValueError as err:
+        raise QueryRejected(str(err)) from None
+
+
+def _round_params(query: Payload) -> TrainParams:
+    """A round's parameters: its units are distinct units of the model (`all` for DSFR,
+    `f<k>` for a CV fold k < folds; another name would train on every row or none)."""
+    p = _params(query)
+    allowed = ({DSFR_UNIT} if p.model == "dsfr"
+               else {f"f{k}" for k in range(p.folds)})
+    if not p.units or set(p.units) - allowed or len(set(p.units)) < len(p.units):
+        raise QueryRejected(f"units {list(p.units)[:5]} are not distinct units of "
+                            f"{p.model} with {p.folds} folds")
+    return p
 
 
 def _state_dir(session: SiteSession) -> Path:
@@ -334,11 +351,12 @@ def _state_dir(session: SiteSession) -> Path:
 
 def train_round(session: SiteSession, query: Payload) -> list[Statistic]:
     """`train.<model>`: validate the received global weights, train, send the updates."""
-    p = _params(query)
+    p = _round_params(query)
     policy = session.site.config.privacy
+    site_dp = _site_dp(session, query, p)  # a malformed DP request: refused before any work
     return run_round(site_data(session, p), p, query, _state_dir(session), session.site_id,
                      train=True, min_cell=policy.min_cell_count, site_root=session.site.root,
-                     site_dp=_site_dp(session, query, p), policy=policy)
+                     site_dp=site_dp, policy=policy)
 
 
 def _site_dp(session: SiteSession, query: Payload, p: TrainParams) -> SiteDP | None:
@@ -349,14 +367,17 @@ def _site_dp(session: SiteSession, query: Payload, p: TrainParams) -> SiteDP | N
     requirement = session.site.config.privacy.require_dp
     if Q_MODE not in query and requirement is None:
         return None
-    return SiteDP.for_round(query, list(p.units), p.train_id, p.model, p.round, requirement,
-                            len(session.labels()), session.site.root / AUDIT_DIR,
-                            _state_dir(session))
+    try:
+        return SiteDP.for_round(query, list(p.units), p.train_id, p.model, p.round,
+                                requirement, len(session.labels()),
+                                session.site.root / AUDIT_DIR, _state_dir(session))
+    except ValueError as err:  # a malformed DP request
+        raise QueryRejected(str(err)) from None
 
 
 def evaluate_round(session: SiteSession, query: Payload) -> list[Statistic]:
     """`evaluate.<model>`: validation of the received global weights only."""
-    p = _params(query)
+    p = _round_params(query)
     return run_round(site_data(session, p), p, query, _state_dir(session), session.site_id,
                      train=False, min_cell=session.site.config.privacy.min_cell_count)
 

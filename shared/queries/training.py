@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from shared import schema
-from shared.dp import Q_CLIP, Q_MODE, Q_SIGMA
+from shared.dp import MODES, Q_CLIP, Q_MODE, Q_SIGMA
 from shared.queries.common import COMMON, EXTRACTION, MAX_NAMES
 from shared.queries.params import Param, declared
 from shared.training_params import BOUNDS, TrainParams
@@ -28,7 +28,8 @@ ROUND = tuple(
     for f in fields(TrainParams))
 WEIGHTS = Param("w.*", "array", "the global weights of one unit (w.<unit>.<state key>)")
 DP = (
-    Param(Q_MODE, "str", "the DP mode the server runs (the site's policy decides)"),
+    Param(Q_MODE, "str", "the DP mode the server runs (under require_dp the site clips and "
+          "noises with its own parameters whatever the mode)", choices=MODES),
     Param(Q_SIGMA, "float", "the noise multiplier the server asks", lo=0),
     Param(f"{Q_CLIP}.*", "float", "a unit's clipping norm the server asks", lo=0),
 )
