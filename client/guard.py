@@ -183,6 +183,8 @@ class EgressGuard:
             "sha256": sha256,
             "refused": refused,
         }
+        if payload.get("status") != STATUS_OK:  # what the coordinator was told, for the
+            record["reason"] = payload.get("reason", "")  # privacy officer (feddlr audit)
         if self.check_ms is not None:
             record["check_ms"] = round(self.check_ms, 3)
             self.check_ms = None

@@ -1,4 +1,5 @@
-"""`feddlr`: simulate a cohort, check a site folder, run a study in the Simulation Engine."""
+"""`feddlr`: simulate a cohort, check a site folder, run a study in the Simulation Engine,
+audit what left a site."""
 
 from __future__ import annotations
 
@@ -56,7 +57,19 @@ def main(argv: list[str] | None = None) -> int:
                      help="run the simulated sites on this running Ray cluster (the head's "
                           "GCS address, as `ray start --head --port PORT` prints)")
 
+    audit = sub.add_parser("audit", help="what left a site, per run: messages, statistics, "
+                           "refusals with reasons, the disclosure ledger (from its own logs)")
+    audit.add_argument("site_dir", type=Path)
+    audit.add_argument("--html", type=Path, default=None, metavar="PATH",
+                       help="also write the report as one HTML page")
+    audit.add_argument("--run", default=None, metavar="RUN_ID", help="only this run")
+    audit.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     args = parser.parse_args(argv)
+    if args.command == "audit":
+        from client.audit_report import main as audit_main
+
+        return audit_main(args.site_dir, args.html, args.run, args.json)
     if args.command == "simulate":
         return _simulate(args)
     if args.command == "check-site":
