@@ -162,6 +162,11 @@ def survival_histograms(session: SiteSession, query: Payload) -> list[Statistic]
     """Bounded C-index, first round: within-site pair counts and the site's events as a
     count table over rectangles of the server's grid, cut no finer than this site's
     min_cell_count allows (the guard then checks every cell)."""
+    time_edges, score_edges = (np.asarray(query[k]).reshape(-1)
+                               for k in ("time_edges", "score_edges"))
+    cells = (time_edges.size + 2) * (score_edges.size + 2)  # the count table, its running sums
+    bounds.require_memory([4 * cells], session.site.config.privacy.max_query_memory_mb,
+                          "survival_histograms")
     times, events, scores, ids = _scores(session, query)
     cells, counts = cindex.local_event_partition(
         times, events, scores, np.asarray(query["time_edges"], dtype=np.float64),
@@ -178,6 +183,11 @@ def survival_histograms(session: SiteSession, query: Payload) -> list[Statistic]
 def survival_bounds(session: SiteSession, query: Payload) -> list[Statistic]:
     """Bounded C-index, second round: this site's patients, exactly, against the other
     sites' event tables in the query; seven totals (shared.concordance.BoundCounts)."""
+    rectangles = np.asarray(query["cells"]).size // 4
+    # about twelve (rectangle × patient) masks and products, one byte each
+    bounds.require_memory([12 * rectangles * len(session.site.clinical)],
+                          session.site.config.privacy.max_query_memory_mb, "survival_bounds",
+                          itemsize=1)
     times, events, scores, ids = _scores(session, query)
     bound = cindex.local_bound_counts(
         times, events, scores, np.asarray(query["time_edges"], dtype=np.float64),

@@ -246,3 +246,18 @@ def test_7_a_cox_query_over_the_sites_memory_is_refused_before_it_runs(site: Pat
     print(f"attack 7: {reply['status']}: {reply.get('reason')}, peak {peak / 2**20:.0f} MiB")
     assert reply["status"] == schema.STATUS_REFUSED and "max_query_memory_mb" in reply["reason"]
     assert peak < 200 * 2**20
+
+
+def test_7_a_concordance_table_over_the_sites_memory_is_refused_before_it_runs(
+        site: Path) -> None:
+    """The C-index event table of a 100,000 × 100,000 grid (80 GB of counts; not run at
+    862bbee, where the site would have started on it): refused before any array."""
+    edges = np.arange(100_000, dtype=np.float64)
+    query = {"terms": ["age"], "beta": np.zeros(1), "time_edges": edges * 30.0,
+             "score_edges": edges / 1e5}
+    tracemalloc.start()
+    reply = serve(site, schema.SURVIVAL_HISTOGRAMS, {**BASE, **query}, "attack")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert reply["status"] == schema.STATUS_REFUSED and "max_query_memory_mb" in reply["reason"]
+    assert "cindex.table.counts" not in reply and peak < 200 * 2**20
