@@ -202,12 +202,12 @@ def test_cuda_auto_device_and_amp() -> None:
     assert tiny("dl_mri").resolved(gpu=True).width == 1.0
 
 
-def test_unknown_train_actions_are_failed_not_raised(site) -> None:
+def test_unknown_train_actions_are_refused_not_raised(site) -> None:
     assert schema.message_type("train.dsfr") == "train.dsfr"
     assert schema.action_of("train.resnet") is None
     assert schema.action_of("query.train_setup") == schema.TRAIN_SETUP
     reply = serve(site, "train.dl_us", {"model": "vgg", "task": "her2-positive"}, "r1")
-    assert reply["status"] == "failed" and "unknown model" in reply["reason"]
+    assert reply["status"] == "refused" and "unknown model" in reply["reason"]
 
 
 def test_the_server_leaves_out_malformed_updates() -> None:
