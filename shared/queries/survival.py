@@ -7,6 +7,11 @@ from shared.queries.common import COMMON, MAX_GRID, MAX_NAMES, NAME, RUNS
 from shared.queries.params import Param, declared
 
 MAX_TERMS = 64  # design columns of a Cox model
+MAX_TIME = 1e7  # a time on any survival grid (27,000 years in days): finite, never negative
+# A coefficient or centre beyond these is no honest Newton point; the site then bounds each β
+# per SD of its own columns (policy max_coefficient, client.survival._check_points).
+MAX_COEFFICIENT = 1e6
+MAX_CENTER = 1e12
 BASE = (
     RUNS,
     Param("threshold.*", "float", "a model's decision threshold (predicted:<model>)",
@@ -27,26 +32,31 @@ DESIGN = (
     Param("kind.*", "str", "a term's kind", choices=("numeric", "categorical")),
     Param("levels.*", "names", "a categorical term's non-reference levels", pattern=NAME,
           max_items=MAX_TERMS),
-    Param("center", "floats", "the centre of each design column", max_items=MAX_TERMS),
+    Param("center", "floats", "the centre of each design column (checked near the site's "
+          "values)", lo=-MAX_CENTER, hi=MAX_CENTER, max_items=MAX_TERMS),
 )
+BETA = Param("beta", "floats", "the fitted coefficients (gentle and spread at the site)",
+             lo=-MAX_COEFFICIENT, hi=MAX_COEFFICIENT, max_items=MAX_TERMS)
 SCORE_GRID = (
-    Param("beta", "floats", "the fitted coefficients", max_items=MAX_TERMS),
-    Param("time_edges", "floats", "time edges of the event table", max_items=MAX_GRID),
-    Param("score_edges", "floats", "score edges of the event table", max_items=MAX_GRID),
+    BETA,
+    Param("time_edges", "floats", "time edges of the event table (the table's memory is "
+          "checked)", lo=-MAX_TIME, hi=MAX_TIME, max_items=MAX_GRID),
+    Param("score_edges", "floats", "score edges of the event table", lo=-MAX_CENTER,
+          hi=MAX_CENTER, max_items=MAX_GRID),
 )
 QUERY_TYPES = (
     declared(schema.SURVIVAL_SETUP, *BASE, *SETUP, common=COMMON),
     declared(schema.SURVIVAL_COX, *BASE, *DESIGN,
-             Param("grid", "floats", "the global event-time grid", max_items=MAX_GRID),
-             Param("betas", "array", "candidate coefficient vectors", max_items=64 * MAX_TERMS),
+             Param("grid", "floats", "the global event-time grid (increasing, on the site's "
+                   "time_bin)", lo=0, hi=MAX_TIME, max_items=MAX_GRID),
+             Param("betas", "array", "candidate coefficient vectors (each gentle and spread "
+                   "at the site; the sums' memory is checked)", lo=-MAX_COEFFICIENT,
+                   hi=MAX_COEFFICIENT, max_items=64 * MAX_TERMS),
              common=COMMON),
-    declared(schema.SURVIVAL_EVENTS, *BASE, *DESIGN,
-             Param("beta", "floats", "the fitted coefficients", max_items=MAX_TERMS),
-             common=COMMON),
-    declared(schema.SURVIVAL_PAIRS, *BASE, *DESIGN,
-             Param("beta", "floats", "the fitted coefficients", max_items=MAX_TERMS),
-             Param("event_time", "floats", "the other sites' event times",
-                   max_items=MAX_GRID),
+    declared(schema.SURVIVAL_EVENTS, *BASE, *DESIGN, BETA, common=COMMON),
+    declared(schema.SURVIVAL_PAIRS, *BASE, *DESIGN, BETA,
+             Param("event_time", "floats", "the other sites' event times", lo=0,
+                   hi=MAX_TIME, max_items=MAX_GRID),
              Param("event_score", "floats", "the other sites' event scores",
                    max_items=MAX_GRID),
              common=COMMON),
