@@ -18,6 +18,7 @@ from client.session import SiteSession
 from client.validation import PREDICTIONS_DIR, Scores, listed, runs_of, site_scores
 from shared import logistic
 from shared.federated import Query
+from shared.queries.bounds import require_gentle
 from shared.schema import Payload
 
 DLR = "dlr"
@@ -92,7 +93,12 @@ def fusion_score(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     models = listed(query.get("fusion-models"))
     patients, x, _, _ = _joined(session, query, models)
-    score = logistic.predict_proba(x, float(query["intercept"]), np.asarray(query["coef"]))
+    coef = np.asarray(query["coef"], dtype=np.float64).ravel()
+    # a steep head is a step on one model's score (the file written here, the n sent)
+    with np.errstate(invalid="ignore"):
+        require_gentle(coef, np.nanstd(x, axis=0), session.site.config.privacy.max_coefficient,
+                       "the fusion head")
+    score = logistic.predict_proba(x, float(query["intercept"]), coef)
     kind = "fitted" if "train" in session.site.config.roles else "external"
     _write(session, query, FUSION, patients, score, kind)
     return [Statistic("fused", {"n": len(patients)}, n=len(patients),

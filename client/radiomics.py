@@ -23,8 +23,11 @@ from client import rounds
 from client.extraction import extract_features, params_file
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
-from shared import disclosure, logistic, roc, schema, screening
+from shared import disclosure, logistic, roc, schema, screening, standardize
 from shared.folds import site_folds
+from shared.policy import PrivacyPolicy
+from shared.queries import QueryRejected
+from shared.queries.bounds import max_bins, require_gentle, require_spread
 from shared.schema import Payload, nest
 
 MODEL = "radiomics"
@@ -187,8 +190,11 @@ def design(session: SiteSession, q: Payload) -> tuple[np.ndarray, np.ndarray, li
         pair = np.stack([data.r1[rows][:, columns], data.r2[rows][:, columns]])
         return pair, data.y[rows], patients
     x = data.r1[rows][:, columns]
-    if "center" in q:
-        x = (x - np.asarray(q["center"])) / np.asarray(q["scale"])
+    if "center" in q or "scale" in q:
+        center, scale = standardize.check_scaling(
+            x, q.get("center", ()), q.get("scale", ()),
+            session.site.config.privacy.max_coefficient)
+        x = (x - center) / scale
     return x, data.y[rows], patients
 
 
@@ -217,7 +223,8 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     data = state(session, query)
     models = [nest(query, f"fold{k}") for k in range(int(query["n_models"]))]
-    per_model = np.stack([_predict(data.r1, m) for m in models])  # (folds, n)
+    max_coefficient = session.site.config.privacy.max_coefficient
+    per_model = np.stack([_predict(data.r1, m, max_coefficient) for m in models])  # (folds, n)
     if data.folds is not None:
         scores = per_model[data.folds, np.arange(len(data.y))]
         kind = "out-of-fold"
@@ -241,10 +248,21 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
     return out
 
 
-def _predict(r1: np.ndarray, model: Payload) -> np.ndarray:
+def _predict(r1: np.ndarray, model: Payload, max_coefficient: float) -> np.ndarray:
+    """A fold model's probabilities, after checking it as a GLM point: its centre and scale
+    against the site's columns and its coefficients per SD of the z-scores here (a steep
+    model's scores are a step on one feature, and the histograms of them count the
+    patients on either side). Raises `QueryRejected`."""
     columns = np.asarray(model["columns"], dtype=np.int64)
-    z = (r1[:, columns] - np.asarray(model["center"])) / np.asarray(model["scale"])
-    return logistic.predict_proba(z, float(model["intercept"]), np.asarray(model["coef"]))
+    coef = np.asarray(model["coef"], dtype=np.float64).ravel()
+    if coef.shape != columns.shape or np.any(columns >= r1.shape[1]):
+        raise QueryRejected("a fold model's coefficients do not match its columns")
+    center, scale = standardize.check_scaling(r1[:, columns], model["center"], model["scale"],
+                                              max_coefficient)
+    z = (r1[:, columns] - center) / scale
+    with np.errstate(invalid="ignore"):
+        require_gentle(coef, np.nanstd(z, axis=0), max_coefficient, "a fold model")
+    return logistic.predict_proba(z, float(model["intercept"]), coef)
 
 
 def _save_predictions(session: SiteSession, run_id: str, data: RadiomicsData,
@@ -270,18 +288,45 @@ def radiomics_screen(session: SiteSession, query: Payload) -> list[Statistic]:
     table is its own statistic, so a feature with a small cell is refused alone.
     """
     out = []
+    policy = session.site.config.privacy
     for key in query.get("solvers", []):
         q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""), **rows_of(query))
-        x, y, patients = design(session, q)
-        family = disclosure.query_family(f"screen.{q['method']}", q, drop=("columns",))
+        try:
+            x, y, patients = design(session, q)
+            terms = _screen_terms(x, y, q, policy)
+        except QueryRejected as err:  # this solver's piece only
+            out.append(Statistic(key, {}, n=None, refused=str(err)))
+            continue
+        # one family per statistic over the stage's rows, whatever centre or grid was sent
+        family = disclosure.query_family(f"screen.{q['method']}", rows_of(query))
         columns = [int(c) for c in q.get("columns", range(x.shape[1]))]
         if q["method"] == "chi2":
-            terms = screening.local_class_sums(screening.unit_range(x), y)
             out.append(Statistic(key, dict(terms), n=len(y), counts=("count",),
                                  patients=patients, family=family, columns=columns))
             continue
-        tables = screening.local_binned_counts(x, y, np.asarray(q["cuts"]))["count"]
         out += [Statistic(f"{key}.f{j}", {"count": table}, n=len(y), counts=("count",),
                           patients=patients, family=family, columns=[columns[j]])
-                for j, table in enumerate(tables)]
+                for j, table in enumerate(terms["count"])]
     return out
+
+
+def _screen_terms(x: np.ndarray, y: np.ndarray, q: Payload,
+                  policy: PrivacyPolicy) -> dict[str, np.ndarray]:
+    """chi2 class sums (each column's unit-range values spread over >= min_patients
+    patients, and so their complements: otherwise a centre at one patient's value gives her
+    class) or MI count tables on a grid no finer than the site's n and min_cell_count."""
+    if q["method"] == "chi2":
+        unit = screening.unit_range(x)
+        for j in range(unit.shape[1]):
+            for weights, side in ((unit[:, j], ""), (1 - unit[:, j], "1 − ")):
+                require_spread(weights, policy.min_patients,
+                               f"chi2 sums of {side}column {j}'s unit-range values")
+        return screening.local_class_sums(unit, y)
+    cuts = np.asarray(q["cuts"], dtype=np.float64)
+    bins = max_bins(len(y), policy.min_cell_count)
+    if len(cuts) + 1 > bins:
+        raise QueryRejected(f"{len(cuts) + 1} MI bins: more than this site's {bins} "
+                            f"(n // min_cell_count)")
+    if not np.all(np.isfinite(cuts)) or np.any(np.diff(cuts) <= 0):
+        raise QueryRejected("MI cuts must be finite and increasing")
+    return screening.local_binned_counts(x, y, cuts)

@@ -16,6 +16,7 @@ from client.guard import Statistic
 from client.session import SiteSession
 from shared import disclosure, glm, icc, standardize
 from shared.federated import Query, Refused, Reply
+from shared.queries import QueryRejected
 from shared.schema import Payload, nest
 
 # A design builds (x, y, patients) for one solver query: x (n × p) — or (2 readers × n × p)
@@ -29,7 +30,10 @@ def _standardize(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Repl
 
 
 def _glm(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Reply:
-    return glm.local_terms(x, y, q, s.site.config.privacy.max_feature_ratio)
+    policy = s.site.config.privacy
+    return glm.local_terms(x, y, q, policy.max_feature_ratio,
+                           glm.PointBounds(policy.max_coefficient, policy.min_patients,
+                                           policy.min_cell_count))
 
 
 def _icc(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Reply:
@@ -48,8 +52,14 @@ COUNT_TABLES: dict[str, tuple[str, ...]] = {}
 def solver_step(session: SiteSession, query: Payload, design: Design,
                 inputs: Mapping[str, Any]) -> list[Statistic]:
     """Answer every solver query in `query` with its site half on its design. `inputs` are
-    the query's keys that say which values the designs read (e.g. the feature source); with
-    the solver query they make each statistic's ledger family (`shared.disclosure`)."""
+    the query's keys that say which values the designs read (e.g. the feature source).
+
+    A statistic's ledger family is the solver kind (standardize, glm, icc) and `inputs`:
+    what is summed and over which rows, never the point, centre, loss or any other value the
+    server picks. Every sum of one kind over the same rows is one family, so two of them
+    over patient sets a few patients apart are refused whatever points they were asked at
+    (a gradient over all rows next to one over all rows but a small fold, at another point,
+    is the fold's sum)."""
     out = []
     for key in query.get("solvers", []):
         q = dict(nest(query, f"q.{key}"), run_id=query.get("run_id", ""))
@@ -57,13 +67,17 @@ def solver_step(session: SiteSession, query: Payload, design: Design,
         half = SITE_HALVES.get(kind)
         if half is None:
             raise ValueError(f"unknown solver step {q.get('step')!r}")
-        x, y, patients = design(session, q)
-        family = disclosure.query_family(str(q["step"]), {**q, **inputs}, drop=("columns",))
+        try:
+            x, y, patients = design(session, q)
+        except QueryRejected as err:  # a centre or scale the site's data refuses
+            out.append(Statistic(key, {}, n=None, refused=str(err)))
+            continue
+        family = disclosure.query_family(f"solver.{kind}", inputs)
         ledger = {"patients": patients, "family": family,
                   "columns": None if "columns" not in q else list(map(int, q["columns"]))}
         try:
             reply = half(x, y, q, session)
-        except Refused as err:
+        except (Refused, QueryRejected) as err:
             out.append(Statistic(key, {}, n=len(y), refused=str(err)))
             continue
         out.append(Statistic(key, dict(reply), n=len(y), counts=COUNT_TABLES.get(kind, ()),

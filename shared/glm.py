@@ -37,6 +37,7 @@ from scipy.special import expit
 
 from shared.federated import Query, Refused, Reply, hessian_allowed
 from shared.quadratic import l1_quadratic, soft_threshold
+from shared.queries.bounds import require_gentle, require_spread
 
 TERMS = "glm.terms"
 LOGISTIC = "logistic"
@@ -47,8 +48,20 @@ PROBE_STEP = 1e-4  # QuasiNewton's probe offset, relative to max(1, ‖θ‖∞)
 PROBES = 12  # QuasiNewton's probe points per query in a study (a site may allow fewer)
 
 
+@dataclass(frozen=True)
+class PointBounds:
+    """A site's bounds on the points it evaluates (from its policy): no coefficient steeper
+    than `max_coefficient` per SD of its column at the site, and no weighted sum whose
+    weights rest on fewer than `min_patients` patients (Kish's effective sample size)."""
+
+    max_coefficient: float
+    min_patients: int
+    min_cell_count: int = 1
+
+
 def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
-                max_feature_ratio: float | None = None) -> Reply:
+                max_feature_ratio: float | None = None,
+                bounds: PointBounds | None = None) -> Reply:
     """Site half of every GLM round: sums over the site's patients at the query's points.
 
     Query: `loss` ("logistic" | "squared"), `points` (m, p+1), `hessian` (bool),
@@ -62,6 +75,11 @@ def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
     the patients' rows. The server then switches to gradient-only rounds. The points of one
     query are bounded the same way (`max_points`): no more gradients in one reply than a
     p×p matrix the site would release has features.
+
+    With `bounds` (every site sets them), a point is answered only when it is gentle and its
+    sums are spread (`require_bounded`); otherwise the whole reply is refused
+    (`QueryRejected`). A steep point turns μ into a step on one feature, and differences of
+    gradients (or a Hessian whose weights μ(1 − μ) sit on one patient) then isolate rows.
     """
     design = np.column_stack([np.ones(len(x)), np.asarray(x, dtype=np.float64)])
     y = np.asarray(y, dtype=np.float64)
@@ -76,8 +94,12 @@ def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
         raise Refused(f"{len(points)} points in one query refused: more than "
                       f"{max_points(len(y), max_feature_ratio)} for {len(y)} patients "
                       "(max_feature_ratio)")
+    if points.ndim != 2 or points.shape[1] != p + 1:
+        raise Refused(f"points of shape {points.shape} for {p} features (intercept first)")
     eta = design @ points.T  # (n, m)
     loss, mean = _loss_and_mean(str(query["loss"]), eta, y[:, None])
+    if bounds is not None:
+        require_bounded(x, y, points, mean, str(query["loss"]), wants_hessian, bounds)
     reply: Reply = {"n": np.asarray(len(y), dtype=np.int64), "loss": loss,
                     "gradient": ((mean - y[:, None]).T @ design)}
     if wants_hessian:
@@ -86,6 +108,51 @@ def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
     if query.get("trace", False):
         reply["trace"] = np.asarray(np.sum(design**2))
     return reply
+
+
+def require_bounded(x: np.ndarray, y: np.ndarray, points: np.ndarray, mean: np.ndarray,
+                    loss: str, hessian: bool, bounds: PointBounds) -> None:
+    """Refuse (`QueryRejected`) points steeper than `bounds.max_coefficient` per SD of a
+    column at this site, and any weighted sum of rows at a point whose weights rest on fewer
+    than `bounds.min_patients` patients (Kish's effective sample size).
+
+    The logistic gradient Σ(μ − y)x̃ is the fixed class sum Σy·x̃ and the sum Σμ·x̃ the
+    point chooses. Neither the residual magnitudes |μ − y| nor μ are bounded as weights: at
+    a good fit of well-separated classes |μ − y| is small for all but a few patients (9.2
+    patients' worth at scikit-learn's optimum on a Wisconsin fold of 95), and μ of a small
+    site's fold with few positives rests on ~2.4 patients' worth, both legitimate; what
+    keeps a point from being a step at one patient's value is the gentle bound. The
+    logistic Hessian X̃'WX̃ weighs patient i by μ_i(1 − μ_i): at a steep point (or a fit
+    of separated classes) that weight sits on the
+    few patients at the edge, and the matrix is theirs; refused, the server goes on with
+    gradient-only rounds (server.radiomics FALLBACK). The squared loss's gradient weighs by
+    the residual magnitudes |η − y|, with the same bound (its Hessian X̃'X̃ has equal
+    weights)."""
+    require_gentle(points[:, 1:], _column_sd(x), bounds.max_coefficient, "a GLM point")
+    # as spread as the class sums Σy·x̃, Σ(1 − y)·x̃ a gradient carries anyway (a good fit's
+    # μ is close to y; at θ = 0 the squared loss's residuals are y), up to min_patients;
+    # never fewer than min_cell_count
+    smaller = int(min(np.sum(y == 1), np.sum(y == 0)))
+    spread = max(min(bounds.min_patients, smaller), bounds.min_cell_count)
+    if loss == LOGISTIC:
+        # The gradient's sums weighted by μ and 1 − μ are not bounded here: at legitimate
+        # in-fold fits of small sites they rest on 2.4 patients' worth (a fold with few
+        # positives, tests/test_radiomics_stage.py); the gentle bound above is what keeps a
+        # point from being a step at one patient's value.
+        if hessian:
+            require_spread(mean[:, 0] * (1 - mean[:, 0]), bounds.min_patients, "the Hessian")
+        return
+    residual = np.abs(mean - y[:, None])
+    for k in range(points.shape[0]):
+        require_spread(residual[:, k], spread, f"the gradient at point {k}")
+
+
+def _column_sd(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or not len(x):
+        return np.ones(x.shape[-1] if x.ndim == 2 else 0)
+    with np.errstate(invalid="ignore"):
+        return np.nanstd(x, axis=0)
 
 
 def _loss_and_mean(kind: str, eta: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.federated import Query, Reply
+from shared.queries.bounds import QueryRejected
 
 SUMS = "standardize.sums"
 SQUARES = "standardize.squares"
+CENTRE_SCALES = 20.0  # how many scales beyond the site's range a z-score centre may lie
 
 
 def local_sums(x: np.ndarray) -> Reply:
@@ -93,6 +95,40 @@ def combine_scaling(n: np.ndarray, mean: np.ndarray, square: np.ndarray,
                 for j in np.flatnonzero(constant & ~empty)}
     return Scaling(n=n.astype(np.int64), mean=mean, var=var, scale=scale, keep=keep,
                    dropped=dropped)
+
+
+def check_scaling(x: np.ndarray, center: np.ndarray, scale: np.ndarray,
+                  max_coefficient: float) -> tuple[np.ndarray, np.ndarray]:
+    """The server's z-score `center` and `scale` per column, checked against the site's own
+    column statistics (x as the site holds it): finite, one per column, the scale no smaller
+    than the site's SD / `max_coefficient` (a tiny scale is a steep point: (x − c)/s is then a
+    step at c) and the centre within the site's range widened by that range and
+    `CENTRE_SCALES` scales on either side (a pooled mean lies there even for a small or
+    constant site far from the others; farther out every value is only clipped). Raises
+    `QueryRejected` with the reason, naming no value."""
+    x = _matrix(x)
+    center = np.asarray(center, dtype=np.float64).ravel()
+    scale = np.asarray(scale, dtype=np.float64).ravel()
+    if center.shape != (x.shape[1],) or scale.shape != (x.shape[1],):
+        raise QueryRejected(f"center/scale of {center.size}/{scale.size} values for "
+                            f"{x.shape[1]} columns")
+    if not (np.all(np.isfinite(center)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise QueryRejected("center/scale: every centre finite and every scale > 0")
+    if not len(x):
+        return center, scale
+    with np.errstate(invalid="ignore"):
+        sd = np.nanstd(x, axis=0)
+        low, high = np.nanmin(x, axis=0), np.nanmax(x, axis=0)
+    sd, low, high = (np.nan_to_num(v) for v in (sd, low, high))
+    steep = np.flatnonzero(sd > max_coefficient * scale)
+    if steep.size:
+        raise QueryRejected(f"scale of column {int(steep[0])} is below the site's SD / "
+                            f"max_coefficient ({max_coefficient:g}): a steep point")
+    margin = high - low + CENTRE_SCALES * scale
+    outside = np.flatnonzero((center < low - margin) | (center > high + margin))
+    if outside.size:
+        raise QueryRejected(f"centre of column {int(outside[0])} is outside the site's range")
+    return center, scale
 
 
 def site_reply(x: np.ndarray, query: Query) -> Reply:
