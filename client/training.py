@@ -148,7 +148,8 @@ def validate(nets: dict[str, nn.Module], data: ModelData, p: TrainParams,
         return [Statistic("val", {"loss_sum": float(loss.sum()), "n_slices": len(samples),
                                   "dice_sum": float(dice.sum()), "n": len(dice),
                                   "inter": float(inter.sum()), "total": float(total.sum())},
-                          n=len(dice), patients=_ids(data, val), family=_round_family(p))]
+                          n=len(dice), patients=_ids(data, val),
+                          family=_round_family(p, nets_digest(nets)))]
     probs = np.full(len(data.patients), np.nan)
     for unit in p.units:
         _, val = unit_rows(data, unit)
@@ -157,7 +158,7 @@ def validate(nets: dict[str, nn.Module], data: ModelData, p: TrainParams,
             logits = predict(nets[unit], data.x[samples], device, p).reshape(-1)
             probs[data.owner[samples]] = 1 / (1 + np.exp(-logits))
     seen = ~np.isnan(probs)
-    family = _round_family(p)
+    family = _round_family(p, nets_digest(nets))
     return ledgered([Statistic("val", {"loss_sum": _bce_sum(probs[seen], data.y[seen]),
                                        "n": int(seen.sum())}, n=int(seen.sum())),
                      *histograms(probs[seen], data.y[seen], min_cell)],
@@ -168,10 +169,19 @@ def _ids(data: ModelData, rows: np.ndarray) -> list[str]:
     return [str(i) for i in np.asarray(data.patients)[rows]]
 
 
-def _round_family(p: TrainParams, *parts: object) -> str:
-    """The ledger family of a round's statistics: the model, the training and the round
-    (which fix the weights every unit received), and `parts`."""
-    return disclosure.family(f"train.{p.model}", p.train_id, p.round, *parts)
+def _round_family(p: TrainParams, weights: str, *parts: object) -> str:
+    """The ledger family of a round's statistics: the model, the digest of the weights
+    they are computed with (`weights_digest`, `nets_digest`) and `parts` — not the train id
+    or round the server names, so a fresh train id or run is the same family."""
+    return disclosure.family(f"train.{p.model}", weights, *parts)
+
+
+def nets_digest(nets: dict[str, nn.Module]) -> str:
+    """A digest of every unit's network state as loaded (received weights and FedBN's
+    local layers): what a validation or score statistic is computed with."""
+    return weights_digest({f"{unit}/{key}": value for unit in sorted(nets)
+                           for key, value in numpy_state(nets[unit],
+                                                         list(nets[unit].state_dict())).items()})
 
 
 def ledgered(stats: list[Statistic], data: ModelData, rows: np.ndarray,
@@ -255,7 +265,7 @@ def _train_one(unit: str, net: nn.Module, start: dict[str, np.ndarray], data: Mo
     used = np.concatenate(batches) if batches else np.zeros(0, np.int64)
     patients = np.zeros(len(data.patients), dtype=bool)
     patients[data.owner[used]] = True  # n: the patients the update rests on, not the rows
-    family = _round_family(p, "update", weights_digest(start))
+    family = _round_family(p, weights_digest(start), "update")
     refused = update_refusal(p, int(patients.sum()), policy)
     if refused is not None:
         save_local(state_dir, p, unit, p.round, net)  # FedBN: the next round starts here
@@ -490,7 +500,8 @@ def score_data(data: ModelData, p: TrainParams, query: Payload, state_dir: Path,
     stats = [*ledgered([Statistic("val", {"loss_sum": _bce_sum(probs, data.y), "n": len(probs)},
                                   n=len(probs)),
                         *histograms(probs, data.y, min_cell)],
-                       data, np.ones(len(probs), dtype=bool), _round_family(p, "score")),
+                       data, np.ones(len(probs), dtype=bool),
+                       _round_family(p, nets_digest(nets), "score")),
              Statistic("scores", {"kind": kind}, n=None)]
     return stats, probs, kind, nets
 

@@ -18,13 +18,17 @@ Before the fix (commit 862bbee) these tests recovered:
   19 training patients), her label (0) from the released loss log 2 (and from Δb's sign);
   the reply said n = 19 (the unit's training rows), while one patient was used;
 - under `require_dp` with `server-fixed` and σ = 50 announced: the same, from the raw
-  update (equal to the plain update to the bit): the same patient's embedding.
+  update (equal to the plain update to the bit): the same patient's embedding;
+- (at e88627f, after the first part of the fix) updates from the same weights over the
+  first 10 and the first 11 patients of one shuffle, asked under two train ids: both
+  released (the train id made a new ledger family).
 
 After the fix: a batch under min_batch_size or an update over fewer than
 min_update_patients patients is refused (the unit's update withheld, with the reason); at
 the smallest legal round (batch 4, 3 steps, 10+ patients) the head's ratio matches no
 patient's embedding and the loss is an aggregate over ≥ min_patients patients; under
-`require_dp` the update is clipped to the site's norm and carries the site's own noise.
+`require_dp` the update is clipped to the site's norm and carries the site's own noise; an
+update's ledger family is the digest of the weights it starts from, whatever the train id.
 """
 
 from __future__ import annotations
@@ -183,3 +187,22 @@ def test_require_dp_update_carries_the_sites_own_noise(cohort: Path, tmp_path: P
     # 862bbee: noise == 0 (the raw update); now N(0, (σC)²) per weight
     assert np.std(noise) == pytest.approx(sigma * clip, rel=0.05)
     assert matches(recovered({f"f0.delta.{k}": v for k, v in noised.items()})[0], truth) == []
+
+
+def test_updates_differing_by_one_patient_are_one_family_whatever_the_train_id(
+        cohort: Path, tmp_path: Path) -> None:
+    """Batches 10 and 11 of one step draw the first 10 and 11 patients of the same shuffle,
+    from the same weights: two updates over patient sets that differ by one patient (their
+    difference is her contribution, up to the batch statistics of BatchNorm). Asked under
+    two train ids, which made two ledger families (the shuffle is seeded by the round, not
+    the train id)."""
+    folder = site(cohort, tmp_path)
+    weights = zeroed_head(ATTACK)
+    released = []
+    for batch, train_id in ((10, "abc1"), (11, "abc2")):
+        reply = train(folder, {**ATTACK, "batch_size": batch, "train_id": train_id}, weights)
+        assert reply["status"] == "ok", reply
+        if nest(reply, "f0.delta"):
+            released.append(int(reply["f0.n"]))
+    # e88627f (the train id in the family): both, n = 10 and 11, sets differing by one
+    assert len(released) < 2
