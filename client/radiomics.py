@@ -223,6 +223,9 @@ def radiomics_score(session: SiteSession, query: Payload) -> list[Statistic]:
     """
     data = state(session, query)
     models = [nest(query, f"fold{k}") for k in range(int(query["n_models"]))]
+    if data.folds is not None and len(data.folds) and len(models) <= int(data.folds.max()):
+        raise QueryRejected(f"{len(models)} fold models for this site's "
+                            f"{int(data.folds.max()) + 1} folds")
     max_coefficient = session.site.config.privacy.max_coefficient
     per_model = np.stack([_predict(data.r1, m, max_coefficient) for m in models])  # (folds, n)
     if data.folds is not None:

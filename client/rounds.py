@@ -32,8 +32,7 @@ def _standardize(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Repl
 def _glm(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Reply:
     policy = s.site.config.privacy
     return glm.local_terms(x, y, q, policy.max_feature_ratio,
-                           glm.PointBounds(policy.max_coefficient, policy.min_patients,
-                                           policy.min_cell_count))
+                           glm.PointBounds(policy.max_coefficient, policy.min_patients))
 
 
 def _icc(x: np.ndarray, y: np.ndarray, q: Query, s: SiteSession) -> Reply:

@@ -52,11 +52,10 @@ PROBES = 12  # QuasiNewton's probe points per query in a study (a site may allow
 class PointBounds:
     """A site's bounds on the points it evaluates (from its policy): no coefficient steeper
     than `max_coefficient` per SD of its column at the site, and no weighted sum whose
-    weights rest on fewer than `min_patients` patients (Kish's effective sample size)."""
+    weights rest on too few patients (`require_bounded`)."""
 
     max_coefficient: float
     min_patients: int
-    min_cell_count: int = 1
 
 
 def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
@@ -113,38 +112,45 @@ def local_terms(x: np.ndarray, y: np.ndarray, query: Query,
 def require_bounded(x: np.ndarray, y: np.ndarray, points: np.ndarray, mean: np.ndarray,
                     loss: str, hessian: bool, bounds: PointBounds) -> None:
     """Refuse (`QueryRejected`) points steeper than `bounds.max_coefficient` per SD of a
-    column at this site, and any weighted sum of rows at a point whose weights rest on fewer
-    than `bounds.min_patients` patients (Kish's effective sample size).
+    column at this site, and the weighted sums of rows at a point whose weights rest on too
+    few patients (Kish's effective sample size).
 
-    The logistic gradient Σ(μ − y)x̃ is the fixed class sum Σy·x̃ and the sum Σμ·x̃ the
-    point chooses. Neither the residual magnitudes |μ − y| nor μ are bounded as weights: at
-    a good fit of well-separated classes |μ − y| is small for all but a few patients (9.2
-    patients' worth at scikit-learn's optimum on a Wisconsin fold of 95), and μ of a small
-    site's fold with few positives rests on ~2.4 patients' worth, both legitimate; what
-    keeps a point from being a step at one patient's value is the gentle bound. The
-    logistic Hessian X̃'WX̃ weighs patient i by μ_i(1 − μ_i): at a steep point (or a fit
-    of separated classes) that weight sits on the
-    few patients at the edge, and the matrix is theirs; refused, the server goes on with
-    gradient-only rounds (server.radiomics FALLBACK). The squared loss's gradient weighs by
-    the residual magnitudes |η − y|, with the same bound (its Hessian X̃'X̃ has equal
-    weights)."""
+    The logistic gradient Σ(μ − y)x̃ is the fixed class sum Σy·x̃ and the sums Σμ·x̃ and
+    Σ(1 − μ)·x̃ = Σx̃ − Σμ·x̃, the part a point chooses: those are bounded, with weights μ and
+    1 − μ (a point in a column's tail puts μ on the one patient there, even a gentle one).
+    The residual magnitudes |μ − y| are not the weights to bound: at a good fit of
+    well-separated classes they are small for all but a few patients (9.2 patients' worth at
+    scikit-learn's optimum on a Wisconsin site of 95), yet no row can be read off them. And
+    μ itself is close to y there: a small site's fold with 3 positives puts μ on 2.4
+    patients' worth. So the bound for μ and 1 − μ is `gradient_spread`: a point gets no sum
+    much more concentrated than the class sums the gradient carries anyway, and never one
+    patient's row. Keeping a point from being a step between two patients is the gentle
+    bound's work.
+
+    The logistic Hessian X̃'WX̃ weighs patient i by μ_i(1 − μ_i): at a steep point (or a
+    fit of separated classes) that weight sits on the few patients at the edge, and the
+    matrix is theirs: refused below min_patients, the server goes on with gradient-only
+    rounds (server.radiomics FALLBACK: the same optimum, more rounds). The squared loss's
+    gradient weighs by the residual magnitudes |η − y| (at θ = 0 they are y: a class sum),
+    bounded as μ; its Hessian X̃'X̃ has equal weights."""
     require_gentle(points[:, 1:], _column_sd(x), bounds.max_coefficient, "a GLM point")
-    # as spread as the class sums Σy·x̃, Σ(1 − y)·x̃ a gradient carries anyway (a good fit's
-    # μ is close to y; at θ = 0 the squared loss's residuals are y), up to min_patients;
-    # never fewer than min_cell_count
-    smaller = int(min(np.sum(y == 1), np.sum(y == 0)))
-    spread = max(min(bounds.min_patients, smaller), bounds.min_cell_count)
-    if loss == LOGISTIC:
-        # The gradient's sums weighted by μ and 1 − μ are not bounded here: at legitimate
-        # in-fold fits of small sites they rest on 2.4 patients' worth (a fold with few
-        # positives, tests/test_radiomics_stage.py); the gentle bound above is what keeps a
-        # point from being a step at one patient's value.
-        if hessian:
-            require_spread(mean[:, 0] * (1 - mean[:, 0]), bounds.min_patients, "the Hessian")
-        return
-    residual = np.abs(mean - y[:, None])
+    spread = gradient_spread(y, bounds.min_patients)
     for k in range(points.shape[0]):
-        require_spread(residual[:, k], spread, f"the gradient at point {k}")
+        if loss == LOGISTIC:
+            weights = ((mean[:, k], "μ"), (1 - mean[:, k], "1 − μ"))
+        else:
+            weights = ((np.abs(mean[:, k] - y), "|η − y|"),)
+        for w, what in weights:
+            require_spread(w, spread, f"the gradient's sum weighted by {what} at point {k}")
+    if hessian and loss == LOGISTIC:
+        require_spread(mean[:, 0] * (1 - mean[:, 0]), bounds.min_patients, "the Hessian")
+
+
+def gradient_spread(y: np.ndarray, min_patients: int) -> float:
+    """The effective sample size a gradient's point-chosen sums need: half the smaller
+    class (whose sum the gradient carries anyway), at most min_patients / 2, at least 2."""
+    smaller = float(min(np.sum(y == 1), np.sum(y == 0)))
+    return max(2.0, min(float(min_patients), smaller) / 2)
 
 
 def _column_sd(x: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ unchanged up to 8fa8722, where these tests were first run):
   [x_0 > t]; the difference of the gradients at two thresholds is the sum of the rows
   between them, and its intercept entry counts them. Splitting every interval that holds
   more than one patient (12 points a query, the site's max_points) gave 37/37 rows exactly
-  in 10 queries; one chi2 screening query (one solver per gap between two recovered
+  in 17 queries; one chi2 screening query (one solver per gap between two recovered
   values, scale 1e-12) gave each patient's class: 37/37 rows with their labels.
 - 2b: one Newton query at the steep point centred on one patient's value of feature 0
   (side knowledge) released X̃'WX̃ = ¼·x̃x̃' of rank 1: her whole row (1/1).
@@ -215,6 +215,35 @@ def test_2_within_the_bounds_the_same_attack_learns_no_row(site: Path) -> None:
     print(f"2 within bounds: {len(got)}/{len(cuts)} points answered, "
           f"{matches(rows, x, rtol=1e-3)} rows within 0.1 %")
     assert matches(rows, x, rtol=1e-3) == 0
+
+
+def test_2_a_gentle_point_in_a_columns_tail_gives_no_row(site: Path) -> None:
+    """Gentle (max_coefficient per SD) but in the tail of feature 0: μ sits on the patients
+    with the largest values. The class sum comes from an intercept-only point (μ equal for
+    all), so each answered tail point gives Σμ·x̃ — near the top patient's row if answered."""
+    x, _ = truth(site)
+    slope = 20 / x[:, 0].std()
+
+    def ask(points: np.ndarray) -> np.ndarray | None:
+        q = {"step": "glm.terms", "loss": "logistic", "points": points, "hessian": False,
+             "rows": "train"}
+        reply = serve(site, schema.RADIOMICS_STEP, pack({"task": TASK}, {"g": q}), "atk")
+        return None if "g.gradient" not in reply else np.asarray(reply["g.gradient"])
+
+    flat = np.zeros((1, P + 1))
+    flat[0, 0] = -40.0  # μ = e^-40 for every patient
+    base = ask(flat)
+    assert base is not None  # Σμx̃ − Σyx̃ with μ ~ 0: the class sum, a group sum
+    top = np.sort(x[:, 0])[::-1]
+    rows = []
+    for t in np.linspace(top[0], top[3], POINTS):
+        g = ask(step_point(t, slope=slope)[None])
+        if g is not None:
+            weighted = g[0] - base[0]  # Σμ·x̃ at this point
+            rows.append(weighted[1:] / weighted[0])
+    close = matches(rows, x, rtol=1e-2)
+    print(f"2 tail: {len(rows)}/{POINTS} points answered, {close} rows within 1 %")
+    assert close == 0
 
 
 def test_5_an_ignored_key_or_a_new_point_makes_no_new_family(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from shared import schema
 from shared.queries.common import COMMON, MAX_NAMES, NAME, RUNS
 from shared.queries.params import Param, declared
+from shared.queries.radiomics import FINITE
 
 MODELS = Param("fusion-models", "names", "the models whose scores are fused", pattern=NAME,
                max_items=MAX_NAMES)
@@ -17,11 +18,15 @@ QUERY_TYPES = (
              Param("q.*.loss", "str", "the GLM loss", choices=("logistic", "squared")),
              Param("q.*.hessian", "bool", "also return X'WX"),
              Param("q.*.trace", "bool", "also return the Hessian's diagonal"),
-             Param("q.*.points", "array", "coefficient vectors (intercept first)",
+             Param("q.*.points", "array", "coefficient vectors (intercept first; the site: "
+                   "each <= max_coefficient per SD of its model's scores here, weights "
+                   "spread, shared.glm.require_bounded)", lo=-FINITE, hi=FINITE,
                    max_items=64 * (MAX_NAMES + 1)),
              common=COMMON),
     declared(schema.FUSION_SCORE, RUNS, MODELS,
-             Param("intercept", "float", "the head's intercept"),
-             Param("coef", "floats", "the head's coefficients", max_items=MAX_NAMES),
+             Param("intercept", "float", "the head's intercept", lo=-FINITE, hi=FINITE),
+             Param("coef", "floats", "the head's coefficients (the site: <= max_coefficient "
+                   "per SD of its model's scores here)", lo=-FINITE, hi=FINITE,
+                   max_items=MAX_NAMES),
              common=COMMON),
 )

@@ -6,6 +6,8 @@ from shared import schema
 from shared.queries.common import COMMON, EXTRACTION, MAX_FEATURES, MAX_GRID, NAME
 from shared.queries.params import Param, declared
 
+FINITE = 1e300  # numbers bounded by it are finite; the site's own bounds come from its data
+
 SOLVERS = Param("solvers", "names", "the solver queries in this message (q.<key>.*)",
                 pattern=r"[A-Za-z0-9_.-]{1,80}", max_items=512, value=False)
 ROWS = (
@@ -17,36 +19,46 @@ ROWS = (
 COLUMNS = Param("q.*.columns", "ints", "feature columns, by index into the agreed names",
                 lo=0, hi=MAX_FEATURES, max_items=MAX_FEATURES)
 STANDARDIZED = (
-    Param("q.*.center", "floats", "the z-score centre of each column",
-          max_items=MAX_FEATURES),
-    Param("q.*.scale", "floats", "the z-score scale of each column",
+    Param("q.*.center", "floats", "the z-score centre of each column (the site: one per "
+          "column, within its range widened by that range and 20 scales)", lo=-FINITE,
+          hi=FINITE, max_items=MAX_FEATURES),
+    Param("q.*.scale", "floats", "the z-score scale of each column (the site: >= its SD / "
+          "max_coefficient; a tiny scale is a steep point)", lo=0, hi=FINITE,
           max_items=MAX_FEATURES),
 )
 STEP = (
     Param("q.*.step", "str", "the solver step (shared.federated)",
           pattern=r"(standardize|glm|icc)\.[a-z_]{1,40}"),
-    Param("q.*.mean", "floats", "column means (second standardization pass)",
-          max_items=MAX_FEATURES),
-    Param("q.*.shift", "floats", "column shifts (ICC sums)", max_items=2 * MAX_FEATURES),
+    Param("q.*.mean", "floats", "column means (second standardization pass)", lo=-FINITE,
+          hi=FINITE, max_items=MAX_FEATURES),
+    Param("q.*.shift", "floats", "column shifts (ICC sums)", lo=-FINITE, hi=FINITE,
+          max_items=2 * MAX_FEATURES),
     Param("q.*.loss", "str", "the GLM loss", choices=("logistic", "squared")),
     Param("q.*.hessian", "bool", "also return X'WX"),
     Param("q.*.trace", "bool", "also return the Hessian's diagonal"),
-    Param("q.*.points", "array", "the coefficient vectors (intercept first) evaluated",
-          max_items=64 * (MAX_FEATURES + 1)),
+    Param("q.*.points", "array", "the coefficient vectors (intercept first) evaluated (the "
+          "site: each coefficient <= max_coefficient per SD of its column here, the "
+          "gradient's and Hessian's weights spread, shared.glm.require_bounded)",
+          lo=-FINITE, hi=FINITE, max_items=64 * (MAX_FEATURES + 1)),
 )
 SCREEN = (
     Param("q.*.method", "str", "screening statistic", choices=("chi2", "mi")),
-    Param("q.*.cuts", "floats", "bin cuts for mutual information", max_items=MAX_GRID),
+    Param("q.*.cuts", "floats", "bin cuts for mutual information (the site: increasing, "
+          "at most n // min_cell_count bins)", lo=-FINITE, hi=FINITE, max_items=MAX_GRID),
 )
 SCORE = (
     Param("n_models", "int", "fold models in the query (fold<k>.*)", lo=1, hi=1000),
     Param("bins", "int", "score histogram bins", lo=2, hi=MAX_GRID),
-    Param("fold*.intercept", "float", "a fold model's intercept"),
-    Param("fold*.coef", "floats", "a fold model's coefficients", max_items=MAX_FEATURES),
+    Param("fold*.intercept", "float", "a fold model's intercept", lo=-FINITE, hi=FINITE),
+    Param("fold*.coef", "floats", "a fold model's coefficients (the site: <= "
+          "max_coefficient per SD of its z-scores here)", lo=-FINITE, hi=FINITE,
+          max_items=MAX_FEATURES),
     Param("fold*.columns", "ints", "a fold model's columns", lo=0, hi=MAX_FEATURES,
           max_items=MAX_FEATURES),
-    Param("fold*.center", "floats", "a fold model's centre", max_items=MAX_FEATURES),
-    Param("fold*.scale", "floats", "a fold model's scale", max_items=MAX_FEATURES),
+    Param("fold*.center", "floats", "a fold model's centre (checked as q.*.center)",
+          lo=-FINITE, hi=FINITE, max_items=MAX_FEATURES),
+    Param("fold*.scale", "floats", "a fold model's scale (checked as q.*.scale)", lo=0,
+          hi=FINITE, max_items=MAX_FEATURES),
 )
 COMBAT = (
     Param("step", "str", "the ComBat step", choices=("sums", "residuals", "adjust")),
