@@ -227,7 +227,9 @@ def test_ask_same_sites_raises_only_for_dropped_sites(tmp_path):
     transport.handshake({"task": "label"})
     query = {"task": "label", "covariates": ["age"]}
     replies = ask_same_sites(transport, schema.HANDSHAKE, {"task": "nope"}, ["site-1"])
-    assert replies["site-1"].status == "failed"  # a failed reply is not a changed site set
+    # an unknown task is outside the query's declaration: refused, and a refused (or failed)
+    # reply is not a changed site set
+    assert replies["site-1"].status == "refused"
     with pytest.raises(SiteSetChanged) as info:
         ask_same_sites(transport, schema.COHORT_SUMS, query, ["site-1", "site-2"])
     assert info.value.dropped == {"site-2": "no reply within round-timeout 5s"}
