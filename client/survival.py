@@ -293,11 +293,13 @@ class Covariates:
         return np.column_stack(columns) if columns else np.zeros((n, 0))
 
 
-def covariates(session: SiteSession, names: list[str], query: Payload) -> Covariates:
+def covariates(session: SiteSession, names: list[str], query: Payload,
+               events: np.ndarray) -> Covariates:
     """Each named covariate as its own column type at this site; the patients of a level
-    held by fewer than min_cell_count of the cohort sit out of it (as if the value were
-    missing: a level of one patient would make her dummy column her row), until every
-    level left is held by ≥ min_cell_count."""
+    held by fewer than min_cell_count of the cohort, or with 1 … min_cell_count−1 deaths
+    in it, sit out of the cohort (as if the value were missing: a level of one patient
+    makes her dummy column her row, one death of a level makes a tied-death sum hers),
+    until every level left is held by ≥ min_cell_count with 0 or ≥ min_cell_count deaths."""
     present = np.ones(len(session.site.clinical), dtype=bool)
     numeric: dict[str, np.ndarray] = {}
     text: dict[str, np.ndarray] = {}
@@ -313,6 +315,7 @@ def covariates(session: SiteSession, names: list[str], query: Payload) -> Covari
         else:
             text[name] = np.array([str(v) for v in values], dtype=object)
     cells = session.site.config.privacy.min_cell_count
+    own_bins = session.site.config.privacy.allow_risk_set_differences  # no runs
     merged: dict[str, str] = {}
     changed = True
     while changed:
@@ -320,10 +323,15 @@ def covariates(session: SiteSession, names: list[str], query: Payload) -> Covari
         for name, values in text.items():
             levels, counts = np.unique(values[present].astype(str), return_counts=True)
             rare = levels[counts < cells]
+            if not own_bins:  # the level's tied-death sums are released by runs: 0 or ≥ cells
+                died = np.array([np.sum(events[present] & (values[present] == v))
+                                 for v in levels])
+                rare = levels[(counts < cells) | ((died > 0) & (died < cells))]
             if rare.size:
                 present &= ~np.isin(values.astype(str), rare)
                 merged[name] = (f"levels held by fewer than min_cell_count ({cells}) patients "
-                                "here are left out of the Cox cohort")
+                                "here, or with fewer such deaths, are left out of the Cox "
+                                "cohort")
                 changed = True
     levels = {name: sorted({str(v) for v in values[present]}) for name, values in text.items()}
     return Covariates(present, numeric, text, levels, merged, missing)
@@ -336,7 +344,7 @@ def _setup_covariates(session: SiteSession, names: list[str], query: Payload,
     covariate this site has): numeric with its n and Σx (for centring), or categorical with
     the names of the levels ≥ min_cell_count of them hold (a numeric column is never sent
     as level names). Then the Cox cohort's event times on its released time step."""
-    cov = covariates(session, names, query)
+    cov = covariates(session, names, query, events)
     present = cov.present
     n, members = int(present.sum()), list(ids[present])
     out = [Statistic(f"design.{name}", {"kind": "missing"}, n=None) for name in cov.missing]
@@ -351,7 +359,10 @@ def _setup_covariates(session: SiteSession, names: list[str], query: Payload,
             continue
         out.append(Statistic(f"design.{name}", values, n=n, patients=members,
                              family=COHORT_FAMILY))
-    binned, step = cox_times(session, times[present], events[present], cov.level_matrix())
+    try:
+        binned, step = cox_times(session, times[present], events[present], cov.level_matrix())
+    except PolicyRefusal as err:  # no Cox here; the Kaplan–Meier tables still leave
+        return [*out, Statistic("cox.setup", {}, n=n, refused=str(err))]
     cohort_events = events[present]
     out.append(Statistic("cox.setup", {
         "event_times": np.unique(binned[cohort_events]),
@@ -362,7 +373,8 @@ def _setup_covariates(session: SiteSession, names: list[str], query: Payload,
     return out
 
 
-def design_matrix(session: SiteSession, query: Payload) -> tuple[np.ndarray, Covariates]:
+def design_matrix(session: SiteSession, query: Payload,
+                  events: np.ndarray) -> tuple[np.ndarray, Covariates]:
     """(x, covariates): the centred design over the Cox cohort.
 
     The Cox cohort is the patients with every covariate of `cohort` and `terms` that this
@@ -372,7 +384,7 @@ def design_matrix(session: SiteSession, query: Payload) -> tuple[np.ndarray, Cov
     categorical term has one dummy column per level of `levels.<term>` (a level the site
     does not count is a column of zeros); `center` is checked against the site's columns."""
     terms = _list(query.get("terms"))
-    cov = covariates(session, [*_list(query.get("cohort")), *terms], query)
+    cov = covariates(session, [*_list(query.get("cohort")), *terms], query, events)
     columns = []
     for term in terms:
         if term in cov.missing:
@@ -453,7 +465,7 @@ def _cox_data(session: SiteSession, query: Payload
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Times (`cox_times`), events, centred design and patient ids of the Cox cohort."""
     times, events = _times(session, query)
-    x, cov = design_matrix(session, query)
+    x, cov = design_matrix(session, query, events)
     present = cov.present
     ids = list(session.site.clinical.index.astype(str)[present])
     binned, _ = cox_times(session, times[present], events[present], cov.level_matrix())
@@ -534,7 +546,16 @@ def _group_statistics(session: SiteSession, group: str, times: np.ndarray,
     if len(levels) > MAX_GROUP_LEVELS:
         return [Statistic("group", {"error": f"{group!r} has more than {MAX_GROUP_LEVELS} "
                                              "values here; not a grouping column"}, n=None)]
-    out = [Statistic("group", {"levels": levels}, n=int(known.sum()), patients=list(ids[known]),
+    # a level names a value only when ≥ min_cell_count patients hold it (a rarer one, of a
+    # numeric column above all, would name one patient's value); its patients join no group
+    cells = session.site.config.privacy.min_cell_count
+    held = {level: int(np.sum(text[known] == level)) for level in levels}
+    values = {"levels": [v for v in levels if held[v] >= cells]}
+    if len(values["levels"]) < len(levels):
+        values["merged"] = (f"values held by fewer than min_cell_count ({cells}) patients "
+                            "here are in no group")
+    levels = values["levels"]
+    out = [Statistic("group", values, n=int(known.sum()), patients=list(ids[known]),
                      family=f"survival.group:{group}")]
     time_bin = session.site.config.privacy.time_bin
     for i, level in enumerate(levels):

@@ -164,8 +164,12 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str],
 
         if not cox_sites:
             result["cox"] = {"error": "no site released its Cox cohort (policy: fewer than "
-                             "min_patients complete cases, or 1–2 events)",
-                             "sites_missing": answered}
+                             "min_patients complete cases, or 1–2 events, or no grouping of "
+                             "its times the policy allows)",
+                             "sites_missing": answered,
+                             "site_reasons": {s: str(setup[s].payload["refused.cox.setup"])
+                                              for s in answered
+                                              if "refused.cox.setup" in setup[s].payload}}
         else:
             try:
                 models, restarts = on_stable_sites(fit, cox_sites, min_sites=config.min_sites,

@@ -147,10 +147,10 @@ def released_times(times: np.ndarray, events: np.ndarray, levels: np.ndarray,
     is merged into the runs before it. None when even the whole cohort as one run does not
     (the site then refuses Cox). The pooled fit is exact on these times."""
     t = np.asarray(times, dtype=np.float64)
-    e = np.asarray(events, dtype=np.float64)
-    g = np.asarray(levels, dtype=np.float64).reshape(len(t), -1)
     if len(t) == 0:
         return None
+    e = np.asarray(events, dtype=np.float64)
+    g = np.asarray(levels, dtype=np.float64).reshape(len(t), -1)
     distinct, slot = np.unique(t, return_inverse=True)
     # per distinct time: patients, deaths, and per level its patients and its deaths
     cells = np.column_stack([np.ones(len(t)), e, g, g * e[:, None]])

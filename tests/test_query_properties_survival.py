@@ -124,6 +124,11 @@ def test_setup_names_no_value_of_a_numeric_column_and_no_rare_level(
                   "prop")
     assert_answered(reply)
     rows = clinical(site)
+    named = reply.get("group.levels")
+    if named is not None and group in rows:
+        named = [named] if isinstance(named, str) else list(named)
+        held = rows[group].astype(str).value_counts()
+        assert all(held.get(level, 0) >= POLICY.min_cell_count for level in named)
     for name in names:
         kind = reply.get(f"design.{name}.kind")
         if name in NUMERIC:
