@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from client.handlers import serve
 from client.session import clear_sessions
@@ -261,3 +262,18 @@ def test_7_a_concordance_table_over_the_sites_memory_is_refused_before_it_runs(
     tracemalloc.stop()
     assert reply["status"] == schema.STATUS_REFUSED and "max_query_memory_mb" in reply["reason"]
     assert "cindex.table.counts" not in reply and peak < 200 * 2**20
+
+
+def test_1b_is_the_residual_risk_a_site_accepts_with_allow_risk_set_differences(
+        site: Path) -> None:
+    """Stated, not fixed: a site that sets `allow_risk_set_differences: true` releases exact
+    Cox sums on its own 30-day bins, and a bin's single leaver is her row (README, privacy)."""
+    config = yaml.safe_load((site / "site.yaml").read_text())
+    config["privacy"]["allow_risk_set_differences"] = True
+    (site / "site.yaml").write_text(yaml.safe_dump(config))
+    clear_sessions()
+    rows = truth(site)
+    reply, found = numeric_attack(site)
+    recovered = matches(found, rows[rows.her2_class.notna()], RECORD)
+    print(f"attack 1b under allow_risk_set_differences: true: {recovered}/37 records")
+    assert reply["status"] == schema.STATUS_OK and recovered > 0

@@ -167,3 +167,36 @@ def test_concordance_points_are_gentle_and_spread(site: Path, beta: list[float],
     b = np.asarray(beta)
     assert np.max(np.abs(b) * x.std(axis=0)) <= POLICY.max_coefficient
     assert effective_sample_size(np.exp(x @ b - np.max(x @ b))) >= POLICY.min_patients - 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 90), k=st.integers(0, 3), seed=st.integers(0, 2**31),
+       d=st.integers(1, 15), c=st.integers(1, 5))
+def test_released_times_leave_no_small_step_death_group_or_level_cell(
+        n: int, k: int, seed: int, d: int, c: int) -> None:
+    """shared.cox.released_times: every released time holds ≥ d patients, its deaths and
+    each level's patients and deaths (and their complements) are 0 or ≥ c, times only move
+    later and keep their order; None only when the whole cohort as one time fails."""
+    from shared import cox
+
+    rng = np.random.default_rng(seed)
+    times = np.ceil(rng.uniform(1, 2000, n) / 30) * 30
+    events = rng.random(n) < 0.4
+    levels = (rng.random((n, k)) < rng.uniform(0.05, 0.95, k)).astype(float)
+    released = cox.released_times(times, events, levels, d, c)
+
+    def ok(mask: np.ndarray) -> bool:
+        deaths = events[mask].sum()
+        cells = [mask.sum() >= d, deaths == 0 or deaths >= c]
+        for column in levels.T:
+            held, died = column[mask].sum(), (column * events)[mask].sum()
+            cells += [v == 0 or v >= c for v in (held, mask.sum() - held, died, deaths - died)]
+        return all(cells)
+
+    if released is None:
+        assert n == 0 or not ok(np.ones(n, dtype=bool))
+        return
+    assert np.all(released >= times)
+    order = np.argsort(times, kind="stable")
+    assert np.all(np.diff(released[order]) >= 0)
+    assert all(ok(released == t) for t in np.unique(released))
