@@ -7,8 +7,7 @@ her2-positive) with a features.csv of 6 features, its site.yaml's policy (min_pa
 min_cell_count 3, max_feature_ratio 0.33, max_coefficient 20). What the attacker
 reconstructs is compared with features.csv and the labels, not with refusal strings.
 
-Before the fix (commit 862bbee; client/rounds.py, client/radiomics.py and shared/glm.py were
-unchanged up to 8fa8722, where these tests were first run):
+Before the fix (this file run at commit 862bbee):
 - 2a: gradient queries at steep points (−K·t, K·e_0), K = 1e12, turn μ into the step
   [x_0 > t]; the difference of the gradients at two thresholds is the sum of the rows
   between them, and its intercept entry counts them. Splitting every interval that holds
@@ -17,9 +16,13 @@ unchanged up to 8fa8722, where these tests were first run):
   values, scale 1e-12) gave each patient's class: 37/37 rows with their labels.
 - 2b: one Newton query at the steep point centred on one patient's value of feature 0
   (side knowledge) released X̃'WX̃ = ¼·x̃x̃' of rank 1: her whole row (1/1).
-- 5: an undeclared key (`nonce`) was ignored and made a new ledger family, and the
-  family held the evaluation point: the sum of squares over all rows but a 3-patient fold
-  was released next to the one over all rows (the fold's Σx² by difference).
+- 2 tail: even at a gentle slope (max_coefficient per SD), 12 points in the tail of
+  feature 0 minus an intercept-only point gave Σμ·x̃ with μ on the top patient: her row
+  within 1 % (1/1); points between patients at that slope blur several rows (0 within
+  0.1 %, 36/36 points answered).
+- 5: a solver's undeclared key (`q.s.nonce`) was ignored and made a new ledger family, and
+  so did another `mean`: the sum of squares over all rows but a 3-patient fold was released
+  next to the one over all rows (the fold's Σx² by difference).
 
 After the fix: 0 rows and 0 labels recovered (each test's last assertions).
 """
