@@ -457,8 +457,12 @@ def _check_points(x: np.ndarray, betas: np.ndarray, session: SiteSession, what: 
     if np.any(np.abs(scores) > MAX_EXPONENT):
         raise PolicyRefusal(f"{what}: x'β beyond ±{MAX_EXPONENT:g} at this site (e^{{x'β}} "
                             "would overflow)")
+    # e^{x'β} over n patients with a linear predictor of sd σ has an effective sample size
+    # of about n·e^{-σ²}: a real fit (hazard ratios up to ~3 per sd of x'β) keeps more than
+    # n / 3, while a crafted β that puts the sums on one or two patients does not.
+    spread = max(2.0, min(float(policy.min_patients), len(x) / 3))
     for lp in scores.T:
-        bounds.require_spread(np.exp(lp - lp.max()), policy.min_patients, what)
+        bounds.require_spread(np.exp(lp - lp.max()), spread, what)
 
 
 def _cox_data(session: SiteSession, query: Payload

@@ -39,7 +39,12 @@ def test_flwr_run_dot_with_pyproject_defaults(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[cohort] round 2/3: 2 sites replied: site-1 ok, site-2 ok" in done.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [s["status"] for s in results["run"]["sites"]] == ["ok", "ok"]
+    sites = results["run"]["sites"]
+    # a site may refuse a Newton point of the Cox fit steeper than its max_coefficient (the
+    # 21-patient site-2 does at this seed); that, with its reason, is the only failure
+    assert all(s["status"] == "ok" or "steeper than max_coefficient" in s["reason"]
+               for s in sites), sites
+    assert sites[0]["status"] == "ok"
     assert results["run"]["stages"]["cohort"]["status"] == "ok"
     assert results["run"]["stages"]["survival"]["status"] == "ok"
     assert results["run"]["stages"]["dsfr"]["status"] == "skipped"

@@ -25,12 +25,13 @@ def effective_sample_size(weights: np.ndarray) -> float:
     return float(np.sum(w)) ** 2 / total if total > 0 else 0.0
 
 
-def require_spread(weights: np.ndarray, min_patients: int, what: str) -> None:
-    """Refuse a weighted sum whose weights rest on fewer than `min_patients` patients."""
+def require_spread(weights: np.ndarray, least: float, what: str) -> None:
+    """Refuse a weighted sum whose weights rest on fewer than `least` patients' worth."""
     ess = effective_sample_size(weights)
-    if ess < min_patients:
+    if ess < least:
         raise QueryRejected(f"{what}: its weights rest on {ess:.1f} patients' worth "
-                            f"(effective sample size), below min_patients ({min_patients})")
+                            f"(effective sample size), below the {least:g} this site "
+                            "requires")
 
 
 def require_gentle(coefficients: np.ndarray, column_sd: np.ndarray, max_coefficient: float,
