@@ -1,7 +1,7 @@
 """deploy/approval.py: a SuperNode serves only a FAB its site's operator approved (by its
 sha256 in the site's approval list, or a trusted entity's signature), and refuses any other
 before it is stored — so before a ClientApp could install or import it — with an Error
-reply and an audit record. The whole path runs in tests/test_adversarial_sovereignty.py."""
+reply and an audit record. The whole path runs in tests/adversarial/test_attack_sovereignty.py."""
 
 from __future__ import annotations
 

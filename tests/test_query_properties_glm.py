@@ -24,7 +24,7 @@ from server.rounds import pack
 from shared import glm, schema, screening
 from shared.policy import PrivacyPolicy
 from shared.queries.bounds import effective_sample_size, max_bins
-from tests.test_adversarial_glm import TASK, P, make_site, setup
+from tests.adversarial.test_attack_glm import TASK, P, make_site, setup
 
 POLICY = PrivacyPolicy()
 STATUSES = {schema.STATUS_OK, schema.STATUS_REFUSED, schema.STATUS_FAILED}

@@ -26,7 +26,7 @@ from client.handlers import serve
 from shared import refine, roc, schema
 from shared import validation as val
 from shared.queries.bounds import max_bins
-from tests.test_adversarial_validation import MODEL, OTHER, N, write_site
+from tests.adversarial.test_attack_validation import MODEL, OTHER, N, write_site
 
 MIN_CELL = 3
 MODELS = st.one_of(st.just([MODEL, OTHER]), st.just([MODEL]),
@@ -244,7 +244,7 @@ def check_moments(reply: dict, query: dict, site: tuple) -> None:
 
 def ask(site: tuple, action: str, query: dict, run_id: str) -> dict:
     """One query on a fresh ledger: the policy's per-release rules are the subject here
-    (the ledger would refuse most grids after the first; tests/test_adversarial_validation
+    (the ledger would refuse most grids after the first; tests/adversarial/test_attack_validation.py
     holds it to the rules across releases)."""
     for path in (site[0] / "audit").glob("disclosures.sqlite*"):
         path.unlink()

@@ -43,7 +43,7 @@ from client.session import clear_sessions
 from shared import schema
 from simulation.cohort import simulate_cohort
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENS = ("TOKEN-7f3a9c", "TOKEN-b41e", "rotate")
 CONTEXT = {"task": "her2-positive", "workers": 1}
 
