@@ -60,7 +60,8 @@ bench: dev
 lint: dev
 	$(VENV)/bin/ruff check .
 
-# the run-config table of pyproject.toml and the README's key tables, from shared/settings.py
+# the run-config table of pyproject.toml and the README's key tables, from shared/settings.py;
+# docs/QUERIES.md from shared/queries
 settings: install
 	$(PY) -m simulation.settings_docs
 
