@@ -9,6 +9,7 @@ import pandas as pd
 from client.guard import Statistic
 from client.session import SiteSession
 from shared import cohort, disclosure
+from shared.queries import QueryRejected
 from shared.schema import Payload
 
 
@@ -54,7 +55,9 @@ def cohort_squares(session: SiteSession, query: Payload) -> list[Statistic]:
     """Round 2: Σ(x − μ_g)² per numeric covariate and group around the pooled means.
 
     Crosses the wire: one sum of squares per covariate and group, under the same
-    min_patients rule as round 1.
+    min_patients rule as round 1. The centres are the server's, checked finite; over one
+    patient set any number of centres gives no more than n, Σx and Σx² of ≥ min_patients
+    patients.
     """
     y = session.labels()
     out = []
@@ -63,26 +66,31 @@ def cohort_squares(session: SiteSession, query: Payload) -> list[Statistic]:
         column = _column(session, name)
         if means.shape != (2,) or column is None or not _is_numeric(column):
             continue
+        if not np.all(np.isfinite(means)):
+            raise QueryRejected(f"cohort squares of {name!r}: centres must be finite")
         x = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
         n, _ = cohort.local_group_sums(x, y)
         ss = cohort.local_group_squares(x, y, means)
         ids = session.site.clinical.index.astype(str)
+        # one family whatever the centre: Σ(x − m)² at three centres over one patient set
+        # gives its (n, Σx, Σx²), so centres must not open new families (issue 25)
         out += [Statistic(f"squares.{name}.g{g}", {"ss": float(ss[g])}, n=int(n[g]),
-                          patients=_present(ids, x, y == g),
-                          family=disclosure.family(f"cohort.squares:{name}", means[g]))
+                          patients=_present(ids, x, y == g), family=f"cohort.squares:{name}")
                 for g in (0, 1)]
     return out
 
 
 def cohort_histograms(session: SiteSession, query: Payload) -> list[Statistic]:
-    """Round 3: per numeric covariate and label group, the counts in the server's grid
-    (`edges.<name>`), adjacent bins merged until each non-empty cell holds ≥ the site's
-    min_cell_count patients.
+    """Round 3: per numeric covariate and label group, the cells of the server's grid
+    (`edges.<name>`) as `shared.cohort.local_group_histograms` makes them: the grid within
+    the site's resolution, each cell ≥ min_cell_count patients, reported by its edges.
 
     Crosses the wire: per covariate and group three integer arrays, first bin, last bin
     and count of each cell; refused below min_patients in the group or with a cell below
-    min_cell_count. Never a value: only how many patients lie between two of the
-    server's edges.
+    min_cell_count. Never a value: only how many patients lie between two edges of the
+    site's coarse grid. Above min_cell_count 1 the ledger holds the coarse grid as a digest
+    (`shared.disclosure.pinned`): over the same patients one grid only, whatever run,
+    task or nesting (a nested grid's cells minus a coarser one's are cells of one or two).
     """
     y = session.labels()
     min_cell = session.site.config.privacy.min_cell_count
@@ -95,12 +103,14 @@ def cohort_histograms(session: SiteSession, query: Payload) -> list[Statistic]:
         x = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
         cells = cohort.local_group_histograms(x, y, edges, min_cell)
         ids = session.site.clinical.index.astype(str)
-        family, grid = f"cohort.histogram:{name}", np.asarray(edges, dtype=float)
+        grid = cohort.site_grid(edges, x, min_cell)
+        pin = disclosure.pinned(grid) if min_cell > 1 else grid
         for g, (first, last, count) in enumerate(cells):
             out.append(Statistic(f"hist.{name}.g{g}", {"first": first, "last": last,
                                                        "count": count},
                                  n=int(count.sum()), counts=("count",),
-                                 patients=_present(ids, x, y == g), family=family, grid=grid))
+                                 patients=_present(ids, x, y == g),
+                                 family=f"cohort.histogram:{name}", grid=pin))
     return out
 
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from client.guard import Statistic
 from client.session import SiteSession
-from client.validation import Scores, listed, pinned, released_groups, runs_of, site_scores
-from shared import refine, roc
+from client.validation import Scores, listed, released_groups, runs_of, site_scores
+from shared import disclosure, refine, roc
 from shared.queries import QueryRejected
 from shared.schema import Payload, nest
 
@@ -56,10 +56,10 @@ def release(key: str, scores: Scores, masks: dict[str, np.ndarray], spec: Payloa
     bits0 = refine.bit_edges(edges[keep])
     # One family per model's scores, whatever the run, grid or split lists. Above
     # min_cell_count 1 its first-round grid is pinned by the ledger like a histogram's
-    # (`client.validation.pinned`): a refinement on another first-round grid over the same
+    # (`shared.disclosure.pinned`): a refinement on another first-round grid over the same
     # patients is refused, so its cells and flags show no grid but the first.
     family = f"scores.refine:{scores.digest}"
-    grid = pinned(edges[keep]) if min_cell > 1 else None
+    grid = disclosure.pinned(edges[keep]) if min_cell > 1 else None
     k = refine.keys(scores.score)
     patients = [str(p) for p in scores.patients]
     lo, hi = rounds[-1]

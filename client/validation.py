@@ -227,7 +227,7 @@ def validation_scores(session: SiteSession, query: Payload) -> list[Statistic]:
 def histogram_family(scores: Scores) -> str:
     """Every histogram of one model's scores is one family, whatever its grid, group, run
     id or task: the ledger compares their patient sets and, over the same patients,
-    releases them on one grid only (`pinned`)."""
+    releases them on one grid only (`shared.disclosure.pinned`)."""
     return disclosure.family("validation.histogram", scores.digest)
 
 
@@ -268,7 +268,7 @@ def validation_moments(session: SiteSession, query: Payload) -> list[Statistic]:
     that of its released histogram (`_grids_refused`). Each patient's placement is that of
     the cell the site released them in (`shared.validation.cell_values`: the grid within the
     site's resolution, coarsened to min_cell_count), so no placement reads out a bin inside
-    a cell; one placement function per set and patients (`pinned`).
+    a cell; one placement function per set and patients (`shared.disclosure.pinned`).
     Only the sets the site is in are answered (pooled, training or external by its roles,
     and its own `site:<id>`).
     Crosses the wire: per set, two k × k matrices of sums over ≥ min_patients patients, the
@@ -318,9 +318,10 @@ def _grids_refused(session: SiteSession, key: str, scores: list[Scores],
 
 def histogram_pin(edges: np.ndarray, n: int, min_cell: int) -> np.ndarray:
     """The ledger's grid of a model's histogram: its grid within the site's resolution,
-    pinned (`pinned`; the last edge read as 1.0: a refined grid ends just above it)."""
+    pinned (`shared.disclosure.pinned`; the last edge read as 1.0: a refined grid ends just
+    above it)."""
     coarse = np.asarray(edges, dtype=np.float64)[roc.site_edges(edges, n, min_cell)]
-    return pinned(np.minimum(coarse, 1.0))
+    return disclosure.pinned(np.minimum(coarse, 1.0))
 
 
 def _member(session: SiteSession, set_name: str) -> bool:
@@ -359,26 +360,9 @@ def _set_moments(key: str, set_name: str, scores: list[Scores], grids: list[np.n
                      n=len(y), counts=("n",), patients=list(common.astype(str)),
                      family=disclosure.family("validation.placements", set_name,
                                               *sorted(m.digest for m in scores)),
-                     grid=pinned(d10, d01))
+                     grid=disclosure.pinned(d10, d01))
 
 
-def pinned(*arrays: np.ndarray) -> np.ndarray:
-    """What a statistic was evaluated on (a grid, placement rows), as the ledger's grid:
-    three edges 0 < u < 1, u a digest of the arrays. Two different ones are never nested,
-    so over the same patients the ledger releases a family for one of them only; the same
-    one again (a re-run) passes.
-
-    Why not the edges themselves: the ledger lets nested grids pass (one refines the
-    other), but a site's cells are merged to min_cell_count, and a coarser grid's cell
-    minus the finer grid's merged one is a cell of one or two patients. For placements: each
-    set's sums are one equation in the joint table of the patients' cells under two models;
-    one placement function per set keeps a coordinator from solving for it."""
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-        h.update(b"\x00")
-    u = (int(h.hexdigest()[:13], 16) + 1) / (16**13 + 2)
-    return np.array([0.0, u, 1.0])
 def listed(value: object) -> list[str]:
     if value is None or value == "":
         return []

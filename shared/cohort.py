@@ -8,13 +8,16 @@ Three rounds (DESIGN.md, "standardization" row):
 2. with the pooled group means fixed, each site sends Σ(x − μ_g)² (`local_group_squares`),
    which avoids the cancellation of Σx² − n·μ²;
 3. on a grid the server builds from the pooled mean and sd (`grid_edges`), each site sends
-   per label group its bin counts, adjacent bins merged until every non-empty cell holds
-   ≥ min_cell_count patients (`local_group_histograms`).
+   per label group its counts on that grid within its resolution (n / min_cell_count
+   bins), adjacent bins merged until every cell holds ≥ min_cell_count patients, each
+   cell reported by its edges (`local_group_histograms`).
 The server adds the site halves (`combine_*`). Moments and tests on them equal scipy's on
 the pooled rows. Quantiles and U come with bounds over every placement of each cell's
 patients inside the cell (`combine_quantiles`, `combine_mann_whitney`); the bounds close —
 the value is exact, equal to numpy's and scipy's — when each cell holds a single value
-(whole-number data, unit bins, no merged cells, nothing in the open end bins).
+(whole-number data, unit bins, no merged cells, nothing in the open end bins: in practice
+at min_cell_count 1). Above it the bounds are those of cells of ≥ min_cell_count patients
+on at most n / min_cell_count bins per site (issue 25: finer cells gave patients away).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared import roc
+from shared.queries import QueryRejected
 
 GROUPS = 2  # label 0 and label 1
 MAX_BINS = 2000  # of the shared histogram grid, besides its two open end bins
@@ -240,29 +244,42 @@ def pooled_spread(m: GroupMoments) -> tuple[float, float]:
 
 def local_group_histograms(x: np.ndarray, y: np.ndarray, edges: np.ndarray,
                            min_cell: int = 1) -> list[roc.Cells]:
-    """Per label group, the counts in the shared grid's bins, coarsened (`roc.coarsen`).
+    """Per label group, its cells on the shared grid: the grid within the site's resolution
+    (at most n / min_cell_count bins, n the patients with a value: `roc.site_edges`),
+    each label's counts merged into cells of ≥ min_cell patients, every cell reported by
+    its edges (`roc.site_cells`); first/last are bins of the server's grid.
 
-    Crosses the wire: per group, cells as (first bin, last bin, count) of the server's grid,
-    each non-empty count ≥ min_cell (the guard checks it again against min_cell_count), the
-    group released only under min_patients. No value: a cell says only that so many
-    patients lie between two of the server's edges. Missing values are not counted.
+    Crosses the wire: per group, cells as (first bin, last bin, count), each count ≥
+    min_cell (the guard checks it again against min_cell_count), the group released only
+    under min_patients. No value and no order statistic: a cell's ends are edges of the
+    site's coarse grid, which depends on the server's grid and the site's n only, never on
+    where a patient lies inside a cell (at min_cell_count 1 cells are the non-empty bins:
+    that policy releases single patients' bins). The ledger releases one grid per patient
+    set (`client.cohort`), so nested or shifted grids cannot be differenced. Missing values
+    are not counted.
     """
     x, y = _checked(x, y)
     edges = checked_edges(edges)
     seen = ~np.isnan(x)
-    index = np.clip(np.searchsorted(edges, x[seen], side="right") - 1, 0, len(edges) - 2)
-    labels = y[seen]
-    return [roc.coarsen(np.bincount(index[labels == g], minlength=len(edges) - 1), min_cell)
-            for g in range(GROUPS)]
+    return list(roc.site_cells(x[seen], y[seen], edges, int(seen.sum()), min_cell))
+
+
+def site_grid(edges: np.ndarray, x: np.ndarray, min_cell: int) -> np.ndarray:
+    """The edges a site bins `x` in (`local_group_histograms`): the server's grid within its
+    resolution."""
+    n = int(np.sum(~np.isnan(np.asarray(x, dtype=np.float64))))
+    edges = checked_edges(edges)
+    return edges[roc.site_edges(edges, n, min_cell)]
 
 
 def checked_edges(edges: np.ndarray, max_bins: int = MAX_BINS + 2) -> np.ndarray:
-    """A grid's edges as sent by the server: 1-D, strictly increasing, at most `max_bins`."""
+    """A grid's edges as sent by the server, or QueryRejected: 1-D, strictly increasing,
+    at most `max_bins` bins, infinite only at its ends."""
     edges = np.asarray(edges, dtype=np.float64).reshape(-1)
     if len(edges) < 2 or len(edges) - 1 > max_bins or np.any(np.isnan(edges)) \
-            or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"a grid needs 2 … {max_bins + 1} strictly increasing edges, "
-                         f"got {len(edges)}")
+            or np.any(np.diff(edges) <= 0) or not np.all(np.isfinite(edges[1:-1])):
+        raise QueryRejected(f"a grid needs 2 … {max_bins + 1} strictly increasing edges, "
+                            f"finite but for its ends; got {len(edges)}")
     return edges
 
 

@@ -150,3 +150,22 @@ def coarsened_time_bin(times: np.ndarray, base: float, min_difference: int,
         if np.all(counts >= min_difference):
             return step
     return None
+
+
+def pinned(*arrays: np.ndarray) -> np.ndarray:
+    """What a statistic was evaluated on (a grid, placement rows), as the ledger's grid:
+    three edges 0 < u < 1, u a digest of the arrays. Two different ones are never nested,
+    so over the same patients the ledger releases a family for one of them only; the same
+    one again (a re-run) passes.
+
+    Why not the edges themselves: the ledger lets nested grids pass (one refines the
+    other), but a site's cells are merged to min_cell_count, and a coarser grid's cell
+    minus the finer grid's merged one is a cell of one or two patients. For placements: each
+    set's sums are one equation in the joint table of the patients' cells under two models;
+    one placement function per set keeps a coordinator from solving for it."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        h.update(b"\x00")
+    u = (int(h.hexdigest()[:13], 16) + 1) / (16**13 + 2)
+    return np.array([0.0, u, 1.0])

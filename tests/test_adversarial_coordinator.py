@@ -10,7 +10,7 @@ tests, so none is dropped unnoticed.
 
 1. the clinical table from crafted Cox queries — test_attack_survival
 2. feature rows and labels from the GLM rounds — test_attack_glm
-3. cohort histograms — not built in this session (see the session note)
+3. cohort histograms (cell ends, nested grids) — test_attack_cohort
 4. validation grids, moments and refinement — test_attack_validation
 5. ledger bypasses (ignored keys, covariate completeness, run ids) — in 1, 2, 4 and 6, and
    tests/test_query_declarations.py
@@ -25,8 +25,8 @@ import importlib
 
 import pytest
 
-ATTACKS = {1: "survival", 2: "glm", 4: "validation", 6: "training", 7: "paths",
-           8: "sovereignty"}
+ATTACKS = {1: "survival", 2: "glm", 3: "cohort", 4: "validation", 6: "training",
+           7: "paths", 8: "sovereignty"}
 LEDGER_BYPASSES = {"survival": "completeness", "glm": "fold", "validation": "run",
                    "training": "train_id"}  # class 5, within the stage it targets
 
