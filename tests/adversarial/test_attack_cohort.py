@@ -14,11 +14,11 @@ group younger than the cut. The chain gives each group's age distribution at eve
 so the count of each age in each group: the HER2 class of every patient with an age no
 one else at the site has.
 
-Before the fix (commit 862bbee) it recovered the HER2 class of 12 of the 14 patients with
-a unique age (every one it named right; the two others are among the youngest two of
-their group, where no cell starts). A second attack read each merged cell's first and
-last bin (the ages of the youngest and oldest patient in it): 16 (age, class) pairs of
-real patients from one grid.
+Before the fix (commit 862bbee, rerun in a worktree) it recovered the HER2 class of 5 of
+the 14 patients with a unique age, every one it named right (a cut is read only where a
+group has ≥ 3 patients on each side). A second attack read each merged cell's first and
+last bin, the ages of its youngest and oldest patient: 22 (age, class) pairs from one
+grid, all 22 real patients'.
 
 After the fix: a site bins in at most n / min_cell_count bins (`shared.roc.site_edges`),
 a merged cell reports its edges (`shared.roc.tile`), and over the same patients the
@@ -108,7 +108,7 @@ def test_3a_a_chain_of_nested_grids_gives_no_patients_class(site: Path) -> None:
     rows = truth(site)
     right, wrong, unique = classes_learned(chain_attack(site), rows)
     assert unique == 14
-    # 862bbee: right 12, wrong 0
+    # 862bbee: right 5, wrong 0
     assert right == 0 and wrong == 0
 
 
@@ -142,7 +142,7 @@ def test_3b_cells_say_nothing_finer_than_the_sites_resolution(site: Path) -> Non
     clinical.to_csv(site / "clinical.csv", index=False)
     clear_sessions()
     moved = histogram(site, edges)
-    # 862bbee: 16 (age, class) pairs read off the cell ends, all 16 real; the reply changed
+    # 862bbee: 22 (age, class) pairs read off the cell ends, all 22 real; the reply changed
     assert reply is not None and moved is not None
     for g in (0, 1):
         assert cells(reply, g) == cells(moved, g)
