@@ -220,7 +220,8 @@ def _batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Batches of `size`; a last batch of one joins the previous one (BatchNorm needs two)."""
     chunks = list(torch.split(order, size))
     if len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        last = chunks.pop()  # popped first: chunks[-2] in one statement would name another
+        chunks[-1] = torch.cat([chunks[-1], last])
     return chunks
 
 
