@@ -49,6 +49,12 @@ def training_sections(results: dict[str, Any], out: Path) -> str:
                          "parameters",
                          "chosen round", "AUC (out-of-fold)", "update per site·round",
                          "seconds"], rows))
+    failed = [[_e(name), _e(site), _e(why)] for name, (model, _) in models.items()
+              for site, why in (model.get("failed_sites") or {}).items()]
+    if failed:  # the model was trained without them: say so beside it
+        parts.append("<p class='bad'>Sites that fell out of training (the model was "
+                     "trained without them from then on; the stage is <b>partial</b>):</p>"
+                     + _table(["model", "site", "when and why"], failed))
     comparisons = dict((results.get("deep") or {}).get("comparison", {}))
     if "comparison" in dsfr:
         comparisons["dsfr"] = dsfr["comparison"]

@@ -23,6 +23,7 @@ from server.radiomics import run_radiomics
 from server.report import write_report
 from server.survival import needs_label as survival_needs_label
 from server.survival import run_survival
+from server.training import site_failures
 from server.transport import (
     Reply,
     SiteSetChanged,
@@ -255,14 +256,29 @@ def _stage_status(stage: str, transport: Transport, config: StudyConfig, sites: 
         results.pop(stage, None)
         return {"status": "failed", "reason": f"internal error: {type(err).__name__}: {err}",
                 "seconds": round(time.monotonic() - started, 3)}
-    _mark_sites(results, stage)
-    log.info("[%s] done in %.1fs", stage, time.monotonic() - started)
-    return {"status": "ok", "seconds": round(time.monotonic() - started, 3)}
+    failures = site_failures(results[stage])
+    _mark_sites(results, stage, failures)
+    seconds = round(time.monotonic() - started, 3)
+    if failures:  # the stage went on without them: its result is not what was asked for
+        reason = "; ".join(f"{site} failed: {why}" for site, why in failures.items())
+        log.error("[%s] done in %.1fs without %d site(s): %s", stage, seconds,
+                  len(failures), reason)
+        return {"status": "partial", "reason": reason, "sites_failed": failures,
+                "seconds": seconds}
+    log.info("[%s] done in %.1fs", stage, seconds)
+    return {"status": "ok", "seconds": seconds}
 
 
-def _mark_sites(results: dict[str, Any], stage: str) -> None:
-    """Carry a site's failure or refusal in a stage into `run.sites[]`."""
-    stage_sites = results[stage].get("sites", {})
+def _mark_sites(results: dict[str, Any], stage: str,
+                failures: dict[str, str] | None = None) -> None:
+    """Carry a site's failure or refusal in a stage into `run.sites[]`; a site in
+    `failures` (fallen out of the stage's training or scoring) is `failed` in the stage's
+    own `sites` too."""
+    stage_sites = results[stage].setdefault("sites", {}) if failures else \
+        results[stage].get("sites", {})
+    for site, why in (failures or {}).items():
+        stage_sites[site] = {**stage_sites.get(site, {}), "status": schema.STATUS_FAILED,
+                             "reason": why}
     for row in results["run"]["sites"]:
         info = stage_sites.get(row["site_id"])
         if info and info.get("status") not in (None, schema.STATUS_OK) and row["status"] == "ok":
