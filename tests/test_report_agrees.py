@@ -1,0 +1,79 @@
+"""The report agrees with itself and with results.json (issue 26, point 6): rendered from
+results shaped as the stages write them (the numbers of a demo run), no study run.
+
+- Cohort: each column of a covariate adds up to the header's n. Before: lesion_type's
+  levels summed to 45/52 under a header of 63/69 (centre-2's table was refused by its
+  policy and two patients had no value), and nothing in the table said so.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from server.report import write_report
+
+
+def cohort() -> dict[str, Any]:
+    """A cohort block as server/cohort.py writes it: centre-2 refused lesion_type
+    (a cell below min_cell_count); two HER2-zero patients have no hr_status, three no ki67."""
+    return {
+        "task": "her2-low", "groups": ["HER2-zero", "HER2-low"],
+        "n": {"pooled": [63, 69], "sites": {"centre-1": [23, 29], "centre-2": [18, 17],
+                                            "centre-3": [22, 23]}, "sites_missing": []},
+        "covariates": {
+            "ki67": {"type": "numeric", "n": [60, 69], "mean": [20.0, 25.0],
+                     "sd": [5.0, 6.0], "t_test": {"p_value": 0.2}, "sites_missing": [],
+                     "sites": {"centre-1": {"n": [23, 29], "mean": [20.0, 25.0],
+                                            "sd": [5.0, 6.0], "t_test": {"p_value": 0.3}}}},
+            "hr_status": {"type": "categorical", "levels": ["negative", "positive"],
+                          "counts": [[23, 11], [38, 58]], "chi2": {"p_value": 0.01},
+                          "sites_missing": [], "sites": {}},
+            "lesion_type": {"type": "categorical", "levels": ["mass", "non-mass"],
+                            "counts": [[37, 41], [8, 11]], "chi2": {"p_value": 0.87},
+                            "sites_missing": ["centre-2"],
+                            "sites": {"centre-1": {"levels": ["mass", "non-mass"],
+                                                   "counts": [[19, 24], [4, 5]],
+                                                   "chi2": {"p_value": 1.0}}}}},
+        "sites": {}, "sites_used": ["centre-1", "centre-2", "centre-3"], "restarts": []}
+
+
+def report(results: dict[str, Any], tmp_path: Path) -> str:
+    results = {"run": {"run_id": "t", "config": {"task": "her2-low"}, "stages": {},
+                       "sites": []}, **results}
+    return write_report(results, tmp_path).read_text(encoding="utf-8")
+
+
+def rows_of(html: str, first_cell: str) -> list[list[str]]:
+    """The cells of every table row whose first cell contains `first_cell`."""
+    out = []
+    for row in re.findall(r"<tr>(.*?)</tr>", html):
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        if cells and first_cell in cells[0]:
+            out.append(cells)
+    return out
+
+
+def pooled_table(html: str) -> str:
+    return html.split("<h3>Pooled</h3>")[1].split("</table>")[0]
+
+
+def test_every_cohort_column_adds_up_to_the_header(tmp_path: Path) -> None:
+    html = pooled_table(report({"cohort": cohort()}, tmp_path))
+    assert "HER2-zero (n=63)" in html and "HER2-low (n=69)" in html
+    refused = rows_of(html, "not released")
+    assert len(refused) == 1 and "centre-2" in refused[0][0], refused
+    assert refused[0][1:3] == ["18", "17"]
+    missing = rows_of(html, "no value")
+    # hr_status: 61/69 counted -> 2/0 with no value; ki67: n 60/69 -> 3/0
+    assert [m[1:3] for m in missing] == [["3", "0"], ["2", "0"]], missing
+
+
+def test_a_site_table_adds_up_to_its_own_header(tmp_path: Path) -> None:
+    block = cohort()
+    block["covariates"]["lesion_type"]["sites"]["centre-1"]["counts"] = [[18, 24], [4, 5]]
+    html = report({"cohort": block}, tmp_path)
+    site = html.split("<summary>centre-1</summary>")[1].split("</table>")[0]
+    assert "HER2-zero (n=23)" in site
+    assert [m[1:3] for m in rows_of(site, "no value")] == [["1", "0"]]
