@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from server.report_cohort import cohort_section
+from server.report_format import refusals
 from server.report_html import escape as _e
 from server.report_html import p_value as _p
 from server.report_html import table as _table
@@ -58,7 +59,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     parts += [("fusion", lambda: fusion_section(results)),
               ("validation", lambda: validation_sections(results, out))]
     if "survival" in results:
-        parts.append(("survival", lambda: _survival(results["survival"], out)))
+        parts.append(("survival", lambda: _survival(results["survival"], out, results)))
     parts += [("contributions", lambda: contribution_section(results)),
               ("privacy", lambda: privacy_section(results)), ("stages", lambda: _stages(results)),
               ("provenance", lambda: _provenance(results))]
@@ -127,7 +128,7 @@ def _provenance(results: dict[str, Any]) -> str:
 KM_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
-def _survival(surv: dict[str, Any], out: Path) -> str:
+def _survival(surv: dict[str, Any], out: Path, results: dict[str, Any] | None = None) -> str:
     unit = surv.get("time_unit") or ""
     bin_text = (f"times rounded up to multiples of {surv.get('time_bin'):g} {_e(unit)} at "
                 "each site" if surv.get("time_bin") else "exact times")
@@ -165,7 +166,8 @@ def _survival(surv: dict[str, Any], out: Path) -> str:
         parts.append(f"<img src='{_forest_figure(models, out)}' "
                      "alt='forest plot of hazard ratios'>")
     for title, model in models:
-        parts.append(f"<h3>{_e(title)}</h3>" + _cox_table(model))
+        parts.append(f"<h3>{_e(title)}</h3>" + _cox_table(model)
+                     + _cox_sites(model, results or {}))
         if "steps" in model:
             rows = [[_e(i), _e(step["action"]), _e(step.get("covariate") or ""),
                      f"{step['aic']:.2f}"] for i, step in enumerate(model["steps"])]
@@ -216,6 +218,28 @@ def _cox_table(model: dict[str, Any]) -> str:
             + f"<p class='muted'>n = {_e(model.get('n'))}, events = {_e(model.get('events'))}, "
               f"partial log-likelihood = {model['log_likelihood']:.3f}, AIC = "
               f"{model['aic']:.2f}, C-index = {c_text}.</p>")
+
+
+def _cox_sites(model: dict[str, Any], results: dict[str, Any]) -> str:
+    """The sites whose patients make the fit's n, and each site of the stage that is not
+    in it with why (its reasons in `site_reasons`, else what it refused on the wire)."""
+    used = [str(s) for s in model.get("sites_used") or []]
+    missing = [str(s) for s in model.get("sites_missing") or []]
+    if not used and not missing:
+        return ""
+    reasons = model.get("site_reasons") or {}
+    out = []
+    for site in missing:
+        why = reasons.get(site) or "; ".join(
+            w for w in refusals(results, site, "survival") if "cox" in w.split(":")[0]) \
+            or "; ".join(refusals(results, site, "survival")[:3]) \
+            or "no complete case or too few events for its policy"
+        out.append(f"{_e(site)} ({_e(why)})")
+    text = f"<p>n = {_e(model.get('n'))} over the sites in the fit: {_e(', '.join(used))}"
+    if out:
+        text += ("; not in the fit, their patients refused by their policy or disclosure "
+                 "ledger: " + "; ".join(out))
+    return text + ".</p>"
 
 
 def _at_risk_ticks(groups: dict[str, Any]) -> list[float]:

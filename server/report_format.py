@@ -100,3 +100,65 @@ def site_problems(sites: Any) -> str:
     return ("<p>Sites left out:</p><ul>"
             + "".join(f"<li>{_e(s)}: <span class='bad'>{_e(info.get('status'))}</span> "
                       f"{_e(info.get('reason') or '')}</li>" for s, info in bad) + "</ul>")
+
+
+# Where a stage block lists the sites left out of one of its parts (a curve, a model, a
+# covariate, an AUC), and the message types each stage's sites answer.
+MISSING_KEYS = ("sites_missing", "concordance_sites_missing", "auc_sites_missing",
+                "histograms_missing")
+STAGE_MESSAGES = {"cohort": ("cohort_",), "radiomics": ("radiomics_",),
+                  "survival": ("survival_",), "validation": ("validation_",),
+                  "fusion": ("fusion_",), "dsfr": ("dsfr_", "train"), "deep": ("train",)}
+
+
+def left_out(block: Any, path: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Per site, the parts of a stage's result it is missing from (`sites_missing` lists
+    and the like anywhere in `block`, a design's `sites_without`), by their path."""
+    out: dict[str, list[str]] = {}
+
+    def add(site: Any, part: tuple[str, ...]) -> None:
+        name = " ".join(part) or "the stage"
+        parts = out.setdefault(str(site), [])
+        if name not in parts:
+            parts.append(name)
+
+    for key, value in as_dict(block).items():
+        if key in MISSING_KEYS:
+            for site in as_list(value):
+                add(site, path)
+        elif key == "sites_without":
+            for site in as_dict(value):
+                add(site, path)
+        elif isinstance(value, dict):
+            for site, parts in left_out(value, (*path, str(key))).items():
+                for part in parts:
+                    add(site, (part,))
+    return out
+
+
+def refusals(results: dict[str, Any], site: str, stage: str) -> list[str]:
+    """What the site refused in the stage's messages (`run.wire`: statistic and reason),
+    its policy's or its disclosure ledger's."""
+    prefixes = STAGE_MESSAGES.get(stage, (stage,))
+    found: list[str] = []
+    for entry in as_list(as_dict(as_dict(results.get("run")).get("wire")).get(site)):
+        kind = str(as_dict(entry).get("message_type", ""))
+        if not any(p in kind for p in prefixes):
+            continue
+        for statistic, reason in as_dict(as_dict(entry).get("why")).items():
+            text = f"{statistic}: {reason}"
+            if text not in found:
+                found.append(text)
+    return found
+
+
+def left_out_reason(results: dict[str, Any], site: str, stage: str, parts: list[str],
+                    limit: int = 4) -> str:
+    """`left out of <parts>; refused by the site: <statistic: reason>; …` (the first
+    `limit` refusals; results.json's run.wire has them all)."""
+    text = f"left out of {', '.join(parts)}"
+    why = refusals(results, site, stage)
+    if why:
+        more = f"; … {len(why) - limit} more in run.wire" if len(why) > limit else ""
+        text += "; refused by the site: " + "; ".join(why[:limit]) + more
+    return text

@@ -10,6 +10,7 @@ from typing import Any
 from server.report_format import as_dict as _dict
 from server.report_format import as_list as _list
 from server.report_format import byte_size as _bytes
+from server.report_format import left_out, left_out_reason
 from server.report_format import name_list as _names
 from server.report_format import num as _num
 from server.report_format import site_status as _status
@@ -78,8 +79,7 @@ def contribution_section(results: dict[str, Any]) -> str:
         status = row.get("status")
         cls = "" if status in ("ok", None) else " class='bad'"
         messages, size = _sent(wire.get(site, []))
-        stage_cells = [_status(_dict(_dict(results[stage]).get("sites")).get(site))
-                       for stage in stages]
+        stage_cells = [_stage_cell(results, stage, site) for stage in stages]
         rows.append([_e(site), _names(row.get("roles")), _count(row, "n_patients"),
                      _count(row, "n_excluded"),
                      f"<span{cls}>{_e(status or DASH)}</span>", *stage_cells,
@@ -88,8 +88,22 @@ def contribution_section(results: dict[str, Any]) -> str:
             + _table(["site", "roles", "patients", "excluded", "status", *stages,
                       "messages sent", "bytes sent"], rows)
             + "<p class='muted'>✓: the site took part in the stage; — : it was not asked (or "
-              "the stage did not run); otherwise its status there (hover for the reason). "
+              "the stage did not run); <i>left out of …</i>: it answered, but its patients "
+              "are missing from those parts of the stage (its policy or its disclosure "
+              "ledger refused them, as it says); otherwise its status there (hover for the "
+              "reason). "
               "Messages and bytes: every reply the site sent to the server in this run.</p>")
+
+
+def _stage_cell(results: dict[str, Any], stage: str, site: str) -> str:
+    """The site's status in the stage; an `ok` site missing from parts of the stage's
+    result (a curve, the Cox fit, a covariate) is not ticked: those parts and what it
+    refused are shown instead."""
+    info = _dict(_dict(_dict(results[stage]).get("sites")).get(site))
+    parts = left_out(results[stage]).get(site)
+    if info.get("status") != "ok" or not parts:
+        return _status(info or None)
+    return f"<span class='bad'>{_e(left_out_reason(results, site, stage, parts))}</span>"
 
 
 def privacy_section(results: dict[str, Any]) -> str:

@@ -77,3 +77,54 @@ def test_a_site_table_adds_up_to_its_own_header(tmp_path: Path) -> None:
     site = html.split("<summary>centre-1</summary>")[1].split("</table>")[0]
     assert "HER2-zero (n=23)" in site
     assert [m[1:3] for m in rows_of(site, "no value")] == [["1", "0"]]
+
+
+# --------------------------------------------------------------------------- survival
+
+LEDGER = ("differs from an earlier release of the same statistic by fewer than "
+          "min_difference (10) patients")
+
+
+def survival_results() -> dict[str, Any]:
+    """centre-2's ledger refused its Cox cohort (`cox.setup`) and its KM table: the fit is
+    centre-1's 68 patients; `survival.sites` still says ok for both (server/survival.py)."""
+    cox = {"covariates": ["age"], "terms": ["age"], "coef": {"age": 0.01},
+           "se": {"age": 0.02}, "z": {"age": 0.5}, "hazard_ratio": {"age": 1.01},
+           "ci_lower": {"age": 0.97}, "ci_upper": {"age": 1.05}, "p_value": {"age": 0.6},
+           "log_likelihood": -80.0, "aic": 162.0, "converged": True, "n": 68, "events": 20,
+           "sites_used": ["centre-1"], "sites_missing": ["centre-2"], "concordance": 0.6}
+    km = {"time": [0.0, 30.0], "survival": [1.0, 0.9], "ci_lower": [1.0, 0.8],
+          "ci_upper": [1.0, 1.0], "at_risk": [68, 60], "events": [0, 7], "n": 68,
+          "n_events": 7, "sites_used": ["centre-1"], "sites_missing": ["centre-2"]}
+    wire = {"centre-1": [{"message_type": "query.survival_setup", "bytes": 100}],
+            "centre-2": [{"message_type": "query.survival_setup", "bytes": 80,
+                          "why": {"cox.setup": LEDGER, "km.g0": LEDGER}}]}
+    return {"run": {"run_id": "t", "config": {"task": "her2-low"},
+                    "stages": {"survival": {"status": "ok", "seconds": 1.0}},
+                    "sites": [{"site_id": s, "roles": ["survival"], "n_patients": n,
+                               "status": "ok"} for s, n in (("centre-1", 68),
+                                                            ("centre-2", 30))],
+                    "wire": wire},
+            "survival": {"task": "her2-low", "time_bin": 30.0, "time_unit": "days",
+                         "sites": {"centre-1": {"status": "ok", "reason": None},
+                                   "centre-2": {"status": "ok", "reason": None}},
+                         "km": {"all": km}, "cox": cox}}
+
+
+def test_a_site_whose_patients_were_refused_is_not_ticked(tmp_path: Path) -> None:
+    html = write_report(survival_results(), tmp_path).read_text(encoding="utf-8")
+    contribution = html.split("<h2>Per-site contribution</h2>")[1].split("</table>")[0]
+    row = rows_of(contribution, "centre-2")[0]
+    survival_cell = row[5]
+    assert "✓" not in survival_cell and "left out" in survival_cell, row
+    assert "cox" in survival_cell and LEDGER in survival_cell
+    assert rows_of(contribution, "centre-1")[0][5] == "✓"
+
+
+def test_the_cox_section_names_the_sites_of_its_n_and_why_one_is_not(tmp_path: Path) -> None:
+    html = write_report(survival_results(), tmp_path).read_text(encoding="utf-8")
+    section = html.split("Cox model (Efron ties)")[1].split("<h2>")[0]  # to the next section
+    assert "n = 68" in section
+    line = section.split("C-index")[1]
+    assert "n = 68 over the sites in the fit: centre-1" in line, line
+    assert "centre-2" in line and "not in the fit" in line and LEDGER in line, line
