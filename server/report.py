@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
+from server.report_auc import agreed, notes_paragraph
 from server.report_cohort import cohort_section
 from server.report_format import refusals
 from server.report_html import escape as _e
@@ -53,7 +54,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     if "cohort" in results:
         parts.append(("cohort", lambda: cohort_section(results["cohort"], out)))
     if "radiomics" in results:
-        parts.append(("radiomics", lambda: _radiomics(results["radiomics"], out)))
+        parts.append(("radiomics", lambda: _radiomics(results["radiomics"], out, results)))
     if "dsfr" in results or "deep" in results:
         parts.append(("training", lambda: training_sections(results, out)))
     parts += [("fusion", lambda: fusion_section(results)),
@@ -329,7 +330,8 @@ def _forest_figure(models: list[tuple[str, dict[str, Any]]], out: Path) -> str:
     return name
 
 
-def _radiomics(block: dict[str, Any], out: Path) -> str:
+def _radiomics(block: dict[str, Any], out: Path,
+               results: dict[str, Any] | None = None) -> str:
     icc_filter = block.get("icc_filter", {})
     icc_text = (f"ICC(2,1) &gt; {icc_filter['threshold']} kept {icc_filter['kept']} features "
                 f"(readers at {_e(', '.join(icc_filter.get('sites', [])))})"
@@ -351,16 +353,19 @@ def _radiomics(block: dict[str, Any], out: Path) -> str:
     parts.append(_harmonization(block.get("harmonization", {}), out))
     if lasso.get("selected"):
         parts.append(f"<img src='{_lasso_figure(lasso, out)}' alt='LASSO coefficients'>")
-    rows = []
+    rows, notes = [], []
     auc = block.get("auc", {})
-    for name, label in (("train_oof", "training sites, out-of-fold"),
-                        ("external", "external sites")):
-        if name in auc:
-            rows.append([label, *_auc_cells(auc[name])])
-    for site, entry in auc.get("sites", {}).items():
-        rows.append([_e(site), *_auc_cells(entry)])
+    sets = [(name, label, auc[name]) for name, label in
+            (("train_oof", "training sites, out-of-fold"), ("external", "external sites"))
+            if name in auc]
+    sets += [(f"sites/{site}", site, entry) for site, entry in auc.get("sites", {}).items()]
+    for key, label, entry in sets:
+        shown, note = agreed(results or {}, "radiomics", key, entry, label)
+        rows.append([_e(label), *_auc_cells(shown)])
+        notes.append(note)
     parts.append(_table(["patients", "AUC", "bound (histogram grid)", "n (neg/pos)",
                          "not released"], rows))
+    parts.append(notes_paragraph(notes))
     return "\n".join(parts)
 
 
@@ -408,8 +413,9 @@ def _site_effect_figure(effect: dict[str, Any], out: Path) -> str:
 def _auc_cells(entry: dict[str, Any]) -> list[str]:
     if entry.get("auc") is None:
         return ["—", "", "", _e(", ".join(entry.get("sites_missing", [])))]
-    low, high = entry["bound"]
-    return [f"{entry['auc']:.3f}", f"{low:.3f} – {high:.3f}", _e("/".join(map(str, entry["n"]))),
+    low, high = entry.get("bound") or (None, None)
+    bound = "" if low is None or high is None else f"{low:.3f} – {high:.3f}"
+    return [f"{entry['auc']:.3f}", bound, _e("/".join(map(str, entry.get("n") or []))),
             _e(", ".join(entry.get("sites_missing", [])))]
 
 

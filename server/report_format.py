@@ -157,8 +157,21 @@ def left_out_reason(results: dict[str, Any], site: str, stage: str, parts: list[
     """`left out of <parts>; refused by the site: <statistic: reason>; …` (the first
     `limit` refusals; results.json's run.wire has them all)."""
     text = f"left out of {', '.join(parts)}"
-    why = refusals(results, site, stage)
+    why = _problems(results.get(stage), site) + refusals(results, site, stage)
     if why:
         more = f"; … {len(why) - limit} more in run.wire" if len(why) > limit else ""
         text += "; refused by the site: " + "; ".join(why[:limit]) + more
     return text
+
+
+def _problems(block: Any, site: str) -> list[str]:
+    """The site's reasons a stage's result records itself (`site_problems`,
+    `site_reasons`, anywhere in the block)."""
+    found: list[str] = []
+    for key, value in as_dict(block).items():
+        if key in ("site_problems", "site_reasons") and site in as_dict(value):
+            text = str(as_dict(value)[site])
+            found += [text] if text not in found else []
+        elif isinstance(value, dict):
+            found += [t for t in _problems(value, site) if t not in found]
+    return found

@@ -103,7 +103,11 @@ def _stage_cell(results: dict[str, Any], stage: str, site: str) -> str:
     parts = left_out(results[stage]).get(site)
     if info.get("status") != "ok" or not parts:
         return _status(info or None)
-    return f"<span class='bad'>{_e(left_out_reason(results, site, stage, parts))}</span>"
+    text = _e(left_out_reason(results, site, stage, parts))
+    if len(parts) <= 2 and len(text) <= 160:
+        return f"<span class='bad'>{text}</span>"
+    return (f"<details class='bad'><summary>left out of {len(parts)} part(s)</summary>"
+            f"{text}</details>")
 
 
 def privacy_section(results: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from server.report_auc import agreed, notes_paragraph
 from server.report_html import escape as _e
 from server.report_html import table as _table
 
@@ -33,22 +34,26 @@ def training_sections(results: dict[str, Any], out: Path) -> str:
     if not models:
         return ""
     parts = ["<h2>CNN training (DSFR U-Net, DL-MRI ResNet18-3D, DL-US ConvNeXt V2)</h2>"]
-    rows = []
+    rows, notes = [], []
     for name, (model, auc) in models.items():
         plan = model["plan"]
+        shown, note = agreed(results, name, "train_oof", auc.get("train_oof") or {},
+                             f"{name}, training sites out-of-fold")
+        notes.append(note)
         wire = model.get("wire", {})
         rows.append([
             _e(name), _e(model["mode"]),
             _e(plan["strategy"] + (" + FedBN" if plan["fedbn"] else "")),
             _e(_local_work(plan)), _e(plan["width"]),
             _e(f"{model['network']['parameters']:,}"), _e(model["chosen_round"]),
-            _f((auc.get("train_oof") or {}).get("auc")),
+            _f(shown.get("auc")),
             _e(f"{wire['mean_up'] / 2**20:.2f} MiB {wire['dtype']}") if wire.get("mean_up")
             else "—", _f(model["seconds"], 1)])
     parts.append(_table(["model", "mode", "strategy", "rounds × local work", "width",
                          "parameters",
                          "chosen round", "AUC (out-of-fold)", "update per site·round",
                          "seconds"], rows))
+    parts.append(notes_paragraph(notes))
     failed = [[_e(name), _e(site), _e(why)] for name, (model, _) in models.items()
               for site, why in (model.get("failed_sites") or {}).items()]
     if failed:  # the model was trained without them: say so beside it
@@ -71,7 +76,7 @@ def training_sections(results: dict[str, Any], out: Path) -> str:
                              "steps (rounds × units)", "ε overall (δ = 1/Σn)",
                              "ε per site (δ = 1/n)"], dp_rows))
     if "training" in dsfr:
-        parts.append(_dsfr_table(dsfr))
+        parts.append(_dsfr_table(dsfr, results))
     parts.append(f"<img src='{_curves(models, out)}' alt='validation per round'>")
     parts.append("<p class='muted'>Validation of the global weights of each round on the "
                  "sites' held-out rows (deep models: BCE loss; DSFR: Dice), pooled over sites "
@@ -96,12 +101,13 @@ def _local_work(plan: dict[str, Any]) -> str:
             else f"{plan['rounds']} × {plan['local_epochs']} epochs")
 
 
-def _dsfr_table(dsfr: dict[str, Any]) -> str:
+def _dsfr_table(dsfr: dict[str, Any], results: dict[str, Any]) -> str:
     """DSFR: the segmentation's Dice per round and the AUC of the features' LR head."""
     validation = dsfr["training"].get("validation", {})
     dice = ", ".join(f"{r}: {_f(validation[r]['pooled'].get('dice'), 2)}"
                      for r in sorted(validation, key=int))
-    auc = (dsfr.get("auc") or {}).get("train_oof") or {}
+    auc, _ = agreed(results, "dsfr", "train_oof",
+                    (dsfr.get("auc") or {}).get("train_oof") or {}, "dsfr")
     features = dsfr.get("features") or {}
     return _table(["DSFR", "value"], [
         ["feature layer", _e(features.get("layer", "—"))],

@@ -128,3 +128,47 @@ def test_the_cox_section_names_the_sites_of_its_n_and_why_one_is_not(tmp_path: P
     line = section.split("C-index")[1]
     assert "n = 68 over the sites in the fit: centre-1" in line, line
     assert "centre-2" in line and "not in the fit" in line and LEDGER in line, line
+
+
+# --------------------------------------------------------------------------- one AUC
+
+
+def radiomics_block(auc: float, n: list[int]) -> dict[str, Any]:
+    """The radiomics stage's block, as server/radiomics.py writes it (AUC part: its own
+    histogram estimate, known only within its bound)."""
+    entry = {"auc": auc, "bound": [0.90, 1.0], "exact": False, "n": n, "sites_missing": []}
+    return {"features": {"n_extracted": 107}, "icc_filter": {"reason": "no reader 2"},
+            "standardization": {}, "lasso": {"loss": "logistic", "C": 0.1},
+            "screen": {"method": "mi", "percentile": 50}, "selected": ["f1"],
+            "selection": "lasso", "folds": [0, 1],
+            "auc": {"train_oof": entry, "sites": {"centre-1": dict(entry)}}}
+
+
+def validation_block(auc: float, n: list[int]) -> dict[str, Any]:
+    entry = {"auc": auc, "auc_ci": [0.85, 1.0], "auc_bound": [0.91, 0.99], "exact": False,
+             "n": n, "sites_missing": []}
+    return {"models": ["radiomics"],
+            "radiomics": {"training": entry, "pooled": entry, "sites": {"centre-1": entry}}}
+
+
+def radiomics_section(html: str) -> str:
+    return html.split("<h2>Radiomics")[1].split("<h2>")[0]
+
+
+def test_the_same_scores_give_one_auc(tmp_path: Path) -> None:
+    html = report({"radiomics": radiomics_block(0.974, [10, 12]),
+                   "validation": validation_block(0.943, [10, 12])}, tmp_path)
+    section = radiomics_section(html)
+    rows = rows_of(section, "out-of-fold") + rows_of(section, "centre-1")
+    assert [r[1] for r in rows] == ["0.943", "0.943"], rows
+    note = section.split("</table>")[1]
+    assert "0.974" in note and "validation stage" in note and "bound" in note, note
+
+
+def test_different_patients_keep_their_own_auc_and_say_why(tmp_path: Path) -> None:
+    html = report({"radiomics": radiomics_block(0.974, [10, 12]),
+                   "validation": validation_block(0.943, [9, 12])}, tmp_path)
+    section = radiomics_section(html)
+    assert rows_of(section, "out-of-fold")[0][1] == "0.974"
+    note = section.split("</table>")[1]
+    assert "0.943" in note and "9/12" in note and "10/12" in note, note
