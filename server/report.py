@@ -115,7 +115,17 @@ def _stages(results: dict[str, Any]) -> str:
     stages = results.get("run", {}).get("stages", {})
     rows = [[_e(k), _e(v.get("status")),
              _e(v.get("reason") or f"{v.get('seconds', 0):.1f} s")] for k, v in stages.items()]
-    return "<h2>Stages</h2>" + _table(["stage", "status", "detail"], rows)
+    excluded = [[_e(stage), _e(reason), _e(", ".join(
+        f"{site} {'<k' if n is None else n}" for site, n in counts.items()))]
+        for stage, v in stages.items() for reason, counts in (v.get("excluded") or {}).items()]
+    text = ("<h3>Patients left out by the stages</h3>"
+            + _table(["stage", "reason", "patients per site"], excluded)
+            + "<p class='muted'>Each site's own count of the patients it left out of the "
+              "stage for that reason (&lt;k: between 1 and its min_cell_count, suppressed at "
+              "the site); results.json: <code>run.stages.&lt;stage&gt;.excluded</code>. "
+              "The sites table's <i>excluded</i> counts clinical rows only.</p>"
+            if excluded else "")
+    return "<h2>Stages</h2>" + _table(["stage", "status", "detail"], rows) + text
 
 
 def _provenance(results: dict[str, Any]) -> str:

@@ -235,6 +235,7 @@ def _stage_status(stage: str, transport: Transport, config: StudyConfig, sites: 
                   results: dict[str, Any]) -> dict[str, Any]:
     log.info("[%s] started with %d sites", stage, len(sites))
     started = time.monotonic()
+    transport = tap = ExclusionTap(transport)
     try:
         if stage in READS_EARLIER:
             results[stage] = STAGE_RUNNERS[stage](transport, config, sites,
@@ -259,14 +260,74 @@ def _stage_status(stage: str, transport: Transport, config: StudyConfig, sites: 
     failures = site_failures(results[stage])
     _mark_sites(results, stage, failures)
     seconds = round(time.monotonic() - started, 3)
+    excluded = {"excluded": tap.excluded} if tap.excluded else {}
+    for reason, counts in tap.excluded.items():
+        log.info("[%s] patients left out (%s): %s", stage, reason, ", ".join(
+            f"{site} {'<k' if n is None else n}" for site, n in counts.items()))
     if failures:  # the stage went on without them: its result is not what was asked for
         reason = "; ".join(f"{site} failed: {why}" for site, why in failures.items())
         log.error("[%s] done in %.1fs without %d site(s): %s", stage, seconds,
                   len(failures), reason)
         return {"status": "partial", "reason": reason, "sites_failed": failures,
-                "seconds": seconds}
+                "seconds": seconds, **excluded}
     log.info("[%s] done in %.1fs", stage, seconds)
-    return {"status": "ok", "seconds": seconds}
+    return {"status": "ok", "seconds": seconds, **excluded}
+
+
+# A site's reply tells which of its patients a stage left out, by reason: its `excluded`
+# statistic, `excluded.reasons` (list of str) and `excluded.counts` (int per reason, −1 for
+# a count its policy suppressed: 1 … min_cell_count−1). A site that sends only
+# `counts.n_failed` (images it could not read or extract) is counted under FAILED_IMAGES.
+FAILED_IMAGES = "images could not be read or extracted (reasons in audit/site.log at the site)"
+
+
+class ExclusionTap:
+    """A stage's transport, noting from every reply the patients the site left out of the
+    stage, by reason: `excluded[reason][site]` = count (None: suppressed at the site). A
+    site that reports the same reason in several replies counts once (its largest)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.excluded: dict[str, dict[str, int | None]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def handshake(self, query: schema.Payload) -> dict[str, Reply]:
+        return self._inner.handshake(query)
+
+    def ask(self, action: str, query: Any, sites: Any) -> dict[str, Reply]:
+        replies = self._inner.ask(action, query, sites)
+        for site, reply in replies.items():
+            payloads = [reply.payload]
+            if action == schema.BATCH and reply.ok:
+                try:
+                    payloads = [p for _, p in schema.batch_parts(reply.payload).values()]
+                except schema.SchemaError:
+                    payloads = []
+            for payload in payloads:
+                self._note(site, payload)
+        return replies
+
+    def _note(self, site: str, payload: schema.Payload) -> None:
+        reasons = payload.get("excluded.reasons")
+        if reasons is not None:
+            reasons = [reasons] if isinstance(reasons, str) else [str(r) for r in reasons]
+            counts = np.asarray(payload.get("excluded.counts", []), dtype=np.int64).reshape(-1)
+            for reason, count in zip(reasons, counts, strict=False):
+                self._add(reason, site, int(count))
+        elif "counts.n_failed" in payload:
+            count = int(np.asarray(payload["counts.n_failed"]).reshape(-1)[0])
+            if count != 0:
+                self._add(FAILED_IMAGES, site, count)
+
+    def _add(self, reason: str, site: str, count: int) -> None:
+        if count == 0:
+            return
+        per_site = self.excluded.setdefault(reason, {})
+        value = None if count < 0 else count
+        known = per_site.get(site)
+        per_site[site] = value if known is None else max(known, value or 0)
 
 
 def _mark_sites(results: dict[str, Any], stage: str,
