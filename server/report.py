@@ -104,7 +104,9 @@ def _sites(results: dict[str, Any]) -> str:
     return ("<h2>Sites</h2>" + _table(["site", "roles", "patients", "excluded", "status",
                                        "reason"], rows)
             + "<p class='muted'>Counts between 1 and the site's min_cell_count are shown as "
-              "&lt;k (suppressed at the site).</p>")
+              "&lt;k (suppressed at the site). <i>excluded</i>: rows of clinical.csv the site "
+              "left out when it read them; the patients each stage left out (their images, "
+              "by reason) are listed under Stages.</p>")
 
 
 def _count(value: Any) -> str:
