@@ -119,7 +119,9 @@ def _stages(results: dict[str, Any]) -> str:
              _e(v.get("reason") or f"{v.get('seconds', 0):.1f} s")] for k, v in stages.items()]
     excluded = [[_e(stage), _e(reason), _e(", ".join(
         f"{site} {'<k' if n is None else n}" for site, n in counts.items()))]
-        for stage, v in stages.items() for reason, counts in (v.get("excluded") or {}).items()]
+        for stage, v in [("clinical.csv", {"excluded": results.get("run", {}).get("excluded")}),
+                         *stages.items()]
+        for reason, counts in (v.get("excluded") or {}).items()]
     text = ("<h3>Patients left out by the stages</h3>"
             + _table(["stage", "reason", "patients per site"], excluded)
             + "<p class='muted'>Each site's own count of the patients it left out of the "

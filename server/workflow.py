@@ -156,6 +156,11 @@ def connect(transport: Transport, config: StudyConfig, results: dict[str, Any]) 
     report_round("handshake", 1, 1, replies)
     rows = [_site_row(site_id, reply) for site_id, reply in sorted(replies.items())]
     results["run"]["sites"] = rows
+    found = ExclusionTap(transport)  # rows of clinical.csv the sites left out, by reason
+    for site_id, reply in replies.items():
+        found.note(site_id, reply.payload)
+    if found.excluded:
+        results["run"]["excluded"] = found.excluded
     usable = [row["site_id"] for row in rows if row["status"] == schema.STATUS_OK]
     if len(usable) < config.min_sites:
         raise StudyError(f"only {len(usable)} usable site(s), min-sites is {config.min_sites}: "
@@ -306,10 +311,11 @@ class ExclusionTap:
                 except schema.SchemaError:
                     payloads = []
             for payload in payloads:
-                self._note(site, payload)
+                self.note(site, payload)
         return replies
 
-    def _note(self, site: str, payload: schema.Payload) -> None:
+    def note(self, site: str, payload: schema.Payload) -> None:
+        """Note the reply's patients left out, by reason."""
         reasons = payload.get("excluded.reasons")
         if reasons is not None:
             reasons = [reasons] if isinstance(reasons, str) else [str(r) for r in reasons]

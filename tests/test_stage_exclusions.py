@@ -72,3 +72,22 @@ def test_the_report_shows_them(status: dict[str, Any]) -> None:
     table = html.split("Patients left out by the stages")[1].split("</table>")[0]
     assert REASON in table and "no mask" in table and workflow.FAILED_IMAGES in table
     assert "site-1 4" in table and "site-2 3" in table and "site-1 &lt;k" in table
+
+
+def test_clinical_rows_left_out_at_the_handshake_by_reason(tmp_path: Path) -> None:
+    class Handshake(Replies):
+        def handshake(self, query: Any) -> dict[str, Reply]:
+            return self.ask(schema.HANDSHAKE, query, list(self.payloads))
+
+    hello = {"site.roles": ["train"], "site.schema_version": schema.SCHEMA_VERSION,
+             "counts.n_patients": np.array([40]), "counts.n_excluded": np.array([-1])}
+    transport = Handshake({"site-1": {**hello, "excluded.reasons": ["age: '6,5' is not a number"],
+                                      "excluded.counts": np.array([-1])},
+                           "site-2": hello})
+    config = StudyConfig(sites_dir=str(tmp_path), out_dir=str(tmp_path), stages=("cohort",))
+    results: dict[str, Any] = {"run": {"stages": {}}}
+    assert workflow.connect(transport, config, results) == ["site-1", "site-2"]
+    assert results["run"]["excluded"] == {"age: '6,5' is not a number": {"site-1": None}}
+    html = write_report(results, tmp_path).read_text(encoding="utf-8")
+    table = html.split("Patients left out by the stages")[1].split("</table>")[0]
+    assert "clinical.csv" in table and "site-1 &lt;k" in table
