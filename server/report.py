@@ -177,6 +177,12 @@ def _survival(surv: dict[str, Any], out: Path, results: dict[str, Any] | None = 
               (("cox", "Cox model (Efron ties), all covariates"),
                ("cox_stepwise", "Cox model after stepwise AIC"))
               if isinstance(surv.get(key), dict) and "coef" in surv[key]]
+    for key in ("cox", "cox_stepwise"):  # a model that could not be fitted says why
+        failed = surv.get(key)
+        if isinstance(failed, dict) and failed.get("error"):
+            why = "; ".join(f"{s}: {r}" for s, r in (failed.get("site_reasons") or {}).items())
+            parts.append(f"<p class='bad'>{_e(key)}: not fitted: {_e(failed['error'])}"
+                         + (f" ({_e(why)})" if why else "") + "</p>")
     if models:
         parts.append(f"<img src='{_forest_figure(models, out)}' "
                      "alt='forest plot of hazard ratios'>")

@@ -172,3 +172,14 @@ def test_different_patients_keep_their_own_auc_and_say_why(tmp_path: Path) -> No
     assert rows_of(section, "out-of-fold")[0][1] == "0.974"
     note = section.split("</table>")[1]
     assert "0.943" in note and "9/12" in note and "10/12" in note, note
+
+
+def test_a_cox_model_not_fitted_says_why(tmp_path: Path) -> None:
+    results = survival_results()
+    results["survival"]["cox"] = {
+        "error": "no site released its Cox cohort", "sites_missing": ["centre-1", "centre-2"],
+        "site_reasons": {"centre-2": LEDGER}}
+    html = write_report(results, tmp_path).read_text(encoding="utf-8")
+    survival = html.split("<h2>Survival")[1].split("<h2>")[0]
+    assert "not fitted: no site released its Cox cohort" in survival
+    assert f"centre-2: {LEDGER}" in survival
