@@ -12,12 +12,15 @@ site and returns one row per patient with pyradiomics' own column names
 
 - **Readers.** `reader="r1"` uses `mri_mask`; `reader="r2"` uses `mri_mask_r2` with the
   same parameters (for ICC), for the patients that have one.
-- **Masks.** Non-zero is tumour (DESIGN.md). A mask holding the parameters' `label` value is
-  passed to pyradiomics unchanged; a mask with other non-zero values only (e.g. 255) is
-  binarized to that label first.
-- **Failures.** A patient whose extraction fails (unreadable file, empty mask, too few voxels
-  after resampling, geometry mismatch, a crashed worker process) is skipped and returned in
-  the failures dict with the reason; the other patients go on.
+- **Images and masks** go through `client.image_pair`, the acceptance path of check-site
+  and the CNN stages: one source per image, uneven DICOM slices refused, the mask put on
+  the image's grid in physical space (refused with its offset in mm when it lies
+  elsewhere), every non-zero voxel tumour unless site.yaml's `mask_label` picks one; the
+  tumour is passed to pyradiomics as the parameters' `label`.
+- **Failures.** A patient whose extraction fails (refused images, too few voxels after
+  resampling, a crashed worker process) is skipped and returned in the failures dict with
+  the reason; the other patients go on. `attrs["failed_by_reason"]` counts them by
+  category (client.image_pair's, or `radiomics extraction failed`).
 - **Cache.** One JSON file per patient and reader under `<site>/cache/radiomics/`, named by
   the sha256 of the image bytes (every file of a DICOM folder), the mask bytes, the
   parameter file bytes and the pyradiomics version. A re-run reads it; any change misses.
@@ -36,6 +39,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -49,6 +53,7 @@ import yaml
 
 from client.extraction_job import (
     CACHE_FORMAT,
+    EXTRACTION_FAILED,
     Job,
     Outcome,
     extract_one,
@@ -57,6 +62,7 @@ from client.extraction_job import (
     one_line,
     reason,
 )
+from client.image_pair import MISSING, UNREADABLE
 from client.site import FEATURES_CSV, Site, SiteError, load_site
 from client.site_files import SiteFileMissing, SiteFileRefused, read_bounded, site_file
 
@@ -108,17 +114,23 @@ def extract_features(
         return from_csv
     cache = Path(cache_dir) if cache_dir is not None else site.root / CACHE_DIR
     jobs, failures, without_mask = _plan_jobs(site, reader, chosen, cache)
+    categories = dict.fromkeys(failures, MISSING)
+    categories |= {p: UNREADABLE for p, r in failures.items() if r.startswith("cannot read")}
     outcomes = _run(jobs, workers, _Reporter(say, site.site_id, reader, len(jobs)))
     failures |= {o.patient_id: o.reason for o in outcomes if o.reason}
+    categories |= {o.patient_id: o.category or EXTRACTION_FAILED for o in outcomes if o.reason}
     frame = _frame(outcomes, list(site.clinical.index))
     frame.attrs.update(_summary(outcomes, failures, without_mask, chosen, reader))
+    # why each failed patient failed, counted (client.image_pair's categories)
+    frame.attrs["failed_by_reason"] = dict(Counter(categories.values()))
     say(f"{site.site_id}: radiomics {reader}: {_summary_text(frame.attrs)}")
     return frame, {p: _tidy(failures[p], site.root) for p in site.clinical.index if p in failures}
 
 
-def cache_key(image: Path, mask: Path, params: Path) -> str:
-    """The sha256 naming a patient's cache file (image, mask, params, pyradiomics version)."""
-    return _cache_key(image, mask, _file_sha256(params))
+def cache_key(image: Path, mask: Path, params: Path, mask_label: int | None = None) -> str:
+    """The sha256 naming a patient's cache file (image, mask, params, pyradiomics version,
+    site.yaml's mask_label)."""
+    return _cache_key(image, mask, _file_sha256(params), mask_label)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -209,7 +221,8 @@ def _features_table(site: Site) -> tuple[pd.DataFrame, dict[str, str]]:
 
 def _csv_attrs(reader: str, n_failed: int) -> dict[str, Any]:
     return {"source": FEATURES_CSV, "reader": reader, "params": None, "params_sha256": None,
-            "n_extracted": 0, "n_cached": 0, "n_failed": n_failed, "n_without_mask": 0}
+            "n_extracted": 0, "n_cached": 0, "n_failed": n_failed, "n_without_mask": 0,
+            "failed_by_reason": {f"no usable row in {FEATURES_CSV}": n_failed}}
 
 
 def _empty_frame() -> pd.DataFrame:
@@ -242,13 +255,14 @@ def _plan_jobs(
         elif mask is None:
             failures[patient] = "no reader-1 mask (mri_mask.nii.gz, .nii or .nrrd)"
         else:
+            label = site.config.mask_label
             try:
-                key = _cache_key(paths["mri"], mask, params.sha256)
+                key = _cache_key(paths["mri"], mask, params.sha256, label)
             except OSError as error:
                 failures[patient] = f"cannot read the image files: {one_line(error)}"
                 continue
             jobs.append(Job(patient, paths["mri"], mask, params.path, params.sha256,
-                             params.label, cache / f"{key}.json"))
+                             params.label, cache / f"{key}.json", label))
     return jobs, failures, without_mask
 
 
@@ -280,6 +294,9 @@ def _run(jobs: list[Job], workers: int | None, report: _Reporter) -> list[Outcom
     count = _worker_count(workers, len(missing))
     # largest tumours first (mask file size as the proxy), so no long job starts last
     missing.sort(key=lambda job: job.mask.stat().st_size, reverse=True)
+    if missing:
+        report.say(f"{report.prefix}: extracting {len(missing)} patients on {count} "
+                   f"process{'es' if count > 1 else ''} ({len(outcomes)} from cache)")
     if count <= 1:
         return outcomes + [report(extract_one(job)) for job in missing]
     return outcomes + _run_pool(missing, count, report)
@@ -356,10 +373,11 @@ def _tidy(reason: str, root: Path) -> str:
 # --------------------------------------------------------------------------- cache
 
 
-def _cache_key(image: Path, mask: Path, params_sha256: str) -> str:
+def _cache_key(image: Path, mask: Path, params_sha256: str,
+               mask_label: int | None = None) -> str:
     digest = hashlib.sha256()
     for part in (CACHE_FORMAT, _path_sha256(image), _file_sha256(mask), params_sha256,
-                 f"pyradiomics {radiomics.__version__}"):
+                 f"pyradiomics {radiomics.__version__}", f"mask_label {mask_label}"):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()
 

@@ -21,9 +21,12 @@ import radiomics
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from client.dicom import DicomSeriesError, read_dicom_series
+from client.image_pair import ImageRefused, accepted_pair
 
-CACHE_FORMAT = "feddlr-radiomics-cache-1"  # bump when what a cache file holds changes
+# bump when what a cache file holds changes (2: masks go through client.image_pair)
+CACHE_FORMAT = "feddlr-radiomics-cache-2"
+EXTRACTION_FAILED = "radiomics extraction failed"
+TOO_SMALL = "mask empty at the parameters' voxel spacing"
 DIAGNOSTICS_PREFIX = "diagnostics_"
 
 _EXTRACTORS: dict[tuple[str, str], RadiomicsFeatureExtractor] = {}
@@ -40,6 +43,7 @@ class Job:
     params_sha256: str
     label: int
     cache_file: Path  # <cache_dir>/<cache key>.json
+    mask_label: int | None = None  # site.yaml's: the mask value that is tumour (None: non-zero)
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,7 @@ class Outcome:
     reason: str | None = None
     cached: bool = False
     note: str | None = None  # e.g. the cache could not be written
-
-
-class PatientError(Exception):
-    """A patient-level problem; the message is the reason reported."""
+    category: str | None = None  # why it failed, as counted in the stage's reply
 
 
 def extractor(path: Path, sha256: str) -> RadiomicsFeatureExtractor:
@@ -84,13 +85,18 @@ def extract_one(job: Job) -> Outcome:
     try:
         features = _pyradiomics(job)
     except Exception as error:
-        return Outcome(job.patient_id, None, reason(error))
+        return Outcome(job.patient_id, None, reason(error), category=category(error))
     return Outcome(job.patient_id, features, note=write_cache(job.cache_file, job, features))
 
 
 def _pyradiomics(job: Job) -> dict[str, float]:
-    image = _read_image(job.image)
-    mask = _read_mask(job.mask, job.label)
+    """pyradiomics on the image and the mask as every stage accepts it (client.image_pair:
+    one source, readable, uneven DICOM slices refused, the mask on the image's region and
+    put on its grid, non-zero or `mask_label` = tumour), given the parameters' label."""
+    image, tumour = accepted_pair(job.image, job.mask, label=job.mask_label,
+                                  mask_name="mask", image_name=_shown(job.image))
+    mask = sitk.Cast(tumour, sitk.sitkUInt32) * job.label
+    mask.CopyInformation(image)
     pyradiomics = extractor(job.params, job.params_sha256)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
@@ -102,27 +108,17 @@ def _pyradiomics(job: Job) -> dict[str, float]:
     }
 
 
-def _read_image(path: Path) -> sitk.Image:
-    if not path.is_dir():
-        return sitk.ReadImage(str(path))
-    try:
-        return read_dicom_series(path)
-    except DicomSeriesError as error:
-        raise PatientError(str(error)) from None
+def _shown(path: Path) -> str:
+    return path.name + "/" if path.is_dir() else path.name
 
 
-def _read_mask(path: Path, label: int) -> sitk.Image:
-    """The mask as pyradiomics needs it: unchanged when it holds `label`, else non-zero ->
-    `label` (DESIGN.md: non-zero = tumour)."""
-    mask = sitk.ReadImage(str(path))
-    values = np.unique(sitk.GetArrayViewFromImage(mask))
-    if label in values:
-        return mask
-    if not np.any(values != 0):
-        raise PatientError(f"{path.name} is empty (no non-zero voxel)")
-    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt32) * label
-    binary.CopyInformation(mask)
-    return binary
+def category(error: BaseException) -> str:
+    """The reason a failed patient is counted under in the stage's reply."""
+    if isinstance(error, ImageRefused):
+        return error.category
+    if "No label object with label" in str(error):
+        return TOO_SMALL
+    return EXTRACTION_FAILED
 
 
 def reason(error: BaseException) -> str:
@@ -130,7 +126,9 @@ def reason(error: BaseException) -> str:
     text = one_line(error)
     if "No label object with label" in text:
         return "mask is empty after resampling to the parameters' voxel spacing"
-    if isinstance(error, PatientError | ValueError):
+    if isinstance(error, ImageRefused) and error.file is not None:
+        return f"{error.file}: {text}"
+    if isinstance(error, ValueError):
         return text
     if isinstance(error, RuntimeError) and "SimpleITK" in text:
         text = re.sub(r"^.*?(sitk::ERROR|ITK ERROR):\s*", "", text)

@@ -3,8 +3,10 @@ augmentations. Nothing here leaves the site.
 
 The data path, per patient (paper 2: "ROI dilated by 50 pixels, intensity scaling, resize"):
 
-1. **Read** the image and its mask with SimpleITK (NIfTI, NRRD, PNG, a DICOM series folder;
-   a multi-component picture becomes its component mean).
+1. **Read** the image and its mask as every stage does (`client.image_pair`: NIfTI, NRRD,
+   PNG, a DICOM series folder; the mask put on the image's grid in physical space; non-zero
+   or site.yaml's `mask_label` = tumour); a multi-component picture becomes its component
+   mean.
 2. **Resample to a common physical spacing** (`spacing` mm per voxel, isotropic; 0 keeps the
    native grid, e.g. for PNG ultrasound that carries no spacing), so a tumour has the same
    physical size in voxels at every site. The image is first cut to a box around the mask
@@ -52,7 +54,7 @@ from monai.transforms import (
     SpatialPad,
 )
 
-from client.dicom import DicomSeriesError, read_dicom_series
+from client import image_pair
 
 PAD_VOXELS = 2  # extra native voxels kept around the ROI before resampling
 
@@ -87,34 +89,26 @@ class Prepared:
 def read_image(path: Path) -> sitk.Image:
     """A scalar float32 SimpleITK image; a DICOM series is a folder; a multi-component
     picture (RGB PNG) becomes its component mean; a 1-slice 3D picture becomes 2D."""
-    path = Path(path)
-    if path.is_dir():
-        try:
-            image = read_dicom_series(path)
-        except DicomSeriesError as error:
-            raise ValueError(str(error)) from None
-    else:
-        image = sitk.ReadImage(str(path))
+    return _scalar(image_pair.read_image(Path(path)))
+
+
+def _scalar(image: sitk.Image) -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() > 1:
         channels = [sitk.VectorIndexSelectionCast(image, c, sitk.sitkFloat32)
                     for c in range(image.GetNumberOfComponentsPerPixel())]
         image = sum(channels[1:], channels[0]) / float(len(channels))
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
-        image = image[:, :, 0]
-    return image
+    return image_pair.flat(sitk.Cast(image, sitk.sitkFloat32))
 
 
-def _pair(image: Path, mask: Path, dims: int) -> tuple[sitk.Image, sitk.Image]:
-    picture, labels = read_image(image), read_image(mask)
-    if picture.GetDimension() != dims or labels.GetDimension() != dims:
-        raise ValueError(f"expected a {dims}D image and mask, got {picture.GetDimension()}D "
-                         f"and {labels.GetDimension()}D")
-    if picture.GetSize() != labels.GetSize():
-        raise ValueError(f"mask size {labels.GetSize()} differs from image size "
-                         f"{picture.GetSize()}")
-    labels.CopyInformation(picture)  # same grid (geometry checked by check-site)
-    return picture, sitk.Cast(labels != 0, sitk.sitkUInt8)
+def _pair(image: Path, mask: Path, dims: int,
+          mask_label: int | None = None) -> tuple[sitk.Image, sitk.Image]:
+    """The image (float32) and its 0/1 tumour mask on the image's grid, accepted as every
+    stage accepts them (client.image_pair: a mask on another grid over the same region is
+    resampled in physical space; one elsewhere, uneven DICOM slices or two sources refused
+    with ImageRefused)."""
+    picture, labels = image_pair.accepted_pair(Path(image), Path(mask), label=mask_label,
+                                               dims=(dims,), mask_name=Path(mask).name)
+    return _scalar(picture), labels
 
 
 # --------------------------------------------------------------------------- geometry
@@ -243,9 +237,10 @@ def _kept(cover: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- model inputs
 
 
-def mri_roi(image: Path, mask: Path, prep: Preparation) -> Prepared:
+def mri_roi(image: Path, mask: Path, prep: Preparation,
+            mask_label: int | None = None) -> Prepared:
     """DL-MRI input: the ROI cube at the common spacing, z-scored, resized to size³."""
-    picture, labels = _pair(image, mask, 3)
+    picture, labels = _pair(image, mask, 3, mask_label)
     array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1, 2))
     x, m = roi(array, target, margin_mm / spacing, (0, 1, 2), prep.reference)
     side_mm = x.shape[-1] * spacing
@@ -253,9 +248,10 @@ def mri_roi(image: Path, mask: Path, prep: Preparation) -> Prepared:
     return Prepared(x, m, side_mm / prep.size)
 
 
-def us_roi(image: Path, mask: Path, prep: Preparation) -> Prepared:
+def us_roi(image: Path, mask: Path, prep: Preparation,
+           mask_label: int | None = None) -> Prepared:
     """DL-US input: the square ROI (common spacing, or native pixels), z-scored, size²."""
-    picture, labels = _pair(image, mask, 2)
+    picture, labels = _pair(image, mask, 2, mask_label)
     array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1))
     x, m = roi(array, target, margin_mm / spacing, (0, 1), prep.reference)
     side_mm = x.shape[-1] * spacing
@@ -263,10 +259,11 @@ def us_roi(image: Path, mask: Path, prep: Preparation) -> Prepared:
     return Prepared(x, m, side_mm / prep.size)
 
 
-def tumour_slices(image: Path, mask: Path, prep: Preparation) -> Prepared:
+def tumour_slices(image: Path, mask: Path, prep: Preparation,
+                  mask_label: int | None = None) -> Prepared:
     """DSFR input: every axial slice with tumour of the in-plane ROI (common in-plane
     spacing), z-scored over the patient's ROI slab, resized to size²: (k, 1, size, size)."""
-    picture, labels = _pair(image, mask, 3)
+    picture, labels = _pair(image, mask, 3, mask_label)
     array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1))
     x, m = roi(array, target, margin_mm / spacing, (1, 2), prep.reference)  # (z, y, x)
     side_mm = x.shape[-1] * spacing

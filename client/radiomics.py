@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 
 from client import rounds
-from client.extraction import extract_features, params_file
+from client.extraction import Progress, extract_features, params_file
 from client.guard import Statistic, suppress_small
 from client.session import SiteSession
+from client.stage_patients import excluded_statistic, progress
 from shared import disclosure, logistic, roc, schema, screening, standardize
 from shared.folds import site_folds
 from shared.policy import PrivacyPolicy
@@ -52,9 +53,10 @@ def radiomics_extract(session: SiteSession, query: Payload) -> list[Statistic]:
 
     Crosses the wire: the feature names (pyradiomics' own names, the same at every site)
     and counts of patients extracted, failed and with a reader-2 mask, small counts
-    suppressed. No feature value.
+    suppressed, and the patients left out counted by reason (`excluded`, coarsened the same
+    way). No feature value.
     """
-    r1, r2, failed = _extract(session, query)
+    r1, r2, failed = _extract(session, query, progress(session, MODEL))
     for patient, reason in failed.items():
         session.log_exclusion(patient, f"radiomics extraction: {reason}")
     policy = session.site.config.privacy
@@ -67,17 +69,19 @@ def radiomics_extract(session: SiteSession, query: Payload) -> list[Statistic]:
                                    "source": str(r1.attrs.get("source", "pyradiomics")),
                                    "roles": list(session.site.config.roles)},
                       n=len(r1), patients=[str(p) for p in r1.index], family="radiomics.features"),
-            Statistic("counts", counts, n=None, counts=tuple(counts))]
+            Statistic("counts", counts, n=None, counts=tuple(counts)),
+            *excluded_statistic(r1.attrs.get("failed_by_reason", {}), session)]
 
 
-def _extract(session: SiteSession, query: Payload) -> tuple[pd.DataFrame, pd.DataFrame | None,
-                                                            dict[str, str]]:
+def _extract(session: SiteSession, query: Payload, say: Progress | None = None
+             ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, str]]:
     params = _params(session, query)
     workers = int(query.get("workers", 0)) or (os.cpu_count() or 1)
-    r1, failed = extract_features(session.site, params=params, workers=workers)
+    r1, failed = extract_features(session.site, params=params, workers=workers, progress=say)
     r2 = None
     if r1.attrs.get("source") != "features.csv":
-        r2, _ = extract_features(session.site, params=params, reader="r2", workers=workers)
+        r2, _ = extract_features(session.site, params=params, reader="r2", workers=workers,
+                                 progress=say)
     return r1, (r2 if r2 is not None and len(r2) else None), failed
 
 

@@ -1,94 +1,40 @@
-"""The image checks of a site folder: finding each patient's images, reading them (headers
-only, or in full; a DICOM series folder included), and the problems of an image and its masks
-(missing, unreadable, wrong dimension, geometry differing from the image, empty mask, NIfTI
-file truncated)."""
+"""The image checks of a site folder (`feddlr check-site`, and `load_site` for the stages
+that need images): each patient's image and masks found, read (headers only, or in full; a
+DICOM series folder included) and checked by `client.image_pair`, the path every stage
+uses: one source per image, readable and complete, right dimension, each mask on the
+image's region (resampled from another grid in physical space, refused when elsewhere),
+non-empty. Each problem is (file, message)."""
 
 from __future__ import annotations
 
-import gzip
-import math
-import struct
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import SimpleITK as sitk
-
-from client.dicom import DicomSeriesError, read_dicom_series
-from client.site_messages import one_line, shown_name, site_relative, sitk_message, tidy
+from client.image_pair import (
+    DIMENSION,
+    IMAGE_NAMES,
+    Grid,
+    ImageRefused,
+    find_image,
+    flat,
+    nifti_complete,
+    on_image_grid,
+    one_source,
+    read_grid,
+    read_image,
+    tumour,
+)
+from client.site_messages import shown_name, site_relative, tidy
 
 IMAGES_DIR = "images"
-
-# Candidate file names per image kind, in the order they are looked for. "mri" as a folder
-# is a DICOM series.
-IMAGE_NAMES: dict[str, tuple[str, ...]] = {
-    "mri": ("mri.nii.gz", "mri.nii", "mri.nrrd", "mri"),
-    "mri_mask": ("mri_mask.nii.gz", "mri_mask.nii", "mri_mask.nrrd"),
-    "mri_mask_r2": ("mri_mask_r2.nii.gz", "mri_mask_r2.nii", "mri_mask_r2.nrrd"),
-    "us": ("us.png", "us.nii.gz", "us.nii", "us.nrrd"),
-    "us_mask": ("us_mask.png", "us_mask.nii.gz", "us_mask.nii", "us_mask.nrrd"),
-}
-GEOMETRY_TOLERANCE = 1e-4  # relative; also absolute for values near zero
-
-
-class _ImageError(Exception):
-    """An image that cannot be read; the message is the problem text."""
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    def differences(self, other: _Geometry) -> list[str]:
-        """What differs from `other`, e.g. "size (16, 16, 8) vs (16, 16, 10)"."""
-        if self.size != other.size:
-            return [f"size {self.size} vs {other.size}"]
-        found = []
-        for name in ("spacing", "origin", "direction"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if not all(_close(a, b) for a, b in zip(mine, theirs, strict=True)):
-                found.append(f"{name} {_rounded(mine)} vs {_rounded(theirs)}")
-        return found
-
-
-@dataclass
-class _Read:
-    geometry: _Geometry
-    components: int
-    image: sitk.Image | None = None  # pixels, when read in full
-
-    @property
-    def dimension(self) -> int:
-        return len(self.geometry.size)
-
-
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=GEOMETRY_TOLERANCE, abs_tol=GEOMETRY_TOLERANCE)
-
-
-def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(round(v, 6) for v in values)
-
-
-def find_image(folder: Path, kind: str) -> Path | None:
-    """The first existing candidate for `kind` in a patient's folder (a folder = DICOM)."""
-    for name in IMAGE_NAMES[kind]:
-        path = folder / name
-        found = path.is_dir() if name == "mri" else path.is_file()
-        if found:
-            return path
-    return None
+__all__ = ["IMAGES_DIR", "IMAGE_NAMES", "find_image", "patient_image_problems"]
 
 
 def patient_image_problems(
-    root: Path, patient: str, needs: set[str], *, full_read: bool
+    root: Path, patient: str, needs: set[str], *, full_read: bool,
+    mask_label: int | None = None,
 ) -> list[tuple[str, str]]:
-    """(file, message) for every image problem of one patient under `needs`."""
+    """(file, message) for every image problem of one patient under `needs`: the checks of
+    `client.image_pair`, the same every stage applies."""
     folder = root / IMAGES_DIR / patient
     where = f"{IMAGES_DIR}/{patient}/"
     if not folder.is_dir():
@@ -98,11 +44,12 @@ def patient_image_problems(
         problems += _pair_problems(
             root, folder, "mri", "mri_mask", "MRI image", "reader-1 mask", full_read=full_read,
             dims=(3,), optional_mask="mri_mask_r2" if "mri_r2" in needs else None,
+            label=mask_label,
         )
     if "us" in needs:
         problems += _pair_problems(
             root, folder, "us", "us_mask", "ultrasound image", "ultrasound mask",
-            full_read=full_read, dims=(2,),
+            full_read=full_read, dims=(2,), label=mask_label,
         )
     return problems
 
@@ -118,18 +65,28 @@ def _pair_problems(
     full_read: bool,
     dims: tuple[int, ...],
     optional_mask: str | None = None,
+    label: int | None = None,
 ) -> list[tuple[str, str]]:
-    """An image and its mask(s): present, readable, right dimension, same geometry, non-empty."""
+    """An image and its mask(s): one source each, readable, right dimension, the mask on the
+    image's region (client.image_pair), its tumour voxels non-empty."""
     problems: list[tuple[str, str]] = []
+
+    def refused(error: ImageRefused, path: Path) -> None:
+        shown = error.file if error.file is not None else path
+        problems.append((site_relative(root, shown), tidy(str(error), root)))
+
     image_path = find_image(folder, image_kind)
-    image = None
+    grid: Grid | None = None
     if image_path is None:
         names = ", ".join(n + ("/ (DICOM)" if n == "mri" else "") for n in IMAGE_NAMES[image_kind])
         problems.append(
             (site_relative(root, folder) + "/", f"missing {image_name} (one of {names})")
         )
     else:
-        image = _checked_read(root, image_path, full_read, dims, problems)
+        try:
+            grid = _image_grid(image_path, full_read, dims)
+        except ImageRefused as error:
+            refused(error, image_path)
     masks = [(mask_kind, mask_name, True)]
     if optional_mask:
         masks.append((optional_mask, "reader-2 mask", False))
@@ -140,144 +97,40 @@ def _pair_problems(
                 expected = IMAGE_NAMES[kind][0]
                 problems.append((site_relative(root, folder / expected), f"missing {name}"))
             continue
-        mask = _checked_read(root, path, True, dims, problems)
-        if mask is None:
-            continue
-        if image is not None and image_path is not None:
-            differences = mask.geometry.differences(image.geometry)
-            if differences:
-                problems.append((
-                    site_relative(root, path),
-                    f"{name} geometry differs from {shown_name(image_path)}: "
-                    f"{'; '.join(differences)}",
-                ))
-        if not sitk.GetArrayViewFromImage(mask.image).any():
-            problems.append((site_relative(root, path), f"{name} is empty (no non-zero voxel)"))
+        try:
+            _check_mask(path, grid, image_path, name, dims, label)
+        except ImageRefused as error:
+            refused(error, path)
     return problems
 
 
-def _checked_read(
-    root: Path, path: Path, full: bool, dims: tuple[int, ...], problems: list[tuple[str, str]]
-) -> _Read | None:
-    """Read an image; on failure append the problem and return None."""
-    try:
-        read = _read_image(path, full=full)
-    except _ImageError as error:
-        problems.append((site_relative(root, path), f"cannot read image: {tidy(str(error), root)}"))
-        return None
-    dimension = read.dimension
-    if dimension == 3 and 2 in dims and read.geometry.size[2] == 1:
+def _image_grid(path: Path, full: bool, dims: tuple[int, ...]) -> Grid:
+    """The image's grid, after its checks: one source, readable (in full when `full`; a
+    DICOM folder always), complete, of a dimension in `dims` (a one-slice volume is 2D)."""
+    one_source(path)
+    grid = Grid.of(read_image(path)) if full or path.is_dir() else read_grid(path)[0]
+    nifti_complete(path, thorough=full)
+    _check_dimension(grid, dims, path)
+    return grid.flat() if 2 in dims else grid
+
+
+def _check_mask(path: Path, grid: Grid | None, image_path: Path | None,
+                name: str, dims: tuple[int, ...], label: int | None) -> None:
+    one_source(path)
+    mask = read_image(path)
+    nifti_complete(path, thorough=True)
+    _check_dimension(Grid.of(mask), dims, path)
+    if 2 in dims:
+        mask = flat(mask)
+    binary = tumour(mask, label, path, name)
+    if grid is not None and image_path is not None:
+        on_image_grid(binary, grid, path, name, shown_name(image_path))
+
+
+def _check_dimension(grid: Grid, dims: tuple[int, ...], path: Path) -> None:
+    dimension = grid.dimension
+    if dimension == 3 and 2 in dims and grid.size[2] == 1:
         dimension = 2  # a single-slice volume is a 2D image
     if dimension not in dims:
         expected = " or ".join(f"{d}D" for d in dims)
-        problems.append(
-            (site_relative(root, path), f"image is {read.dimension}D; expected {expected}")
-        )
-        return None
-    return read
-
-
-def _read_image(path: Path, *, full: bool) -> _Read:
-    """Geometry (and pixels when `full`) of an image file or DICOM series folder."""
-    try:
-        if path.is_dir():
-            read = _read_dicom(path)
-        elif full:
-            image = sitk.ReadImage(str(path))
-            read = _Read(_geometry_of(image), image.GetNumberOfComponentsPerPixel(), image)
-        else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            read = _Read(_geometry_of(reader), reader.GetNumberOfComponents())
-    except RuntimeError as error:
-        raise _ImageError(sitk_message(error)) from None
-    if path.name.endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path, thorough=full)
-    return read
-
-
-def _read_dicom(folder: Path) -> _Read:
-    try:
-        image = read_dicom_series(folder)
-    except DicomSeriesError as error:
-        if not error.found:
-            raise _ImageError("no DICOM series found in the folder") from None
-        raise _ImageError(f"the folder holds {error.found} DICOM series; expected one") from None
-    return _Read(_geometry_of(image), image.GetNumberOfComponentsPerPixel(), image)
-
-
-def _geometry_of(source: Any) -> _Geometry:
-    return _Geometry(
-        tuple(int(v) for v in source.GetSize()),
-        tuple(float(v) for v in source.GetSpacing()),
-        tuple(float(v) for v in source.GetOrigin()),
-        tuple(float(v) for v in source.GetDirection()),
-    )
-
-
-def _check_nifti_complete(path: Path, *, thorough: bool) -> None:
-    """SimpleITK reads truncated NIfTI files without error; check the data is all there.
-
-    Uncompressed: file size. Gzip: the trailer's length field (cheap), and with `thorough`
-    (or when the trailer disagrees) a full decompression, which also checks the CRC.
-    """
-    compressed = path.name.endswith(".gz")
-    opener = gzip.open if compressed else open
-    try:
-        with opener(path, "rb") as stream:
-            expected = _nifti_total_bytes(stream.read(540))
-    except EOFError:
-        raise _ImageError("file is truncated (compressed stream ends early)") from None
-    except (OSError, zlib.error) as error:
-        raise _ImageError(f"corrupt file ({one_line(error)})") from None
-    if expected is None:
-        return  # not a header we understand; SimpleITK accepted it
-    if not compressed:
-        actual = path.stat().st_size
-    elif not thorough and _gzip_trailer_size(path) == expected % 2**32:
-        return
-    else:
-        actual = _gunzipped_size(path)
-    if actual < expected:
-        raise _ImageError(f"file is truncated ({actual} of {expected} bytes)")
-
-
-def _nifti_total_bytes(header: bytes) -> int | None:
-    """vox_offset + data bytes from a NIfTI-1/2 header, or None if not a NIfTI header."""
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 352)
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            dims = struct.unpack(endian + "8q", header[16:80])
-            offset = max(struct.unpack(endian + "q", header[168:176])[0], 544)
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        return None
-    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]]))
-    return offset + voxels * bitpix // 8
-
-
-def _gzip_trailer_size(path: Path) -> int:
-    with path.open("rb") as handle:
-        handle.seek(-4, 2)
-        return struct.unpack("<I", handle.read(4))[0]
-
-
-def _gunzipped_size(path: Path) -> int:
-    total = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                total += len(chunk)
-    except EOFError:
-        raise _ImageError("file is truncated (compressed stream ends early)") from None
-    except (OSError, zlib.error) as error:
-        raise _ImageError(f"corrupt compressed data ({one_line(error)})") from None
-    return total
+        raise ImageRefused(DIMENSION, f"image is {grid.dimension}D; expected {expected}", path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from client import imaging
+from client.image_pair import MISSING, PREPARATION, ImageRefused, category_of
 from client.session import SiteSession
 from shared.folds import site_folds
 from shared.training_params import DSFR_UNIT, TrainParams
@@ -45,21 +47,24 @@ class ModelData:
     owner: np.ndarray  # (S,) sample -> patient index
     folds: np.ndarray | None = None  # (P,) fold per patient; None: external site
     failed: dict[str, str] = field(default_factory=dict)
+    failed_by_reason: dict[str, int] = field(default_factory=dict)  # category -> patients
 
     def samples(self, patients: np.ndarray) -> np.ndarray:
         """Sample indices of the patients where `patients` (bool, (P,)) is true."""
         return np.flatnonzero(patients[self.owner])
 
 
-PREP_FORMAT = 3  # bump when the data path changes: old per-patient cache files are ignored
+PREP_FORMAT = 4  # bump when the data path changes: old per-patient cache files are ignored
 
 
-def prepare_patient(found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
-    """One patient's inputs for model `p.model` (client/imaging.py's data path)."""
+def prepare_patient(found: dict[str, Path], p: TrainParams,
+                    mask_label: int | None = None) -> imaging.Prepared:
+    """One patient's inputs for model `p.model` (client/imaging.py's data path; images and
+    masks accepted as every stage accepts them, client/image_pair.py)."""
     image_kind, mask_kind = IMAGE_KINDS[p.model]
     make = {"dsfr": imaging.tumour_slices, "dl_mri": imaging.mri_roi,
             "dl_us": imaging.us_roi}[p.model]
-    return make(found[image_kind], found[mask_kind], preparation(p))
+    return make(found[image_kind], found[mask_kind], preparation(p), mask_label)
 
 
 def preparation_key(p: TrainParams) -> str:
@@ -67,10 +72,12 @@ def preparation_key(p: TrainParams) -> str:
     return json.dumps([PREP_FORMAT, p.model, asdict(preparation(p))], sort_keys=True)
 
 
-def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams) -> Path:
-    """`cache/training/<model>/<key>.npz`: the key covers the preparation settings and the
-    patient's image and mask files (name, size, modification time)."""
-    digest = hashlib.sha256(preparation_key(p).encode())
+def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams,
+                       mask_label: int | None = None) -> Path:
+    """`cache/training/<model>/<key>.npz`: the key covers the preparation settings, the
+    site's mask_label and the patient's image and mask files (name, size, modification
+    time)."""
+    digest = hashlib.sha256(f"{preparation_key(p)}:{mask_label}".encode())
     for kind in IMAGE_KINDS[p.model]:
         path = Path(found[kind])
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -80,19 +87,20 @@ def patient_cache_file(folder: Path, found: dict[str, Path], p: TrainParams) -> 
     return folder / p.model / f"{digest.hexdigest()[:32]}.npz"
 
 
-def cached_patient(folder: Path, found: dict[str, Path], p: TrainParams) -> imaging.Prepared:
+def cached_patient(folder: Path, found: dict[str, Path], p: TrainParams,
+                   mask_label: int | None = None) -> imaging.Prepared:
     """The patient's prepared inputs from the site's cache, made and cached if absent."""
     image_kind, mask_kind = IMAGE_KINDS[p.model]
     if image_kind not in found or mask_kind not in found:
-        raise ValueError(f"no {image_kind} image with mask")
-    path = patient_cache_file(folder, found, p)
+        raise ImageRefused(MISSING, f"no {image_kind} image with mask")
+    path = patient_cache_file(folder, found, p, mask_label)
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as saved:
                 return imaging.Prepared(saved["x"], saved["mask"], float(saved["mm"]))
         except (OSError, KeyError, ValueError):
             path.unlink(missing_ok=True)  # a torn file: make it again
-    prepared = prepare_patient(found, p)
+    prepared = prepare_patient(found, p, mask_label)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, x=prepared.x, mask=prepared.mask, mm=np.float64(prepared.mm_per_voxel))
@@ -101,15 +109,25 @@ def cached_patient(folder: Path, found: dict[str, Path], p: TrainParams) -> imag
 
 
 def prepare(folder: Path, patients: list[str], paths: Callable[[str], dict[str, Path]],
-            y: np.ndarray, p: TrainParams) -> ModelData:
+            y: np.ndarray, p: TrainParams, mask_label: int | None = None,
+            say: Callable[[str], None] | None = None) -> ModelData:
     """Every patient's inputs for model `p.model` (cached per patient under `folder`); a
-    patient whose images cannot be prepared is left out with the reason (never silently)."""
-    xs, masks, owner, kept, labels, failed = [], [], [], [], [], {}
+    patient whose images cannot be prepared is left out with the reason and its category
+    (never silently). `say` hears one progress line per patient."""
+    xs, masks, owner, kept, labels, failed, why = [], [], [], [], [], {}, {}
     for i, patient in enumerate(patients):
         try:
-            prepared = cached_patient(folder, paths(patient), p)
+            prepared = cached_patient(folder, paths(patient), p, mask_label)
+        except ImageRefused as err:
+            failed[patient] = f"{err.file.name + ': ' if err.file else ''}{err}"
+            why[patient] = err.category
         except Exception as err:  # one bad patient never stops the site
             failed[patient] = f"{type(err).__name__}: {err}"
+            why[patient] = PREPARATION
+        if say is not None:
+            state = f"failed: {failed[patient]}" if patient in failed else "prepared"
+            say(f"{p.model} images {i + 1}/{len(patients)} ({patient}) {state}")
+        if patient in failed:
             continue
         xs.append(prepared.x)
         masks.append(prepared.mask)
@@ -121,7 +139,8 @@ def prepare(folder: Path, patients: list[str], paths: Callable[[str], dict[str, 
         patients=np.asarray(kept, dtype=str), y=np.asarray(labels, dtype=np.int64),
         x=np.concatenate(xs) if xs else np.zeros((0, *dims), np.float32),
         mask=np.concatenate(masks) if masks else np.zeros((0, *dims), np.uint8),
-        owner=np.asarray(owner, dtype=np.int64), failed=failed)
+        owner=np.asarray(owner, dtype=np.int64), failed=failed,
+        failed_by_reason=dict(Counter(why.values())))
 
 
 def site_data(session: SiteSession, p: TrainParams) -> ModelData:
@@ -136,15 +155,33 @@ def site_data(session: SiteSession, p: TrainParams) -> ModelData:
                       data_hash(site.root)])
     memo = session.cache.get(key)
     if memo is None:
-        memo = prepare(site.root / CACHE, patients, site.image_paths, labels, p)
+        from client.stage_patients import progress
+
+        memo = prepare(site.root / CACHE, patients, site.image_paths, labels, p,
+                       site.config.mask_label, progress(session, p.model))
         for patient, reason in memo.failed.items():
             session.log_exclusion(patient, f"{p.model} image preparation: {reason}")
         session.cache[key] = memo
-    data = ModelData(memo.patients, memo.y, memo.x, memo.mask, memo.owner, None, memo.failed)
+    data = ModelData(memo.patients, memo.y, memo.x, memo.mask, memo.owner, None, memo.failed,
+                     memo.failed_by_reason)
     if "train" in site.config.roles:
         data.folds, _ = site_folds(data.y, p.folds, p.seed, session.site_id,
                                    site.config.privacy.difference)
     return data
+
+
+def cnn_excluded(session: SiteSession, data: ModelData) -> list:
+    """The `excluded` statistic of a CNN stage's reply: the patients left out for their
+    images, by category — at loading (client.site_images) and at preparation."""
+    from client.stage_patients import excluded_statistic
+
+    counts = Counter(data.failed_by_reason)
+    for reasons in session.site.excluded.values():
+        found = [category_of(reason) for reason in reasons.split("; ")]
+        category = next((c for c in found if c is not None), None)
+        if category is not None:
+            counts[category] += 1
+    return excluded_statistic(counts, session)
 
 
 def unit_rows(data: ModelData, unit: str) -> tuple[np.ndarray, np.ndarray]:
@@ -168,4 +205,5 @@ def concat(parts: list[ModelData]) -> ModelData:
         owner=np.concatenate([d.owner + o for d, o in zip(parts, offsets, strict=True)]),
         folds=np.concatenate([d.folds for d in parts]) if all(
             d.folds is not None for d in parts) else None,
-        failed={k: v for d in parts for k, v in d.failed.items()})
+        failed={k: v for d in parts for k, v in d.failed.items()},
+        failed_by_reason=dict(sum((Counter(d.failed_by_reason) for d in parts), Counter())))
