@@ -116,7 +116,7 @@ def extract_features(
     jobs, failures, without_mask = _plan_jobs(site, reader, chosen, cache)
     categories = dict.fromkeys(failures, MISSING)
     categories |= {p: UNREADABLE for p, r in failures.items() if r.startswith("cannot read")}
-    outcomes = _run(jobs, workers, _Reporter(say, site.site_id, reader, len(jobs)))
+    outcomes = _run(jobs, workers, _Reporter(say, site.site_id, reader, len(jobs), site.root))
     failures |= {o.patient_id: o.reason for o in outcomes if o.reason}
     categories |= {o.patient_id: o.category or EXTRACTION_FAILED for o in outcomes if o.reason}
     frame = _frame(outcomes, list(site.clinical.index))
@@ -305,8 +305,10 @@ def _run(jobs: list[Job], workers: int | None, report: _Reporter) -> list[Outcom
 class _Reporter:
     """Progress lines, one per finished patient."""
 
-    def __init__(self, say: Progress, site_id: str, reader: str, total: int) -> None:
+    def __init__(self, say: Progress, site_id: str, reader: str, total: int,
+                 root: Path) -> None:
         self.say = say
+        self.root = root
         self.prefix = f"{site_id}: radiomics {reader}"
         self.total = total
         self.done = 0
@@ -316,7 +318,7 @@ class _Reporter:
         state = "cached" if outcome.cached else "extracted" if outcome.features else "failed"
         line = f"{self.prefix} {self.done}/{self.total} ({outcome.patient_id}) {state}"
         if outcome.reason:
-            line += f": {outcome.reason}"
+            line += f": {_tidy(outcome.reason, self.root)}"
         if outcome.note:
             line += f" ({outcome.note})"
         self.say(line)

@@ -422,7 +422,8 @@ class _Inspection:
                 continue
             try:
                 for file, message in patient_image_problems(
-                    self.root, patient, image_needs, full_read=self.full_read
+                    self.root, patient, image_needs, full_read=self.full_read,
+                    mask_label=self.config.mask_label if self.config else None,
                 ):
                     self.patient_problem(patient, file, message)
             except Exception as error:  # a bad patient never stops the others

@@ -17,7 +17,8 @@ from shared.policy import PolicyError, PrivacyPolicy
 ROLES = ("train", "external", "survival")
 TIME_UNITS = ("days", "months", "years")
 FREE_FORM_KEYS = ("scanner", "description", "contact")
-CONFIG_KEYS = ("site_id", "roles", "time_unit", "privacy", "pretrained_dir", *FREE_FORM_KEYS)
+CONFIG_KEYS = ("site_id", "roles", "time_unit", "privacy", "pretrained_dir", "mask_label",
+               *FREE_FORM_KEYS)
 SITE_ID_PATTERN = re.compile(r"^[a-z0-9-]+$")
 
 SITE_YAML = "site.yaml"
@@ -32,6 +33,8 @@ class SiteConfig:
     # where the site keeps pretrained weights besides its site folder (absolute, or relative
     # to the site folder); a query's `pretrained` names files there or in the site folder
     pretrained_dir: Path | None = None
+    # the mask value that is tumour; None: every non-zero voxel (client/image_pair.py)
+    mask_label: int | None = None
 
 
 _Report = Callable[[str], None]  # records one problem message
@@ -61,9 +64,22 @@ def parse_config(root: Path) -> tuple[SiteConfig | None, list[str]]:
     time_unit = _config_time_unit(raw.get("time_unit"), problem)
     privacy = _config_privacy(raw.get("privacy"), problem)
     weights = _config_pretrained_dir(raw.get("pretrained_dir"), root, problem)
+    mask_label = _config_mask_label(raw.get("mask_label"), problem)
     if problems or site_id is None or roles is None or time_unit is None or privacy is None:
         return None, problems
-    return SiteConfig(site_id, roles, time_unit, privacy, weights), problems
+    return SiteConfig(site_id, roles, time_unit, privacy, weights, mask_label), problems
+
+
+def _config_mask_label(value: Any, problem: _Report) -> int | None:
+    """The mask value that is tumour (a mask holding several structures); None: every
+    non-zero voxel is tumour."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        problem(f"mask_label must be a positive integer (the mask value that is tumour; "
+                f"leave it out to take every non-zero voxel); got {value!r}")
+        return None
+    return value
 
 
 def _config_site_id(value: Any, problem: _Report) -> str | None:

@@ -49,15 +49,27 @@ def progress(session: SiteSession, stage: str) -> Callable[[str], None]:
         _site_log(session.site, session.site.root / AUDIT_DIR / SITE_LOG, [line])
         public = guard.scrub(line)
         public = re.sub(r"\s*\(<patient>\)", "", public)
-        public = public.split(": images/")[0]  # a reason naming the patient's files
+        public = re.sub(r"\S*images/<patient>/", "", public)  # the patient's folder
         _console.info("[%s] %s", stage, public)
 
     return say
 
 
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged (a test's capture too)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def _configure() -> None:
     if not any(getattr(h, "_feddlr", False) for h in _console.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _Stdout()
         handler.setFormatter(logging.Formatter("feddlr %(asctime)s %(message)s", "%H:%M:%S"))
         handler._feddlr = True  # type: ignore[attr-defined]
         _console.addHandler(handler)

@@ -85,7 +85,7 @@ from client.local_training import (
 from client.session import SiteSession
 from client.site_config import SiteConfig, parse_config
 from client.site_files import site_file
-from client.training_data import CACHE, ModelData, site_data, unit_rows
+from client.training_data import CACHE, ModelData, cnn_excluded, site_data, unit_rows
 from shared import disclosure, fedavg, networks, pretrained, roc
 from shared.folds import site_folds
 from shared.policy import PrivacyPolicy
@@ -364,9 +364,10 @@ def train_round(session: SiteSession, query: Payload) -> list[Statistic]:
     p = _round_params(query)
     policy = session.site.config.privacy
     site_dp = _site_dp(session, query, p)  # a malformed DP request: refused before any work
-    return run_round(site_data(session, p), p, query, _state_dir(session), session.site_id,
-                     train=True, min_cell=policy.min_cell_count, site_root=session.site.root,
-                     site_dp=site_dp, policy=policy)
+    data = site_data(session, p)
+    return [*run_round(data, p, query, _state_dir(session), session.site_id, train=True,
+                       min_cell=policy.min_cell_count, site_root=session.site.root,
+                       site_dp=site_dp, policy=policy), *cnn_excluded(session, data)]
 
 
 def _site_dp(session: SiteSession, query: Payload, p: TrainParams) -> SiteDP | None:
@@ -388,8 +389,10 @@ def _site_dp(session: SiteSession, query: Payload, p: TrainParams) -> SiteDP | N
 def evaluate_round(session: SiteSession, query: Payload) -> list[Statistic]:
     """`evaluate.<model>`: validation of the received global weights only."""
     p = _round_params(query)
-    return run_round(site_data(session, p), p, query, _state_dir(session), session.site_id,
-                     train=False, min_cell=session.site.config.privacy.min_cell_count)
+    data = site_data(session, p)
+    return [*run_round(data, p, query, _state_dir(session), session.site_id, train=False,
+                       min_cell=session.site.config.privacy.min_cell_count),
+            *cnn_excluded(session, data)]
 
 
 # --------------------------------------------------------------------------- setup

@@ -180,13 +180,15 @@ BREAKAGES = {
     ),
     "mask of another size": (
         mask_other_size,
-        "site-a: images/p02/mri_mask.nii.gz: patient p02: reader-1 mask geometry differs from "
-        "mri.nii.gz: size (16, 16, 10) vs (16, 16, 8)",
+        "site-a: images/p02/mri_mask.nii.gz: patient p02: reader-1 mask is not on mri.nii.gz's "
+        "region: its grid's centre is offset by (+0.0, +0.0, +2.0) mm (LPS; 2.0 mm) and its "
+        "extent differs by (+0.0, +0.0, +4.0) mm",
     ),
     "mask of another spacing": (
         mask_other_spacing,
-        "site-a: images/p02/mri_mask.nii.gz: patient p02: reader-1 mask geometry differs from "
-        "mri.nii.gz: spacing (1.0, 1.0, 3.0) vs (1.0, 1.0, 2.0)",
+        "site-a: images/p02/mri_mask.nii.gz: patient p02: reader-1 mask is not on mri.nii.gz's "
+        "region: its grid's centre is offset by (+0.0, +0.0, +3.5) mm (LPS; 3.5 mm) and its "
+        "extent differs by (+0.0, +0.0, +8.0) mm",
     ),
     "missing mask": (
         missing_mask,
@@ -474,8 +476,9 @@ def test_dicom_series_is_read(site: Path) -> None:
     assert load_site(site, needs=("mri",)).image_paths("p01")["mri"] == folder / "mri"
     (folder / "mri" / "slice003.dcm").unlink()  # a missing slice: 7 slices, not 8
     assert lines_of(check_site(site))[0] == (
-        "site-a: images/p01/mri_mask.nii.gz: patient p01: reader-1 mask geometry differs from "
-        "mri/: size (16, 16, 8) vs (16, 16, 7)"
+        "site-a: images/p01/mri: patient p01: cannot use the DICOM series: non-uniform slice "
+        "spacing: the gap between slices 3 and 4 (of 7, by position) is 4 mm, the others 2 mm "
+        "(1 uneven gap; a missing slice?)"
     )
     for path in (folder / "mri").iterdir():
         path.write_bytes(b"not dicom")

@@ -20,6 +20,7 @@ below as median < 5 %.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,11 @@ def test_the_cnn_stages_accept_and_refuse_the_same_masks(site: Path, tmp_path: P
     assert data.failed_by_reason == {image_pair.MISREGISTERED: 1}
 
 
-def test_a_stage_reply_counts_the_patients_left_out_by_reason(site: Path) -> None:
+def test_a_stage_reply_counts_the_patients_left_out_by_reason(
+        site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The radiomics reply's `excluded` statistic, and the extraction's progress: per
+    patient in the site's log, per patient without its id on the console (before: nothing
+    on the console for the whole extraction)."""
     session = open_session(str(site), "her2-positive", ("clinical", "label"))
     stats = {s.name: s for s in radiomics_extract(session, {"radiomics-params": "params.yaml",
                                                             "workers": 1})}
@@ -161,4 +166,17 @@ def test_a_stage_reply_counts_the_patients_left_out_by_reason(site: Path) -> Non
     assert list(stats["excluded"].values["counts"]) == [1]  # min_cell_count 1 at this site
     log = (site / "audit" / "site.log").read_text(encoding="utf-8")
     assert "excluded patient misregistered: radiomics extraction: images/misregistered" in log
-    assert "radiomics r1 8/8 (misregistered) failed" in log or "(misregistered) failed" in log
+    assert "(misregistered) failed: images/misregistered/mri_mask.nrrd: mask is not on" in log
+    console = [line for line in capsys.readouterr().out.splitlines() if "[radiomics]" in line]
+    assert len([line for line in console if " r1 " in line and "/8 " in line]) == 8
+    assert any(line.endswith("[radiomics] realistic: radiomics r1 1/8 extracted")
+               or "from cache" in line for line in console), console
+    assert not any(f"{patient}/" in line or f"({patient})" in line
+               for line in console for patient in GEOMETRY), console
+    failed = re.compile(r"realistic: radiomics r1 \d/8 failed: mri_mask\.nrrd: mask is not on "
+                        r"mri\.nrrd's region: its grid's centre is offset by \(\+0\.0, \+0\.0, "
+                        r"\+20\.0\) mm")
+    assert sum(bool(failed.search(line)) for line in console) == 1, console
+    # the same counts reach the CNN stages' replies (patients refused at loading)
+    loaded = open_session(str(site), "her2-positive", ("clinical", "label", "mri"))
+    assert loaded.site.excluded.keys() == {"misregistered"}
