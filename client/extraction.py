@@ -303,7 +303,7 @@ def _run(jobs: list[Job], workers: int | None, report: _Reporter) -> list[Outcom
 
 
 class _Reporter:
-    """Progress lines, one per finished patient."""
+    """Progress lines, one per patient extracted (cache hits are counted, not listed)."""
 
     def __init__(self, say: Progress, site_id: str, reader: str, total: int,
                  root: Path) -> None:
@@ -315,6 +315,8 @@ class _Reporter:
 
     def __call__(self, outcome: Outcome) -> Outcome:
         self.done += 1
+        if outcome.cached:  # counted in the "extracting …" and summary lines
+            return outcome
         state = "cached" if outcome.cached else "extracted" if outcome.features else "failed"
         line = f"{self.prefix} {self.done}/{self.total} ({outcome.patient_id}) {state}"
         if outcome.reason:

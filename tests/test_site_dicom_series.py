@@ -92,3 +92,20 @@ def test_the_cnn_stages_refuse_them_too(site: Path) -> None:
     np.testing.assert_allclose(dicom.x, plain.x, atol=1e-5)
     loaded = load_site(site, needs=("clinical", "mri"))  # the stages' own loading
     assert set(loaded.excluded) == {"missing-slice", "two-sources"}
+
+
+def test_a_missing_slice_is_refused_with_the_mask_on_itks_averaged_grid(tmp_path: Path) -> None:
+    """The issue's case: the mask drawn on the grid ITK made of the series (2.21 mm slices
+    instead of 2.1, 20 slices) matched it, and check-site passed."""
+    root = realistic.realistic_site(tmp_path / "itk", ("missing-slice",))
+    folder = root / "images" / "missing-slice"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder / "mri")))
+    itk_grid = reader.Execute()
+    assert itk_grid.GetSpacing()[2] == pytest.approx(2.2105, abs=1e-3)
+    mask = sitk.Image(itk_grid.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(itk_grid)
+    mask[20:25, 60:70, 9:11] = 1
+    realistic.write(mask, folder / "mri_mask.nrrd")
+    assert [str(p) for p in check_site(root)] == [
+        f"realistic: images/missing-slice/mri: patient missing-slice: {GAP}"]

@@ -21,6 +21,7 @@ below as median < 5 %.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from client.extraction import extract_features
 from client.radiomics import radiomics_extract
 from client.session import open_session
 from client.site import check_site, load_site
-from client.training_data import prepare
+from client.training_data import cnn_excluded, prepare
 from shared.training_params import TrainParams
 from tests.sites import realistic
 
@@ -159,6 +160,7 @@ def test_a_stage_reply_counts_the_patients_left_out_by_reason(
     """The radiomics reply's `excluded` statistic, and the extraction's progress: per
     patient in the site's log, per patient without its id on the console (before: nothing
     on the console for the whole extraction)."""
+    shutil.rmtree(site / "cache", ignore_errors=True)  # extracted, not read from the cache
     session = open_session(str(site), "her2-positive", ("clinical", "label"))
     stats = {s.name: s for s in radiomics_extract(session, {"radiomics-params": "params.yaml",
                                                             "workers": 1})}
@@ -177,6 +179,11 @@ def test_a_stage_reply_counts_the_patients_left_out_by_reason(
                         r"mri\.nrrd's region: its grid's centre is offset by \(\+0\.0, \+0\.0, "
                         r"\+20\.0\) mm")
     assert sum(bool(failed.search(line)) for line in console) == 1, console
-    # the same counts reach the CNN stages' replies (patients refused at loading)
+    # the CNN stages' replies: patients refused at loading (their site needs the MRI)
     loaded = open_session(str(site), "her2-positive", ("clinical", "label", "mri"))
     assert loaded.site.excluded.keys() == {"misregistered"}
+    none = prepare(site / "cache", [], loaded.site.image_paths, np.zeros(0, int),
+                   TrainParams(model="dsfr", size=16))
+    (excluded,) = cnn_excluded(loaded, none)
+    assert excluded.values["reasons"] == [image_pair.MISREGISTERED]
+    assert list(excluded.values["counts"]) == [1]
