@@ -109,3 +109,16 @@ def test_a_missing_slice_is_refused_with_the_mask_on_itks_averaged_grid(tmp_path
     realistic.write(mask, folder / "mri_mask.nrrd")
     assert [str(p) for p in check_site(root)] == [
         f"realistic: images/missing-slice/mri: patient missing-slice: {GAP}"]
+
+
+def test_pydicom_ultrasound_frame_is_read_by_check_site_and_the_deep_stage(
+        tmp_path: Path) -> None:
+    """pydicom's RGB ultrasound frame exported as us.png with a 0/255 mask (the realistic
+    site's ultrasound): accepted, averaged to one channel, the lesion inside the ROI."""
+    root = realistic.realistic_site(tmp_path / "us", ("ultrasound",))
+    assert check_site(root) == []
+    loaded = load_site(root, needs=("clinical", "mri", "us"))
+    found = loaded.image_paths("ultrasound")
+    prep = imaging.Preparation(size=32, spacing=0, reference="roi")
+    roi = imaging.us_roi(found["us"], found["us_mask"], prep)
+    assert roi.x.shape == (1, 1, 32, 32) and 0.3 < roi.mask.mean() < 0.7

@@ -160,6 +160,28 @@ def write_enhanced_mr(image: sitk.Image, path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- ultrasound
+
+US_FILE = "examples_rgb_color.dcm"  # pydicom's own test file: a 240 x 320 RGB US frame
+
+
+def write_ultrasound(folder: Path) -> tuple[Path, Path]:
+    """pydicom's RGB ultrasound frame as the patient's us.png (as a hospital exports a
+    frame, colour and all) and an elliptic lesion mask us_mask.png (0/255)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    frame = pydicom.dcmread(get_testdata_file(US_FILE)).pixel_array.astype(np.uint8)
+    rows, columns = frame.shape[:2]
+    y, x = np.ogrid[:rows, :columns]
+    lesion = ((y - rows * 0.55) / (rows * 0.12)) ** 2 + ((x - columns * 0.5) /
+                                                          (columns * 0.1)) ** 2 <= 1
+    folder.mkdir(parents=True, exist_ok=True)
+    us = write(sitk.GetImageFromArray(frame, isVector=True), folder / "us.png")
+    mask = write(sitk.GetImageFromArray(lesion.astype(np.uint8) * 255), folder / "us_mask.png")
+    return us, mask
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -236,16 +258,18 @@ QUIRKS = {
     "missing-slice": "DICOM series with a missing slice (refused)",
     "two-sources": "mri.nrrd beside a DICOM folder mri/ (refused)",
     "enhanced": "enhanced multi-frame MR file",
+    "ultrasound": "breast1 MRI and pydicom's RGB ultrasound frame as us.png with a 0/255 mask",
 }
 REFUSED = ("misregistered", "missing-slice", "two-sources")
 
 
 def realistic_site(root: Path, quirks: Iterable[str] = tuple(QUIRKS), *,
-                   site_id: str = "realistic") -> Path:
-    """A site folder with one patient per quirk (QUIRKS), each from breast1."""
+                   site_id: str = "realistic", her2_ihc: dict[str, str] | None = None) -> Path:
+    """A site folder with one patient per quirk (QUIRKS), each from breast1; `her2_ihc`
+    per patient (default 3+). A study test writes its own clinical.csv over it."""
     image, mask = breast1_images()
     quirks = list(quirks)
-    write_site(root, dict.fromkeys(quirks, "3"), site_id=site_id)
+    write_site(root, {q: (her2_ihc or {}).get(q, "3") for q in quirks}, site_id=site_id)
     for patient in quirks:
         folder = root / "images" / patient
         folder.mkdir(parents=True, exist_ok=True)
@@ -284,4 +308,6 @@ def _write_quirk(patient: str, folder: Path, image: sitk.Image, mask: sitk.Image
         write(image, folder / "mri.nrrd")
     if patient == "two-sources":
         write_dicom_series(image, folder / "mri")
+    if patient == "ultrasound":
+        write_ultrasound(folder)
     write(masks.get(patient, lambda: mask)(), folder / "mri_mask.nrrd")
