@@ -134,16 +134,19 @@ def _outside_task(report: SiteCheck, task: str | None) -> str:
 
 
 def _notes(report: SiteCheck) -> list[str]:
-    """Things worth knowing that are not problems with the data."""
+    """Things worth knowing that are not problems with the data: how masks on another grid
+    are put on their image's (client/image_pair.py), and a site too small to answer."""
+    notes = [f"{note.site}: {note.file}: patient {note.patient}: note: {note.message}"
+             for note in report.notes]
     if report.config is None:
-        return []
+        return notes
     minimum = report.config.privacy.min_patients
     if report.n_patients < minimum:
-        return [
+        notes.append(
             f"{report.site}: note: {report.n_patients} usable patients is below "
             f"privacy.min_patients ({minimum}); the site would refuse every statistic"
-        ]
-    return []
+        )
+    return notes
 
 
 def _plural(count: int, noun: str) -> str:

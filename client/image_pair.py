@@ -247,18 +247,13 @@ def on_image_grid(mask: sitk.Image, image: Grid, path: Path, name: str,
     neighbour from a grid over the same physical box (or a crop of the image's grid);
     ImageRefused with the offset in mm when it lies elsewhere."""
     grid = Grid.of(mask)
-    if grid.dimension != image.dimension:
-        raise ImageRefused(DIMENSION, f"{name} is {grid.dimension}D but {image_name} is "
-                           f"{image.dimension}D", path)
-    if grid.same_as(image) or _sub_voxel_shift(grid, image):
+    how = placement(grid, image, path, name, image_name)
+    if how is None or how.startswith(SHIFTED):
         placed = sitk.Image(mask)  # the same voxels (an exporter's corner/centre convention)
-    elif _covers_same_box(grid, image) or _is_crop(grid, image):
+    else:
         placed = sitk.Resample(mask, list(image.size), sitk.Transform(),
                                sitk.sitkNearestNeighbor, image.origin, image.spacing,
                                image.direction, 0, sitk.sitkUInt8)
-    else:
-        raise ImageRefused(MISREGISTERED, f"{name} is not on {image_name}'s region: "
-                           f"{_offset_text(grid, image)}", path)
     # the exact grid of the image, so no reader downstream compares them again
     placed.SetOrigin(image.origin)
     placed.SetSpacing(image.spacing)
@@ -267,6 +262,38 @@ def on_image_grid(mask: sitk.Image, image: Grid, path: Path, name: str,
         raise ImageRefused(EMPTY, f"{name} is empty on {image_name}'s grid (its tumour "
                            "voxels fall between the image's voxel centres)", path)
     return placed
+
+
+SHIFTED = "origin at most half a voxel off"
+
+
+def placement(grid: Grid, image: Grid, path: Path, name: str,
+              image_name: str) -> str | None:
+    """How a mask on `grid` is put on the image's grid: None (the same grid), or what is
+    done, in words (check-site notes it); ImageRefused when it lies elsewhere."""
+    if grid.dimension != image.dimension:
+        raise ImageRefused(DIMENSION, f"{name} is {grid.dimension}D but {image_name} is "
+                           f"{image.dimension}D", path)
+    if grid.same_as(image):
+        return None
+    if _sub_voxel_shift(grid, image):
+        return f"{SHIFTED} from {image_name}'s grid: used voxel for voxel"
+    if _is_crop(grid, image):
+        return f"a crop of {image_name}'s grid: placed back on it"
+    if _covers_same_box(grid, image):
+        return (f"on another grid over {image_name}'s region ({_grid_text(grid)}): resampled "
+                "onto its grid by nearest neighbour")
+    raise ImageRefused(MISREGISTERED, f"{name} is not on {image_name}'s region: "
+                       f"{_offset_text(grid, image)}", path)
+
+
+def _grid_text(grid: Grid) -> str:
+    spacing = " x ".join(f"{v:.3g}" for v in grid.spacing)
+    text = f"size {grid.size}, spacing {spacing} mm"
+    if grid.dimension == 3:
+        orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines
+        text += f", orientation {orient(grid.direction)}"
+    return text
 
 
 def _box(grid: Grid, frame: Grid) -> tuple[np.ndarray, np.ndarray]:

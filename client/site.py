@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -133,6 +133,7 @@ class SiteCheck:
     n_patients: int  # usable patients (not excluded)
     excluded: dict[str, str]  # every excluded patient -> reason
     not_in_task: dict[str, str]  # the excluded ones that are valid but outside the task
+    notes: list[Problem] = field(default_factory=list)  # e.g. a mask resampled (not problems)
 
     @property
     def ok(self) -> bool:
@@ -250,6 +251,7 @@ class _Inspection:
         self.fatal: list[Problem] = []
         self.reasons: dict[str, list[str]] = {}
         self.not_in_task: dict[str, str] = {}
+        self.image_notes: list[tuple[str, str, str]] = []  # (patient, file, note)
         self.raw: pd.DataFrame | None = None
         self.ids: list[str] = []  # unique, non-empty patient ids in file order
         self.targets: dict[str, int] = {}
@@ -421,11 +423,13 @@ class _Inspection:
             if not _safe_id(patient):
                 continue
             try:
+                notes: list[tuple[str, str]] = []
                 for file, message in patient_image_problems(
                     self.root, patient, image_needs, full_read=self.full_read,
-                    mask_label=self.config.mask_label if self.config else None,
+                    mask_label=self.config.mask_label if self.config else None, notes=notes,
                 ):
                     self.patient_problem(patient, file, message)
+                self.image_notes += [(patient, file, note) for file, note in notes]
             except Exception as error:  # a bad patient never stops the others
                 self.patient_problem(
                     patient, f"{IMAGES_DIR}/{patient}/", f"{type(error).__name__}: {error}"
@@ -581,6 +585,7 @@ class _Inspection:
             n_patients=len(self.usable_ids()),
             excluded=self.excluded(),
             not_in_task=dict(self.not_in_task),
+            notes=[Problem(self.label, f, p, n) for p, f, n in self.image_notes],
         )
 
 

@@ -19,6 +19,7 @@ from client.image_pair import (
     nifti_complete,
     on_image_grid,
     one_source,
+    placement,
     read_grid,
     read_image,
     tumour,
@@ -31,10 +32,11 @@ __all__ = ["IMAGES_DIR", "IMAGE_NAMES", "find_image", "patient_image_problems"]
 
 def patient_image_problems(
     root: Path, patient: str, needs: set[str], *, full_read: bool,
-    mask_label: int | None = None,
+    mask_label: int | None = None, notes: list[tuple[str, str]] | None = None,
 ) -> list[tuple[str, str]]:
     """(file, message) for every image problem of one patient under `needs`: the checks of
-    `client.image_pair`, the same every stage applies."""
+    `client.image_pair`, the same every stage applies. `notes` receives (file, note) for
+    what is not a problem but done (a mask on another grid resampled)."""
     folder = root / IMAGES_DIR / patient
     where = f"{IMAGES_DIR}/{patient}/"
     if not folder.is_dir():
@@ -44,12 +46,12 @@ def patient_image_problems(
         problems += _pair_problems(
             root, folder, "mri", "mri_mask", "MRI image", "reader-1 mask", full_read=full_read,
             dims=(3,), optional_mask="mri_mask_r2" if "mri_r2" in needs else None,
-            label=mask_label,
+            label=mask_label, notes=notes,
         )
     if "us" in needs:
         problems += _pair_problems(
             root, folder, "us", "us_mask", "ultrasound image", "ultrasound mask",
-            full_read=full_read, dims=(2,), label=mask_label,
+            full_read=full_read, dims=(2,), label=mask_label, notes=notes,
         )
     return problems
 
@@ -66,6 +68,7 @@ def _pair_problems(
     dims: tuple[int, ...],
     optional_mask: str | None = None,
     label: int | None = None,
+    notes: list[tuple[str, str]] | None = None,
 ) -> list[tuple[str, str]]:
     """An image and its mask(s): one source each, readable, right dimension, the mask on the
     image's region (client.image_pair), its tumour voxels non-empty."""
@@ -98,7 +101,9 @@ def _pair_problems(
                 problems.append((site_relative(root, folder / expected), f"missing {name}"))
             continue
         try:
-            _check_mask(path, grid, image_path, name, dims, label)
+            note = _check_mask(path, grid, image_path, name, dims, label)
+            if note is not None and notes is not None:
+                notes.append((site_relative(root, path), f"{name} {note}"))
         except ImageRefused as error:
             refused(error, path)
     return problems
@@ -115,7 +120,8 @@ def _image_grid(path: Path, full: bool, dims: tuple[int, ...]) -> Grid:
 
 
 def _check_mask(path: Path, grid: Grid | None, image_path: Path | None,
-                name: str, dims: tuple[int, ...], label: int | None) -> None:
+                name: str, dims: tuple[int, ...], label: int | None) -> str | None:
+    """The mask's checks; how it is put on the image's grid (None: it is on it)."""
     one_source(path)
     mask = read_image(path)
     nifti_complete(path, thorough=True)
@@ -123,8 +129,10 @@ def _check_mask(path: Path, grid: Grid | None, image_path: Path | None,
     if 2 in dims:
         mask = flat(mask)
     binary = tumour(mask, label, path, name)
-    if grid is not None and image_path is not None:
-        on_image_grid(binary, grid, path, name, shown_name(image_path))
+    if grid is None or image_path is None:
+        return None
+    on_image_grid(binary, grid, path, name, shown_name(image_path))
+    return placement(Grid.of(binary), grid, path, name, shown_name(image_path))
 
 
 def _check_dimension(grid: Grid, dims: tuple[int, ...], path: Path) -> None:

@@ -31,6 +31,7 @@ import SimpleITK as sitk
 import yaml
 
 from client import image_pair, imaging
+from client.check import main
 from client.extraction import extract_features
 from client.radiomics import radiomics_extract
 from client.session import open_session
@@ -70,11 +71,21 @@ def paths(site: Path, patient: str) -> tuple[Path, Path]:
 
 
 def test_check_site_accepts_masks_over_the_same_region_and_refuses_the_misregistered_one(
-        site: Path) -> None:
+        site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lines = [str(p) for p in check_site(site)]
     assert len(lines) == 1, lines
     assert lines[0].startswith("realistic: images/misregistered/mri_mask.nrrd: patient "
                                f"misregistered: reader-1 {OFFSET}")
+    assert main([str(site)]) == 1
+    out = capsys.readouterr().out
+    assert ("realistic: images/prone/mri_mask.nrrd: patient prone: note: reader-1 mask on "
+            "another grid over mri.nrrd's region (size (45, 120, 21), spacing 0.664 x 0.664 x "
+            "2.1 mm, orientation RAS): resampled onto its grid by nearest neighbour") in out
+    assert "patient sagittal: note: reader-1 mask on another grid" in out
+    assert "patient half-voxel: note: reader-1 mask origin at most half a voxel off" in out
+    assert "note" not in [line for line in out.splitlines() if "patient plain" in line]
+    assert out.splitlines()[-1] == ("realistic: 1 problem in 1 patient; 1 patient excluded, "
+                                    "7 usable")
 
 
 def test_masks_on_other_grids_are_the_same_voxels_on_the_image_grid(site: Path) -> None:
