@@ -44,8 +44,8 @@ IMAGE_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 # How far the faces of a mask's grid box may lie from the image's, in voxels of the
-# coarser of the two grids on that axis: a half-voxel origin convention (0.5) and the
-# rounding of a resampled export's size (< 1) pass; a mask 20 mm off does not.
+# coarser of the two grids on that axis: the rounding of a resampled export's size (< 1
+# voxel) passes; a mask 20 mm off does not.
 GRID_TOLERANCE_VOXELS = 1.0
 SAME_GRID_TOLERANCE = 1e-4  # relative (absolute near zero): the same grid, used as it is
 
@@ -191,7 +191,8 @@ def read_image(path: Path) -> sitk.Image:
                 f"the folder holds {error.found} DICOM series; expected one")
         raise ImageRefused(UNREADABLE, f"cannot read image: {text}", path) from None
     except DicomGeometryError as error:
-        category = SLICE_SPACING if "spacing" in str(error) else UNREADABLE
+        uneven = any(word in str(error) for word in ("spacing", "same position"))
+        category = SLICE_SPACING if uneven else UNREADABLE
         raise ImageRefused(category, f"cannot use the DICOM series: {error}", path) from None
     except RuntimeError as error:
         raise ImageRefused(UNREADABLE, f"cannot read image: {sitk_message(error)}",
