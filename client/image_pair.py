@@ -265,7 +265,7 @@ def on_image_grid(mask: sitk.Image, image: Grid, path: Path, name: str,
     return placed
 
 
-SHIFTED = "origin at most half a voxel off"
+SHIFTED = "has its origin at most half a voxel off"
 
 
 def placement(grid: Grid, image: Grid, path: Path, name: str,
@@ -280,9 +280,9 @@ def placement(grid: Grid, image: Grid, path: Path, name: str,
     if _sub_voxel_shift(grid, image):
         return f"{SHIFTED} from {image_name}'s grid: used voxel for voxel"
     if _is_crop(grid, image):
-        return f"a crop of {image_name}'s grid: placed back on it"
+        return f"is a crop of {image_name}'s grid: placed back on it"
     if _covers_same_box(grid, image):
-        return (f"on another grid over {image_name}'s region ({_grid_text(grid)}): resampled "
+        return (f"is on another grid over {image_name}'s region ({_grid_text(grid)}): resampled "
                 "onto its grid by nearest neighbour")
     raise ImageRefused(MISREGISTERED, f"{name} is not on {image_name}'s region: "
                        f"{_offset_text(grid, image)}", path)

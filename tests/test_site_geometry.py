@@ -35,7 +35,7 @@ from client.check import main
 from client.extraction import extract_features
 from client.radiomics import radiomics_extract
 from client.session import open_session
-from client.site import check_site, load_site
+from client.site import check_site, inspect_site, load_site
 from client.training_data import cnn_excluded, prepare
 from shared.training_params import TrainParams
 from tests.sites import realistic
@@ -78,11 +78,11 @@ def test_check_site_accepts_masks_over_the_same_region_and_refuses_the_misregist
                                f"misregistered: reader-1 {OFFSET}")
     assert main([str(site)]) == 1
     out = capsys.readouterr().out
-    assert ("realistic: images/prone/mri_mask.nrrd: patient prone: note: reader-1 mask on "
+    assert ("realistic: images/prone/mri_mask.nrrd: patient prone: note: reader-1 mask is on "
             "another grid over mri.nrrd's region (size (45, 120, 21), spacing 0.664 x 0.664 x "
             "2.1 mm, orientation RAS): resampled onto its grid by nearest neighbour") in out
-    assert "patient sagittal: note: reader-1 mask on another grid" in out
-    assert "patient half-voxel: note: reader-1 mask origin at most half a voxel off" in out
+    assert "patient sagittal: note: reader-1 mask is on another grid" in out
+    assert "patient half-voxel: note: reader-1 mask has its origin at most half a voxel off" in out
     assert "note" not in [line for line in out.splitlines() if "patient plain" in line]
     assert out.splitlines()[-1] == ("realistic: 1 problem in 1 patient; 1 patient excluded, "
                                     "7 usable")
@@ -198,3 +198,22 @@ def test_a_stage_reply_counts_the_patients_left_out_by_reason(
     (excluded,) = cnn_excluded(loaded, none)
     assert excluded.values["reasons"] == [image_pair.MISREGISTERED]
     assert list(excluded.values["counts"]) == [1]
+
+
+def test_a_mask_cropped_to_the_tumour_is_placed_back(tmp_path: Path) -> None:
+    """A mask saved as a crop of the image's grid (as segmentation tools save a segment's
+    extent): the same voxels on the full grid; one moved off the image's voxels refused."""
+    root = realistic.realistic_site(tmp_path / "crop", ("plain",))
+    image, mask = paths(root, "plain")
+    full = sitk.ReadImage(str(mask))
+    cropped = sitk.RegionOfInterest(full, [20, 20, 6], [15, 58, 6])
+    realistic.write(cropped, mask)
+    _, placed = image_pair.accepted_pair(image, mask)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(placed), sitk.GetArrayFromImage(full))
+    report = inspect_site(root)
+    assert report.ok and [str(n) for n in report.notes] == [
+        "realistic: images/plain/mri_mask.nrrd: patient plain: reader-1 mask is a crop of "
+        "mri.nrrd's grid: placed back on it"]
+    realistic.write(realistic.shifted(cropped, (0.3, 0.0, 0.0)), mask)
+    with pytest.raises(image_pair.ImageRefused, match=r"is not on mri\.nrrd's region"):
+        image_pair.accepted_pair(image, mask)
