@@ -113,7 +113,7 @@ def prepare(folder: Path, patients: list[str], paths: Callable[[str], dict[str, 
             say: Callable[[str], None] | None = None) -> ModelData:
     """Every patient's inputs for model `p.model` (cached per patient under `folder`); a
     patient whose images cannot be prepared is left out with the reason and its category
-    (never silently). `say` hears one progress line per patient."""
+    (never silently). `say` hears each failure and a summary line."""
     xs, masks, owner, kept, labels, failed, why = [], [], [], [], [], {}, {}
     for i, patient in enumerate(patients):
         try:
@@ -124,16 +124,18 @@ def prepare(folder: Path, patients: list[str], paths: Callable[[str], dict[str, 
         except Exception as err:  # one bad patient never stops the site
             failed[patient] = f"{type(err).__name__}: {err}"
             why[patient] = PREPARATION
-        if say is not None:
-            state = f"failed: {failed[patient]}" if patient in failed else "prepared"
-            say(f"{p.model} images {i + 1}/{len(patients)} ({patient}) {state}")
         if patient in failed:
+            if say is not None:
+                say(f"{p.model} images {i + 1}/{len(patients)} ({patient}) failed: "
+                    f"{failed[patient]}")
             continue
         xs.append(prepared.x)
         masks.append(prepared.mask)
         owner += [len(kept)] * len(prepared.x)
         kept.append(patient)
         labels.append(int(y[i]))
+    if say is not None:
+        say(f"{p.model} images: {len(kept)} patients prepared, {len(failed)} failed")
     dims = (1, p.size, p.size) + ((p.size,) if p.model == "dl_mri" else ())
     return ModelData(
         patients=np.asarray(kept, dtype=str), y=np.asarray(labels, dtype=np.int64),
