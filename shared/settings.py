@@ -209,7 +209,7 @@ SETTINGS: tuple[Setting, ...] = (
        "serves the *i*-th, sorted)", "study"),
     _s("out-dir", "str", "runs/latest", "where `results.json`, `report.html` and figures go",
        "study"),
-    _s("stages", "names", ",".join(STAGES), "comma-separated, run in the DESIGN.md order",
+    _s("stages", "names", ",".join(STAGES), "comma-separated, run in the order of docs/DESIGN.md",
        "study", choices=STAGES),
     _s("task", "word", "her2-positive", "`her2-positive`, `her2-low` (HER2-negative "
        "patients: low vs zero) or `label` (a 0/1 `label` column)", "study", choices=TASKS),
