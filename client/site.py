@@ -30,11 +30,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from client.site_clinical import plain_cells, read_clinical
 from client.site_config import (
     ROLES,
     SITE_ID_PATTERN,
     SITE_YAML,
     TIME_UNITS,
+    CsvFormat,
     SiteConfig,
     parse_config,
 )
@@ -251,7 +253,8 @@ class _Inspection:
         self.fatal: list[Problem] = []
         self.reasons: dict[str, list[str]] = {}
         self.not_in_task: dict[str, str] = {}
-        self.image_notes: list[tuple[str, str, str]] = []  # (patient, file, note)
+        self.image_notes: list[tuple[str | None, str, str]] = []  # (patient, file, note)
+        self.numeric: set[str] = set()  # clinical.csv's numeric columns
         self.raw: pd.DataFrame | None = None
         self.ids: list[str] = []  # unique, non-empty patient ids in file order
         self.targets: dict[str, int] = {}
@@ -287,7 +290,7 @@ class _Inspection:
             self.label = self.config.site_id
         self.problems += config_problems
         self.fatal += config_problems
-        self.raw = self._read_table(CLINICAL_CSV)
+        self.raw = self._read_clinical()
         if self.raw is None:
             return
         if self.auto_needs:
@@ -332,6 +335,25 @@ class _Inspection:
             return None
         table.columns = [str(column).strip() for column in table.columns]
         return table.apply(lambda column: column.str.strip())
+
+    def _read_clinical(self) -> pd.DataFrame | None:
+        """clinical.csv in its declared format, its cells made plain (client/site_clinical)."""
+        fmt = self.config.clinical_csv if self.config is not None else CsvFormat()
+        if not (self.root / CLINICAL_CSV).is_file():
+            self.site_problem(CLINICAL_CSV, "missing")
+            return None
+        raw, problem = read_clinical(self.root / CLINICAL_CSV, fmt)
+        if raw is None:
+            self.site_problem(CLINICAL_CSV, problem or "cannot read CSV")
+            return None
+        cells = plain_cells(raw, fmt)
+        self.numeric = cells.numeric
+        for message in cells.site_problems:
+            self.site_problem(CLINICAL_CSV, message)
+        for patient, message in cells.bad_cells:
+            self.patient_problem(patient, CLINICAL_CSV, message)
+        self.image_notes += [(None, CLINICAL_CSV, note) for note in cells.notes]
+        return raw
 
     def _required_columns(self) -> dict[str, str]:
         """Required clinical.csv columns -> why they are needed."""
@@ -557,7 +579,7 @@ class _Inspection:
     def site(self) -> Site:
         assert self.config is not None and self.raw is not None
         usable = self.usable_ids()
-        clinical = typed_clinical(self.raw, usable)
+        clinical = typed_clinical(self.raw, usable, self.numeric)
         if self.task is not None and "label" in self.needs:
             clinical["target"] = [self.targets[p] for p in usable]
         features = self.features.loc[usable] if self.features is not None else None

@@ -3,9 +3,10 @@ problem message for every bad key or value."""
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,36 @@ ROLES = ("train", "external", "survival")
 TIME_UNITS = ("days", "months", "years")
 FREE_FORM_KEYS = ("scanner", "description", "contact")
 CONFIG_KEYS = ("site_id", "roles", "time_unit", "privacy", "pretrained_dir", "mask_label",
-               *FREE_FORM_KEYS)
+               "clinical_csv", *FREE_FORM_KEYS)
 SITE_ID_PATTERN = re.compile(r"^[a-z0-9-]+$")
 
 SITE_YAML = "site.yaml"
+
+# `clinical_csv:` — how the site's export tool writes clinical.csv (docs/SITE.md,
+# "clinical.csv"); every key optional, the defaults are the plain CSV of the simulator
+SEPARATORS = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+DECIMAL_MARKS = (".", ",")
+CLINICAL_CSV_KEYS = {
+    "separator": "the field separator: ',' (default), ';', a tab or '|'",
+    "decimal": "the decimal mark of numbers: '.' (default) or ','",
+    "encoding": "the text encoding (default utf-8, a byte-order mark accepted), e.g. cp1252",
+    "missing": "texts that mean a missing value besides the built-in ones (a list)",
+}
+
+
+@dataclass(frozen=True)
+class CsvFormat:
+    """How clinical.csv is written: separator, decimal mark, encoding, missing-value words."""
+
+    separator: str = ","
+    decimal: str = "."
+    encoding: str = "utf-8"
+    missing: tuple[str, ...] = ()
+
+    def setting(self, **changes: str) -> str:
+        """The site.yaml line that declares `changes` (e.g. separator=';')."""
+        shown = ", ".join(f"{k}: {_yaml_text(v)}" for k, v in changes.items())
+        return f"clinical_csv: {{{shown}}}"
 
 
 @dataclass(frozen=True)
@@ -35,6 +62,8 @@ class SiteConfig:
     pretrained_dir: Path | None = None
     # the mask value that is tumour; None: every non-zero voxel (client/image_pair.py)
     mask_label: int | None = None
+    # how clinical.csv is written (separator, decimal mark, encoding, missing-value words)
+    clinical_csv: CsvFormat = field(default_factory=CsvFormat)
 
 
 _Report = Callable[[str], None]  # records one problem message
@@ -65,9 +94,58 @@ def parse_config(root: Path) -> tuple[SiteConfig | None, list[str]]:
     privacy = _config_privacy(raw.get("privacy"), problem)
     weights = _config_pretrained_dir(raw.get("pretrained_dir"), root, problem)
     mask_label = _config_mask_label(raw.get("mask_label"), problem)
+    csv_format = _config_clinical_csv(raw.get("clinical_csv"), problem)
     if problems or site_id is None or roles is None or time_unit is None or privacy is None:
         return None, problems
-    return SiteConfig(site_id, roles, time_unit, privacy, weights, mask_label), problems
+    return SiteConfig(site_id, roles, time_unit, privacy, weights, mask_label,
+                      csv_format), problems
+
+
+def _config_clinical_csv(value: Any, problem: _Report) -> CsvFormat:
+    """clinical.csv's declared format; the defaults where a key is left out."""
+    if value is None:
+        return CsvFormat()
+    if not isinstance(value, dict):
+        problem(f"clinical_csv must be a mapping with any of {', '.join(CLINICAL_CSV_KEYS)}; "
+                f"got {value!r}")
+        return CsvFormat()
+    for key in sorted(set(map(str, value)) - set(CLINICAL_CSV_KEYS)):
+        problem(f"clinical_csv: unknown key {key!r}; known: {', '.join(CLINICAL_CSV_KEYS)}")
+    default = CsvFormat()
+    separator = value.get("separator", default.separator)
+    decimal = value.get("decimal", default.decimal)
+    encoding = value.get("encoding", default.encoding)
+    missing = value.get("missing", [])
+    if separator not in SEPARATORS:
+        problem(f"clinical_csv.separator {separator!r} is not one of "
+                f"{', '.join(SEPARATORS.values())}")
+    if decimal not in DECIMAL_MARKS:
+        problem(f"clinical_csv.decimal {decimal!r} is not '.' or ','")
+    elif decimal == separator:
+        problem(f"clinical_csv: decimal {decimal!r} is also the separator")
+    if not isinstance(encoding, str) or not _is_encoding(encoding):
+        problem(f"clinical_csv.encoding {encoding!r} is not an encoding Python knows "
+                "(e.g. utf-8, cp1252, latin-1, utf-16)")
+    if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+        problem(f"clinical_csv.missing must be a list of texts, e.g. ['#N/A', unknown]; "
+                f"got {missing!r}")
+        missing = []
+    return CsvFormat(str(separator), str(decimal), str(encoding),
+                     tuple(m.strip() for m in missing))
+
+
+def _is_encoding(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
+def _yaml_text(value: str) -> str:
+    """A value as site.yaml needs it written (a tab as "\\t", punctuation quoted)."""
+    return '"\\t"' if value == "\t" else (value if value.isalnum() or "-" in value
+                                           else f"'{value}'")
 
 
 def _config_mask_label(value: Any, problem: _Report) -> int | None:

@@ -61,16 +61,19 @@ def _number(text: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def typed_clinical(raw: pd.DataFrame, usable: list[str]) -> pd.DataFrame:
-    """The usable rows, indexed by patient_id, with typed columns."""
+def typed_clinical(raw: pd.DataFrame, usable: list[str],
+                   numeric: set[str] | None = None) -> pd.DataFrame:
+    """The usable rows, indexed by patient_id, with typed columns: `numeric` (the columns
+    numeric over the whole file, client/site_clinical.py) as floats, any other covariate
+    as text, whatever the usable rows alone would look like."""
     rows = raw.drop_duplicates("patient_id").set_index("patient_id").loc[usable]
     frame = pd.DataFrame(index=pd.Index(usable, name="patient_id", dtype=object))
     for column in rows.columns:
-        frame[column] = _typed_column(column, rows[column])
+        frame[column] = _typed_column(column, rows[column], numeric)
     return frame
 
 
-def _typed_column(column: str, values: pd.Series) -> pd.Series:
+def _typed_column(column: str, values: pd.Series, numeric: set[str] | None) -> pd.Series:
     if column == "her2_ihc":
         return values.map(lambda v: _lenient(parse_ihc, v)).astype("Int64")
     if column == "her2_ish":
@@ -81,6 +84,10 @@ def _typed_column(column: str, values: pd.Series) -> pd.Series:
         return values.map(_number).astype(float)
     present = values[~values.map(is_missing)]
     numbers = pd.to_numeric(present, errors="coerce")
+    if numeric is not None:
+        if column in numeric:
+            return values.map(decimal_number).astype(float)
+        return values.where(~values.map(is_missing), None).astype(object)
     if len(present) and numbers.notna().all():
         return pd.to_numeric(values.where(~values.map(is_missing)), errors="coerce")
     return values.where(~values.map(is_missing), None).astype(object)

@@ -83,20 +83,21 @@ def _split_covariates(names: tuple[str, ...], replies: dict[str, Reply],
                       sites: list[str]) -> tuple[list[str], list[str]]:
     numeric, categorical = [], []
     for name in names:
-        kinds = set()
+        kinds: dict[str, list[str]] = {}
         for s in sites:
             payload = replies[s].payload
             for kind in ("numeric", "categorical"):
                 if any(k.startswith((f"{kind}.{name}.", f"refused.{kind}.{name}"))
                        for k in payload):
-                    kinds.add(kind)
-        if kinds == {"numeric"}:
+                    kinds.setdefault(kind, []).append(s)
+        if set(kinds) == {"numeric"}:
             numeric.append(name)
-        elif kinds == {"categorical"}:
+        elif set(kinds) == {"categorical"}:
             categorical.append(name)
-        elif kinds:
-            log.warning("cohort: covariate %s is numeric at some sites and text at others; "
-                        "skipped", name)
+        elif kinds:  # one site reads it otherwise: neither reading is dropped or guessed
+            raise StageError(f"covariate {name!r} is numeric at {', '.join(kinds['numeric'])} "
+                             f"and text at {', '.join(kinds['categorical'])}; the sites must "
+                             "read it alike (`feddlr check-site` at each)")
     return numeric, categorical
 
 

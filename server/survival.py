@@ -147,6 +147,7 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str],
             more, [s for s in answered if more[s].ok], other)
         result["km"].update({k: v for k, v in curves.items() if k != "all"})
     if terms:
+        check_covariate_kinds(names, setup, answered)
         base = {**base, "time_bin": time_bin}
         cox_sites = [s for s in answered if "cox.setup.totals" in setup[s].payload]
         exits = _pooled_exits(result["km"]["all"])
@@ -318,6 +319,31 @@ class Design:
                 "sites_without": dict(self.without)}
 
 
+def check_covariate_kinds(names: list[str], setup: dict[str, Reply], sites: list[str]) -> None:
+    """StageError naming the sites of each kind when a covariate is numeric at some sites and
+    text at others: one site's clinical.csv reads it otherwise (a decimal mark, a word in a
+    numeric column), and neither reading may be dropped or guessed."""
+    for name in names:
+        parts = {s: nest(setup[s].payload, f"design.{name}") for s in sites}
+        numeric = [s for s, p in parts.items() if p.get("kind") == "numeric"]
+        text = [s for s, p in parts.items() if p.get("kind") == "categorical"]
+        if numeric and text:
+            levels = [str(v) for s in text for v in _as_list(parts[s].get("levels"))]
+            shown = ", ".join(repr(v) for v in dict.fromkeys(levels[:3]))
+            raise StageError(
+                f"covariate {name!r} is numeric at {', '.join(numeric)} and text at "
+                f"{', '.join(text)}" + (f" (levels {shown}{', …' if len(levels) > 3 else ''})"
+                                        if shown else "")
+                + "; the sites must read it alike (`feddlr check-site` at each: the decimal "
+                  "mark, words in a numeric column)")
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+
+
 def _design(requested: list[str], setup: dict[str, Reply], sites: list[str]) -> Design:
     """Agree a design over `sites` (those that released their Cox cohort).
 
@@ -333,6 +359,7 @@ def _design(requested: list[str], setup: dict[str, Reply], sites: list[str]) -> 
     have: dict[str, list[str]] = {}
     for spec in requested:
         name, reference = split_spec(spec)
+        reference = " ".join(reference.split()).lower()  # as the sites spell levels
         parts = {s: nest(setup[s].payload, f"design.{name}") for s in sites}
         parts = {s: p for s, p in parts.items() if p.get("kind") in ("numeric", "categorical")}
         kinds = {str(p["kind"]) for p in parts.values()}

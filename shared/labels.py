@@ -8,15 +8,17 @@
 ISH only decides IHC2+ cases; for IHC 0, 1+ and 3+ the IHC score decides (an ISH value
 there must still be valid). Accepted values, case-insensitive, surrounding spaces ignored:
 
-- IHC: 0, 1, 2, 3 (int, integral float, or text "0".."3", "2.0", "1+", "2+", "3+").
+- IHC: 0, 1, 2, 3 (int, integral float, or text "0".."3", "2.0", "1+", "2+", "3+", with
+  or without a leading "IHC": "IHC 0", "IHC 2+", "ihc3+"; spaces inside ignored).
 - ISH: "positive"/"pos"/"+" and "negative"/"neg"/"-"; missing = None, NaN, "" or
-  "na"/"n/a"/"nan"/"none"/"null".
+  "na"/"n/a"/"#n/a"/"nan"/"none"/"null".
 - label (task "label"): 0 or 1 (int, integral float, bool, or text "0"/"1"/"0.0"/"1.0").
 """
 
 from __future__ import annotations
 
 import math
+import re
 from numbers import Real
 
 TASKS = ("her2-positive", "her2-low", "label")
@@ -31,12 +33,14 @@ TASK_COLUMNS: dict[str, tuple[str, ...]] = {
 IHC2_WITHOUT_ISH = "IHC2+ without ISH: excluded from HER2 tasks"
 POSITIVE_NOT_IN_LOW = "HER2-positive: not in the her2-low task"
 
-_MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "none", "null"})
+# "#n/a": Excel's not-available, as an export writes an empty formula result
+_MISSING_TEXT = frozenset({"", "na", "n/a", "#n/a", "nan", "none", "null"})
 _ISH_TEXT = {
     "positive": "positive", "pos": "positive", "+": "positive",
     "negative": "negative", "neg": "negative", "-": "negative",
 }
-_IHC_PLUS_TEXT = {"1+": 1, "2+": 2, "3+": 3}
+# IHC as pathology reports write it: "IHC 2+", "2+", "IHC 0" ("0+" is no score)
+_IHC_TEXT = re.compile(r"^(?:ihc)?\s*(?:([0-3])|([1-3])\s*\+)$", re.IGNORECASE)
 
 
 class LabelError(ValueError):
@@ -60,7 +64,8 @@ def parse_ihc(value: object) -> int:
         raise LabelError("her2_ihc is missing")
     score = _integral(value)
     if score is None and isinstance(value, str):
-        score = _IHC_PLUS_TEXT.get(value.strip())
+        match = _IHC_TEXT.match(value.strip())
+        score = int(match.group(1) or match.group(2)) if match else None
     if score not in (0, 1, 2, 3):
         raise LabelError(f"her2_ihc {_show(value)} is not one of 0, 1, 2, 3")
     return score

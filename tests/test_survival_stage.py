@@ -69,9 +69,9 @@ def pooled_reference(parts: list[pd.DataFrame], time_bin: float = 30) -> pd.Data
     return pd.DataFrame({
         "T": bin_times(rows.dfs_time.to_numpy(float), time_bin), "E": rows.dfs_event,
         "label": rows.label.astype(float), **{n: rows[n].astype(float) for n in COVARIATES[1:6]},
-        "menostat=Pre": (rows.menostat == "Pre").astype(float),
-        "tgrade=II": (rows.tgrade == "II").astype(float),
-        "tgrade=III": (rows.tgrade == "III").astype(float)})
+        "menostat=pre": (rows.menostat == "Pre").astype(float),
+        "tgrade=ii": (rows.tgrade == "II").astype(float),
+        "tgrade=iii": (rows.tgrade == "III").astype(float)})
 
 
 def released_rows(parts: list[pd.DataFrame], time_bin: float = 30,
@@ -144,8 +144,8 @@ def test_kaplan_meier_and_logrank_equal_lifelines(exact_run: dict) -> None:
 def test_cox_stepwise_and_exact_concordance_equal_lifelines(exact_run: dict) -> None:
     surv = exact_run["results"]["survival"]
     ref = pooled_reference(exact_run["parts"])
-    columns = ["label", "age", "tsize", "pnodes", "progrec", "estrec", "menostat=Pre",
-               "tgrade=II", "tgrade=III"]
+    columns = ["label", "age", "tsize", "pnodes", "progrec", "estrec", "menostat=pre",
+               "tgrade=ii", "tgrade=iii"]
     full = lifelines_fit(ref, columns)
     model = surv["cox"]
     assert model["covariates"] == columns
@@ -160,8 +160,8 @@ def test_cox_stepwise_and_exact_concordance_equal_lifelines(exact_run: dict) -> 
     assert model["concordance_method"].startswith("exact")
     assert model["concordance"] == pytest.approx(full.concordance_index_, rel=1e-12)
 
-    terms = {"label": ["label"], "menostat": ["menostat=Pre"],
-             "tgrade": ["tgrade=II", "tgrade=III"]}
+    terms = {"label": ["label"], "menostat": ["menostat=pre"],
+             "tgrade": ["tgrade=ii", "tgrade=iii"]}
     frame = ref.rename(columns={"label": "label_"})
     design = {t: terms.get(t, [t]) for t in COVARIATES}
     selected, path = _stepwise_reference(frame, design)
@@ -179,8 +179,8 @@ def _stepwise_reference(frame: pd.DataFrame, design: dict[str, list[str]]):
     """tests.test_survival_stats.reference_stepwise on this design (label = horTh)."""
     gb = frame.rename(columns={"T": "t", "E": "cens", "label_": "horTh_num"})
     gb["horTh"] = np.where(gb.horTh_num == 1, "yes", "no")
-    gb["menostat"] = np.where(gb["menostat=Pre"] == 1, "Pre", "Post")
-    gb["tgrade"] = np.select([gb["tgrade=II"] == 1, gb["tgrade=III"] == 1], ["II", "III"], "I")
+    gb["menostat"] = np.where(gb["menostat=pre"] == 1, "Pre", "Post")
+    gb["tgrade"] = np.select([gb["tgrade=ii"] == 1, gb["tgrade=iii"] == 1], ["II", "III"], "I")
     names = {"label": "horTh"}
     selected, path = reference_stepwise(gb, [names.get(t, t) for t in design])
     back = {v: k for k, v in names.items()}
@@ -258,8 +258,8 @@ def test_released_times_are_binned_and_small_tables_are_refused(tmp_path: Path) 
     assert np.all(np.asarray(reply["km.all.time"]) % 30 == 0)  # … released ones are
     levels = reply["group.levels"]
     for i, level in enumerate(levels):
-        n = int((rows.tgrade == level).sum())
-        events = int(rows.dfs_event[rows.tgrade == level].sum())
+        n = int((rows.tgrade.str.lower() == level).sum())
+        events = int(rows.dfs_event[rows.tgrade.str.lower() == level].sum())
         if n < 10:
             assert "min_patients (10)" in reply[f"refused.km.g{i}"]
         elif 0 < events < 3:
@@ -286,8 +286,8 @@ def test_a_statistic_over_too_few_patients_leaves_its_site_out(tmp_path: Path) -
                         config(tmp_path, survival_group="tgrade",
                                survival_covariates=("age", "menostat:Pre"), stepwise="none"))
     km = results["survival"]["km"]
-    assert km["tgrade=IV"]["sites_missing"] == ["site-3"]  # the only site with grade IV
-    assert km["tgrade=IV"]["sites_used"] == []
+    assert km["tgrade=iv"]["sites_missing"] == ["site-3"]  # the only site with grade IV
+    assert km["tgrade=iv"]["sites_used"] == []
     assert km["all"]["sites_missing"] == []
     def releases_every_group(rows: pd.DataFrame) -> bool:
         tables = rows.groupby("tgrade").dfs_event.agg(["size", "sum"])
@@ -299,11 +299,11 @@ def test_a_statistic_over_too_few_patients_leaves_its_site_out(tmp_path: Path) -
     assert "site-3" not in complete and complete
     assert results["survival"]["logrank"]["sites_used"] == complete
     assert "cox_stepwise" not in results["survival"]
-    assert results["survival"]["cox"]["covariates"] == ["age", "menostat=Post"]  # reference Pre
-    assert results["survival"]["design"]["reference"] == {"menostat": "Pre"}
+    assert results["survival"]["cox"]["covariates"] == ["age", "menostat=post"]  # reference pre
+    assert results["survival"]["design"]["reference"] == {"menostat": "pre"}
     reply = serve(folders[2], schema.SURVIVAL_SETUP,
                   {"task": "label", "needs": "survival", "group": "tgrade"}, "r1")
-    index = list(reply["group.levels"]).index("IV")
+    index = list(reply["group.levels"]).index("iv")
     assert "min_patients (10)" in reply[f"refused.km.g{index}"]
 
 
@@ -317,7 +317,7 @@ def test_concordance_is_bounded_when_a_site_disallows_event_queries(tmp_path: Pa
     model = results["survival"]["cox"]
     assert model["concordance_method"] == "histogram bound"
     ref = pooled_reference(parts)
-    fit = lifelines_fit(ref, ["pnodes", "tsize", "tgrade=II", "tgrade=III"])
+    fit = lifelines_fit(ref, ["pnodes", "tsize", "tgrade=ii", "tgrade=iii"])
     scores = ref[list(fit.params_.index)].to_numpy() @ fit.params_.to_numpy()
     truth = concordance_index(ref["T"], -scores, ref["E"])
     low, high = model["concordance_bound"]
@@ -347,7 +347,7 @@ def test_a_site_without_a_covariate_sits_out_of_the_cox_fit(tmp_path: Path) -> N
     model = surv["cox"]
     assert model["sites_used"] == ["site-1", "site-2"] and model["sites_missing"] == ["site-3"]
     ref = pooled_reference(parts[:2])  # the pooled complete-case fit: site-3 has none
-    fit = lifelines_fit(ref, ["age", "menostat=Pre"])
+    fit = lifelines_fit(ref, ["age", "menostat=pre"])
     np.testing.assert_allclose([model["coef"][c] for c in fit.params_.index], fit.params_,
                                rtol=TOL)
 

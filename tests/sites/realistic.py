@@ -311,3 +311,43 @@ def _write_quirk(patient: str, folder: Path, image: sitk.Image, mask: sitk.Image
     if patient == "ultrasound":
         write_ultrasound(folder)
     write(masks.get(patient, lambda: mask)(), folder / "mri_mask.nrrd")
+
+
+# --------------------------------------------------------------------------- clinical.csv
+
+# The clinical.csv format an Excel export declares (site.yaml `clinical_csv`)
+EXCEL_FORMAT = {"separator": ";", "decimal": ","}
+
+
+def excel_clinical(frame: pd.DataFrame, path: Path, *, na: str = "#N/A",
+                   ihc_prefix: bool = True, capitalize: Iterable[str] = ()) -> Path:
+    """`frame` written the way Excel writes clinical.csv in a comma-decimal locale: a UTF-8
+    byte-order mark, `;` between fields, CRLF line ends, decimal commas (63,5), `na` for
+    a missing value, her2_ihc as `IHC 2+` (`ihc_prefix`; else as the frame holds it), and
+    the text columns in `capitalize` with their first letter upper-case on every other row
+    (`Positive` beside `positive`)."""
+    out = frame.copy().astype(object)
+    for column in out.columns:
+        if column == "her2_ihc" and ihc_prefix:
+            out[column] = [na if _absent(v) else f"IHC {int(float(v))}" + ("+" if int(float(v))
+                           else "") for v in out[column]]
+            continue
+        out[column] = [na if _absent(v) else _excel_cell(v) for v in out[column]]
+    for column in capitalize:
+        out[column] = [v.capitalize() if i % 2 and v != na else v
+                       for i, v in enumerate(out[column])]
+    text = out.to_csv(sep=";", index=False, lineterminator="\r\n")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    return path
+
+
+def _absent(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value == ""
+
+
+def _excel_cell(value: object) -> str:
+    """A number with a decimal comma (integral floats without a fraction), text as it is."""
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}".replace(".", ",") if float(value) != int(value) \
+            else str(int(value))
+    return str(value)
