@@ -1,4 +1,4 @@
-"""Load and validate a hospital's site folder (see DESIGN.md, "Site folder").
+"""Load and validate a hospital's site folder (docs/SITE.md).
 
 Every bad input becomes a `Problem` naming the site, the file (relative to the site folder),
 the patient when there is one, and what is wrong. Two kinds of problem:

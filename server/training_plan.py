@@ -17,7 +17,7 @@ from shared.training_params import TrainParams
 # `scratch` learns from random initialisation on CPU in the demo's time: AdamW at 1e-3, a
 # fixed number of local optimizer steps per round (a small site still moves the model),
 # images resampled to 1 mm with a 3 mm ROI margin. `paper` is each paper's recipe, meant
-# for pretrained weights on GPUs (PIPELINE.md): DSFR Adam 1e-3, batch 6, focal loss, 64²;
+# for pretrained weights on GPUs (the papers' code): DSFR Adam 1e-3, batch 6, focal loss, 64²;
 # DL-MRI the authors' code (SGD 1e-3, wd 1e-2; the paper: AdamW 4e-6), batch 16, 96³, ROI
 # margin 50 px at the native spacing; DL-US AdamW 2e-5, wd 0.05, batch 16, 256², cosine
 # schedule, label smoothing 0.2, Mixup/CutMix, margin 50 px.

@@ -1,4 +1,4 @@
-"""The three CNNs of the papers (PIPELINE.md), built the same way at every site and at the
+"""The three CNNs of the papers (see the README), built the same way at every site and at the
 server (same seed → same initial weights), plus the helpers the training engine needs:
 which state entries are normalization layers (FedBN keeps them local) and the named
 ReLU layers of the DSFR U-Net (its feature maps are DSFR's features).

@@ -1,4 +1,4 @@
-"""Deterministic synthetic multi-site HER2 breast-cancer cohort (site folders per DESIGN.md).
+"""Deterministic synthetic multi-site HER2 breast-cancer cohort (site folders per docs/SITE.md).
 
 Generative model, per site and patient (all draws from numpy Generators seeded by
 ``SeedSequence(seed)`` spawn keys, so a seed fixes every byte of the arrays):
@@ -152,7 +152,7 @@ def simulate_cohort(
     images: bool = True,
     design: str = "sites",
 ) -> dict[str, Any]:
-    """Write ``out/<site_id>/`` folders (DESIGN.md layout) and ``out/truth.json``.
+    """Write ``out/<site_id>/`` folders (docs/SITE.md layout) and ``out/truth.json``.
 
     ``design="sites"``: ``n_sites`` sites ``site-<i>``, ``n_patients`` each (varied +-25 %,
     at least 20), all ``roles: [train, survival]`` but the last ``external_sites``, which
