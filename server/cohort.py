@@ -47,6 +47,8 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
         raise StageError(f"{len(answered)} site(s) answered round 1 of {len(sites)} asked, "
                          f"min-replies is {config.min_replies}")
     numeric, categorical = _split_covariates(config.cohort_covariates, first, answered)
+    left_out = {name: "not a column of clinical.csv at any site"  # said, never dropped silently
+                for name in config.cohort_covariates if name not in (*numeric, *categorical)}
 
     def tables(used: list[str]) -> dict[str, Any]:
         """The pooled cohort table over exactly `used` (rounds 2 and 3 asked of them alone)."""
@@ -76,7 +78,7 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
                                       "recomputed without it"}
     used = [s for s in answered if site_info[s]["status"] == schema.STATUS_OK]
     return {"task": config.task, "groups": GROUP_NAMES[config.task], **pooled,
-            "sites": site_info, "sites_used": used, "restarts": restarts}
+            "sites": site_info, "sites_used": used, "restarts": restarts, "left_out": left_out}
 
 
 def _split_covariates(names: tuple[str, ...], replies: dict[str, Reply],

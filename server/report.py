@@ -183,6 +183,10 @@ def _survival(surv: dict[str, Any], out: Path, results: dict[str, Any] | None = 
             why = "; ".join(f"{s}: {r}" for s, r in (failed.get("site_reasons") or {}).items())
             parts.append(f"<p class='bad'>{_e(key)}: not fitted: {_e(failed['error'])}"
                          + (f" ({_e(why)})" if why else "") + "</p>")
+    design = surv.get("design") or {}
+    if design.get("left_out"):  # a covariate of the run not in the model says why
+        parts.append("<p class='bad'>Covariates left out of the Cox model: " + "; ".join(
+            f"{_e(name)} ({_e(why)})" for name, why in design["left_out"].items()) + "</p>")
     if models:
         parts.append(f"<img src='{_forest_figure(models, out)}' "
                      "alt='forest plot of hazard ratios'>")

@@ -52,6 +52,9 @@ def cohort_section(cohort: dict[str, Any], out: Path) -> str:
                      "refused them (a label group below min_patients, or a count cell below "
                      "min_cell_count); pooled values are exact over the other sites:</p><ul>"
                      + "".join(missing) + "</ul>")
+    if cohort.get("left_out"):
+        parts.append("<p class='bad'>Covariates left out of the cohort table: " + "; ".join(
+            f"{_e(name)} ({_e(why)})" for name, why in cohort["left_out"].items()) + "</p>")
     return "\n".join(parts)
 
 

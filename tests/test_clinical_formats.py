@@ -230,3 +230,32 @@ def test_the_cohort_stage_names_both_sites_of_a_mixed_covariate() -> None:
                "b": Reply("b", "ok", {"categorical.age.levels": ["x"]})}
     with pytest.raises(StageError, match="covariate 'age' is numeric at a and text at b"):
         _split_covariates(("age",), replies, ["a", "b"])
+
+
+# --------------------------------------------------------------------------- a study
+
+
+def test_a_covariate_no_site_has_is_named_with_its_reason_in_results_and_report(
+        tmp_path: Path) -> None:
+    # before: `bmi` was missing from the cohort table without a word (results and report),
+    # and the Cox design's left_out was in results.json only
+    from server.workflow import run_study
+    from shared.config import StudyConfig
+    from simulation.cohort import simulate_cohort
+    from simulation.in_process import InProcessTransport
+
+    simulate_cohort(tmp_path / "sites", n_sites=2, n_patients=40, seed=3, images=False)
+    config = StudyConfig.from_run_config({
+        "stages": "cohort,survival", "out-dir": str(tmp_path / "out"), "stepwise": "none",
+        "cohort-covariates": "age,bmi", "survival-covariates": "age,bmi"})
+    results = run_study(InProcessTransport(sorted((tmp_path / "sites").glob("site-*"))),
+                        config)
+    assert results["cohort"]["left_out"] == {"bmi": "not a column of clinical.csv at any site"}
+    assert set(results["cohort"]["covariates"]) == {"age"}
+    assert results["survival"]["design"]["left_out"] == {
+        "bmi": "not available at any site of the Cox cohort"}
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "Covariates left out of the cohort table: bmi (not a column of clinical.csv at " \
+           "any site)" in html
+    assert "Covariates left out of the Cox model: bmi (not available at any site of the Cox " \
+           "cohort)" in html
