@@ -339,9 +339,6 @@ class _Inspection:
     def _read_clinical(self) -> pd.DataFrame | None:
         """clinical.csv in its declared format, its cells made plain (client/site_clinical)."""
         fmt = self.config.clinical_csv if self.config is not None else CsvFormat()
-        if not (self.root / CLINICAL_CSV).is_file():
-            self.site_problem(CLINICAL_CSV, "missing")
-            return None
         raw, problem = read_clinical(self.root / CLINICAL_CSV, fmt)
         if raw is None:
             self.site_problem(CLINICAL_CSV, problem or "cannot read CSV")

@@ -47,6 +47,8 @@ class Cells:
 
 def read_clinical(path: Path, fmt: CsvFormat) -> tuple[pd.DataFrame | None, str | None]:
     """clinical.csv as stripped text, or None and why (with the format it looks like)."""
+    if not path.is_file():
+        return None, "missing"
     try:
         table = pd.read_csv(path, sep=fmt.separator, dtype=str, keep_default_na=False,
                             encoding=_python_encoding(fmt.encoding))
