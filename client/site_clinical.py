@@ -114,10 +114,8 @@ def _plain_column(column: str, values: pd.Series, fmt: CsvFormat, patients: pd.S
             f"({who}: {present[first]!r}), but site.yaml's clinical_csv declares decimal "
             f"{fmt.decimal!r}; declare {fmt.setting(decimal=mark)} if the file uses "
             f"{_MARK_NAMES[mark]}")
-    if fmt.decimal == ",":  # 63,5 -> 63.5: one spelling for every reader after this
-        values = values.map(lambda v: v.replace(",", ".") if _NUMBER[","].match(v) else v)
     if column in LABEL_COLUMNS:
-        return values
+        return _decimal_points(values, fmt)
     if 2 * int((number | other).sum()) > len(present):
         cells.numeric.add(column)
         for index in present.index[~(number | other)]:
@@ -126,6 +124,7 @@ def _plain_column(column: str, values: pd.Series, fmt: CsvFormat, patients: pd.S
                     f"{column} {present[index]!r} is not a number (the column is numeric: "
                     f"{int(number.sum())} of {len(present)} values are numbers); declare it "
                     "in clinical_csv.missing if it means missing")))
+        values = _decimal_points(values, fmt)
         return values.where(values.map(lambda v: v == "" or bool(_NUMBER["."].match(v))), "")
     plain = values.map(lambda v: " ".join(v.split()).lower())
     changed = Counter((v, p) for v, p in zip(values, plain, strict=True) if v != p)
@@ -133,6 +132,14 @@ def _plain_column(column: str, values: pd.Series, fmt: CsvFormat, patients: pd.S
         cells.notes.append(f"column {column!r}: levels normalized (case, spaces): " + ", ".join(
             f"{v!r} -> {p!r} ({n})" for (v, p), n in sorted(changed.items())))
     return plain
+
+
+def _decimal_points(values: pd.Series, fmt: CsvFormat) -> pd.Series:
+    """63,5 -> 63.5 where the decimal mark is ',': one spelling for every reader after this
+    (a text column keeps its levels as written)."""
+    if fmt.decimal != ",":
+        return values
+    return values.map(lambda v: v.replace(",", ".") if _NUMBER[","].match(v) else v)
 
 
 def _not_as_declared(path: Path, fmt: CsvFormat, what: str) -> str:

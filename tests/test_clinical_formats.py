@@ -135,6 +135,22 @@ def test_a_bad_format_declaration_names_the_key(tmp_path: Path, declared: dict,
 # --------------------------------------------------------------------------- numbers
 
 
+def test_survival_and_label_numbers_in_decimal_commas(tmp_path: Path) -> None:
+    # before: `123,5` was "dfs_time 123,5 is not a number" and the patient excluded
+    root = site_folder(tmp_path / "s", EXCEL_FORMAT)
+    (root / "clinical.csv").write_text(
+        "patient_id;her2_ihc;her2_ish;dfs_time;dfs_event;stage\n"
+        "p01;2,0;negative;123,5;1;1,2\np02;IHC 3+;;80;0;2\np03;0;;400,25;0,0;2\n",
+        encoding="utf-8")
+    site = load_site(root, needs=("clinical", "label", "survival"))
+    assert site.excluded == {}
+    assert site.clinical["dfs_time"].tolist() == [123.5, 80.0, 400.25]
+    assert site.clinical["dfs_event"].tolist() == [1, 0, 0]
+    assert site.clinical["her2_ihc"].tolist() == [2, 3, 0]
+    assert site.clinical["stage"].tolist() == [1.2, 2.0, 2.0]
+
+
+
 def test_comma_decimals_undeclared_are_refused_naming_column_and_setting(
         tmp_path: Path) -> None:
     # before: check-site said OK; a study made each age a level (64 dummies, HRs nan)

@@ -20,14 +20,13 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from server.workflow import run_study
 from shared.config import StudyConfig
 from simulation.cohort import simulate_cohort
 from simulation.in_process import InProcessTransport
 from simulation.launcher import run_simulation
-from tests.sites.realistic import EXCEL_FORMAT, excel_clinical
+from tests.sites.realistic import excel_export
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +60,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     frame = plain_values(pd.read_csv(sites / "site-2" / "clinical.csv",
                                      dtype={"patient_id": str, "her2_ish": str}))
     frame.to_csv(plain / "site-2" / "clinical.csv", index=False)
-    excel_clinical(frame, sites / "site-2" / "clinical.csv", capitalize=["hr_status",
-                                                                        "lesion_type"])
-    config = yaml.safe_load((sites / "site-2" / "site.yaml").read_text(encoding="utf-8"))
-    config["clinical_csv"] = EXCEL_FORMAT
-    (sites / "site-2" / "site.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    excel_export(sites / "site-2", frame, capitalize=["hr_status", "lesion_type"])
     third = pd.read_csv(sites / "site-3" / "clinical.csv", dtype=str)
     third["age"] = [f"{a},5" for a in third["age"]]  # "63,5", quoted in a ',' file
     third.to_csv(sites / "site-3" / "clinical.csv", index=False)

@@ -351,3 +351,13 @@ def _excel_cell(value: object) -> str:
         return f"{float(value):g}".replace(".", ",") if float(value) != int(value) \
             else str(int(value))
     return str(value)
+
+
+def excel_export(root: Path, frame: pd.DataFrame, **options: object) -> Path:
+    """A site folder's clinical.csv replaced by `frame` as Excel exports it (excel_clinical,
+    `options` passed on), with the format declared in its site.yaml (EXCEL_FORMAT)."""
+    excel_clinical(frame, root / "clinical.csv", **options)  # type: ignore[arg-type]
+    config = yaml.safe_load((root / "site.yaml").read_text(encoding="utf-8"))
+    config["clinical_csv"] = dict(EXCEL_FORMAT)
+    (root / "site.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return root
