@@ -8,7 +8,8 @@ A column is *numeric* when more than half of its non-missing values are numbers 
 decimal mark): each other value of it is a bad cell, named with its patient, and a number
 in the undeclared decimal mark is a site-level problem naming the setting to declare. Any
 other column is *text*: its values are lower-cased with runs of spaces made one, so
-`Positive` and `positive ` are one level, and the mapping is said.
+`Positive` and `positive ` are one level, and the mapping is said. A covariate column
+without one value is dropped, with a note: the site does not have it.
 """
 
 from __future__ import annotations
@@ -90,13 +91,21 @@ def plain_cells(raw: pd.DataFrame, fmt: CsvFormat) -> Cells:
     cells = Cells()
     words = {word.lower() for word in fmt.missing}
     patients = raw["patient_id"] if "patient_id" in raw.columns else None
-    for column in raw.columns:
+    empty: list[str] = []
+    for column in list(raw.columns):
         if column == "patient_id":
             continue
         values = raw[column]
         missing = values.map(lambda v: is_missing(v) or v.lower() in words)
         values = values.where(~missing, "")
         raw[column] = _plain_column(column, values, fmt, patients, cells)
+        if len(values) and missing.all() and column not in LABEL_COLUMNS:
+            empty.append(column)
+    # a covariate without one value is one the site does not have (neither numeric nor
+    # text): the stages treat it as absent, as if the export had left the column out
+    raw.drop(columns=empty, inplace=True)
+    cells.notes += [f"column {column!r}: every value missing; read as a column the site "
+                    "does not have" for column in empty]
     return cells
 
 

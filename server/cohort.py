@@ -47,7 +47,7 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
         raise StageError(f"{len(answered)} site(s) answered round 1 of {len(sites)} asked, "
                          f"min-replies is {config.min_replies}")
     numeric, categorical = _split_covariates(config.cohort_covariates, first, answered)
-    left_out = {name: "not a column of clinical.csv at any site"  # said, never dropped silently
+    left_out = {name: "no site has a value of it in clinical.csv"  # said, never dropped silently
                 for name in config.cohort_covariates if name not in (*numeric, *categorical)}
 
     def tables(used: list[str]) -> dict[str, Any]:

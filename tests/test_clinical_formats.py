@@ -183,6 +183,16 @@ def test_a_bad_cell_in_a_numeric_covariate_is_named(tmp_path: Path) -> None:
     assert site.excluded == {} and site.clinical["ki67"].isna().sum() == 2
 
 
+def test_a_covariate_without_a_value_is_one_the_site_does_not_have(tmp_path: Path) -> None:
+    # before: a ki67 column of `#N/A` only was a text column of no level (a categorical
+    # covariate at this site, numeric at the others)
+    root = site_folder(tmp_path / "s")
+    truth().assign(ki67="#N/A").to_csv(root / "clinical.csv", index=False)
+    assert ("s: clinical.csv: note: column 'ki67': every value missing; read as a column the "
+            "site does not have") in report(root)
+    assert "ki67" not in load_site(root, needs=("clinical", "label")).clinical.columns
+
+
 # --------------------------------------------------------------------------- levels
 
 
@@ -266,12 +276,12 @@ def test_a_covariate_no_site_has_is_named_with_its_reason_in_results_and_report(
         "cohort-covariates": "age,bmi", "survival-covariates": "age,bmi"})
     results = run_study(InProcessTransport(sorted((tmp_path / "sites").glob("site-*"))),
                         config)
-    assert results["cohort"]["left_out"] == {"bmi": "not a column of clinical.csv at any site"}
+    assert results["cohort"]["left_out"] == {"bmi": "no site has a value of it in clinical.csv"}
     assert set(results["cohort"]["covariates"]) == {"age"}
     assert results["survival"]["design"]["left_out"] == {
         "bmi": "not available at any site of the Cox cohort"}
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
-    assert "Covariates left out of the cohort table: bmi (not a column of clinical.csv at " \
-           "any site)" in html
+    assert "Covariates left out of the cohort table: bmi (no site has a value of it in " \
+           "clinical.csv)" in html
     assert "Covariates left out of the Cox model: bmi (not available at any site of the Cox " \
            "cohort)" in html
