@@ -135,6 +135,11 @@ def _plain_column(column: str, values: pd.Series, fmt: CsvFormat, patients: pd.S
                     "in clinical_csv.missing if it means missing")))
         values = _decimal_points(values, fmt)
         return values.where(values.map(lambda v: v == "" or bool(_NUMBER["."].match(v))), "")
+    if number.any():  # a kind decided by a minority of numbers is said, never silent
+        cells.notes.append(
+            f"column {column!r}: read as text, each value a level ({int(number.sum())} of "
+            f"{len(present)} values are numbers; declare the other values in "
+            "clinical_csv.missing if they mean missing)")
     plain = values.map(lambda v: " ".join(v.split()).lower())
     changed = Counter((v, p) for v, p in zip(values, plain, strict=True) if v != p)
     if changed:

@@ -193,6 +193,20 @@ def test_a_covariate_without_a_value_is_one_the_site_does_not_have(tmp_path: Pat
     assert "ki67" not in load_site(root, needs=("clinical", "label")).clinical.columns
 
 
+def test_a_column_of_mostly_words_is_text_and_says_so(tmp_path: Path) -> None:
+    # before: silently a categorical covariate whose numbers are levels
+    root = site_folder(tmp_path / "s")
+    truth().assign(grade=["1", "unknown", "unknown", "3", "n.d.", "unknown"]).to_csv(
+        root / "clinical.csv", index=False)
+    assert ("s: clinical.csv: note: column 'grade': read as text, each value a level (2 of 6 "
+            "values are numbers; declare the other values in clinical_csv.missing if they "
+            "mean missing)") in report(root)
+    site_folder(root, {"missing": ["unknown", "n.d."]})
+    site = load_site(root, needs=("clinical", "label"))
+    assert site.clinical["grade"].dtype == np.float64
+    assert site.clinical["grade"].tolist()[::3] == [1.0, 3.0]
+
+
 # --------------------------------------------------------------------------- levels
 
 
