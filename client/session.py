@@ -39,8 +39,8 @@ from shared.labels import task_label
 SESSION_CACHE = ("cache", "session")
 SESSION_CACHE_KEEP = 32  # newest loaded folders kept on disk
 LOADER_MODULES = ("client.site", "client.site_config", "client.site_values",
-                  "client.site_images", "client.image_pair", "client.nifti", "client.dicom",
-                  "shared.labels", "shared.policy")
+                  "client.site_clinical", "client.site_images", "client.image_pair",
+                  "client.nifti", "client.dicom", "shared.labels", "shared.policy")
 AUDIT_DIR = "audit"
 EGRESS_LOG = "egress.jsonl"
 SITE_LOG = "site.log"
