@@ -80,8 +80,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             else:
                 os.environ[key] = value
     out = root / "out"
-    return {"rc": rc, "results": json.loads((out / "results.json").read_text()),
-            "report": (out / "report.html").read_text(), "log": (out / "run.log").read_text()}
+    return {"rc": rc, "results": json.loads((out / "results.json").read_text(encoding="utf-8")),
+            "report": (out / "report.html").read_text(encoding="utf-8"),
+            "log": (out / "run.log").read_text(encoding="utf-8")}
 
 
 def test_the_stage_is_not_ok_and_names_the_site_and_error(run: dict) -> None:
