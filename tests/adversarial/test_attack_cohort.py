@@ -37,7 +37,7 @@ from client.handlers import serve
 from client.session import clear_sessions
 from shared import schema
 from shared.labels import LabelError, task_label
-from simulation.cohort import simulate_cohort
+from tests.adversarial import simulated_site
 
 TASK = "her2-positive"
 YOUNGEST, OLDEST = 20, 90
@@ -45,9 +45,7 @@ YOUNGEST, OLDEST = 20, 90
 
 @pytest.fixture()
 def site(tmp_path: Path) -> Path:
-    simulate_cohort(tmp_path / "sites", n_sites=1, n_patients=38, seed=4, images=False)
-    clear_sessions()
-    return tmp_path / "sites" / "site-1"
+    return simulated_site(tmp_path)
 
 
 def truth(site: Path) -> pd.DataFrame:

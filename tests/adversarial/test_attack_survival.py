@@ -46,7 +46,7 @@ from shared import schema
 from shared.kaplan_meier import bin_times
 from shared.labels import LabelError, her2_low_status
 from shared.schema import nest
-from simulation.cohort import simulate_cohort
+from tests.adversarial import simulated_site
 
 BASE = {"task": "", "needs": "survival"}
 GRID = np.arange(30.0, 2401.0, 30.0)  # every 30 days: the site's own time bin
@@ -55,9 +55,7 @@ AGES = [str(a) for a in range(20, 84)]  # 64 levels: every plausible age
 
 @pytest.fixture()
 def site(tmp_path: Path) -> Path:
-    simulate_cohort(tmp_path / "sites", n_sites=1, n_patients=38, seed=4, images=False)
-    clear_sessions()
-    return tmp_path / "sites" / "site-1"
+    return simulated_site(tmp_path)
 
 
 def truth(site: Path) -> pd.DataFrame:
