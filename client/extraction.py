@@ -51,6 +51,7 @@ import pandas as pd
 import radiomics
 import yaml
 
+from client import image_pair
 from client.extraction_job import (
     CACHE_FORMAT,
     EXTRACTION_FAILED,
@@ -113,9 +114,10 @@ def extract_features(
     if from_csv is not None:
         return from_csv
     cache = Path(cache_dir) if cache_dir is not None else site.root / CACHE_DIR
-    jobs, failures, without_mask = _plan_jobs(site, reader, chosen, cache)
+    jobs, failures, without_mask, refused = _plan_jobs(site, reader, chosen, cache)
     categories = dict.fromkeys(failures, MISSING)
     categories |= {p: UNREADABLE for p, r in failures.items() if r.startswith("cannot read")}
+    categories |= refused
     outcomes = _run(jobs, workers, _Reporter(say, site.site_id, reader, len(jobs), site.root))
     failures |= {o.patient_id: o.reason for o in outcomes if o.reason}
     categories |= {o.patient_id: o.category or EXTRACTION_FAILED for o in outcomes if o.reason}
@@ -239,12 +241,13 @@ def _with_attrs(frame: pd.DataFrame, **attrs: Any) -> pd.DataFrame:
 
 def _plan_jobs(
     site: Site, reader: Reader, params: _Params, cache: Path
-) -> tuple[list[Job], dict[str, str], list[str]]:
+) -> tuple[list[Job], dict[str, str], list[str], dict[str, str]]:
     """Jobs (with their cache file) for patients with image and mask; failures; reader-2
-    patients without a mask."""
+    patients without a mask; the category of each patient refused here."""
     jobs: list[Job] = []
     failures: dict[str, str] = {}
     without_mask: list[str] = []
+    refused: dict[str, str] = {}
     for patient in site.clinical.index:
         paths = site.image_paths(patient)
         mask = paths.get(MASKS[reader])
@@ -257,13 +260,20 @@ def _plan_jobs(
         else:
             label = site.config.mask_label
             try:
+                # a folder's second source is no part of the cache key (its content is):
+                # refused before the cache, else the copy beside it hits a cached entry
+                image_pair.one_source(paths["mri"])
+                image_pair.one_source(mask)
                 key = _cache_key(paths["mri"], mask, params.sha256, label)
+            except image_pair.ImageRefused as error:
+                failures[patient], refused[patient] = reason(error), error.category
+                continue
             except OSError as error:
                 failures[patient] = f"cannot read the image files: {one_line(error)}"
                 continue
             jobs.append(Job(patient, paths["mri"], mask, params.path, params.sha256,
                              params.label, cache / f"{key}.json", label))
-    return jobs, failures, without_mask
+    return jobs, failures, without_mask, refused
 
 
 def _worker_count(workers: int | None, n_jobs: int) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from client import imaging
-from client.image_pair import MISSING, PREPARATION, ImageRefused, category_of
+from client.image_pair import MISSING, PREPARATION, ImageRefused, category_of, one_source
 from client.session import SiteSession
 from shared.folds import site_folds
 from shared.training_params import DSFR_UNIT, TrainParams
@@ -93,6 +93,8 @@ def cached_patient(folder: Path, found: dict[str, Path], p: TrainParams,
     image_kind, mask_kind = IMAGE_KINDS[p.model]
     if image_kind not in found or mask_kind not in found:
         raise ImageRefused(MISSING, f"no {image_kind} image with mask")
+    for kind in (image_kind, mask_kind):  # a stale copy beside a file is not in the key
+        one_source(Path(found[kind]))
     path = patient_cache_file(folder, found, p, mask_label)
     if path.is_file():
         try:

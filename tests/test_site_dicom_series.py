@@ -23,6 +23,8 @@ from client import image_pair, imaging
 from client.check import main
 from client.extraction import extract_features
 from client.site import check_site, load_site
+from client.training_data import prepare
+from shared.training_params import TrainParams
 from tests.sites import realistic
 from tests.test_site_geometry import PARAMS
 
@@ -122,3 +124,25 @@ def test_pydicom_ultrasound_frame_is_read_by_check_site_and_the_deep_stage(
     prep = imaging.Preparation(size=32, spacing=0, reference="roi")
     roi = imaging.us_roi(found["us"], found["us_mask"], prep)
     assert roi.x.shape == (1, 1, 32, 32) and 0.3 < roi.mask.mean() < 0.7
+
+
+def test_a_stale_copy_added_after_caching_is_refused_not_read_from_the_cache(
+        tmp_path: Path) -> None:
+    """The caches are keyed by the files' content, not by what lies beside them: a patient
+    extracted and prepared once, then given a DICOM folder beside its NRRD (or one whose
+    files equal another patient's), hit the cache and skipped the two-sources refusal."""
+    root = realistic.realistic_site(tmp_path / "stale", ("plain",))
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS), encoding="utf-8")
+    frame, _ = extract_features(load_site(root), params=root / "params.yaml", workers=1)
+    p = TrainParams(model="dsfr", size=16, spacing=1.0, margin_mm=3.0)
+    loaded = load_site(root)
+    assert prepare(root / "cache", ["plain"], loaded.image_paths, np.zeros(1, int),
+                   p).failed == {}
+    assert list(frame.index) == ["plain"]  # both caches now hold the patient
+    image, _ = realistic.breast1_images()
+    realistic.write_dicom_series(image, root / "images" / "plain" / "mri")
+    again, failures = extract_features(load_site(root), params=root / "params.yaml", workers=1)
+    assert list(again.index) == [] and failures == {"plain": f"images/plain: {TWO}"}
+    assert again.attrs["failed_by_reason"] == {image_pair.TWO_SOURCES: 1}
+    data = prepare(root / "cache", ["plain"], loaded.image_paths, np.zeros(1, int), p)
+    assert list(data.patients) == [] and data.failed_by_reason == {image_pair.TWO_SOURCES: 1}

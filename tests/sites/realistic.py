@@ -264,16 +264,20 @@ REFUSED = ("misregistered", "missing-slice", "two-sources")
 
 
 def realistic_site(root: Path, quirks: Iterable[str] = tuple(QUIRKS), *,
-                   site_id: str = "realistic", her2_ihc: dict[str, str] | None = None) -> Path:
-    """A site folder with one patient per quirk (QUIRKS), each from breast1; `her2_ihc`
-    per patient (default 3+). A study test writes its own clinical.csv over it."""
+                   site_id: str = "realistic", her2_ihc: dict[str, str] | None = None,
+                   prefix: str = "") -> Path:
+    """A site folder with one patient per quirk (QUIRKS), each from breast1, its id
+    `prefix` + quirk (a hospital's ids are not words: "RS-prone", not "prone", which the
+    guard would find in the reasons a reply counts patients by); `her2_ihc` per quirk
+    (default 3+). A study test writes its own clinical.csv over it."""
     image, mask = breast1_images()
     quirks = list(quirks)
-    write_site(root, {q: (her2_ihc or {}).get(q, "3") for q in quirks}, site_id=site_id)
-    for patient in quirks:
-        folder = root / "images" / patient
+    write_site(root, {prefix + q: (her2_ihc or {}).get(q, "3") for q in quirks},
+               site_id=site_id)
+    for quirk in quirks:
+        folder = root / "images" / (prefix + quirk)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_quirk(patient, folder, image, mask)
+        _write_quirk(quirk, folder, image, mask)
     return root
 
 
