@@ -1,7 +1,8 @@
 """Cohort table by label, federated: group moments, t-tests and chi-square from sums, and
 median (Q1, Q3) with the Mann–Whitney U test from histograms on a shared grid.
 
-Three rounds (DESIGN.md, "standardization" row):
+Three rounds (the `cohort` stage of docs/DESIGN.md; the two-pass moments as in the radiomics
+stage's pooled standardization):
 1. each site sends, per label group, the count and sum of every numeric covariate, whether
    all its values of that covariate are whole numbers, and the level counts of every
    categorical covariate (`local_group_sums`, `local_is_integer`, `local_level_counts`);

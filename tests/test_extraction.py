@@ -18,10 +18,9 @@ from radiomics.featureextractor import RadiomicsFeatureExtractor
 from client.extraction import CACHE_DIR, DEFAULT_PARAMS, cache_key, extract_features
 from client.site import Site, load_site
 from simulation.cohort import simulate_cohort
+from tests.sites import realistic
 
-BREAST1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "breast1"
-if not BREAST1.is_dir():  # a checkout beside /work/shared
-    BREAST1 = Path("/work/shared/data/breast1")
+BREAST1 = realistic.breast1()[0].parent  # pyradiomics' test case (tests/sites/realistic.py)
 PAPER_SETTINGS = {
     "normalize": True,
     "normalizeScale": 50,

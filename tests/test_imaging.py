@@ -12,8 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from client import imaging
+from tests.sites import realistic
 
-BREAST1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "breast1"
+BREAST1 = realistic.breast1()[0].parent  # pyradiomics' test case (tests/sites/realistic.py)
 DEFAULT = imaging.Preparation(size=32, spacing=1.0, margin_mm=3.0)
 
 
