@@ -80,7 +80,7 @@ def answer(msg: Message, context: Context) -> Message:
     if action is None:
         reply = error_reply(root, f"unknown:{message_type}"[:200], run_id,
                             f"unknown message type {message_type[:200]!r}; this site answers "
-                            f"query.<action> for {', '.join(schema.ACTIONS)} and "
+                            f"query.<action> for {', '.join(schema.query_actions())} and "
                             f"{', '.join(schema.TRAIN_ACTIONS)}")
         return _reply(msg, reply)
     try:
@@ -147,7 +147,7 @@ def _test_delay(action: str) -> None:
                 time.sleep(float(seconds))
 
 
-for _action in schema.ACTIONS:
+for _action in schema.query_actions():
     app.query(_action)(answer)
 for _category, _, _model in (t.partition(".") for t in schema.TRAIN_ACTIONS):
     getattr(app, _category)(_model)(answer)  # train.<model>, evaluate.<model>

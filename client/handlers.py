@@ -4,7 +4,6 @@ load the folder → run the handler → egress guard (policy + audit) → payloa
 from __future__ import annotations
 
 import csv
-import importlib
 import re
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import yaml
 from client.guard import EgressGuard, PolicyRefusal, Statistic
 from client.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
 from client.site import CLINICAL_CSV, SITE_ID_PATTERN, SITE_YAML, SiteError, present_needs
-from shared import queries, schema
+from shared import queries, schema, stages
 from shared.labels import TASKS
 from shared.policy import PrivacyPolicy
 from shared.queries import QueryRejected
@@ -26,47 +25,23 @@ VARIANT = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 RUN_VARIANT = "run-variant"  # query key: one of several fits of a run (e.g. a LOSO fit)
 
 
-def _lazy(module: str, name: str) -> Handler:
-    """`client.<module>.<name>`, imported on first use. In a deployment every message runs
-    in a fresh ClientApp process, so importing only the stage a query needs (not pyradiomics
-    for a cohort query) takes seconds off each round."""
+def _lazy(reference: str) -> Handler:
+    """The site function a stage declares for an action (shared.stages), imported on first
+    use. In a deployment every message runs in a fresh ClientApp process, so importing only
+    the stage a query needs (not pyradiomics for a cohort query) takes seconds off each
+    round."""
 
     def handler(session: SiteSession, query: Payload) -> list[Statistic]:
-        return getattr(importlib.import_module(f"client.{module}"), name)(session, query)
+        return stages.load(reference)(session, query)
 
-    handler.__qualname__ = handler.__name__ = f"{module}.{name}"
+    handler.__qualname__ = handler.__name__ = reference.replace("client.", "").replace(":", ".")
     return handler
 
 
+# The study's handshake, and every stage's actions as its declaration names them
 HANDLERS: dict[str, Handler] = {
-    schema.HANDSHAKE: _lazy("handshake", "handshake"),
-    schema.COHORT_SUMS: _lazy("cohort", "cohort_sums"),
-    schema.COHORT_SQUARES: _lazy("cohort", "cohort_squares"),
-    schema.COHORT_HISTOGRAMS: _lazy("cohort", "cohort_histograms"),
-    schema.RADIOMICS_EXTRACT: _lazy("radiomics", "radiomics_extract"),
-    schema.RADIOMICS_COLUMNS: _lazy("radiomics", "radiomics_columns"),
-    schema.RADIOMICS_STEP: _lazy("radiomics", "radiomics_step"),
-    schema.RADIOMICS_SCREEN: _lazy("radiomics", "radiomics_screen"),
-    schema.RADIOMICS_SCORE: _lazy("radiomics", "radiomics_score"),
-    schema.RADIOMICS_COMBAT: _lazy("harmonize", "radiomics_combat"),
-    schema.SURVIVAL_SETUP: _lazy("survival", "survival_setup"),
-    schema.SURVIVAL_COX: _lazy("survival", "survival_cox"),
-    schema.SURVIVAL_EVENTS: _lazy("survival", "survival_events"),
-    schema.SURVIVAL_PAIRS: _lazy("survival", "survival_pairs"),
-    schema.SURVIVAL_HISTOGRAMS: _lazy("survival", "survival_histograms"),
-    schema.SURVIVAL_BOUNDS: _lazy("survival", "survival_bounds"),
-    schema.TRAIN_SETUP: _lazy("training", "train_setup"),
-    schema.TRAIN_SCORE: _lazy("training", "train_score"),
-    schema.DSFR_FEATURES: _lazy("training", "dsfr_features"),
-    schema.FUSION_SETUP: _lazy("fusion", "fusion_setup"),
-    schema.FUSION_STEP: _lazy("fusion", "fusion_step"),
-    schema.FUSION_SCORE: _lazy("fusion", "fusion_score"),
-    schema.VALIDATION_RANGES: _lazy("validation", "validation_ranges"),
-    schema.VALIDATION_SCORES: _lazy("validation", "validation_scores"),
-    schema.VALIDATION_MOMENTS: _lazy("validation", "validation_moments"),
-    schema.SCORES_REFINE: _lazy("refine", "scores_refine"),
-    **{action: _lazy("training", "train_round" if action.startswith("train.")
-                     else "evaluate_round") for action in schema.TRAIN_ACTIONS},
+    schema.HANDSHAKE: _lazy("client.handshake:handshake"),
+    **{action: _lazy(reference) for action, reference in stages.handlers().items()},
 }
 
 

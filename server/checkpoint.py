@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from server.results import plain  # the results' own JSON conversion
 from shared import schema
 from shared.config import RUNTIME_FIELDS, StudyConfig
 
@@ -76,8 +77,6 @@ def load(out: Path, config: StudyConfig, sites: dict[str, str | None],
 def save(out: Path, config: StudyConfig, sites: dict[str, str | None], stages: dict[str, dict],
          run_id: str) -> None:
     """Write every completed stage (`stages`: name -> {"status", "result", "run_id"})."""
-    from server.workflow import plain  # the results' own JSON conversion
-
     record = {"format": FORMAT, "run_id": run_id, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "fingerprint": fingerprint(config), "sites": sites,
               "stages": plain(stages)}

@@ -14,6 +14,7 @@ ways and reports federated minus pooled AUC and the wall-time ratio (`comparison
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from server import refine as refinement
@@ -31,8 +32,14 @@ STAGE = "deep"
 GRID = roc.grid(roc.DEFAULT_BINS)  # the grid of the sites' score histograms (client.training)
 
 
+def deep_settings(settings: Mapping[str, Any]) -> dict[str, Plan]:
+    """The stage's settings, parsed and checked: one training plan per model of
+    `deep-models`."""
+    return {m: Plan.from_settings(settings, m) for m in settings["deep-models"]}
+
+
 def run_deep(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
-    plans = {m: Plan.from_settings(config.settings, m) for m in config.settings["deep-models"]}
+    plans = deep_settings(config.settings)
     result: dict[str, Any] = {"models": {}, "skipped": {}, "comparison": {}, "sites": {}}
     for model, plan in plans.items():
         st = setup(transport, config, model, sites, STAGE, plan.pretrained)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,8 @@ from server.report_format import refusals
 from server.report_html import escape as _e
 from server.report_html import p_value as _p
 from server.report_html import table as _table
-from server.report_validation import (
-    contribution_section,
-    fusion_section,
-    privacy_section,
-    validation_sections,
-)
+from server.report_validation import contribution_section, fusion_section, privacy_section
+from shared import stages
 
 log = logging.getLogger("feddlr")
 
@@ -46,21 +43,16 @@ SCRIPT = ("addEventListener('load',function(){var n=0,i=document.images;for(var 
 
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Render results into `out/report.html` (+ PNG figures) and return its path. A section
-    that cannot be drawn says so in its place (and in the log); the others still are."""
-    from server.report_training import training_sections
-
+    that cannot be drawn says so in its place (and in the log); the others still are. Each
+    stage in `results` draws its section (its declaration's `report`, shared.stages; stages
+    sharing one, such as the CNN stages, draw it once), in the order the stages run."""
     parts: list[tuple[str, Callable[[], str]]] = [
         ("header", lambda: _header(results)), ("sites", lambda: _sites(results))]
-    if "cohort" in results:
-        parts.append(("cohort", lambda: cohort_section(results["cohort"], out)))
-    if "radiomics" in results:
-        parts.append(("radiomics", lambda: _radiomics(results["radiomics"], out, results)))
-    if "dsfr" in results or "deep" in results:
-        parts.append(("training", lambda: training_sections(results, out)))
-    parts += [("fusion", lambda: fusion_section(results)),
-              ("validation", lambda: validation_sections(results, out))]
-    if "survival" in results:
-        parts.append(("survival", lambda: _survival(results["survival"], out, results)))
+    drawn: set[str] = set()
+    for stage in stages.STAGES:
+        if stage.name in results and stage.report and stage.report not in drawn:
+            drawn.add(stage.report)
+            parts.append((stage.name, partial(stages.load(stage.report), results, out)))
     parts += [("contributions", lambda: contribution_section(results)),
               ("privacy", lambda: privacy_section(results)), ("stages", lambda: _stages(results)),
               ("provenance", lambda: _provenance(results))]
@@ -72,6 +64,23 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+# The stage sections drawn here, as shared.stages names them: f(results, out) -> html
+def cohort_part(results: dict[str, Any], out: Path) -> str:
+    return cohort_section(results["cohort"], out)
+
+
+def radiomics_part(results: dict[str, Any], out: Path) -> str:
+    return _radiomics(results["radiomics"], out, results)
+
+
+def fusion_part(results: dict[str, Any], out: Path) -> str:
+    return fusion_section(results)
+
+
+def survival_part(results: dict[str, Any], out: Path) -> str:
+    return _survival(results["survival"], out, results)
 
 
 def _section(name: str, draw: Callable[[], str]) -> str:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from server.progress import report_round
+from server.results import plain as _plain
 from server.training_backends import FederatedBackend, PooledBackend
 from server.training_dp import ServerDP, dp_postprocess, dp_settings
 from server.training_plan import Plan
@@ -506,12 +507,6 @@ def _mean(values: list[int]) -> float | None:
 
 def _num(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
-
-
-def _plain(value: Any) -> Any:
-    from server.workflow import plain
-
-    return plain(value)
 
 
 def train_model(transport: Transport, config: StudyConfig, plan: Plan, setup_: Setup,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -13,16 +12,11 @@ from typing import Any
 import numpy as np
 
 from server import checkpoint
-from server.cohort import run_cohort
-from server.deep import run_deep
 from server.disclosures import ledger_summary
-from server.dsfr import run_dsfr
-from server.fusion import run_fusion
 from server.progress import report_round
-from server.radiomics import run_radiomics
 from server.report import write_report
+from server.results import write_results
 from server.survival import needs_label as survival_needs_label
-from server.survival import run_survival
 from server.training import site_failures
 from server.transport import (
     Reply,
@@ -32,29 +26,35 @@ from server.transport import (
     StudyError,
     Transport,
 )
-from server.validation import run_validation, thresholds
-from shared import schema, settings
+from server.validation import thresholds
+from shared import schema, settings, stages
 from shared.config import STAGE_NEEDS, STAGES, ConfigError, Earlier, StudyConfig
 
 log = logging.getLogger("feddlr")
 
-STAGE_RUNNERS = {"cohort": run_cohort, "radiomics": run_radiomics, "dsfr": run_dsfr,
-                 "deep": run_deep, "fusion": run_fusion, "validation": run_validation,
-                 "survival": run_survival}
-# Stages that read what earlier stages left (`Earlier`): the probabilities at the sites
-# (when those stages were taken from a checkpoint, their files carry the earlier run's id)
-# and the validation stage's thresholds.
-READS_EARLIER = ("fusion", "validation", "survival")
-# A stage that only sites with one of some roles take part in gets only those sites (roles
-# are what each site declared in its site.yaml, from the handshake: results["run"]["sites"]).
-# The model stages fit on `train` sites and score `external` ones; a survival-only cohort
-# (paper 1's Dataset 3) is in the cohort table and the survival stage alone. (Scoring it
-# too, for `predicted:<model>` there, needs the radiomics stage to score every non-training
-# site: then drop the model stages from this table.)
-MODEL_ROLES = ("train", "external")
-STAGE_ROLES: dict[str, tuple[str, ...]] = {
-    "radiomics": MODEL_ROLES, "dsfr": MODEL_ROLES, "deep": MODEL_ROLES, "fusion": MODEL_ROLES,
-    "validation": MODEL_ROLES, "survival": ("survival",)}
+
+
+def _runner(reference: str) -> Any:
+    """A stage's server half (its declaration's `runner`), imported when the stage runs."""
+
+    def run(*args: Any) -> dict[str, Any]:
+        return stages.load(reference)(*args)
+
+    run.__name__ = reference.rsplit(":", 1)[-1]
+    return run
+
+
+# Each stage's runner, roles and whether it reads what earlier stages left (`Earlier`: the
+# probabilities at the sites — when those stages were taken from a checkpoint, their files
+# carry the earlier run's id — and the validation stage's thresholds), from shared.stages.
+# A stage with roles gets only the sites that declared one of them in their site.yaml (from
+# the handshake: results["run"]["sites"]): the model stages fit on `train` sites and score
+# `external` ones; a survival-only cohort (paper 1's Dataset 3) is in the cohort table and
+# the survival stage alone.
+STAGE_RUNNERS = {s.name: _runner(s.runner) for s in stages.STAGES}
+READS_EARLIER = tuple(s.name for s in stages.STAGES if s.reads_earlier)
+STAGE_ROLES: dict[str, tuple[str, ...]] = {s.name: s.roles for s in stages.STAGES
+                                           if s.roles is not None}
 __all__ = ["StudyError", "run_study"]
 
 
@@ -108,23 +108,10 @@ def check_settings(config: StudyConfig) -> None:
     """Parse every setting the requested stages will read, with the stages' own parsers, so
     a bad value (`cv-folds=1`, `rounds=-1`, `lr=dlmri=0.1`) stops the study before any site
     is contacted (ConfigError) instead of failing its stage later."""
-    from server.dsfr import dsfr_settings
-    from server.fusion import FusionConfig
-    from server.radiomics import RadiomicsConfig
-    from server.training_plan import Plan
-    from server.validation import ValidationConfig
-
-    settings = config.settings
-    parsers = {
-        "radiomics": lambda: RadiomicsConfig.from_settings(settings),
-        "dsfr": lambda: dsfr_settings(settings),
-        "deep": lambda: [Plan.from_settings(settings, m) for m in settings["deep-models"]],
-        "fusion": lambda: FusionConfig.from_settings(settings),
-        "validation": lambda: ValidationConfig.from_settings(settings),
-    }
     for stage in config.stages:
-        if stage in parsers:
-            parsers[stage]()
+        parse = stages.stage(stage).settings
+        if parse is not None:
+            stages.load(parse)(config.settings)
 
 
 def earlier_results(results: dict[str, Any]) -> Earlier:
@@ -247,6 +234,9 @@ def _stage_status(stage: str, transport: Transport, config: StudyConfig, sites: 
                                                   earlier_results(results))
         else:
             results[stage] = STAGE_RUNNERS[stage](transport, config, sites)
+        # the block's `sites`: {site: {"status", "reason"}} (a malformed one is a bug below)
+        failures = site_failures(results[stage])
+        _mark_sites(results, stage, failures)
     except (StageError, SiteSetChanged) as err:
         # a site set change the stage did not restart on is the stage's failure, not the study's
         log.error("[%s] failed: %s", stage, err)
@@ -262,8 +252,6 @@ def _stage_status(stage: str, transport: Transport, config: StudyConfig, sites: 
         results.pop(stage, None)
         return {"status": "failed", "reason": f"internal error: {type(err).__name__}: {err}",
                 "seconds": round(time.monotonic() - started, 3)}
-    failures = site_failures(results[stage])
-    _mark_sites(results, stage, failures)
     seconds = round(time.monotonic() - started, 3)
     excluded = {"excluded": tap.excluded} if tap.excluded else {}
     for reason, counts in tap.excluded.items():
@@ -397,28 +385,6 @@ def record_bad_config(run_config: dict[str, Any], error: ConfigError, run_id: st
                            "schema_version": schema.SCHEMA_VERSION, "stages": {},
                            "status": "stopped", "reason": f"configuration: {error}"}},
                   out / "results.json")
-
-
-def write_results(results: dict[str, Any], path: Path) -> None:
-    """Strict JSON: numpy values become plain ones, NaN and infinities become null."""
-    path.write_text(json.dumps(plain(results), indent=2, allow_nan=False) + "\n",
-                    encoding="utf-8")
-
-
-def plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return plain(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def _version(package: str) -> str:

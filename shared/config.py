@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shared import settings as settings_
+from shared import stages
 from shared.settings import STAGES, ConfigError
 
 __all__ = [
@@ -21,19 +22,10 @@ __all__ = [
     "stage_settings",
 ]
 
-# What each stage needs of a site folder (client.site.NEEDS; `x?` = used where present;
-# radiomics reads features.csv where a site has one, else extracts from the MRI). The task
-# label is needed by every stage but survival, which needs it only to group or adjust by
-# `label` (server.survival.needs_label).
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {
-    "cohort": ("clinical", "label"),
-    "radiomics": ("clinical", "label", "mri|features"),
-    "dsfr": ("clinical", "label", "mri"),
-    "deep": ("clinical", "label", "mri", "us"),
-    "fusion": ("clinical", "label"),
-    "validation": ("clinical", "label", "predictions?"),
-    "survival": ("clinical", "survival", "predictions?"),
-}
+# What each stage needs of a site folder (its declaration, shared.stages)
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {s.name: s.needs for s in stages.STAGES}
+
+
 def query_needs(stage: str) -> str:
     """What a stage's queries ask of a site beyond its clinical table and the task label
     (which the task adds): `needs` in the query, from STAGE_NEEDS."""

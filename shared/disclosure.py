@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.queries import NOT_VALUE_KEYS
+from shared import queries
 
 ROW_KEYS = frozenset({"rows", "fold", "run_id"})  # query keys that choose rows, not values
 # How a ledger refusal reads (client.ledger; server.disclosures counts them by these).
@@ -95,7 +95,7 @@ def query_family(head: str, query: Mapping[str, Any], drop: Iterable[str] = ()) 
     (`ROW_KEYS`), those no statistic depends on (declared so in `shared.queries`, e.g. a
     run's prediction files or a worker count) and those named in `drop`. The query has
     passed its declaration, so no undeclared key can make a fresh family."""
-    skip = ROW_KEYS | NOT_VALUE_KEYS | set(drop)
+    skip = ROW_KEYS | queries.NOT_VALUE_KEYS | set(drop)
     return family(head, *[(k, query[k]) for k in sorted(query) if k not in skip])
 
 

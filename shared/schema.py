@@ -40,11 +40,6 @@ SURVIVAL_EVENTS = "survival_events"
 SURVIVAL_PAIRS = "survival_pairs"
 SURVIVAL_HISTOGRAMS = "survival_histograms"
 SURVIVAL_BOUNDS = "survival_bounds"
-ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES, COHORT_HISTOGRAMS,
-           RADIOMICS_EXTRACT, RADIOMICS_COLUMNS, RADIOMICS_STEP, RADIOMICS_SCREEN,
-           RADIOMICS_SCORE, RADIOMICS_COMBAT,
-           SURVIVAL_SETUP, SURVIVAL_COX, SURVIVAL_EVENTS, SURVIVAL_PAIRS, SURVIVAL_HISTOGRAMS,
-           SURVIVAL_BOUNDS)
 # CNN stages (dsfr, deep): setup, scoring and DSFR features are queries; the weight rounds
 # are Flower's own message categories, `train.<model>` (global weights in, update out) and
 # `evaluate.<model>` (global weights in, validation sums out), whose action name is the
@@ -52,21 +47,16 @@ ACTIONS = (HANDSHAKE, COHORT_SUMS, COHORT_SQUARES, COHORT_HISTOGRAMS,
 TRAIN_SETUP = "train_setup"
 TRAIN_SCORE = "train_score"
 DSFR_FEATURES = "dsfr_features"
-ACTIONS += (TRAIN_SETUP, TRAIN_SCORE, DSFR_FEATURES)
 FUSION_SETUP = "fusion_setup"
 FUSION_STEP = "fusion_step"
 FUSION_SCORE = "fusion_score"
 VALIDATION_RANGES = "validation_ranges"
 VALIDATION_SCORES = "validation_scores"
 VALIDATION_MOMENTS = "validation_moments"
-ACTIONS += (FUSION_SETUP, FUSION_STEP, FUSION_SCORE, VALIDATION_RANGES,
-            VALIDATION_SCORES, VALIDATION_MOMENTS)
 SCORES_REFINE = "scores_refine"  # finer sub-histograms of mixed score bins (shared.refine)
-ACTIONS += (SCORES_REFINE,)
 # Several independent fits' queries in one message (`server.in_step`): each part is a
 # query of one of the actions above, answered and audited at the site as if it came alone.
 BATCH = "batch"
-ACTIONS += (BATCH,)
 BATCH_PARTS = "batch.parts"  # key: the parts' names, in order
 BATCH_ACTIONS = "batch.actions"  # key: each part's action, in the same order
 PART_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -86,7 +76,15 @@ def action_of(message_type: str) -> str | None:
     if message_type in TRAIN_ACTIONS:
         return message_type
     category, _, action = message_type.partition(".")
-    return action if category == "query" and action in ACTIONS else None
+    return action if category == "query" and action in query_actions() else None
+
+
+def query_actions() -> tuple[str, ...]:
+    """Every query action of the stages (shared.stages.ACTIONS, which names this module's
+    constants: imported here when first asked)."""
+    from shared.stages import ACTIONS
+
+    return ACTIONS
 
 LEDGER_CHECKED = "ledger.checked"  # reply key: statistics the site's ledger compared
 STATUS_OK = "ok"
@@ -197,7 +195,7 @@ def batch_parts(payload: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, An
     for name, action in zip(names, actions, strict=True):
         if not isinstance(name, str) or not PART_NAME.match(name):
             raise SchemaError(f"bad batch part name {name!r}")
-        if action not in ACTIONS or action == BATCH:
+        if action not in query_actions() or action == BATCH:
             raise SchemaError(f"batch part {name!r}: no such query action {action!r}")
         parts[name] = (str(action), nest(payload, f"part.{name}"))
     return parts

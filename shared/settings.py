@@ -23,20 +23,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import stages
 from shared.labels import TASKS
 from shared.schema import TRAIN_MODELS
 
-STAGES = ("cohort", "radiomics", "dsfr", "deep", "fusion", "validation", "survival")
+STAGES = stages.NAMES
 DEEP_MODELS = ("dl_mri", "dl_us")
+# Sections of settings no one stage owns; each stage's own comes with its declaration
+_SECTIONS = {"study": stages.Section("the study"),
+             "training": stages.Section("CNN stages `dsfr` and `deep` (one training engine, "
+                                        "server/training.py)", "training")}
+_SECTIONS |= {s.name: s.section for s in stages.STAGES if s.section is not None}
+SECTION_TITLES = {name: section.title for name, section in _SECTIONS.items()}
 # README tables: (heading marker, sections in it)
-TABLES = {"run": ("study", "cohort", "radiomics", "fusion", "validation", "survival"),
-          "training": ("training", "dsfr")}
-SECTION_TITLES = {
-    "study": "the study", "cohort": "cohort stage", "radiomics": "radiomics stage",
-    "fusion": "fusion stage", "validation": "validation stage", "survival": "survival stage",
-    "training": "CNN stages `dsfr` and `deep` (one training engine, server/training.py)",
-    "dsfr": "DSFR's own head (paper 1)",
-}
+TABLES = {table: tuple(n for n, s in _SECTIONS.items() if s.table == table)
+          for table in ("run", "training")}
 _INTERVAL = re.compile(r"^([\[(])\s*(-?[\d.e+-]+|-inf)\s*,\s*([\d.e+-]+|inf)\s*([\])])$")
 
 

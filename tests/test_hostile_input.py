@@ -153,7 +153,7 @@ VALUES = st.one_of(SCALARS, ARRAYS,
                    st.lists(st.floats(), max_size=5),
                    st.lists(st.sampled_from(["age", "ki67", "hr_status", "nope", ""]),
                             max_size=6))
-ACTIONS = st.one_of(st.sampled_from(schema.ACTIONS), st.text(max_size=12))
+ACTIONS = st.one_of(st.sampled_from(schema.query_actions()), st.text(max_size=12))
 
 
 @FUZZ
@@ -198,7 +198,7 @@ def records(draw) -> RecordDict:
 
 
 MESSAGE_TYPES = st.one_of(
-    st.sampled_from([f"query.{a}" for a in schema.ACTIONS]),
+    st.sampled_from([f"query.{a}" for a in schema.query_actions()]),
     st.sampled_from(["query.unknown", "train", "evaluate", "query", "train.weights"]),
     st.from_regex(r"\A(query|train|evaluate)\.[a-z_]{1,12}\Z"))
 

@@ -34,7 +34,8 @@ from client import image_pair
 from client.check import main as check_main
 from client.extraction import extract_features
 from client.site import load_site
-from server.workflow import plain, run_study
+from server.results import plain
+from server.workflow import run_study
 from shared.config import StudyConfig
 from simulation.cohort import simulate_cohort
 from simulation.in_process import InProcessTransport
