@@ -42,6 +42,8 @@ pytestmark = pytest.mark.slow
 
 SITES = ("site-1", "site-2", "site-3")
 NUMERIC = ("age", "tumour_size_mm", "ki67")
+# tests/site_hooks/sitecustomize.py: test hooks in a SuperNode's own processes, not in the app
+SITE_HOOKS = APP_DIR / "tests" / "site_hooks"
 SCRIPTS = ["ca.sh", "superlink.sh", "node-key.sh", "register.sh", "approve.sh", "supernode.sh",
            "run.sh", "superlink.sh", "run.sh"]
 
@@ -206,10 +208,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                       timeout=120)
                 assert done.returncode == 0, done.stdout + done.stderr
                 info.setdefault("approved", []).append(done.stdout.split()[0])
-        # 4. hospitals: SuperNodes (site-3 with the test hook that holds cohort round 2 in
-        # its own environment); plus three that must be refused
+        # 4. hospitals: SuperNodes (site-3's processes with the test hook that holds its
+        # reply in cohort round 2: tests/site_hooks); plus three that must be refused
         for site in SITES:
-            hook = {"FEDDLR_TEST_DELAY": "cohort_squares=120"} if site == "site-3" else {}
+            hook = {}
+            if site == "site-3":
+                hook = {"FEDDLR_TEST_DELAY": "cohort_squares=120", "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(SITE_HOOKS), base.get("PYTHONPATH")) if p)}
             if site == "site-1":  # a hospital's own node config beside site-dir
                 hook = {"FEDDLR_NODE_CONFIG": "max-query-bytes=1048576"}
             procs.start(site, supernode_sh, dict(hospitals[site], **hook))
@@ -247,6 +252,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
             run_a, coordinator, root / "run-a.log", kill_on=("[cohort] round 1/3", kill),
             seen=info["seen"])
         info["a_seconds"] = time.monotonic() - started
+        info["site-3_log"] = procs.log("site-3")
         shutil.copy(root / "out-a" / "results.json", root / "results-a.json")
 
         # coordinator restart (README), site-3 back without the hook, resume into out-a
@@ -364,6 +370,9 @@ def test_run_a_goes_on_without_the_site_shut_down_mid_round(deployment: dict) ->
     # hold the entry, written when the guard released the reply, before the kill)
     received = [e["message_type"] for e in out["run"]["wire"]["site-3"]]
     assert received == ["query.handshake", "query.cohort_sums"], received
+    # held by the test hook around Flower's ClientApp (tests/site_hooks), not by the app
+    assert "site hook: holding the reply to cohort_squares for 120 s" in \
+        deployment["site-3_log"]
     assert out["run"]["config"]["stages"] == ["cohort", "survival"]
     assert out["run"]["stages"]["survival"]["status"] == "ok"
     survival = out["survival"]  # on the survivors only: site-3 is out for the rest of run A
