@@ -18,7 +18,8 @@ Figures:
   until the SuperNode pulls the message, until the ClientApp process exists, until its
   modules are imported, until the message reaches the app, the work, until the SuperNode
   has sent the reply, until the server holds every reply. From the SuperNodes' log lines
-  (time-stamped as they are read) and the ClientApp's `FEDDLR_TIMING` lines;
+  (time-stamped as they are read) and the `FEDDLR_TIMING` lines of the hook around each
+  SuperNode's ClientApp (tests/site_hooks);
 - the study (stages `--stages` on `--sites` × `--patients` sites with a features.csv of
   `--features` columns) in deployment ÷ in simulation: the ServerApp's study seconds, and
   the rounds each needed (equal: same study, same answers).
@@ -54,6 +55,7 @@ from simulation.launcher import free_port, toml_value
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
+SITE_HOOKS = REPO / "tests" / "site_hooks"
 STATISTICS = ("cohort_", "radiomics_", "survival_")
 # Three hospitals share this machine: each gets one core's worth of threads, as each site of
 # the Simulation Engine gets `client-resources-num-cpus=1` (Ray sets OMP_NUM_THREADS=1 for
@@ -79,10 +81,14 @@ class Loopback:
                     FEDDLR_SUPERLINK=f"127.0.0.1:{self.port}", FEDDLR_LISTEN="127.0.0.1")
         base["FEDDLR_FAST"] = "1" if fast else "0"
         self.coordinator = dict(base, FEDDLR_DEPLOY=str(root / "coordinator"))
+        # FEDDLR_TIMING is read by tests/site_hooks/sitecustomize.py around Flower's
+        # ClientApp in each SuperNode's processes (the app itself times nothing)
+        hooks = os.pathsep.join(p for p in (str(SITE_HOOKS), base.get("PYTHONPATH")) if p)
         self.hospitals = {s.name: dict(base, FEDDLR_DEPLOY=str(root / s.name),
                                        FEDDLR_SITE=str(s), FEDDLR_NODE_NAME=s.name,
                                        FEDDLR_NODE_PORT=str(free_port()),
                                        FEDDLR_TIMING=str(root / f"{s.name}.timing.jsonl"),
+                                       PYTHONPATH=hooks,
                                        **THREADS)
                           for s in sites}
         self.procs: dict[str, subprocess.Popen] = {}

@@ -12,15 +12,11 @@ and send an `Error` reply instead.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import time
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import timing
 from client.handlers import error_reply, serve
 from shared import schema, settings
 from wire import read_payload, to_records
@@ -67,7 +63,6 @@ def max_query_bytes(context: Context) -> int:
 
 def answer(msg: Message, context: Context) -> Message:
     """Answer one message; never raises, always a payload with `status`."""
-    entered = time.time()
     message_type = str(msg.metadata.message_type)
     action = schema.action_of(message_type)
     run_id = str(msg.metadata.run_id)
@@ -93,8 +88,6 @@ def answer(msg: Message, context: Context) -> Message:
     except Exception as err:
         reply = error_reply(root, action, run_id,
                             f"malformed query: {type(err).__name__}: {err}"[:2000])
-    _test_delay(action)
-    timing.record(action, entered)
     return _reply(msg, reply)
 
 
@@ -129,22 +122,6 @@ def read_query(content: RecordDict) -> schema.Payload:
 
 def _reply(msg: Message, payload: schema.Payload) -> Message:
     return Message(to_records(payload), reply_to=msg)
-
-
-# --- test hook, inert unless the SuperNode's own environment sets it --------------------
-# FEDDLR_TEST_DELAY="<action>=<seconds>[,...]" makes this ClientApp wait before it replies
-# to those actions, so the deployment test can kill a SuperNode in the middle of a round.
-# It is read from the process environment that the site's operator controls, never from a
-# message, and it changes no reply.
-TEST_DELAY_ENV = "FEDDLR_TEST_DELAY"
-
-
-def _test_delay(action: str) -> None:
-    for item in os.environ.get(TEST_DELAY_ENV, "").split(","):
-        name, _, seconds = item.partition("=")
-        if name.strip() == action:
-            with contextlib.suppress(ValueError):
-                time.sleep(float(seconds))
 
 
 for _action in schema.query_actions():

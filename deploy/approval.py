@@ -159,12 +159,20 @@ def _site_id(site: Path) -> str:
 
 
 def enforce(node: Any) -> None:
-    """Patch Flower's SuperNode (`flwr.supernode.start_client_internal`) so that a run's
-    FAB is checked when it is fetched, before the SuperNode stores it."""
+    """Patch Flower's SuperNode (`flwr.supernode.start_client_internal`, or a stand-in) so
+    that a run's FAB is checked when it is fetched, before the SuperNode stores it
+    (`wire.flower_patches`: "supernode.approved-apps"; without its Flower names the
+    SuperNode does not start)."""
+    from wire import flower_patches
+
+    flower_patches.apply("supernode.approved-apps", node, into=node)
+
+
+def approved_pull(pull: Callable[..., int | None], node: Any) -> Callable[..., int | None]:
+    """Flower's `_pull_and_store_message` (`pull`) that refuses an unapproved FAB with an
+    Error reply and an audit record instead of storing it."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
-
-    pull = node._pull_and_store_message
 
     def pull_approved(**kw: Any) -> int | None:
         seen: dict[str, Any] = {}
@@ -197,7 +205,7 @@ def enforce(node: Any) -> None:
             node._insert_message(reply, kw["state"], kw["object_store"])
             return refused.run_id
 
-    node._pull_and_store_message = pull_approved
+    return pull_approved
 
 
 def _keeping(call: Callable[..., Any], seen: dict[str, Any], key: str,

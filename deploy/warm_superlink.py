@@ -18,6 +18,9 @@ heartbeats stopped is now marked failed up to a second later than Flower would.
 
     python deploy/warm_superlink.py <flower-superlink arguments>
 
+Both changes are declared in `wire.flower_patches`, which applies each only where the
+installed Flower still has the names it changes (else Flower's own, with a warning).
+
 `deploy/superlink.sh` uses it unless `FEDDLR_FAST=0`, which runs plain `flower-superlink`.
 """
 
@@ -27,21 +30,29 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the FedDLR checkout
+from wire import flower_patches
 
 SWEEP_SECONDS = 1.0  # least time between two sweeps of expired task tokens
 
 
-def objects_in_memory() -> None:
-    """Make the SuperLink's object store Flower's in-memory one, whatever `--database`."""
-    import flwr.superlink.config_loader as config_loader
+def objects_in_memory() -> bool:
+    """Make the SuperLink's object store Flower's in-memory one, whatever `--database`
+    ("superlink.objects-in-memory" in `wire.flower_patches`); True when applied."""
+    return flower_patches.apply("superlink.objects-in-memory")
+
+
+def in_memory_objects(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's `ObjectStoreFactory`, given Flower's in-memory name whatever the database."""
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 
-    factory = config_loader.ObjectStoreFactory
-    config_loader.ObjectStoreFactory = lambda *_a, **_kw: factory(FLWR_IN_MEMORY_DB_NAME)
+    return lambda *_a, **_kw: factory(FLWR_IN_MEMORY_DB_NAME)
 
 
-def at_most_every(seconds: float, sweep: Callable[[Any], None]) -> Callable[[Any], None]:
+def at_most_every(sweep: Callable[[Any], None], seconds: float) -> Callable[[Any], None]:
     """`sweep(state)`, skipped when it last ran for that state less than `seconds` ago."""
     last: dict[int, float] = {}
     lock = threading.Lock()
@@ -57,12 +68,10 @@ def at_most_every(seconds: float, sweep: Callable[[Any], None]) -> Callable[[Any
     return throttled
 
 
-def sweep_tokens_less_often(seconds: float = SWEEP_SECONDS) -> None:
-    """Flower's expired-task-token sweep at most once per `seconds` (see the module's doc)."""
-    from flwr.supercore.corestate.sql_corestate import SqlCoreState
-
-    SqlCoreState._cleanup_expired_task_tokens = at_most_every(  # type: ignore[method-assign]
-        seconds, SqlCoreState._cleanup_expired_task_tokens)
+def sweep_tokens_less_often(seconds: float = SWEEP_SECONDS) -> bool:
+    """Flower's expired-task-token sweep at most once per `seconds` (see the module's doc;
+    "superlink.sweep-tokens-less-often" in `wire.flower_patches`); True when applied."""
+    return flower_patches.apply("superlink.sweep-tokens-less-often", seconds)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ installed or imported; FEDDLR_FAST=0 applies the same check to plain Flower):
   by the child from the run's FAB — one the site approved — as `flwr-clientapp` does;
 - a FAB whose exact bytes were installed before is not unpacked again (`installed_once`),
   its code is compiled once into its folder, and missing objects are retried after 50 ms
-  (`wire.flower_waits`).
+  (`wire.flower_patches`). Each change to Flower is declared there and applied only where
+  the installed Flower still has the names it changes (else Flower's own, with a warning).
 
     python deploy/warm_supernode.py <flower-supernode arguments>
 
@@ -48,12 +49,14 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the FedDLR checkout
 from deploy.approval import enforce as enforce_approved_apps
-from wire.flower_waits import quick_object_pulls
+from wire import flower_patches
+from wire.flower_patches import quick_object_pulls
 
 FAST_POLL = 0.05  # seconds: the first look again after a message
 GROWTH = 1.25  # each empty look waits this much longer, up to Flower's own wait
@@ -61,7 +64,7 @@ LOCAL_POLL = 0.01  # seconds between looks at the SuperNode's own state (Flower:
 READY = "warm_supernode: SuperExec ready"
 SUPEREXEC_FALLBACK_POLL = 10.0  # seconds between looks for a task without a wake-up
 SHUTDOWN_GRACE = 10.0  # seconds a SuperNode may take to stop by itself after its SuperExec
-FORKED_AT_ENV = "FEDDLR_FORKED_AT"
+NO_WAKE = -1  # the SuperExec's wake-up descriptor when the SuperNode sends none
 APP_PACKAGES = ("client", "shared", "wire", "server", "simulation")
 # What the ClientApp imports besides its own code, numpy and Flower: a statistics query
 # needs the first group, a CNN round the second (torch and MONAI: seconds to import).
@@ -104,37 +107,28 @@ class Backoff(types.ModuleType):
 def run_supernode(args: list[str]) -> None:
     """Flower's `flower-supernode` CLI with `--isolation process`, its waits on `Backoff`,
     the warm SuperExec started beside it on its runtime API, and only the apps the site's
-    operator approved served (`deploy/approval.py`)."""
+    operator approved served (`deploy/approval.py`). Each change to Flower is a
+    `wire.flower_patches` declaration: one whose Flower names are gone is left out, with a
+    warning, and that part of the node runs as Flower ships it."""
     import flwr.supernode.start_client_internal as node
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     enforce_approved_apps(node)  # a run's FAB is checked before the node stores it
     clock = Backoff()
-    node.time = clock
-    push = node._push_messages
-
-    def push_after_reset(*a: Any, **kw: Any) -> None:  # a message came: look again soon
-        clock.reset()
-        push(*a, **kw)
-        clock.reset()
-
-    node._push_messages = push_after_reset
+    if flower_patches.apply("supernode.poll-backoff", clock):
+        flower_patches.apply("supernode.look-soon-after-a-reply", clock)
     wake_read, wake = os.pipe()
-    pull = node._pull_and_store_message
-
-    def pull_and_wake(*a: Any, **kw: Any) -> int | None:  # a task waits: tell the SuperExec
-        run_id = pull(*a, **kw)
-        if run_id is not None:
-            os.write(wake, b"!")
-        return run_id
-
-    node._pull_and_store_message = pull_and_wake
+    os.set_blocking(wake, False)  # a SuperExec that does not read the pipe never blocks us
+    if not flower_patches.apply("supernode.wake-superexec", wake):
+        os.close(wake_read)  # no byte will come: the SuperExec polls as Flower's does
+        wake_read = NO_WAKE
     quick_object_pulls()
     runtime = f"{_option(args, '--host', '127.0.0.1')}:{_option(args, '--port', '9094')}"
     superexec = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--superexec",
                                   runtime, str(os.getpid()), str(wake_read)],
-                                 pass_fds=(wake_read,))
-    os.close(wake_read)
+                                 pass_fds=(wake_read,) if wake_read != NO_WAKE else ())
+    if wake_read != NO_WAKE:
+        os.close(wake_read)
     threading.Thread(target=_stop_without, args=(superexec,), daemon=True).start()
     try:
         sys.argv = ["flower-supernode", *_without(args, "--isolation"), "--isolation",
@@ -143,6 +137,33 @@ def run_supernode(args: list[str]) -> None:
     finally:
         if superexec.poll() is None:
             superexec.terminate()
+
+
+def poll_backoff(_time: types.ModuleType, clock: Backoff) -> Backoff:
+    """The replacement of a Flower module's `time`: `clock`."""
+    return clock
+
+
+def reset_after_push(push: Callable[..., Any], clock: Backoff) -> Callable[..., Any]:
+    """Flower's `_push_messages`, the SuperNode's next look at the SuperLink soon after."""
+    def push_after_reset(*a: Any, **kw: Any) -> Any:  # a message came: look again soon
+        clock.reset()
+        push(*a, **kw)
+        clock.reset()
+
+    return push_after_reset
+
+
+def wake_after_pull(pull: Callable[..., int | None], wake: int) -> Callable[..., int | None]:
+    """Flower's `_pull_and_store_message`, writing a byte to `wake` for each stored message."""
+    def pull_and_wake(*a: Any, **kw: Any) -> int | None:  # a task waits: tell the SuperExec
+        run_id = pull(*a, **kw)
+        if run_id is not None:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(wake, b"!")
+        return run_id
+
+    return pull_and_wake
 
 
 def _stop_without(superexec: subprocess.Popen) -> None:
@@ -160,18 +181,16 @@ def run_warm_superexec(runtime_api_address: str, parent_pid: int, wake_fd: int) 
     a task when the SuperNode has stored a message (`wake_fd`), and every 10 s anyway."""
     started = time.monotonic()
     preload()
+    quick_object_pulls()  # the forked ClientApps pull their message with short retries
+    flower_patches.apply("clientapp.install-once")
+    sys.dont_write_bytecode = False  # the FAB's code compiles once, into its own folder
+    if wake_fd != NO_WAKE and flower_patches.apply("superexec.woken", Backoff(wake_fd)):
+        # Looking before the SuperNode holds the message's objects would start a ClientApp
+        # that waits for them in Flower's 1 s backoff: look when woken, and every 10 s.
+        os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(SUPEREXEC_FALLBACK_POLL)
+    flower_patches.apply("superexec.fork-clientapps")
     import flwr.supercore.superexec.run_superexec as superexec
 
-    quick_object_pulls()  # the forked ClientApps pull their message with short retries
-    import flwr.supernode.runtime.run_clientapp as clientapp
-
-    clientapp.install_from_fab = installed_once(clientapp.install_from_fab)
-    sys.dont_write_bytecode = False  # the FAB's code compiles once, into its own folder
-    superexec.time = Backoff(wake_fd)
-    superexec.get_executor = lambda *_a, **_kw: ForkExecutor()
-    # Looking before the SuperNode holds the message's objects would start a ClientApp
-    # that waits for them in Flower's 1 s backoff: look when woken, and every 10 s anyway.
-    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(SUPEREXEC_FALLBACK_POLL)
     print(f"{READY} (libraries loaded in {time.monotonic() - started:.1f} s)",
           file=sys.stderr, flush=True)
     superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=True,
@@ -187,6 +206,20 @@ def preload() -> None:
             importlib.import_module(name)
     for name in [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES]:
         del sys.modules[name]
+
+
+def fork_executor(_get_executor: Callable[..., Any]) -> Callable[..., ForkExecutor]:
+    """The replacement of the SuperExec's `get_executor`: a `ForkExecutor` whatever the
+    arguments. The Flower names it uses are imported here, so that a missing one leaves
+    Flower's executor in place (`wire.flower_patches`) instead of failing a task."""
+    from flwr.supercore.constant import TaskType  # noqa: F401
+    from flwr.supercore.superexec.executor import LaunchResult  # noqa: F401
+    from flwr.supercore.superexec.executor.subprocess_executor import (  # noqa: F401
+        SubprocessExecutor,
+    )
+    from flwr.supernode.runtime.run_clientapp import run_clientapp  # noqa: F401
+
+    return lambda *_a, **_kw: ForkExecutor()
 
 
 def installed_once(install: Any) -> Any:
@@ -239,7 +272,6 @@ class ForkExecutor:
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.environ[FORKED_AT_ENV] = repr(time.time())  # for client.timing
                 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
                 run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token,

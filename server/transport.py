@@ -28,7 +28,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from shared import schema
 from shared.schema import Payload
 from wire import read_payload, to_records
-from wire.flower_waits import quick_object_pulls
+from wire.flower_patches import quick_object_pulls
 
 log = logging.getLogger("feddlr")
 T = TypeVar("T")
@@ -184,7 +184,7 @@ def on_stable_sites(fit: Callable[[list[str]], T], sites: Iterable[str], *, min_
 class GridTransport:
     """Queries as Flower messages of type `query.<action>` over a `Grid`; on a deployment
     the Grid retries a reply's missing objects after 50 ms, not Flower's 1 s
-    (`wire.flower_waits`)."""
+    (`wire.flower_patches`)."""
 
     def __init__(self, grid: Grid, *, round_timeout: float, connect_timeout: float,
                  min_sites: int, poll_interval: float = POLL_INTERVAL) -> None:

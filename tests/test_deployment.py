@@ -23,9 +23,9 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,9 @@ pytestmark = pytest.mark.slow
 
 SITES = ("site-1", "site-2", "site-3")
 NUMERIC = ("age", "tumour_size_mm", "ki67")
+# tests/site_hooks/sitecustomize.py: test hooks in a SuperNode's own processes, not in the app
+SITE_HOOKS = APP_DIR / "tests" / "site_hooks"
+HELD = "site hook: holding the reply to cohort_squares for 120 s"
 SCRIPTS = ["ca.sh", "superlink.sh", "node-key.sh", "register.sh", "approve.sh", "supernode.sh",
            "run.sh", "superlink.sh", "run.sh"]
 
@@ -131,11 +134,9 @@ def wait_online(env: dict[str, str], count: int, timeout: float = 60) -> None:
 
 
 def run_study(command: str, env: dict[str, str], log: Path,
-              kill_on: tuple[str, Callable[[], None]] | None = None,
               seen: dict[str, float] | None = None) -> tuple[int, str]:
-    """Run a `deploy/run.sh …` line to the end, streaming its log; when a line contains
-    `kill_on[0]`, call `kill_on[1]()` once; `seen` maps texts to the monotonic time of the
-    first line holding them (filled in)."""
+    """Run a `deploy/run.sh …` line to the end, streaming its log; `seen` maps texts to the
+    monotonic time of the first line holding them (filled in)."""
     lines = []
     with subprocess.Popen(["bash", "-c", command], cwd=APP_DIR, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -143,15 +144,27 @@ def run_study(command: str, env: dict[str, str], log: Path,
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if kill_on and kill_on[0] in line:
-                kill_on[1]()
-                kill_on = None
             for text in seen or {}:
                 if text in line and not seen[text]:
                     seen[text] = time.monotonic()
         rc = proc.wait(timeout=300)
     log.write_text("".join(lines))
     return rc, "".join(lines)
+
+
+def kill_when_held(procs: Processes, info: dict, done: threading.Event) -> threading.Thread:
+    """SIGKILL site-3 (no sign-off: only its heartbeats stop) once its ClientApp holds the
+    reply to cohort round 2 (the hook's line in its log), until `done` is set."""
+    def watch() -> None:
+        while not done.wait(0.05):
+            if HELD in procs.log("site-3"):
+                info["killed_at"] = time.monotonic()
+                procs.stop("site-3", sig=signal.SIGKILL)
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +219,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                       timeout=120)
                 assert done.returncode == 0, done.stdout + done.stderr
                 info.setdefault("approved", []).append(done.stdout.split()[0])
-        # 4. hospitals: SuperNodes (site-3 with the test hook that holds cohort round 2 in
-        # its own environment); plus three that must be refused
+        # 4. hospitals: SuperNodes (site-3's processes with the test hook that holds its
+        # reply in cohort round 2: tests/site_hooks); plus three that must be refused
         for site in SITES:
-            hook = {"FEDDLR_TEST_DELAY": "cohort_squares=120"} if site == "site-3" else {}
+            hook = {}
+            if site == "site-3":
+                hook = {"FEDDLR_TEST_DELAY": "cohort_squares=120", "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(SITE_HOOKS), base.get("PYTHONPATH")) if p)}
             if site == "site-1":  # a hospital's own node config beside site-dir
                 hook = {"FEDDLR_NODE_CONFIG": "max-query-bytes=1048576"}
             procs.start(site, supernode_sh, dict(hospitals[site], **hook))
@@ -231,22 +247,21 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
             info["plain_http"] = f"refused: {type(err).__name__}"
 
         # 5. run A, the README's study run (round-timeout 600 s); site-3 is killed with
-        # SIGKILL while it holds round 2: no sign-off, only its heartbeats stop
+        # SIGKILL while its ClientApp holds its reply in round 2
         wait_online(coordinator, 3)
         # README step 4, done just before the run: the approval list is read at each run's
         # first message, and the checkout may change under a test (another edit, another hash)
         approve()
         started = time.monotonic()
-
-        def kill() -> None:
-            info["killed_at"] = time.monotonic()
-            procs.stop("site-3", sig=signal.SIGKILL)
-
+        done = threading.Event()
+        watcher = kill_when_held(procs, info, done)
         info["seen"] = {"site-3 dropped during cohort_squares": 0.0}
-        info["a_rc"], info["a_log"] = run_study(
-            run_a, coordinator, root / "run-a.log", kill_on=("[cohort] round 1/3", kill),
-            seen=info["seen"])
+        info["a_rc"], info["a_log"] = run_study(run_a, coordinator, root / "run-a.log",
+                                                seen=info["seen"])
+        done.set()
+        watcher.join()
         info["a_seconds"] = time.monotonic() - started
+        info["site-3_log"] = procs.log("site-3")
         shutil.copy(root / "out-a" / "results.json", root / "results-a.json")
 
         # coordinator restart (README), site-3 back without the hook, resume into out-a
@@ -345,6 +360,9 @@ def test_run_a_goes_on_without_the_site_shut_down_mid_round(deployment: dict) ->
     # the SuperLink answers for the node whose heartbeats stopped (Flower: none for
     # HEARTBEAT_PATIENCE × HEARTBEAT_DEFAULT_INTERVAL), long before round-timeout (600 s)
     assert "Node Unavailable" in rows["site-3"]["reason"]
+    # killed while the test hook around Flower's ClientApp (tests/site_hooks), not the
+    # app, held its reply to round 2
+    assert HELD in deployment["site-3_log"] and "killed_at" in deployment
     dropped_after = deployment["seen"]["site-3 dropped during cohort_squares"] - \
         deployment["killed_at"]
     assert 0 < dropped_after <= HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 10, \

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from client.app import TEST_DELAY_ENV, app
+from client.app import app
 from client.handlers import serve
 from client.session import clear_sessions
 from shared import schema
@@ -125,13 +125,6 @@ def test_a_node_without_a_site_folder_still_replies(site: Path) -> None:
     reply = reply_of(message(GOOD, "query.handshake"), context(None))
     assert reply["status"] == "failed"
     assert reply["reason"].startswith("this node has no usable site folder")
-
-
-def test_test_delay_hook_is_inert_unless_set_and_never_breaks_a_reply(
-        site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TEST_DELAY_ENV, "handshake=0.01,cohort_sums=oops")
-    assert reply_of(message(GOOD, "query.handshake"), context(site))["status"] == "ok"
-    assert reply_of(message(GOOD, "query.cohort_sums"), context(site))["status"] == "ok"
 
 
 # --------------------------------------------------------------------------- fuzz: contents

@@ -14,7 +14,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
 from shared import schema
-from wire import PACK_BYTES, PACKED, flower_waits, read_payload, to_records
+from wire import PACK_BYTES, PACKED, flower_patches, read_payload, to_records
 
 STATISTICS = {"status": "ok", "n": 12, "site.name": "A", "levels": ["x", "y"],
               "sums": np.arange(6.0).reshape(2, 3), "counts": np.array([3, 4], np.int64),
@@ -74,10 +74,15 @@ def test_the_reserved_key_and_bad_packed_blobs_are_refused() -> None:
 
 
 def test_missing_objects_are_asked_again_after_50_ms_not_flowers_second() -> None:
-    changed = flower_waits.quick_object_pulls()
-    assert set(changed) == set(flower_waits.PULLERS)
-    assert flower_waits.quick_object_pulls() == changed  # idempotent: no partial of a partial
+    changed = flower_patches.quick_object_pulls()
+    assert set(changed) == {"flwr.supercore.inflatable.inflatable_utils",
+                            "flwr.superlink.grid.http_grid",
+                            "flwr.supernode.start_client_internal"}
+    assert flower_patches.quick_object_pulls() == changed
     from flwr.supercore.inflatable import inflatable_utils
+
+    quick = inflatable_utils.pull_objects  # idempotent: a partial of Flower's, not of itself
+    assert quick.func.__name__ == "pull_objects" and not hasattr(quick.func, "func")
 
     asked: list[float] = []
 
