@@ -28,7 +28,7 @@ from shared.training_params import IMAGES
 
 log = logging.getLogger("feddlr")
 STAGE = "deep"
-GRID = roc.grid(roc.DEFAULT_BINS)  # the grid of the sites' score histograms (client.training)
+GRID = roc.grid(roc.DEFAULT_BINS)  # the grid of the sites' score histograms (client.training_round)
 
 
 def run_deep(transport: Transport, config: StudyConfig, sites: list[str]) -> dict[str, Any]:
