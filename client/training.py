@@ -48,20 +48,15 @@ from client.dp import SiteDP
 from client.gradcam import gradcam
 from client.guard import Statistic, suppress_small
 from client.local_training import (
-    build,
     device_info,
     flushing_denormals,
-    load_local,
-    load_weights,
     pick_device,
-    received_weights,
     set_determinism,
-    shared_keys,
 )
 from client.session import SiteSession
 from client.training_data import CACHE, cnn_excluded, site_data
 from client.training_round import pretrained_file, run_round
-from client.training_scores import dsfr_vectors, score_data
+from client.training_scores import chosen_net, dsfr_vectors, score_data
 from shared import networks, pretrained
 from shared.folds import site_folds
 from shared.queries.params import QueryRejected
@@ -224,12 +219,8 @@ def dsfr_features(session: SiteSession, query: Payload) -> list[Statistic]:
     source = _checked_name(str(query.get("source", "dsfr")))
     device = pick_device(p.device)
     set_determinism(p.deterministic, device)
-    net = build(p, device)
-    keys = shared_keys(net, p)
-    received = received_weights(query, DSFR_UNIT, p, {k: net.state_dict()[k] for k in keys})
     is_train = "train" in session.site.config.roles
-    load_weights(net, received, load_local(_state_dir(session), p, DSFR_UNIT, p.round)
-                 if is_train else None)
+    net = chosen_net(query, DSFR_UNIT, p, device, _state_dir(session) if is_train else None)
     vectors = dsfr_vectors(net, data, layer, device, p, p.seed)
     names = [f"dsfr_{layer}_c{c:04d}" for c in range(vectors.shape[1])]
     folds = (site_folds(data.y, int(query["cv-folds"]), int(query["seed"]), session.site_id,

@@ -2,7 +2,8 @@
 `query.train_score` and `query.dsfr_features`): each patient's probability — out-of-fold at
 a training site (the model of the fold that held the patient out), the mean of the fold
 models at an external one — with its coarsened statistics, and the DSFR feature vector of
-each patient (the U-Net's feature maps on its tumour slices, pooled and clustered).
+each patient (the U-Net's feature maps on its tumour slices, pooled and clustered); a unit's
+network with the chosen weights (`chosen_net`).
 """
 
 from __future__ import annotations
@@ -40,17 +41,25 @@ from shared.training_params import TrainParams
 # --------------------------------------------------------------------------- scoring
 
 
+def chosen_net(query: Payload, unit: str, p: TrainParams, device: torch.device,
+               state_dir: Path | None) -> nn.Module:
+    """A unit's network with the chosen weights the query carries, and (`state_dir`: a
+    training site) FedBN's local layers of the unit's last round."""
+    net = build(p, device)
+    state = net.state_dict()  # once: state_dict() walks every module
+    received = received_weights(query, unit, p, {k: state[k] for k in shared_keys(net, p)})
+    load_weights(net, received,
+                 load_local(state_dir, p, unit, p.round) if state_dir is not None else None)
+    return net
+
+
 def unit_probabilities(data: ModelData, p: TrainParams, query: Payload, state_dir: Path,
                        device: torch.device) -> tuple[np.ndarray, str, dict[str, nn.Module]]:
     """Out-of-fold probabilities at a training site, mean over units at an external one."""
     nets: dict[str, nn.Module] = {}
     per_unit = {}
     for unit in p.units:
-        net = build(p, device)
-        state = net.state_dict()  # once: state_dict() walks every module
-        received = received_weights(query, unit, p, {k: state[k] for k in shared_keys(net, p)})
-        local = load_local(state_dir, p, unit, p.round) if data.folds is not None else None
-        load_weights(net, received, local)
+        net = chosen_net(query, unit, p, device, state_dir if data.folds is not None else None)
         nets[unit] = net
         logits = predict(net, data.x, device, p).reshape(-1)
         per_unit[unit] = 1 / (1 + np.exp(-logits))
