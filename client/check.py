@@ -136,9 +136,7 @@ def _outside_task(report: SiteCheck, task: str | None) -> str:
 def _notes(report: SiteCheck) -> list[str]:
     """Things worth knowing that are not problems with the data: how masks on another grid
     are put on their image's (client/image_pair.py), and a site too small to answer."""
-    notes = [f"{note.site}: {note.file}: "
-             + (f"patient {note.patient}: " if note.patient is not None else "")
-             + f"note: {note.message}" for note in report.notes]
+    notes = [note.as_note() for note in report.notes]
     if report.config is None:
         return notes
     minimum = report.config.privacy.min_patients

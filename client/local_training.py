@@ -4,7 +4,7 @@ device (CUDA or CPU, autocast dtype) and deterministic kernels, the round's seed
 the state sent back, FedBN's local normalization layers per unit and round in
 `cache/training/<train-id>/`), the losses (focal for DSFR, class-weighted BCE otherwise)
 and the local optimizer loop (`train_unit`; optimizer state starts afresh each round).
-The messages that use them are in client/training.py.
+A round that uses them is client/training_round.py, the messages client/training.py.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Loading is cached per (folder, task) in the ClientApp process, so a stage with s
 rounds reads the folder once, and on the site's disk (`<site>/cache/session/`, keyed by the
 folder's stamp and the loader's code), so a fresh ClientApp process — one per message on a
 deployment — does not read and check every table and image header again. Reasons that name
-patients are written only to the site's own log, `<site>/audit/site.log`; the server is told
-counts.
+patients, and the notes of what loading did (levels normalized, a mask resampled), are
+written only to the site's own log, `<site>/audit/site.log`; the server is told counts.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from shared.labels import task_label
 
 SESSION_CACHE = ("cache", "session")
 SESSION_CACHE_KEEP = 32  # newest loaded folders kept on disk
-LOADER_MODULES = ("client.site", "client.site_config", "client.site_values",
-                  "client.site_clinical", "client.site_images", "client.image_pair",
-                  "client.nifti", "client.dicom", "shared.labels", "shared.policy")
+LOADER_MODULES = ("client.site", "client.site_inspection", "client.site_messages",
+                  "client.site_config", "client.site_values", "client.site_clinical",
+                  "client.site_images", "client.image_pair", "client.nifti", "client.dicom",
+                  "shared.labels", "shared.policy")
 AUDIT_DIR = "audit"
 EGRESS_LOG = "egress.jsonl"
 SITE_LOG = "site.log"
@@ -115,7 +116,7 @@ def _open_session(root: str, task: str | None, needs: tuple[str, ...],
     policy = site.config.privacy
     guard = EgressGuard(site.config.site_id, policy, patient_ids, audit / EGRESS_LOG,
                         DisclosureLedger(audit / LEDGER_FILE, policy.difference))
-    _log_exclusions(site, audit / SITE_LOG)
+    _log_loading(site, audit / SITE_LOG)
     return SiteSession(site=site, guard=guard, task=task)
 
 
@@ -159,11 +160,14 @@ def _loader_code() -> str:
     return digest.hexdigest()
 
 
-def _log_exclusions(site: Site, path: Path) -> None:
-    """Write every exclusion, with its patient, to the site's own log (never sent)."""
+def _log_loading(site: Site, path: Path) -> None:
+    """Write every exclusion, with its patient, and every note of what loading did (levels
+    normalized, a mask resampled, …; as check-site words them) to the site's own log (never
+    sent)."""
     lines = [f"loaded {site.root}: {len(site.clinical)} patients included, "
              f"{len(site.excluded)} excluded"]
     lines += [f"excluded patient {p}: {r}" for p, r in sorted(site.excluded.items())]
+    lines += [note.as_note() for note in site.notes]
     _site_log(site, path, lines)
 
 

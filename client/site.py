@@ -10,75 +10,46 @@ the patient when there is one, and what is wrong. Two kinds of problem:
   patients go on. A patient is never silently dropped.
 
 A required column that is wholly missing is a site-level problem naming the column; a
-missing or bad *value* in it excludes that patient only.
+missing or bad *value* in it excludes that patient only. What loading did that is not a
+problem (clinical.csv's levels normalized, a mask resampled from another grid, a column
+read as missing) is a note, in `Site.notes` and `SiteCheck.notes`.
 
 `load_site(needs=...)` checks only what the stages to run need; `check_site` checks
 everything the folder holds (reading every image in full) and never raises for data errors.
 
-This module holds the public types and API and the inspection pass; site.yaml's keys and
-parsing are in `client.site_config`, the row values in `client.site_values`, the image checks
-in `client.site_images`.
+This module holds the public types and API; the pass over the folder that finds the problems,
+exclusions and notes is `client.site_inspection.SiteInspection` (site.yaml's keys and parsing
+are in `client.site_config`, the row values in `client.site_values`, the image checks in
+`client.site_images`).
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from client.site_clinical import plain_cells, read_clinical
-from client.site_config import (
-    ROLES,
-    SITE_ID_PATTERN,
-    SITE_YAML,
-    TIME_UNITS,
-    CsvFormat,
-    SiteConfig,
-    parse_config,
+from client.site_config import ROLES, SITE_ID_PATTERN, SITE_YAML, TIME_UNITS, SiteConfig
+from client.site_images import IMAGE_NAMES, IMAGES_DIR, find_image
+from client.site_inspection import (
+    CLINICAL_CSV,
+    FEATURES_CSV,
+    PREDICTIONS_CSV,
+    SiteInspection,
+    parse_site_yaml,
 )
-from client.site_images import IMAGE_NAMES, IMAGES_DIR, find_image, patient_image_problems
-from client.site_messages import one_line
-from client.site_values import (
-    LABEL_PARSERS,
-    decimal_number,
-    prediction_problem,
-    survival_problems,
-    typed_clinical,
-)
-from shared.labels import TASK_COLUMNS, LabelError, check_task, task_label
+from client.site_messages import Problem
+from client.site_values import typed_clinical
+from shared.labels import check_task
 
 # what a stage can need of a site folder; `label` = the task label's columns (a survival-only or
 # cohort-without-label query does not need them)
 NEEDS = ("clinical", "label", "survival", "mri", "mri_r2", "us", "features", "predictions")
 
-CLINICAL_CSV = "clinical.csv"
-FEATURES_CSV = "features.csv"
-PREDICTIONS_CSV = "predictions.csv"
-SURVIVAL_COLUMNS = ("dfs_time", "dfs_event")
-PREDICTION_COLUMNS = ("patient_id", "model", "score")
-
 
 # --------------------------------------------------------------------------- public types
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem with a site folder, always naming where it is."""
-
-    site: str
-    file: str
-    patient: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.site}: {self.file}: "
-        if self.patient is not None:
-            where += f"patient {self.patient}: "
-        return where + self.message
 
 
 class SiteError(Exception):
@@ -102,6 +73,9 @@ class Site:
     needs: tuple[str, ...] = ("clinical",)
     features: pd.DataFrame | None = None  # index = patient_id, float columns (needs features)
     predictions: pd.DataFrame | None = None  # patient_id, model, score (needs predictions)
+    # what loading did that is not a problem (levels normalized, a mask resampled, …); the
+    # session writes them to the site's own log beside the exclusions
+    notes: list[Problem] = field(default_factory=list)
 
     @property
     def site_id(self) -> str:
@@ -152,7 +126,7 @@ class SiteCheck:
 def read_site_config(root: Path) -> SiteConfig:
     """site.yaml as a SiteConfig; SiteError listing every problem in it."""
     root = Path(root)
-    config, problems = _parse_config(root, root.name)
+    config, problems = parse_site_yaml(root, root.name)
     if config is None:
         raise SiteError(problems)
     return config
@@ -190,11 +164,12 @@ def load_site(
     if task is not None:  # a task's label is always needed; without one, only if asked
         check_task(task)
         needs = _check_needs((*needs, "label"))
-    inspection = _Inspection(Path(root), task, needs, full_read=full_read, stop_on_fatal=True)
+    inspection = SiteInspection(Path(root), task, needs, full_read=full_read,
+                                stop_on_fatal=True)
     inspection.run()
     if inspection.fatal:
         raise SiteError(inspection.fatal)
-    return inspection.site()
+    return _loaded(inspection)
 
 
 def check_site(root: Path, *, task: str | None = None) -> list[Problem]:
@@ -210,402 +185,50 @@ def inspect_site(root: Path, *, task: str | None = None,
         check_task(task)
     if needs is not None:
         needs = _check_needs((*needs, "label") if task is not None else needs)
-    inspection = _Inspection(Path(root), task, needs, full_read=True, stop_on_fatal=False)
+    inspection = SiteInspection(Path(root), task, needs, full_read=True, stop_on_fatal=False)
     inspection.run()
-    return inspection.summary()
+    return _checked(inspection)
 
 
-# --------------------------------------------------------------------------- site.yaml
+# --------------------------------------------------------------------------- results
 
 
-def _parse_config(root: Path, label: str) -> tuple[SiteConfig | None, list[Problem]]:
-    config, messages = parse_config(root)
-    return config, [Problem(label, SITE_YAML, None, message) for message in messages]
+def _loaded(inspection: SiteInspection) -> Site:
+    """The Site of a pass that found no site-level problem: its usable patients' rows."""
+    assert inspection.config is not None and inspection.raw is not None
+    usable = inspection.usable_ids()
+    clinical = typed_clinical(inspection.raw, usable, inspection.numeric)
+    if inspection.task is not None and "label" in inspection.needs:
+        clinical["target"] = [inspection.targets[p] for p in usable]
+    features = inspection.features.loc[usable] if inspection.features is not None else None
+    predictions = None
+    if inspection.predictions is not None:
+        predictions = inspection.predictions[inspection.predictions.patient_id.isin(usable)]
+        predictions = predictions.reset_index(drop=True)
+    return Site(
+        root=inspection.root,
+        config=inspection.config,
+        clinical=clinical,
+        excluded=inspection.excluded(),
+        problems=list(inspection.problems),
+        task=inspection.task,
+        needs=inspection.needs,
+        features=features,
+        predictions=predictions,
+        notes=inspection.notes(),
+    )
 
 
-# --------------------------------------------------------------------------- inspection
-
-
-class _Inspection:
-    """One pass over a site folder, collecting problems and exclusions.
-
-    `needs=None` means check mode: check whatever the folder holds.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        task: str | None,
-        needs: tuple[str, ...] | None,
-        *,
-        full_read: bool,
-        stop_on_fatal: bool,
-    ) -> None:
-        self.root = root
-        self.task = task
-        self.needs: tuple[str, ...] = ("clinical",) if needs is None else needs
-        self.auto_needs = needs is None
-        self.full_read = full_read
-        self.stop_on_fatal = stop_on_fatal
-        self.label = root.name
-        self.config: SiteConfig | None = None
-        self.problems: list[Problem] = []
-        self.fatal: list[Problem] = []
-        self.reasons: dict[str, list[str]] = {}
-        self.not_in_task: dict[str, str] = {}
-        self.image_notes: list[tuple[str | None, str, str]] = []  # (patient, file, note)
-        self.numeric: set[str] = set()  # clinical.csv's numeric columns
-        self.raw: pd.DataFrame | None = None
-        self.ids: list[str] = []  # unique, non-empty patient ids in file order
-        self.targets: dict[str, int] = {}
-        self.features: pd.DataFrame | None = None
-        self.predictions: pd.DataFrame | None = None
-
-    # -- recording
-
-    def site_problem(self, file: str, message: str) -> None:
-        problem = Problem(self.label, file, None, message)
-        self.problems.append(problem)
-        self.fatal.append(problem)
-
-    def note(self, file: str, message: str) -> None:
-        """A site-level problem that does not stop the site from serving."""
-        self.problems.append(Problem(self.label, file, None, message))
-
-    def patient_problem(
-        self, patient: str, file: str, message: str, *, exclude: bool = True
-    ) -> None:
-        self.problems.append(Problem(self.label, file, patient, message))
-        if exclude:
-            self.reasons.setdefault(patient, []).append(f"{file}: {message}")
-
-    # -- the pass
-
-    def run(self) -> None:
-        if not self.root.is_dir():
-            self.site_problem(".", f"site folder {self.root} does not exist")
-            return
-        self.config, config_problems = _parse_config(self.root, self.label)
-        if self.config is not None:
-            self.label = self.config.site_id
-        self.problems += config_problems
-        self.fatal += config_problems
-        self.raw = self._read_clinical()
-        if self.raw is None:
-            return
-        if self.auto_needs:
-            self.needs = self._present_needs()
-        self._check_columns()
-        if "patient_id" not in self.raw.columns or (self.fatal and self.stop_on_fatal):
-            return
-        self._check_ids()
-        self._check_rows()
-        self._check_images()
-        self._check_features()
-        self._check_predictions()
-        self._apply_task()
-
-    def _present_needs(self) -> tuple[str, ...]:
-        assert self.raw is not None
-        needs = ["clinical", "label"]
-        if any(column in self.raw.columns for column in SURVIVAL_COLUMNS):
-            needs.append("survival")
-        images = self.root / IMAGES_DIR
-        folders = [p for p in images.iterdir() if p.is_dir()] if images.is_dir() else []
-        for need, kind in (("mri", "mri"), ("mri_r2", "mri_mask_r2"), ("us", "us")):
-            if any(find_image(folder, kind) for folder in folders):
-                needs.append(need)
-        if "mri_r2" in needs and "mri" not in needs:
-            needs.append("mri")
-        for need, name in (("features", FEATURES_CSV), ("predictions", PREDICTIONS_CSV)):
-            if (self.root / name).exists():
-                needs.append(need)
-        return tuple(needs)
-
-    def _read_table(self, name: str) -> pd.DataFrame | None:
-        """A CSV as stripped text; a site-level problem (and None) if it cannot be read."""
-        path = self.root / name
-        if not path.is_file():
-            self.site_problem(name, "missing")
-            return None
-        try:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-            self.site_problem(name, f"cannot read CSV: {one_line(error)}")
-            return None
-        table.columns = [str(column).strip() for column in table.columns]
-        return table.apply(lambda column: column.str.strip())
-
-    def _read_clinical(self) -> pd.DataFrame | None:
-        """clinical.csv in its declared format, its cells made plain (client/site_clinical)."""
-        fmt = self.config.clinical_csv if self.config is not None else CsvFormat()
-        raw, problem = read_clinical(self.root / CLINICAL_CSV, fmt)
-        if raw is None:
-            self.site_problem(CLINICAL_CSV, problem or "cannot read CSV")
-            return None
-        cells = plain_cells(raw, fmt)
-        self.numeric = cells.numeric
-        for message in cells.site_problems:
-            self.site_problem(CLINICAL_CSV, message)
-        for patient, message in cells.bad_cells:
-            self.patient_problem(patient, CLINICAL_CSV, message)
-        self.image_notes += [(None, CLINICAL_CSV, note) for note in cells.notes]
-        return raw
-
-    def _required_columns(self) -> dict[str, str]:
-        """Required clinical.csv columns -> why they are needed."""
-        assert self.raw is not None
-        required = {"patient_id": "every site"}
-        why = f"task {self.task}" if self.task else "labels"
-        required |= {column: why for column in self._label_columns()}
-        if "survival" in self.needs:
-            required |= {column: "survival" for column in SURVIVAL_COLUMNS}
-        return required
-
-    def _check_columns(self) -> None:
-        assert self.raw is not None
-        for column, why in self._required_columns().items():
-            if column not in self.raw.columns:
-                self.site_problem(CLINICAL_CSV, f"missing column {column!r} (needed for {why})")
-
-    def _check_ids(self) -> None:
-        assert self.raw is not None
-        ids = self.raw["patient_id"]
-        counts = Counter(ids)
-        for row, patient in enumerate(ids):
-            line = row + 2  # 1-based, after the header line
-            if patient == "":
-                message = f"line {line}: patient_id is empty; the row is excluded"
-                self.problems.append(Problem(self.label, CLINICAL_CSV, None, message))
-                self.reasons.setdefault(f"<line {line}>", []).append(message)
-            elif not _safe_id(patient):
-                self.patient_problem(
-                    patient, CLINICAL_CSV, "patient_id must not contain '/', '\\' or be '.'/'..'"
-                )
-        for patient, count in counts.items():
-            if patient and count > 1:
-                lines = [str(i + 2) for i, p in enumerate(ids) if p == patient]
-                self.patient_problem(
-                    patient,
-                    CLINICAL_CSV,
-                    f"duplicate patient_id on {count} rows (lines {', '.join(lines)}); "
-                    "all are excluded",
-                )
-        self.ids = [p for p in dict.fromkeys(ids) if p]
-
-    def _rows(self) -> Iterable[tuple[str, pd.Series]]:
-        """(patient_id, row) for each row with a non-empty id (first row of a duplicate)."""
-        assert self.raw is not None
-        seen: set[str] = set()
-        for _, row in self.raw.iterrows():
-            patient = row["patient_id"]
-            if patient and patient not in seen:
-                seen.add(patient)
-                yield patient, row
-
-    def _check_rows(self) -> None:
-        assert self.raw is not None
-        parsers = {column: LABEL_PARSERS[column] for column in self._label_columns()}
-        parsers = {c: parse for c, parse in parsers.items() if c in self.raw.columns}
-        for patient, row in self._rows():
-            for column, parse in parsers.items():
-                try:
-                    parse(row[column])
-                except LabelError as error:
-                    self.patient_problem(patient, CLINICAL_CSV, str(error))
-            if "survival" in self.needs:
-                for message in survival_problems(row):
-                    self.patient_problem(patient, CLINICAL_CSV, message)
-
-    def _label_columns(self) -> tuple[str, ...]:
-        """The label columns required and validated where the stage needs the label: the
-        task's, or (no task: a site check) the HER2 pair unless the file has only `label`,
-        plus `label` if present. A query that needs no label reads none of them."""
-        assert self.raw is not None
-        if "label" not in self.needs:
-            return ()
-        if self.task is not None:
-            return TASK_COLUMNS[self.task]
-        present = set(self.raw.columns)
-        columns: tuple[str, ...] = ()
-        if present & {"her2_ihc", "her2_ish"} or "label" not in present:
-            columns += TASK_COLUMNS["her2-positive"]
-        if "label" in present:
-            columns += ("label",)
-        return columns
-
-    def _check_images(self) -> None:
-        image_needs = {"mri", "mri_r2", "us"} & set(self.needs)
-        if not image_needs:
-            return
-        for patient in self.ids:
-            if not _safe_id(patient):
-                continue
-            try:
-                notes: list[tuple[str, str]] = []
-                for file, message in patient_image_problems(
-                    self.root, patient, image_needs, full_read=self.full_read,
-                    mask_label=self.config.mask_label if self.config else None, notes=notes,
-                ):
-                    self.patient_problem(patient, file, message)
-                self.image_notes += [(patient, file, note) for file, note in notes]
-            except Exception as error:  # a bad patient never stops the others
-                self.patient_problem(
-                    patient, f"{IMAGES_DIR}/{patient}/", f"{type(error).__name__}: {error}"
-                )
-        self._check_unknown_image_folders()
-
-    def _check_unknown_image_folders(self) -> None:
-        images = self.root / IMAGES_DIR
-        if not images.is_dir():
-            return
-        known = set(self.ids)
-        for folder in sorted(images.iterdir()):
-            if folder.is_dir() and folder.name not in known:
-                self.patient_problem(
-                    folder.name,
-                    f"{IMAGES_DIR}/{folder.name}/",
-                    "image folder of a patient not in clinical.csv",
-                    exclude=False,
-                )
-
-    def _check_features(self) -> None:
-        if "features" not in self.needs:
-            return
-        table = self._read_table(FEATURES_CSV)
-        if table is None:
-            return
-        if "patient_id" not in table.columns:
-            self.site_problem(FEATURES_CSV, "missing column 'patient_id'")
-            return
-        values = table.drop(columns="patient_id").apply(pd.to_numeric, errors="coerce")
-        if values.shape[1] == 0 or table.empty:
-            self.site_problem(FEATURES_CSV, "no feature columns or no rows")
-            return
-        empty_columns = list(values.columns[values.isna().all()])
-        for column in empty_columns:
-            self.site_problem(FEATURES_CSV, f"column {column!r} holds no numeric value")
-        if self.fatal and self.stop_on_fatal:
-            return
-        values.index = table["patient_id"]
-        self._check_table_ids(FEATURES_CSV, list(table["patient_id"]), what="row")
-        checked = [c for c in values.columns if c not in empty_columns]
-        known = set(self.ids)
-        for i, patient in enumerate(table["patient_id"]):
-            bad = [c for c in checked if patient in known and not math.isfinite(values.iat[i,
-                   values.columns.get_loc(c)])]
-            if bad:
-                shown = ", ".join(f"{c}={table[c].iat[i]!r}" for c in bad[:3])
-                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-                self.patient_problem(patient, FEATURES_CSV, f"not a finite number: {shown}{more}")
-        self.features = values[~values.index.duplicated(keep=False)].astype(float)
-
-    def _check_predictions(self) -> None:
-        if "predictions" not in self.needs:
-            return
-        table = self._read_table(PREDICTIONS_CSV)
-        if table is None:
-            return
-        missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
-        for column in missing:
-            self.site_problem(PREDICTIONS_CSV, f"missing column {column!r}")
-        if missing:
-            return
-        keys = [f"{p}\x00{m}" for p, m in zip(table.patient_id, table.model, strict=True)]
-        duplicated = {k for k, n in Counter(keys).items() if n > 1}
-        self._check_table_ids(PREDICTIONS_CSV, list(table["patient_id"]), what="score")
-        models = sorted({m for m in table.model if m})
-        scores = table.score.map(decimal_number)  # correctly rounded, as float() reads it
-        for i, row in table.iterrows():
-            patient = row.patient_id
-            if patient not in self.ids:
-                continue
-            message = prediction_problem(row, scores[i], keys[i] in duplicated)
-            if message:
-                self.patient_problem(patient, PREDICTIONS_CSV, message)
-        for patient in self.ids:
-            have = set(table.model[table.patient_id == patient])
-            for model in models:
-                if model not in have:
-                    self.patient_problem(patient, PREDICTIONS_CSV, f"no score for model {model!r}")
-        self.predictions = pd.DataFrame(
-            {"patient_id": table.patient_id, "model": table.model, "score": scores}
-        )
-
-    def _check_table_ids(self, file: str, ids: list[str], *, what: str) -> None:
-        """Ids of a side table: unknown ones reported; patients without one excluded."""
-        known = set(self.ids)
-        for patient in dict.fromkeys(ids):
-            if patient == "":
-                self.note(file, "a row has an empty patient_id (ignored)")
-            elif patient not in known:
-                self.patient_problem(patient, file, "patient not in clinical.csv", exclude=False)
-        if what == "row":
-            counts = Counter(ids)
-            for patient in self.ids:
-                if counts[patient] == 0:
-                    self.patient_problem(patient, file, "no row for this patient")
-                elif counts[patient] > 1:
-                    self.patient_problem(patient, file, f"duplicate patient_id on {counts[patient]}"
-                                         " rows; all are excluded")
-
-    def _apply_task(self) -> None:
-        """Targets for the task; valid patients outside it are excluded with the reason."""
-        if self.task is None or self.raw is None or "label" not in self.needs:
-            return
-        for patient, row in self._rows():
-            if patient in self.reasons:
-                continue
-            try:
-                self.targets[patient] = task_label(
-                    self.task, row.get("her2_ihc"), row.get("her2_ish"), row.get("label")
-                )
-            except LabelError as error:
-                self.not_in_task[patient] = str(error)
-
-    # -- results
-
-    def excluded(self) -> dict[str, str]:
-        excluded = {patient: "; ".join(reasons) for patient, reasons in self.reasons.items()}
-        return excluded | self.not_in_task
-
-    def usable_ids(self) -> list[str]:
-        excluded = self.excluded()
-        return [p for p in self.ids if p not in excluded]
-
-    def site(self) -> Site:
-        assert self.config is not None and self.raw is not None
-        usable = self.usable_ids()
-        clinical = typed_clinical(self.raw, usable, self.numeric)
-        if self.task is not None and "label" in self.needs:
-            clinical["target"] = [self.targets[p] for p in usable]
-        features = self.features.loc[usable] if self.features is not None else None
-        predictions = None
-        if self.predictions is not None:
-            predictions = self.predictions[self.predictions.patient_id.isin(usable)]
-            predictions = predictions.reset_index(drop=True)
-        return Site(
-            root=self.root,
-            config=self.config,
-            clinical=clinical,
-            excluded=self.excluded(),
-            problems=list(self.problems),
-            task=self.task,
-            needs=self.needs,
-            features=features,
-            predictions=predictions,
-        )
-
-    def summary(self) -> SiteCheck:
-        return SiteCheck(
-            site=self.label,
-            config=self.config,
-            problems=list(self.problems),
-            n_patients=len(self.usable_ids()),
-            excluded=self.excluded(),
-            not_in_task=dict(self.not_in_task),
-            notes=[Problem(self.label, f, p, n) for p, f, n in self.image_notes],
-        )
+def _checked(inspection: SiteInspection) -> SiteCheck:
+    return SiteCheck(
+        site=inspection.label,
+        config=inspection.config,
+        problems=list(inspection.problems),
+        n_patients=len(inspection.usable_ids()),
+        excluded=inspection.excluded(),
+        not_in_task=dict(inspection.not_in_task),
+        notes=inspection.notes(),
+    )
 
 
 def _check_needs(needs: Iterable[str]) -> tuple[str, ...]:
@@ -618,14 +241,15 @@ def _check_needs(needs: Iterable[str]) -> tuple[str, ...]:
     return needs
 
 
-def _safe_id(patient: str) -> bool:
-    return "/" not in patient and "\\" not in patient and patient not in (".", "..")
-
-
 __all__ = [
+    "CLINICAL_CSV",
+    "FEATURES_CSV",
+    "IMAGES_DIR",
     "NEEDS",
+    "PREDICTIONS_CSV",
     "ROLES",
     "SITE_ID_PATTERN",
+    "SITE_YAML",
     "TIME_UNITS",
     "Problem",
     "Site",

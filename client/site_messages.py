@@ -1,11 +1,36 @@
-"""How site problems word files and errors: paths relative to the site folder, a folder
-shown with its trailing `/`, SimpleITK exceptions cut to their useful line, any error on one
-line."""
+"""How site problems word files and errors: a `Problem` naming its site, file and patient,
+paths relative to the site folder, a folder shown with its trailing `/`, SimpleITK exceptions
+cut to their useful line, any error on one line."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem with a site folder (or a note of what loading did), always naming where
+    it is."""
+
+    site: str
+    file: str
+    patient: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return self._where() + self.message
+
+    def as_note(self) -> str:
+        """The line of a note (not a problem), as check-site prints it and site.log keeps it."""
+        return self._where() + f"note: {self.message}"
+
+    def _where(self) -> str:
+        where = f"{self.site}: {self.file}: "
+        if self.patient is not None:
+            where += f"patient {self.patient}: "
+        return where
 
 
 def shown_name(path: Path) -> str:

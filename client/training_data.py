@@ -4,7 +4,8 @@ crops for the deep models), cached per patient in `cache/training/<model>/<key>.
 by the preparation settings and the patient's image files; a torn file is made again); the
 site's prepared samples with its CV folds (kept in the session while its data are
 unchanged); the training and validation rows of a unit; several sites' data as one (the
-pooled reference). The messages that use them are in client/training.py.
+pooled reference). The messages that use them are in client/training.py, a round in
+client/training_round.py.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from shared.training_params import IMAGES
 
 log = logging.getLogger("feddlr")
 STAGE = "deep"
-GRID = roc.grid(roc.DEFAULT_BINS)  # the grid of the sites' score histograms (client.training)
+GRID = roc.grid(roc.DEFAULT_BINS)  # the grid of the sites' score histograms (client.training_round)
 
 
 def deep_settings(settings: Mapping[str, Any]) -> dict[str, Plan]:

@@ -9,7 +9,7 @@ starts the federated model from it (round-0 weights = the file) and writes the h
 At the server PATH is absolute or relative to the working directory (`resolve`). At a
 site it is a file inside the site folder or the folder the site's own site.yaml names
 (`pretrained_dir`), relative to one of them or absolute within one of them
-(`client.training.pretrained_file`, through `client.site_files`): a PATH that leads
+(`client.training_round.pretrained_file`, through `client.site_files`): a PATH that leads
 anywhere else is refused with one answer whether or not the file exists, and never opened.
 Only weight files are read (`.pt`, `.pth`, `.bin`, `.ckpt`, `.safetensors`): the server
 cannot use the setup round to learn the hash of any other file at a site, and errors never

@@ -1,5 +1,5 @@
 """The pooled reference of a simulation as its own process: one "site" named `pooled` that
-holds every training site's data, trained by the same site code (client.training) as the
+holds every training site's data, trained by the same site code (client.training_round) as the
 federated sites, so the comparison measures federation and nothing else.
 
 Only a simulation can run it: it reads the site folders under `sites-dir` directly, which
@@ -75,12 +75,12 @@ def pooled_data(hello: Payload, p: TrainParams) -> Any:  # client.training_data.
 
 def answer(data: Any, query: Payload, state_dir: Path) -> Payload:
     """One training or evaluation round on the pooled data, as a site's reply payload."""
-    from client import training
+    from client import training_round
 
     action = str(query.pop("action"))
     p = TrainParams.from_query(query)
-    stats = training.run_round(data, p, query, state_dir, SITE,
-                               train=action.startswith("train."), min_cell=1)
+    stats = training_round.run_round(data, p, query, state_dir, SITE,
+                                     train=action.startswith("train."), min_cell=1)
     payload: Payload = {"status": schema.STATUS_OK}
     for stat in stats:
         payload.update({f"{stat.name}.{k}": v for k, v in stat.values.items()})

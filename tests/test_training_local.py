@@ -1,7 +1,7 @@
-"""Site-side training pieces (client/training.py) and the engine's configuration
-(server/training.py), in-process: losses, K-means feature reduction, FedProx, seeding,
-the guard on weight updates, and the CUDA/AMP paths (skipped, with the reason, without a
-GPU)."""
+"""Site-side training pieces (client/training_round.py, client/training_scores.py) and the
+engine's configuration (server/training.py), in-process: losses, K-means feature reduction,
+FedProx, seeding, the guard on weight updates, and the CUDA/AMP paths (skipped, with the
+reason, without a GPU)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from client import local_training as L
-from client import training as T
 from client import training_data as D
 from client.handlers import serve
+from client.training_scores import dsfr_vectors
 from server.training_plan import Plan
 from shared import schema
 from shared.config import ConfigError, stage_settings
@@ -81,7 +81,7 @@ def test_dsfr_vectors_keep_the_larger_kmeans_cluster() -> None:
     data = D.ModelData(patients=np.array(["a", "b"]), y=np.array([0, 1]), x=x,
                        mask=np.ones_like(x, dtype=np.uint8),
                        owner=np.array([0, 0, 0, 0, 0, 0, 1, 1]))
-    out = T.dsfr_vectors(Identity(), data, "activation_9", torch.device("cpu"),
+    out = dsfr_vectors(Identity(), data, "activation_9", torch.device("cpu"),
                          tiny("dsfr"), seed=0)
     assert out[0, 0] == pytest.approx(np.mean([1.0, 1.1, 0.9, 1.2]))
     assert out[1, 0] == pytest.approx(3.5)  # under 3 slices: the mean of all
