@@ -25,7 +25,7 @@ NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")  # a unit or model name
 # parameter's bound (shared/queries/training.py): finite values only, so no inf/NaN lr,
 # momentum or loss weight reaches the optimizer. A bound on lr or local steps does not stop
 # a batch-1 update from showing one patient (the head's ΔW/Δb is her embedding at any lr);
-# the site's min_batch_size and min_update_patients do (client/training.py).
+# the site's min_batch_size and min_update_patients do (client/training_round.py).
 BOUNDS: dict[str, tuple[float, float]] = {
     "width": (1 / 64, 4), "size": (8, 512), "spacing": (0, 20), "margin_mm": (0, 200),
     "margin": (0, 1000), "folds": (2, 100), "seed": (0, 2**62), "epochs": (0, 1000),

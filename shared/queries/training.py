@@ -3,7 +3,7 @@
 The round parameters are `shared.training_params.TrainParams`' fields, declared there once
 with their ranges (`BOUNDS`, checked by TrainParams.validate); here each becomes a query
 parameter of its type and range. The site's own rules on a round (min_batch_size, the
-patients behind an update) are checked in client/training.py against its data.
+patients behind an update) are checked in client/training_round.py against its data.
 """
 
 from __future__ import annotations
