@@ -1,29 +1,35 @@
 """Site-side image preparation for the CNN stages (SimpleITK + MONAI), and the training-time
 augmentations. Nothing here leaves the site.
 
-The data path, per patient (paper 2: "ROI dilated by 50 pixels, intensity scaling, resize"):
+The data path, per patient (paper 2: "ROI dilated by 50 pixels, intensity scaling, resize"),
+is one MONAI `Compose` of small transforms on a dict {"image", "mask"}; the three model
+inputs share steps 1–4 and differ only in their axes and the last step:
 
-1. **Read** the image and its mask as every stage does (`client.image_pair`: NIfTI, NRRD,
-   PNG, a DICOM series folder; the mask put on the image's grid in physical space; non-zero
-   or site.yaml's `mask_label` = tumour); a multi-component picture becomes its component
-   mean.
-2. **Resample to a common physical spacing** (`spacing` mm per voxel, isotropic; 0 keeps the
-   native grid, e.g. for PNG ultrasound that carries no spacing), so a tumour has the same
-   physical size in voxels at every site. The image is first cut to a box around the mask
-   (the ROI plus a few voxels), so a 512² × 120 breast volume is not resampled whole.
-3. **ROI** = the mask's bounding box grown by the margin on every side (`margin_mm`; or
-   the paper's `margin_px` pixels at the native in-plane spacing), made a cube (a square for
-   2D) around the box centre so resizing keeps the aspect, cut with MONAI's `SpatialCrop`
-   (clipped to the image) and padded back to a cube where the image border cut it.
-4. **Z-score** (MONAI `NormalizeIntensity`; removes the site's scanner scale and offset)
-   over the tissue around the tumour in the ROI (`reference = tissue`: the tumour's
+1. **Read** (`ReadPair`) the image and its mask as every stage does (`client.image_pair`:
+   NIfTI, NRRD, PNG, a DICOM series folder; the mask put on the image's grid in physical
+   space; non-zero or site.yaml's `mask_label` = tumour); a multi-component picture becomes
+   its component mean.
+2. **Resample to a common physical spacing** (`CommonSpacing`; `spacing` mm per voxel,
+   isotropic; 0 keeps the native grid, e.g. for PNG ultrasound that carries no spacing), so
+   a tumour has the same physical size in voxels at every site. The image is first cut to a
+   box around the mask (`NativeWindow`: the ROI plus a few voxels), so a 512² × 120 breast
+   volume is not resampled whole.
+3. **ROI** (`CubicRoi`) = the mask's bounding box grown by the margin on every side
+   (`margin_mm`; or the paper's `margin_px` pixels at the native in-plane spacing), made a
+   cube (a square for 2D) around the box centre so resizing keeps the aspect, cut with
+   MONAI's `SpatialCrop` (clipped to the image) and padded back to a cube where the image
+   border cut it (`PadToCube`, MONAI's `SpatialPad`).
+4. **Z-score** (`ZScore`: MONAI `NormalizeIntensity`; removes the site's scanner scale and
+   offset) over the tissue around the tumour in the ROI (`reference = tissue`: the tumour's
    enhancement relative to its surroundings is what the network sees) or over the whole
-   ROI (`roi`, ultrasound), then **resize** to `size`ⁿ (MONAI `Resize`; the mask interpolated and
-   kept at ≥ 0.5, so a tumour smaller than a voxel does not vanish).
+   ROI (`roi`, ultrasound), then **resize** to `size`ⁿ (MONAI `Resized`; the mask
+   interpolated and kept at ≥ 0.5 by `KeepMask`, so a tumour smaller than a voxel does not
+   vanish).
 
-DSFR (paper 1) takes the same in-plane ROI over every axial slice with tumour, z-scored
-over the patient's ROI slab, each slice resized to size², with its mask slice as the
-segmentation target. Its volume is resampled in-plane only (slices stay slices).
+DSFR (paper 1) takes the same in-plane ROI over every axial slice with tumour
+(`TumourSlices`), z-scored over the patient's ROI slab, each slice resized to size², with
+its mask slice as the segmentation target. Its volume is resampled in-plane only (slices
+stay slices).
 
 `augmenter` builds paper 2's augmentations as MONAI transforms (flips, RandAffine scaling
 and panning, Gaussian noise, Gaussian blur, contrast and brightness) and `mix_batch`
@@ -32,6 +38,7 @@ MONAI's MixUp / CutMix; both are seeded by the caller, so a replayed round draws
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +48,7 @@ import torch
 from monai.transforms import (
     Compose,
     CutMix,
+    MapTransform,
     MixUp,
     NormalizeIntensity,
     RandAffine,
@@ -49,9 +57,10 @@ from monai.transforms import (
     RandGaussianSmooth,
     RandScaleIntensity,
     RandShiftIntensity,
-    Resize,
+    Resized,
     SpatialCrop,
     SpatialPad,
+    Transform,
 )
 
 from client import image_pair
@@ -98,17 +107,6 @@ def _scalar(image: sitk.Image) -> sitk.Image:
                     for c in range(image.GetNumberOfComponentsPerPixel())]
         image = sum(channels[1:], channels[0]) / float(len(channels))
     return image_pair.flat(sitk.Cast(image, sitk.sitkFloat32))
-
-
-def _pair(image: Path, mask: Path, dims: int,
-          mask_label: int | None = None) -> tuple[sitk.Image, sitk.Image]:
-    """The image (float32) and its 0/1 tumour mask on the image's grid, accepted as every
-    stage accepts them (client.image_pair: a mask on another grid over the same region is
-    resampled in physical space; one elsewhere, uneven DICOM slices or two sources refused
-    with ImageRefused)."""
-    picture, labels = image_pair.accepted_pair(Path(image), Path(mask), label=mask_label,
-                                               dims=(dims,), mask_name=Path(mask).name)
-    return _scalar(picture), labels
 
 
 # --------------------------------------------------------------------------- geometry
@@ -162,47 +160,11 @@ def resample(image: sitk.Image, spacing: tuple[float | None, ...]) -> sitk.Image
                          image.GetPixelID())
 
 
-def _common_grid(picture: sitk.Image, labels: sitk.Image, prep: Preparation,
-                 axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Image and mask arrays (numpy order) cut around the ROI and resampled to the common
-    spacing on `axes`; with the margin in mm and the grid's in-plane spacing."""
-    native = float(picture.GetSpacing()[0])
-    margin_mm = prep.margin(native)
-    index, size = _native_window(labels, margin_mm, axes)
-    picture = sitk.RegionOfInterest(picture, size, index)
-    labels = sitk.RegionOfInterest(labels, size, index)
-    spacing = tuple(prep.spacing if a in axes and prep.spacing > 0 else None
-                    for a in range(picture.GetDimension()))
-    picture = resample(picture, spacing)
-    # the mask by linear interpolation of its 0/1 values, kept where ≥ 0.5; a tumour smaller
-    # than a voxel of the new grid keeps every voxel it overlaps
-    cover = sitk.GetArrayFromImage(resample(sitk.Cast(labels, sitk.sitkFloat32), spacing))
-    mask = _kept(cover)
-    if not mask.any():
-        raise ValueError(f"the tumour mask vanishes at {prep.spacing} mm spacing")
-    return (sitk.GetArrayFromImage(picture), mask.astype(np.uint8), margin_mm,
-            float(picture.GetSpacing()[0]))
-
-
-def roi(image: np.ndarray, mask: np.ndarray, margin_vox: float, axes: tuple[int, ...],
-        reference: str = "tissue") -> tuple[np.ndarray, np.ndarray]:
-    """The cubic ROI (bounding box + margin, on `axes` in numpy order; other axes: the
-    mask's extent) cut with MONAI's SpatialCrop, padded to a cube where clipped: the image
-    z-scored (MONAI NormalizeIntensity) over the tissue around the tumour or the whole ROI
-    (`reference`), padded with 0 (the reference's mean)."""
-    lo, hi = bounding_box(mask)
-    side = int(np.ceil(max(hi[a] - lo[a] for a in axes) + 2 * margin_vox))
-    start, stop = lo.copy(), hi.copy()
-    for a in axes:
-        start[a] = int(np.floor((lo[a] + hi[a] - side) / 2))
-        stop[a] = start[a] + side
-    crop = SpatialCrop(roi_start=np.maximum(start, 0), roi_end=np.minimum(stop, mask.shape))
-    x = crop(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None])
-    m = crop(torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None])
-    x = NormalizeIntensity(**_reference(x, m, reference))(x)
-    target = [side if a in axes else m.shape[1 + a] for a in range(mask.ndim)]
-    pad = SpatialPad(spatial_size=target, mode="constant")
-    return np.asarray(pad(x), np.float32), np.asarray(pad(m), np.float32)
+def _kept(cover: np.ndarray) -> np.ndarray:
+    """A mask from interpolated 0/1 values: ≥ 0.5, or every voxel it overlaps when that
+    leaves nothing (a tumour smaller than one voxel of the new grid)."""
+    inside = cover >= 0.5
+    return inside if inside.any() else cover > 0
 
 
 def _reference(x: torch.Tensor, m: torch.Tensor, reference: str) -> dict[str, float]:
@@ -218,59 +180,204 @@ def _reference(x: torch.Tensor, m: torch.Tensor, reference: str) -> dict[str, fl
     return {"subtrahend": float(values.mean()), "divisor": std if std > 1e-8 else 1.0}
 
 
-def _resize(x: np.ndarray, m: np.ndarray, size: tuple[int, ...]) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
-    mode = "trilinear" if len(size) == 3 else "bilinear"
-    image = Resize(spatial_size=size, mode=mode, anti_aliasing=True)(torch.from_numpy(x))
-    cover = np.asarray(Resize(spatial_size=size, mode=mode)(torch.from_numpy(m)))
-    return (np.asarray(image, np.float32)[None],
-            _kept(cover).astype(np.uint8)[None])
+# --------------------------------------------------------------------------- the steps
+# Every step is a MONAI transform on one patient's dict: "image" and "mask" (SimpleITK images
+# up to CommonSpacing, channel-first arrays from then on) and what a step measured for a
+# later one ("margin_mm", "grid_mm": the grid's in-plane spacing, "cube", "side_mm").
+
+KEYS = ("image", "mask")
 
 
-def _kept(cover: np.ndarray) -> np.ndarray:
-    """A mask from interpolated 0/1 values: ≥ 0.5, or every voxel it overlaps when that
-    leaves nothing (a tumour smaller than one voxel of the new grid)."""
-    inside = cover >= 0.5
-    return inside if inside.any() else cover > 0
+class ReadPair(Transform):
+    """File paths -> the image (float32, one component) and its 0/1 tumour mask on the
+    image's grid, accepted as every stage accepts them (client.image_pair: a mask on another
+    grid over the same region is resampled in physical space; one elsewhere, uneven DICOM
+    slices or two sources refused with ImageRefused)."""
+
+    def __init__(self, dims: int, mask_label: int | None) -> None:
+        self.dims, self.mask_label = dims, mask_label
+
+    def __call__(self, data: dict) -> dict:
+        picture, labels = image_pair.accepted_pair(
+            Path(data["image"]), Path(data["mask"]), label=self.mask_label, dims=(self.dims,),
+            mask_name=Path(data["mask"]).name)
+        return {**data, "image": _scalar(picture), "mask": labels}
+
+
+class NativeWindow(Transform):
+    """Both images cut, on their native grid, to a box around the mask wide enough for the
+    cubic ROI on `axes` (ITK order), so a 512² × 120 volume is not resampled whole; the
+    margin in mm (`margin`: the native in-plane spacing -> mm) goes on to the ROI."""
+
+    def __init__(self, margin: Callable[[float], float], axes: tuple[int, ...]) -> None:
+        self.margin, self.axes = margin, axes
+
+    def __call__(self, data: dict) -> dict:
+        margin_mm = self.margin(float(data["image"].GetSpacing()[0]))
+        index, size = _native_window(data["mask"], margin_mm, self.axes)
+        cut = {k: sitk.RegionOfInterest(data[k], size, index) for k in KEYS}
+        return {**data, **cut, "margin_mm": margin_mm}
+
+
+class CommonSpacing(Transform):
+    """Both resampled (linear, `resample`) to `spacing` mm on `axes` (ITK order; 0 keeps the
+    native grid), as channel-first arrays. The mask by linear interpolation of its 0/1
+    values, kept where ≥ 0.5: a tumour smaller than a voxel of the new grid keeps every
+    voxel it overlaps. (MONAI's Spacing would choose another output grid and interpolate with
+    torch: other numbers; this keeps the box's centre and ITK's interpolation, as before.)"""
+
+    def __init__(self, spacing: float, axes: tuple[int, ...]) -> None:
+        self.spacing, self.axes = spacing, axes
+
+    def __call__(self, data: dict) -> dict:
+        picture = data["image"]
+        spacing = tuple(self.spacing if a in self.axes and self.spacing > 0 else None
+                        for a in range(picture.GetDimension()))
+        picture = resample(picture, spacing)
+        cover = resample(sitk.Cast(data["mask"], sitk.sitkFloat32), spacing)
+        mask = _kept(sitk.GetArrayFromImage(cover))
+        if not mask.any():
+            raise ValueError(f"the tumour mask vanishes at {self.spacing} mm spacing")
+        return {**data, "image": sitk.GetArrayFromImage(picture)[None],
+                "mask": mask.astype(np.uint8)[None], "grid_mm": float(picture.GetSpacing()[0])}
+
+
+class CubicRoi(MapTransform):
+    """The ROI: the mask's bounding box grown by the margin on `axes` (numpy order of the
+    spatial axes; the others keep the mask's extent), made a cube (a square) around the
+    box's centre so resizing keeps the aspect, cut with MONAI's SpatialCrop (clipped to the
+    image). `cube` is the shape PadToCube restores; `side_mm` the cube's physical side."""
+
+    def __init__(self, axes: tuple[int, ...], keys: tuple[str, ...] = KEYS) -> None:
+        super().__init__(keys)
+        self.axes = axes
+
+    def __call__(self, data: dict) -> dict:
+        mask = data["mask"][0]
+        lo, hi = bounding_box(mask)
+        margin_vox = data["margin_mm"] / data["grid_mm"]
+        side = int(np.ceil(max(hi[a] - lo[a] for a in self.axes) + 2 * margin_vox))
+        start, stop = lo.copy(), hi.copy()
+        for a in self.axes:
+            start[a] = int(np.floor((lo[a] + hi[a] - side) / 2))
+            stop[a] = start[a] + side
+        crop = SpatialCrop(roi_start=np.maximum(start, 0), roi_end=np.minimum(stop, mask.shape))
+        out = {**data, **{k: crop(torch.from_numpy(np.ascontiguousarray(data[k], np.float32)))
+                          for k in self.key_iterator(data)}}
+        cube = [side if a in self.axes else out["mask"].shape[1 + a] for a in range(mask.ndim)]
+        return {**out, "cube": cube, "side_mm": side * data["grid_mm"]}
+
+
+class ZScore(Transform):
+    """The image z-scored with MONAI's NormalizeIntensity over `reference` (_reference: the
+    tissue around the tumour, or the whole ROI)."""
+
+    def __init__(self, reference: str) -> None:
+        self.reference = reference
+
+    def __call__(self, data: dict) -> dict:
+        x = data["image"]
+        return {**data, "image": NormalizeIntensity(**_reference(x, data["mask"],
+                                                                 self.reference))(x)}
+
+
+class PadToCube(MapTransform):
+    """Padded back to the cube with MONAI's SpatialPad where the image border clipped it,
+    with 0 (the z-scored reference's mean); plain float32 tensors from here on."""
+
+    def __init__(self, keys: tuple[str, ...] = KEYS) -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: dict) -> dict:
+        pad = SpatialPad(spatial_size=data["cube"], mode="constant")
+        return {**data, **{k: torch.from_numpy(np.asarray(pad(data[k]), np.float32))
+                           for k in self.key_iterator(data)}}
+
+
+class TumourSlices(MapTransform):
+    """DSFR: one sample per axial slice with tumour, (1, z, y, x) -> [(1, y, x), ...]; the
+    later steps of the Compose run on each slice on its own (MONAI's multi-sample list), so
+    a slice's mask keeps its own sub-voxel tumour (KeepMask)."""
+
+    def __init__(self, keys: tuple[str, ...] = KEYS) -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: dict) -> list[dict]:
+        keep = np.flatnonzero(np.asarray(data["mask"][0]).any(axis=(1, 2)))
+        return [{**data, **{k: data[k][:, z] for k in self.key_iterator(data)}} for z in keep]
+
+
+class KeepMask(Transform):
+    """The resized mask's interpolated 0/1 values back to a 0/1 uint8 mask (_kept)."""
+
+    def __call__(self, data: dict) -> dict:
+        return {**data, "mask": _kept(np.asarray(data["mask"])).astype(np.uint8)}
 
 
 # --------------------------------------------------------------------------- model inputs
 
 
+def _roi_steps(prep: Preparation, dims: int, mask_label: int | None,
+               grid_axes: tuple[int, ...], roi_axes: tuple[int, ...]) -> list[Transform]:
+    """The steps every model shares: read, cut, resample to the common spacing on
+    `grid_axes` (ITK order), the cubic ROI on `roi_axes` (numpy order), z-score, pad."""
+    return [ReadPair(dims, mask_label), NativeWindow(prep.margin, grid_axes),
+            CommonSpacing(prep.spacing, grid_axes), CubicRoi(roi_axes), ZScore(prep.reference),
+            PadToCube()]
+
+
+def _resized(size: int, dims: int) -> list[Transform]:
+    """MONAI's Resize to size^dims: the image anti-aliased, the mask interpolated and kept
+    at ≥ 0.5 (KeepMask), so a tumour smaller than a voxel does not vanish."""
+    mode = "trilinear" if dims == 3 else "bilinear"
+    return [Resized(KEYS, spatial_size=(size,) * dims, mode=mode, anti_aliasing=(True, False)),
+            KeepMask()]
+
+
+def _prepared(steps: list[Transform], image: Path, mask: Path, size: int) -> Prepared:
+    """`steps` composed (MONAI's Compose) and run on one patient: one sample, or a list of
+    them (DSFR's slices), stacked as the model's inputs."""
+    try:
+        out = Compose(steps)({"image": image, "mask": mask})
+    except RuntimeError as err:
+        raise _own_error(err) from None
+    samples = out if isinstance(out, list) else [out]
+    return Prepared(np.concatenate([np.asarray(d["image"], np.float32)[None] for d in samples]),
+                    np.concatenate([d["mask"][None] for d in samples]),
+                    samples[0]["side_mm"] / size)
+
+
+def _own_error(err: BaseException) -> BaseException:
+    """The step's own error inside MONAI's RuntimeError("applying transform ...") wrappers
+    (one per level: a step after DSFR's per-slice split is wrapped twice); callers report
+    it by type and message (ImageRefused, a vanishing mask)."""
+    while (isinstance(err, RuntimeError) and err.__cause__ is not None
+           and str(err).startswith("applying transform")):
+        err = err.__cause__
+    return err
+
+
 def mri_roi(image: Path, mask: Path, prep: Preparation,
             mask_label: int | None = None) -> Prepared:
     """DL-MRI input: the ROI cube at the common spacing, z-scored, resized to size³."""
-    picture, labels = _pair(image, mask, 3, mask_label)
-    array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1, 2))
-    x, m = roi(array, target, margin_mm / spacing, (0, 1, 2), prep.reference)
-    side_mm = x.shape[-1] * spacing
-    x, m = _resize(x, m, (prep.size,) * 3)
-    return Prepared(x, m, side_mm / prep.size)
+    steps = [*_roi_steps(prep, 3, mask_label, (0, 1, 2), (0, 1, 2)), *_resized(prep.size, 3)]
+    return _prepared(steps, image, mask, prep.size)
 
 
 def us_roi(image: Path, mask: Path, prep: Preparation,
            mask_label: int | None = None) -> Prepared:
     """DL-US input: the square ROI (common spacing, or native pixels), z-scored, size²."""
-    picture, labels = _pair(image, mask, 2, mask_label)
-    array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1))
-    x, m = roi(array, target, margin_mm / spacing, (0, 1), prep.reference)
-    side_mm = x.shape[-1] * spacing
-    x, m = _resize(x, m, (prep.size,) * 2)
-    return Prepared(x, m, side_mm / prep.size)
+    steps = [*_roi_steps(prep, 2, mask_label, (0, 1), (0, 1)), *_resized(prep.size, 2)]
+    return _prepared(steps, image, mask, prep.size)
 
 
 def tumour_slices(image: Path, mask: Path, prep: Preparation,
                   mask_label: int | None = None) -> Prepared:
     """DSFR input: every axial slice with tumour of the in-plane ROI (common in-plane
     spacing), z-scored over the patient's ROI slab, resized to size²: (k, 1, size, size)."""
-    picture, labels = _pair(image, mask, 3, mask_label)
-    array, target, margin_mm, spacing = _common_grid(picture, labels, prep, (0, 1))
-    x, m = roi(array, target, margin_mm / spacing, (1, 2), prep.reference)  # (z, y, x)
-    side_mm = x.shape[-1] * spacing
-    keep = np.flatnonzero(m[0].any(axis=(1, 2)))
-    slices = [_resize(x[:, z], m[:, z], (prep.size,) * 2) for z in keep]
-    return Prepared(np.concatenate([s[0] for s in slices]),
-                    np.concatenate([s[1] for s in slices]), side_mm / prep.size)
+    steps = [*_roi_steps(prep, 3, mask_label, (0, 1), (1, 2)), TumourSlices(),
+             *_resized(prep.size, 2)]
+    return _prepared(steps, image, mask, prep.size)
 
 
 def tumour_share(mask: np.ndarray) -> float:
