@@ -21,6 +21,7 @@ from server.rounds import drive
 from server.transport import Reply, StageSkipped, Transport, ask_all_ok, on_stable_sites
 from shared import logistic, schema
 from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig
+from shared.settings import config_values, setting
 
 log = logging.getLogger("feddlr")
 STAGE = "fusion"
@@ -28,16 +29,18 @@ STAGE = "fusion"
 
 @dataclass(frozen=True)
 class FusionConfig:
-    models: tuple[str, ...]
-    C: float
+    """The fusion stage's run-config keys (shared/settings.py)."""
+
+    models: tuple[str, ...] = setting("fusion-models")
+    C: float = setting("fusion-C")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> FusionConfig:
-        models = settings["fusion-models"]
-        if len(models) < 2 or len(set(models)) != len(models):
-            raise ConfigError(f"run config fusion-models: {','.join(models)!r} must name two "
-                              "or more different models")
-        return cls(models, settings["fusion-C"])
+        fc = cls(**config_values(cls, settings))
+        if len(fc.models) < 2 or len(set(fc.models)) != len(fc.models):
+            raise ConfigError(f"run config fusion-models: {','.join(fc.models)!r} must name "
+                              "two or more different models")
+        return fc
 
 
 def run_fusion(transport: Transport, config: StudyConfig, sites: list[str],

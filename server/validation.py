@@ -51,6 +51,7 @@ from shared import refine, roc, schema
 from shared import validation as val
 from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig, query_needs
 from shared.schema import Payload, nest
+from shared.settings import config_values, setting
 
 log = logging.getLogger("feddlr")
 STAGE = "validation"
@@ -66,20 +67,19 @@ GRID_NOTES = {
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    bins: int
-    calibration_bins: int
-    subgroups: tuple[str, ...]
-    models: tuple[str, ...]  # () = every model the sites have scores of
-    mode: str  # pooled | loso
-    grid: str  # adaptive: per model, where its scores are | uniform on [0, 1]
+    """The validation stage's run-config keys (shared/settings.py)."""
+
+    bins: int = setting("validation-bins")
+    calibration_bins: int = setting("calibration-bins")
+    subgroups: tuple[str, ...] = setting("subgroups")
+    models: tuple[str, ...] = setting("validation-models")  # () = every model with scores
+    mode: str = setting("validation")  # pooled | loso
+    grid: str = setting("validation-grid")  # adaptive (where a model's scores are) | uniform
     level: float = 0.95
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ValidationConfig:
-        vc = cls(bins=settings["validation-bins"],
-                 calibration_bins=settings["calibration-bins"],
-                 subgroups=settings["subgroups"], models=settings["validation-models"],
-                 mode=settings["validation"], grid=settings["validation-grid"])
+        vc = cls(**config_values(cls, settings))
         if vc.bins % vc.calibration_bins:
             raise ConfigError(f"run config calibration-bins ({vc.calibration_bins}) must divide "
                               f"validation-bins ({vc.bins})")
