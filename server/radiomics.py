@@ -149,7 +149,7 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
         return fit, fit.run()
 
     (fit, result), restarts = on_stable_sites(fit_on, train, min_sites=config.min_sites,
-                                              stage=STAGE)
+                                              stage=STAGE, min_replies=config.min_replies)
     result["restarts"] = restarts
     result["cv_folds_by_site"] = site_folds(rows, fit.sites, rc.cv_folds)
     result.update(_score(transport, fit.context, fit.sites, fit.external, fit, rc))
@@ -159,9 +159,11 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
         result["sites"][s] = {"status": "failed", "reason": why}
     for s in sites:
         if s not in result["sites"]:
-            dropped = next((r["dropped"][s] for r in restarts if s in r["dropped"]), None)
-            result["sites"][s] = ({"status": "dropped", "reason": dropped} if dropped
-                                  else {"status": "failed", "reason": "no radiomics features"})
+            left = next((r for r in restarts if s in r["dropped"]), None)
+            result["sites"][s] = (
+                {"status": "failed" if s in left.get("failed", ()) else "dropped",
+                 "reason": left["dropped"][s]} if left
+                else {"status": "failed", "reason": "no radiomics features"})
     return result
 
 

@@ -46,7 +46,7 @@ from server import refine as refinement
 from server.in_step import in_step
 from server.progress import report_round
 from server.radiomics import run_radiomics
-from server.transport import Reply, StageError, StageSkipped, Transport
+from server.transport import Reply, StageError, StageSkipped, Transport, answered
 from shared import refine, roc, schema
 from shared import validation as val
 from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig, query_needs
@@ -129,7 +129,7 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
     context = {"task": config.task, "needs": query_needs(STAGE), "bins": vc.bins,
                "subgroups": list(vc.subgroups), "models": list(vc.models),
                "runs": earlier.runs(config)}
-    scores, status, context = collect(transport, context, sites, vc)
+    scores, status, context = collect(transport, context, sites, vc, config.min_replies)
     if not any(s.cells for s in scores.values()):
         raise StageSkipped("no site has scores of any model to validate: "
                            + "; ".join(f"{s}: {v.get('reason') or 'no predictions'}"
@@ -145,15 +145,21 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
     return result
 
 
-def collect(transport: Transport, context: Payload, sites: list[str], vc: ValidationConfig
+def collect(transport: Transport, context: Payload, sites: list[str], vc: ValidationConfig,
+            min_replies: int = 0
             ) -> tuple[dict[str, SiteScores], dict[str, dict[str, Any]], Payload]:
     """Rounds 0 and 1: each model's grid (adaptive grids), then every site's cells by model
-    and group; a failed site is recorded, not fatal. Returns the context with the grids."""
+    and group; a failed site is recorded, not fatal, unless fewer than `min_replies` sites
+    answer both rounds ok (TooFewReplies). Returns the context with the grids."""
     status: dict[str, dict[str, Any]] = {}
+    asked = sites
     if vc.grid == "adaptive":
         context, sites = _place_grids(transport, context, sites, vc, status)
     replies = transport.ask(schema.VALIDATION_SCORES, context, sites)
     report_round(f"{STAGE}:histograms", 1, 1, replies)
+    failed_first = {s: Reply(s, v["status"], reason=v["reason"]) for s, v in status.items()}
+    answered({**failed_first, **replies}, asked, min_replies=min_replies,
+             what="the validation rounds")
     out: dict[str, SiteScores] = {}
     for site, reply in sorted(replies.items()):
         status[site] = {"status": reply.status, "reason": reply.reason}

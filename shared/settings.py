@@ -219,8 +219,11 @@ SETTINGS: tuple[Setting, ...] = (
        "`dropped` for the rest of the run", "study", within="(0, inf)"),
     _s("connect-timeout", "float", 120.0, "seconds to wait for SuperNodes to connect",
        "study", within="(0, inf)"),
-    _s("min-replies", "int", 1, "a round with fewer `ok` replies fails its stage "
-       "(`run.stages.<stage>.status: failed`, with the reason); the next stages still run",
+    _s("min-replies", "int", 1, "the fewest sites a stage's result may rest on, in every "
+       "stage: when fewer of the sites a round asks reply `ok`, or fewer are left to fit on "
+       "after sites failed or dropped, the stage fails (`run.stages.<stage>.status: failed`, "
+       "with the reason) and the next stages still run (survival keeps its curves and gives "
+       "the Cox model's reason instead); it never stops the study, `min-sites` does",
        "study", within="[1, inf)"),
     _s("resume", "bool", False, "take the stages completed by an earlier run from "
        "`OUT/checkpoint.json` (same `out-dir`)", "study"),
