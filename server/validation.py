@@ -68,7 +68,6 @@ GRID_NOTES = {
 @dataclass(frozen=True)
 class ValidationConfig:
     """The validation stage's run-config keys (shared/settings.py)."""
-
     bins: int = setting("validation-bins")
     calibration_bins: int = setting("calibration-bins")
     subgroups: tuple[str, ...] = setting("subgroups")
@@ -129,7 +128,9 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
     context = {"task": config.task, "needs": query_needs(STAGE), "bins": vc.bins,
                "subgroups": list(vc.subgroups), "models": list(vc.models),
                "runs": earlier.runs(config)}
-    scores, status, context = collect(transport, context, sites, vc, config.min_replies)
+    scores, status, context = collect(transport, context, sites, vc)
+    answered({s: Reply(s, **v) for s, v in status.items()}, sites,  # rounds 0 and 1
+             min_replies=config.min_replies, what="the validation rounds")
     if not any(s.cells for s in scores.values()):
         raise StageSkipped("no site has scores of any model to validate: "
                            + "; ".join(f"{s}: {v.get('reason') or 'no predictions'}"
@@ -145,21 +146,15 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
     return result
 
 
-def collect(transport: Transport, context: Payload, sites: list[str], vc: ValidationConfig,
-            min_replies: int = 0
+def collect(transport: Transport, context: Payload, sites: list[str], vc: ValidationConfig
             ) -> tuple[dict[str, SiteScores], dict[str, dict[str, Any]], Payload]:
     """Rounds 0 and 1: each model's grid (adaptive grids), then every site's cells by model
-    and group; a failed site is recorded, not fatal, unless fewer than `min_replies` sites
-    answer both rounds ok (TooFewReplies). Returns the context with the grids."""
+    and group; a failed site is recorded, not fatal. Returns the context with the grids."""
     status: dict[str, dict[str, Any]] = {}
-    asked = sites
     if vc.grid == "adaptive":
         context, sites = _place_grids(transport, context, sites, vc, status)
     replies = transport.ask(schema.VALIDATION_SCORES, context, sites)
     report_round(f"{STAGE}:histograms", 1, 1, replies)
-    failed_first = {s: Reply(s, v["status"], reason=v["reason"]) for s, v in status.items()}
-    answered({**failed_first, **replies}, asked, min_replies=min_replies,
-             what="the validation rounds")
     out: dict[str, SiteScores] = {}
     for site, reply in sorted(replies.items()):
         status[site] = {"status": reply.status, "reason": reply.reason}
