@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from server.progress import report_round
-from server.transport import Reply, StageError, Transport, ask_same_sites, on_stable_sites
+from server.transport import (
+    Reply,
+    StageError,
+    Transport,
+    answered,
+    ask_same_sites,
+    on_stable_sites,
+)
 from shared import cohort, schema
 from shared.config import StudyConfig
 from shared.schema import COHORT_HISTOGRAMS, COHORT_SQUARES, COHORT_SUMS, nest
@@ -42,11 +49,8 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
     query = {"task": config.task, "covariates": list(config.cohort_covariates)}
     first = transport.ask(COHORT_SUMS, query, sites)
     report_round("cohort", 1, 3, first)
-    answered = [s for s in sites if first[s].ok]
-    if len(answered) < config.min_replies:
-        raise StageError(f"{len(answered)} site(s) answered round 1 of {len(sites)} asked, "
-                         f"min-replies is {config.min_replies}")
-    numeric, categorical = _split_covariates(config.cohort_covariates, first, answered)
+    ok = answered(first, sites, min_replies=config.min_replies, what="round 1")
+    numeric, categorical = _split_covariates(config.cohort_covariates, first, ok)
     left_out = {name: "no site has a value of it in clinical.csv"  # said, never dropped silently
                 for name in config.cohort_covariates if name not in (*numeric, *categorical)}
 
@@ -67,8 +71,8 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
             out["covariates"][name] = _categorical_table(name, first, used)
         return out
 
-    pooled, restarts = on_stable_sites(tables, answered, min_sites=config.min_sites,
-                                       stage="cohort")
+    pooled, restarts = on_stable_sites(tables, ok, min_sites=config.min_sites,
+                                       stage="cohort", min_replies=config.min_replies)
     site_info = {s: {"status": first[s].status, "reason": first[s].reason} for s in sites}
     for restart in restarts:
         for s, reason in restart["dropped"].items():
@@ -76,7 +80,7 @@ def run_cohort(transport: Transport, config: StudyConfig, sites: list[str]) -> d
             site_info[s] = {"status": schema.STATUS_DROPPED,
                             "reason": f"dropped in round {round_no} ({reason}); tables "
                                       "recomputed without it"}
-    used = [s for s in answered if site_info[s]["status"] == schema.STATUS_OK]
+    used = [s for s in ok if site_info[s]["status"] == schema.STATUS_OK]
     return {"task": config.task, "groups": GROUP_NAMES[config.task], **pooled,
             "sites": site_info, "sites_used": used, "restarts": restarts, "left_out": left_out}
 

@@ -18,9 +18,17 @@ from typing import Any
 
 from server.progress import report_round
 from server.rounds import drive
-from server.transport import Reply, StageSkipped, Transport, ask_all_ok, on_stable_sites
+from server.transport import (
+    Reply,
+    StageSkipped,
+    Transport,
+    answered,
+    ask_all_ok,
+    on_stable_sites,
+)
 from shared import logistic, schema
 from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig
+from shared.settings import config_values, setting
 
 log = logging.getLogger("feddlr")
 STAGE = "fusion"
@@ -28,16 +36,18 @@ STAGE = "fusion"
 
 @dataclass(frozen=True)
 class FusionConfig:
-    models: tuple[str, ...]
-    C: float
+    """The fusion stage's run-config keys (shared/settings.py)."""
+
+    models: tuple[str, ...] = setting("fusion-models")
+    C: float = setting("fusion-C")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> FusionConfig:
-        models = settings["fusion-models"]
-        if len(models) < 2 or len(set(models)) != len(models):
-            raise ConfigError(f"run config fusion-models: {','.join(models)!r} must name two "
-                              "or more different models")
-        return cls(models, settings["fusion-C"])
+        fc = cls(**config_values(cls, settings))
+        if len(fc.models) < 2 or len(set(fc.models)) != len(fc.models):
+            raise ConfigError(f"run config fusion-models: {','.join(fc.models)!r} must name "
+                              "two or more different models")
+        return fc
 
 
 def run_fusion(transport: Transport, config: StudyConfig, sites: list[str],
@@ -46,7 +56,8 @@ def run_fusion(transport: Transport, config: StudyConfig, sites: list[str],
     context = {"task": config.task, "runs": earlier.runs(config)}
     replies = transport.ask(schema.FUSION_SETUP, context, sites)
     report_round(f"{STAGE}:setup", 1, 1, replies)
-    ok = {s: r for s, r in replies.items() if r.ok}
+    ok = {s: replies[s] for s in answered(replies, sites, min_replies=config.min_replies,
+                                          what="the fusion setup")}
     result: dict[str, Any] = {"sites": {s: {"status": r.status, "reason": r.reason}
                                         for s, r in replies.items()}}
     dlr_sites = [s for s, r in ok.items() if "dlr.n" in r.payload]
@@ -76,7 +87,7 @@ def _late_fusion(transport: Transport, config: StudyConfig, fc: FusionConfig,
         return solver.fit, rounds, on
 
     (fitted, rounds, fit_sites), restarts = on_stable_sites(
-        fit, train, min_sites=config.min_sites, stage=STAGE)
+        fit, train, min_sites=config.min_sites, stage=STAGE, min_replies=config.min_replies)
     score = dict(query, intercept=float(fitted.intercept), coef=fitted.coef)
     scored = ask_all_ok(transport, schema.FUSION_SCORE, score, fit_sites + external)
     report_round(f"{STAGE}:score", 1, 1, scored)

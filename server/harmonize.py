@@ -80,7 +80,8 @@ def run_combat(transport: Transport, context: Mapping[str, Any], train: list[str
     report_round(STAGE, 3, 3, replies)
     lost = {s: _why(replies[s]) for s in train if not replies[s].ok}
     if lost:
-        raise SiteSetChanged(schema.RADIOMICS_COMBAT, lost)
+        raise SiteSetChanged(schema.RADIOMICS_COMBAT, lost, failed=[
+            s for s in lost if replies[s].status != schema.STATUS_DROPPED])
     # a site that adjusted but whose policy withheld its moments is harmonized all the
     # same; it is only missing from the ANOVA of site (`sites_missing`)
     unharmonized = {s: f"ComBat adjust: {_why(replies[s])}" for s in external

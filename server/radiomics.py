@@ -39,50 +39,42 @@ from shared import glm, icc, lasso, logistic, roc, schema, screening
 from shared.config import ConfigError, StudyConfig
 from shared.federated import Solver
 from shared.labels import TASK_COLUMNS
+from shared.settings import config_values, setting
 from shared.standardize import Scaling, Standardize
 
 log = logging.getLogger("feddlr")
 STAGE = "radiomics"
 
 
-# run-config key -> RadiomicsConfig attribute (the keys are declared in shared/settings.py)
-CONFIG_KEYS: dict[str, str] = {
-    "radiomics-params": "params", "radiomics-workers": "workers",
-    "icc-threshold": "icc_threshold", "lasso-loss": "lasso_loss", "lasso-C": "lasso_C",
-    "lasso-alpha": "lasso_alpha", "screen": "screen", "screen-percentile": "screen_percentile",
-    "screen-order": "screen_order", "mi-bins": "mi_bins", "lr-C": "lr_C",
-    "cv-folds": "cv_folds", "selection": "selection", "seed": "seed",
-    "harmonize": "harmonize", "combat-eb": "combat_eb", "combat-parametric":
-    "combat_parametric", "combat-covariates": "combat_covariates",
-}
-
-
 @dataclass(frozen=True)
 class RadiomicsConfig:
-    params: str = ""  # a pyradiomics params YAML; "" = the paper's
-    workers: int = 0  # extraction processes per site; 0 = the site's CPU count
-    icc_threshold: float = icc.DEFAULT_THRESHOLD
-    lasso_loss: str = "logistic"  # logistic (L1-logistic, lasso-C) | squared (Lasso, lasso-alpha)
-    lasso_C: float = 0.1
-    lasso_alpha: float = 0.02
-    screen: str = "chi2"  # chi2 | mi
-    screen_percentile: float = 50.0
-    screen_order: str = "lasso-first"  # lasso-first | screen-first
-    mi_bins: int = 4
-    lr_C: float = 1.0
-    cv_folds: int = 10
-    selection: str = "in-fold"  # in-fold | paper (select once on all training rows)
-    seed: int = 0
-    harmonize: str = "none"  # none | combat (server.harmonize)
-    combat_eb: bool = True
-    combat_parametric: bool = True
-    combat_covariates: tuple[str, ...] = ()
-    bins: int = roc.DEFAULT_BINS
+    """The radiomics stage's run-config keys (shared/settings.py: defaults, ranges and
+    meanings are declared there); DSFR's head reads the same with its own screening."""
+
+    params: str = setting("radiomics-params")  # "" = the paper's preset
+    workers: int = setting("radiomics-workers")
+    icc_threshold: float = setting("icc-threshold")
+    lasso_loss: str = setting("lasso-loss")
+    lasso_C: float = setting("lasso-C")
+    lasso_alpha: float = setting("lasso-alpha")
+    screen: str = setting("screen")
+    screen_percentile: float = setting("screen-percentile")
+    screen_order: str = setting("screen-order")
+    mi_bins: int = setting("mi-bins")
+    lr_C: float = setting("lr-C")
+    cv_folds: int = setting("cv-folds")
+    selection: str = setting("selection")
+    seed: int = setting("seed")
+    harmonize: str = setting("harmonize")  # server.harmonize
+    combat_eb: bool = setting("combat-eb")
+    combat_parametric: bool = setting("combat-parametric")
+    combat_covariates: tuple[str, ...] = setting("combat-covariates")
+    bins: int = roc.DEFAULT_BINS  # the AUC histogram's bins (not a run-config key)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> RadiomicsConfig:
         """From the typed run config (shared/settings.py checked each value)."""
-        rc = cls(**{attr: settings[key] for key, attr in CONFIG_KEYS.items()})
+        rc = cls(**config_values(cls, settings))
         labels = {c for columns in TASK_COLUMNS.values() for c in columns}
         if held := sorted(labels & set(rc.combat_covariates)):
             raise ConfigError(f"run config combat-covariates: {held} hold the task label; "
@@ -157,7 +149,7 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
         return fit, fit.run()
 
     (fit, result), restarts = on_stable_sites(fit_on, train, min_sites=config.min_sites,
-                                              stage=STAGE)
+                                              stage=STAGE, min_replies=config.min_replies)
     result["restarts"] = restarts
     result["cv_folds_by_site"] = site_folds(rows, fit.sites, rc.cv_folds)
     result.update(_score(transport, fit.context, fit.sites, fit.external, fit, rc))
@@ -167,9 +159,11 @@ def run_radiomics(transport: Transport, config: StudyConfig, sites: list[str],
         result["sites"][s] = {"status": "failed", "reason": why}
     for s in sites:
         if s not in result["sites"]:
-            dropped = next((r["dropped"][s] for r in restarts if s in r["dropped"]), None)
-            result["sites"][s] = ({"status": "dropped", "reason": dropped} if dropped
-                                  else {"status": "failed", "reason": "no radiomics features"})
+            left = next((r for r in restarts if s in r["dropped"]), None)
+            result["sites"][s] = (
+                {"status": "failed" if s in left.get("failed", ()) else "dropped",
+                 "reason": left["dropped"][s]} if left
+                else {"status": "failed", "reason": "no radiomics features"})
     return result
 
 

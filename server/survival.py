@@ -44,15 +44,18 @@ from server.transport import (
     SiteSetChanged,
     StageError,
     StudyError,
+    TooFewReplies,
     Transport,
     ask_same_sites,
     on_stable_sites,
 )
+from server.transport import answered as answered_ok
 from shared import concordance as cindex
 from shared import cox
 from shared import kaplan_meier as km
 from shared.config import NO_EARLIER, Earlier, StudyConfig, query_needs
 from shared.schema import (
+    STATUS_DROPPED,
     SURVIVAL_BOUNDS,
     SURVIVAL_COX,
     SURVIVAL_EVENTS,
@@ -114,12 +117,8 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str],
     base = {"task": task, "needs": "survival", **model_query(config, groups, terms, earlier)}
     setup = transport.ask(SURVIVAL_SETUP, {**base, "group": group, "covariates": names}, sites)
     rounds(setup, "setup")
-    answered = [s for s in sites if setup[s].ok]
-    if len(answered) < config.min_replies:
-        raise StageError(f"{len(answered)} site(s) answered the survival setup of "
-                         f"{len(sites)} asked, min-replies is {config.min_replies}: "
-                         + "; ".join(f"{s}: {setup[s].reason}" for s in sites
-                                     if not setup[s].ok))
+    answered = answered_ok(setup, sites, min_replies=config.min_replies,
+                           what="the survival setup")
     time_bin, time_unit = _agreed_time_policy(setup, answered)
     result: dict[str, Any] = {
         "task": task or None,
@@ -168,9 +167,11 @@ def run_survival(transport: Transport, config: StudyConfig, sites: list[str],
         else:
             try:
                 models, restarts = on_stable_sites(fit, cox_sites, min_sites=config.min_sites,
-                                                   stage="survival")
-            except StudyError as err:  # every Cox site refused a point (e.g. a Newton step
-                # steeper than its max_coefficient on separable data): no model, not no study
+                                                   stage="survival",
+                                                   min_replies=config.min_replies)
+            except (TooFewReplies, StudyError) as err:  # fewer Cox sites than min-replies (e.g.
+                # every one refused a Newton step steeper than its max_coefficient on separable
+                # data), or below min-sites: no Cox model, the curves stand
                 models, restarts = {"cox": {"error": str(err), "sites_missing": answered}}, []
             for key in ("cox", "cox_stepwise"):
                 if "sites_used" in models.get(key, {}):
@@ -350,7 +351,8 @@ def _require(replies: dict[str, Reply], key: str, action: str) -> None:
                                      if k.startswith("refused.")) or r.status)
            for s, r in replies.items() if not r.ok or key not in r.payload}
     if bad:
-        raise SiteSetChanged(action, {s: f"{replies[s].status}: {why}" for s, why in bad.items()})
+        raise SiteSetChanged(action, {s: f"{replies[s].status}: {why}" for s, why in bad.items()},
+                             failed=[s for s in bad if replies[s].status != STATUS_DROPPED])
 
 
 def _sums(reply: Reply) -> cox.RiskSetSums:

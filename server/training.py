@@ -57,6 +57,7 @@ from server.transport import (
     StageError,
     StudyError,
     Transport,
+    answered,
 )
 from shared import fedavg, roc, schema
 from shared.config import StudyConfig
@@ -368,11 +369,8 @@ class Trainer:
                         self.stage, self.name, site, reply.status, when, reply.reason)
             # kept for results.json: the stage is not `ok` with a site fallen out of it
             self.failed.setdefault(site, f"{reply.status} at {when}: {reply.reason}")
-        left = [s for s in sites if s in replies and replies[s].ok]
-        if len(left) < self.config.min_replies or not left:
-            raise StageError(f"{self.name}: only {len(left)} site(s) answered {when} "
-                             f"(min-replies {self.config.min_replies}): " + "; ".join(
-                                 f"{s}: {r.status} ({r.reason})" for s, r in bad.items()))
+        left = answered(replies, sites, min_replies=self.config.min_replies,
+                        what=f"{self.name} {when}")
         dropped = [s for s, r in bad.items() if r.status == schema.STATUS_DROPPED]
         if dropped and len(left) < self.config.min_sites:
             raise StudyError(f"{self.stage}: only {len(left)} site(s) left after "

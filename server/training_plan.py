@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.config import ConfigError
+from shared.settings import config_values, parse, setting
 from shared.training_params import TrainParams
 
 # Recipes: per model, the defaults a run-config key overrides (README, "Training the CNNs").
@@ -26,11 +27,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 8,
                  "rounds": 6, "local_epochs": 1, "local_steps": 12, "dsfr_size": 64,
                  "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "constant",
-                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.75},
+                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.75,
+                 "reference": "tissue"},
         "dl_mri": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 8,
                    "rounds": 8, "local_epochs": 1, "local_steps": 10, "mri_size": 0,
                    "spacing": 1.0, "margin_mm": 3.0, "margin": 0, "schedule": "cosine",
-                   "smoothing": 0.0, "mix": False, "augment": True},
+                   "smoothing": 0.0, "mix": False, "augment": True, "reference": "tissue"},
         "dl_us": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 8,
                   "rounds": 8, "local_epochs": 1, "local_steps": 10, "us_size": 0,
                   "spacing": 0.0, "margin_mm": 3.0, "margin": 0, "reference": "roi",
@@ -40,11 +42,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "dsfr": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 6,
                  "rounds": 4, "local_epochs": 3, "local_steps": 0, "dsfr_size": 64,
                  "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
-                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.25},
+                 "smoothing": 0.0, "mix": False, "augment": False, "focal_alpha": 0.25,
+                 "reference": "tissue"},
         "dl_mri": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 16,
                    "rounds": 3, "local_epochs": 1, "local_steps": 0, "mri_size": 96,
                    "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "schedule": "constant",
-                   "smoothing": 0.0, "mix": False, "augment": True},
+                   "smoothing": 0.0, "mix": False, "augment": True, "reference": "tissue"},
         "dl_us": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "batch_size": 16,
                   "rounds": 3, "local_epochs": 1, "local_steps": 0, "us_size": 256,
                   "spacing": 0.0, "margin_mm": 0.0, "margin": 50, "reference": "roi",
@@ -55,27 +58,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 AUTO = {"width": (1.0, 0.125), "mri_size": (96, 32), "us_size": (256, 64)}
 
 
-# run-config key (shared/settings.py) -> Plan attribute; per-model keys are typed there as
-# {model: value or None}, and None (`default`) leaves the recipe's value
-KEYS: dict[str, str] = {
-    "rounds": "rounds", "local-epochs": "local_epochs", "local-steps": "local_steps",
-    "lr": "lr", "batch-size": "batch_size", "optimizer": "optimizer",
-    "weight-decay": "weight_decay", "cnn-width": "width", "strategy": "strategy",
-    "proximal-mu": "mu", "server-lr": "server_lr", "server-momentum": "server_momentum",
-    "server-beta1": "beta_1", "server-beta2": "beta_2", "server-tau": "tau",
-    "fedbn": "fedbn", "wire-dtype": "wire", "mode": "mode", "mri-size": "mri_size",
-    "us-size": "us_size", "dsfr-size": "dsfr_size", "spacing": "spacing",
-    "roi-margin-mm": "margin_mm", "roi-margin": "margin", "intensity-reference": "reference",
-    "us-variant": "variant", "device": "device", "amp": "amp", "deep-cv-folds": "cv_folds",
-    "select": "select", "augment": "augment", "focal-alpha": "focal_alpha",
-    "pretrained": "pretrained", "gradcam-patients": "gradcam", "seed": "seed",
-    "deterministic": "deterministic",
-}
-# What a key takes when the model's recipe does not set it (the model does not use it) and
-# the run config leaves it at `default`
-UNSET = {"mri_size": 0, "us_size": 0, "dsfr_size": 64, "reference": "tissue",
-         "focal_alpha": 0.25, "width": "auto", "pretrained": "", "server_lr": None,
-         "beta_1": None, "beta_2": None, "tau": None}
+# What a Plan field takes for a model that does not use it, when the model's recipe does not
+# set it and the run config leaves it at `default` (only the model's own size is its input
+# size; only DSFR has a focal loss)
+NOT_USED = {"mri_size": 0, "us_size": 0, "dsfr_size": 64, "focal_alpha": 0.25}
+_DEFAULTS = parse({})
 
 
 @dataclass(frozen=True)
@@ -83,58 +70,57 @@ class Plan:
     """One model's training configuration (run config → recipe defaults → sites)."""
 
     model: str
-    recipe: str
-    rounds: int
-    local_epochs: int
-    local_steps: int
-    lr: float
-    batch_size: int
-    optimizer: str
-    weight_decay: float
-    width: float | str  # "auto" until resolved()
-    strategy: str
-    mu: float
-    server_lr: float | None  # None: Flower's default for the strategy
-    server_momentum: float
-    beta_1: float | None
-    beta_2: float | None
-    tau: float | None
-    fedbn: bool
-    wire: str
-    mode: str
-    mri_size: int  # 0: auto until resolved()
-    us_size: int
-    dsfr_size: int
-    spacing: float
-    margin_mm: float
-    margin: int
-    reference: str
-    variant: str
-    device: str
-    amp: str
-    cv_folds: int
-    select: str
-    augment: bool
-    pretrained: str
-    gradcam: int
-    seed: int
-    deterministic: bool
-    schedule: str
+    recipe: str = setting("recipe", default=False)
+    rounds: int = setting("rounds", default=False)
+    local_epochs: int = setting("local-epochs", default=False)
+    local_steps: int = setting("local-steps", default=False)
+    lr: float = setting("lr", default=False)
+    batch_size: int = setting("batch-size", default=False)
+    optimizer: str = setting("optimizer", default=False)
+    weight_decay: float = setting("weight-decay", default=False)
+    width: float | str = setting("cnn-width", default=False)  # "auto" until resolved()
+    strategy: str = setting("strategy", default=False)
+    mu: float = setting("proximal-mu", default=False)
+    server_lr: float | None = setting("server-lr", default=False)  # None: Flower's default
+    server_momentum: float = setting("server-momentum", default=False)
+    beta_1: float | None = setting("server-beta1", default=False)
+    beta_2: float | None = setting("server-beta2", default=False)
+    tau: float | None = setting("server-tau", default=False)
+    fedbn: bool = setting("fedbn", default=False)
+    wire: str = setting("wire-dtype", default=False)
+    mode: str = setting("mode", default=False)
+    mri_size: int = setting("mri-size", default=False)  # 0: auto until resolved()
+    us_size: int = setting("us-size", default=False)
+    dsfr_size: int = setting("dsfr-size", default=False)
+    spacing: float = setting("spacing", default=False)
+    margin_mm: float = setting("roi-margin-mm", default=False)
+    margin: int = setting("roi-margin", default=False)
+    reference: str = setting("intensity-reference", default=False)
+    variant: str = setting("us-variant", default=False)
+    device: str = setting("device", default=False)
+    amp: str = setting("amp", default=False)
+    cv_folds: int = setting("deep-cv-folds", default=False)
+    select: str = setting("select", default=False)
+    augment: bool = setting("augment", default=False)
+    pretrained: str = setting("pretrained", default=False)
+    gradcam: int = setting("gradcam-patients", default=False)
+    seed: int = setting("seed", default=False)
+    deterministic: bool = setting("deterministic", default=False)
+    schedule: str  # (this and the next two: recipe values no run-config key sets)
     smoothing: float
     mix: bool
-    focal_alpha: float  # DSFR's focal loss: weight of the tumour pixels
+    focal_alpha: float = setting("focal-alpha", default=False)  # DSFR's tumour-pixel weight
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], model: str) -> Plan:
         """The typed run config over the recipe's values for `model`."""
-        recipe = settings["recipe"]
-        values: dict[str, Any] = {**UNSET, "recipe": recipe, **RECIPES[recipe][model]}
-        for key, attr in KEYS.items():
-            given = settings[key]
-            if isinstance(given, dict):
-                given = given[model]
-            if given is not None:
-                values[attr] = given
+        given = config_values(cls, settings, model)
+        # a key at `default` (None) takes the recipe's value, else (the model does not use
+        # it) NOT_USED's, else its declared default (`cnn-width` auto; a server optimizer's
+        # parameter None: Flower's)
+        values = {**config_values(cls, _DEFAULTS, model), **NOT_USED,
+                  **RECIPES[given["recipe"]][model]}
+        values.update({k: v for k, v in given.items() if v is not None})
         plan = cls(model=model, **values)
         plan.validate()
         return plan

@@ -8,8 +8,9 @@ Dropouts: a site that does not answer within `round-timeout`, or whose SuperNode
 gets a `dropped` reply and is dropped for the rest of the run (a late answer is never used).
 Exact multi-round statistics must not mix site sets, so a fit asks with `ask_same_sites`,
 which raises `SiteSetChanged` when a site it started with drops, and runs inside
-`on_stable_sites`, which restarts the whole fit on the survivors (stopping with
-`StudyError` below `min-sites`) and returns what happened for the results.
+`on_stable_sites`, which restarts the whole fit on the survivors and returns what happened
+for the results. Below `min-replies` ok replies (`answered`, `on_stable_sites`) a stage
+fails and the study goes on; below `min-sites` after a site dropped the study stops.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ class StudyError(RuntimeError):
 
 
 class StageError(RuntimeError):
-    """One stage cannot give results (e.g. fewer replies than `min-replies`); the study
+    """One stage cannot give results (e.g. fewer `ok` replies than `min-replies`); the study
     records the stage as failed with this reason and goes on with the next stage."""
+
+
+class TooFewReplies(StageError):
+    """Fewer sites answered `ok` (or are left to fit on) than `min-replies`."""
 
 
 class StageSkipped(RuntimeError):
@@ -58,12 +63,20 @@ class StageSkipped(RuntimeError):
 
 
 class SiteSetChanged(RuntimeError):
-    """A site a multi-round fit started with dropped out; `dropped` maps it to the reason."""
+    """A site a multi-round fit started with left it; `dropped` maps it to the reason.
+    `failed`: those that answered with an error (still usable later), the others are gone
+    (no reply in time, SuperNode gone)."""
 
-    def __init__(self, action: str, dropped: Mapping[str, str]) -> None:
+    def __init__(self, action: str, dropped: Mapping[str, str],
+                 failed: Iterable[str] = ()) -> None:
         self.action = action
         self.dropped = dict(dropped)
+        self.failed = frozenset(failed)
         super().__init__(f"{', '.join(sorted(self.dropped))} dropped during {action}")
+
+    @property
+    def gone(self) -> list[str]:
+        return [s for s in self.dropped if s not in self.failed]
 
 
 @dataclass
@@ -152,33 +165,60 @@ def ask_all_ok(transport: Transport, action: str, query: Payload | Mapping[str, 
     replies = ask_same_sites(transport, action, query, sites)
     bad = {s: f"{r.status}: {r.reason}" for s, r in replies.items() if not r.ok}
     if bad:
-        raise SiteSetChanged(action, bad)
+        raise SiteSetChanged(action, bad, failed=bad)
     return replies
 
 
+def answered(replies: Mapping[str, Reply], sites: Iterable[str], *, min_replies: int,
+             what: str) -> list[str]:
+    """The sites of `sites` whose reply to `what` is `ok`. `min-replies` (one meaning in
+    every stage): when fewer answer ok, the stage fails (TooFewReplies) and the study goes
+    on."""
+    sites = list(sites)
+    ok = [s for s in sites if s in replies and replies[s].ok]
+    if len(ok) < min_replies:
+        raise TooFewReplies(f"{len(ok)} site(s) answered {what} of {len(sites)} asked, "
+                         f"min-replies is {min_replies}" + "".join(
+                             f"; {s}: {replies[s].status} ({replies[s].reason})"
+                             for s in sites if s in replies and not replies[s].ok))
+    return ok
+
+
 def on_stable_sites(fit: Callable[[list[str]], T], sites: Iterable[str], *, min_sites: int,
-                    stage: str) -> tuple[T, list[dict]]:
+                    stage: str, min_replies: int = 1) -> tuple[T, list[dict]]:
     """Run `fit(sites)`; when it raises `SiteSetChanged`, start it again from scratch on the
     sites that are left, so every number of one fit comes from one site set.
 
     Returns the fit's result and the restarts (`sites` each attempt ran on, `dropped` with
-    reasons, the `action` where it happened); `StudyError` when fewer than `min_sites` remain.
+    reasons, the `action` where it happened, `failed`: those of them that answered with an
+    error rather than going away). Fewer than `min_replies` sites to fit on (at
+    the start or after a restart): TooFewReplies, the stage fails; else fewer than
+    `min_sites` left after a site dropped (gone, not failed): StudyError, the study stops.
     """
     sites = list(sites)
+    _enough(sites, min_replies, stage, "to fit on")
     restarts: list[dict] = []
     while True:
         try:
             return fit(sites), restarts
         except SiteSetChanged as change:
-            restarts.append({"sites": sites, "dropped": change.dropped, "action": change.action})
+            restarts.append({"sites": sites, "dropped": change.dropped, "action": change.action,
+                             **({"failed": sorted(change.failed)} if change.failed else {})})
             sites = [s for s in sites if s not in change.dropped]
             log.warning("[%s] %s; restarting on %d site(s): %s", stage, change, len(sites),
                         ", ".join(sites) or "none")
-            if len(sites) < min_sites:
-                raise StudyError(
-                    f"{stage}: only {len(sites)} site(s) left after "
-                    + "; ".join(f"{s} dropped ({r})" for s, r in change.dropped.items())
-                    + f", min-sites is {min_sites}") from None
+            left = "left after " + "; ".join(f"{s} dropped ({r})"
+                                             for s, r in change.dropped.items())
+            _enough(sites, min_replies, stage, left)
+            if change.gone and len(sites) < min_sites:
+                raise StudyError(f"{stage}: only {len(sites)} site(s) {left}, min-sites is "
+                                 f"{min_sites}") from None
+
+
+def _enough(sites: list[str], min_replies: int, stage: str, left: str) -> None:
+    if len(sites) < min_replies:
+        raise TooFewReplies(f"{stage}: only {len(sites)} site(s) {left}, min-replies is "
+                         f"{min_replies}")
 
 
 class GridTransport:

@@ -46,11 +46,12 @@ from server import refine as refinement
 from server.in_step import in_step
 from server.progress import report_round
 from server.radiomics import run_radiomics
-from server.transport import Reply, StageError, StageSkipped, Transport
+from server.transport import Reply, StageError, StageSkipped, Transport, answered
 from shared import refine, roc, schema
 from shared import validation as val
 from shared.config import NO_EARLIER, ConfigError, Earlier, StudyConfig, query_needs
 from shared.schema import Payload, nest
+from shared.settings import config_values, setting
 
 log = logging.getLogger("feddlr")
 STAGE = "validation"
@@ -66,20 +67,18 @@ GRID_NOTES = {
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    bins: int
-    calibration_bins: int
-    subgroups: tuple[str, ...]
-    models: tuple[str, ...]  # () = every model the sites have scores of
-    mode: str  # pooled | loso
-    grid: str  # adaptive: per model, where its scores are | uniform on [0, 1]
+    """The validation stage's run-config keys (shared/settings.py)."""
+    bins: int = setting("validation-bins")
+    calibration_bins: int = setting("calibration-bins")
+    subgroups: tuple[str, ...] = setting("subgroups")
+    models: tuple[str, ...] = setting("validation-models")  # () = every model with scores
+    mode: str = setting("validation")  # pooled | loso
+    grid: str = setting("validation-grid")  # adaptive (where a model's scores are) | uniform
     level: float = 0.95
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ValidationConfig:
-        vc = cls(bins=settings["validation-bins"],
-                 calibration_bins=settings["calibration-bins"],
-                 subgroups=settings["subgroups"], models=settings["validation-models"],
-                 mode=settings["validation"], grid=settings["validation-grid"])
+        vc = cls(**config_values(cls, settings))
         if vc.bins % vc.calibration_bins:
             raise ConfigError(f"run config calibration-bins ({vc.calibration_bins}) must divide "
                               f"validation-bins ({vc.bins})")
@@ -130,6 +129,8 @@ def run_validation(transport: Transport, config: StudyConfig, sites: list[str],
                "subgroups": list(vc.subgroups), "models": list(vc.models),
                "runs": earlier.runs(config)}
     scores, status, context = collect(transport, context, sites, vc)
+    answered({s: Reply(s, **v) for s, v in status.items()}, sites,  # rounds 0 and 1
+             min_replies=config.min_replies, what="the validation rounds")
     if not any(s.cells for s in scores.values()):
         raise StageSkipped("no site has scores of any model to validate: "
                            + "; ".join(f"{s}: {v.get('reason') or 'no predictions'}"

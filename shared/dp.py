@@ -39,12 +39,14 @@ import hashlib
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-MODES = ("client-fixed", "client-adaptive", "server-fixed", "local")
+from shared.settings import BY_KEY, check_value, config_values, setting
+
+MODES = tuple(m for m in BY_KEY["dp"].choices if m != "off")  # the run config's `dp`
 CENTRAL = ("client-fixed", "client-adaptive", "server-fixed")  # the server adds the noise
 CLIENT_CLIPPED = ("client-fixed", "client-adaptive", "local")  # the site clips
 # query keys (what the server tells a site each round)
@@ -61,34 +63,31 @@ ORDERS = ([1 + x / 100 for x in range(1, 10)] + [1 + x / 10.0 for x in range(1, 
 
 @dataclass(frozen=True)
 class DPConfig:
-    """The run config's `dp*` keys (shared/settings.py). `count_stddev` None: Flower's
-    default, m/20 for m training sites."""
+    """The run config's `dp*` keys (shared/settings.py: defaults and ranges are declared
+    there). `count_stddev` None: Flower's default, m/20 for m training sites."""
 
-    mode: str
-    clipping_norm: float
-    noise_multiplier: float
-    target_quantile: float = 0.5
-    clip_lr: float = 0.2
-    count_stddev: float | None = None
+    mode: str = setting("dp", default=False)
+    clipping_norm: float = setting("dp-clipping-norm", default=False)
+    noise_multiplier: float = setting("dp-noise-multiplier", default=False)
+    target_quantile: float = setting("dp-target-quantile")
+    clip_lr: float = setting("dp-clip-lr")
+    count_stddev: float | None = setting("dp-count-stddev")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> DPConfig | None:
         """None when `dp = off` (nothing changes anywhere)."""
-        mode = settings["dp"]
-        if mode in (None, "off"):
+        if settings["dp"] in (None, "off"):
             return None
-        return cls(mode, float(settings["dp-clipping-norm"]),
-                   float(settings["dp-noise-multiplier"]),
-                   float(settings["dp-target-quantile"]), float(settings["dp-clip-lr"]),
-                   settings["dp-count-stddev"])
+        return cls(**config_values(cls, settings))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"dp mode {self.mode!r} is not one of {list(MODES)}")
-        if not (self.clipping_norm > 0 and self.noise_multiplier >= 0
-                and 0 <= self.target_quantile <= 1 and self.clip_lr > 0
-                and (self.count_stddev is None or self.count_stddev >= 0)):
-            raise ValueError("dp parameters out of range")
+        for f in fields(self):  # each value within its run-config key's range
+            try:
+                check_value(f.metadata["setting"], getattr(self, f.name))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"dp parameters out of range: {f.name}: {err}") from None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

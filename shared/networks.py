@@ -40,7 +40,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MODELS = ("dsfr", "dl_mri", "dl_us")
+from shared.schema import TRAIN_MODELS
+
+MODELS = TRAIN_MODELS  # shared/schema.py declares the models
 UNET_WIDTHS = (64, 128, 256, 512, 1024)
 DSFR_LAYER = "activation_9"  # the authors' layer: the bottleneck's second ReLU
 CONVNEXT_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {

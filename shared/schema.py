@@ -60,7 +60,8 @@ BATCH = "batch"
 BATCH_PARTS = "batch.parts"  # key: the parts' names, in order
 BATCH_ACTIONS = "batch.actions"  # key: each part's action, in the same order
 PART_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-TRAIN_MODELS = ("dsfr", "dl_mri", "dl_us")
+TRAIN_MODELS = ("dsfr", "dl_mri", "dl_us")  # the CNNs: DSFR (paper 1), DL-MRI, DL-US (paper 2)
+DEEP_MODELS = TRAIN_MODELS[1:]  # what the `deep` stage trains
 TRAIN_ACTIONS = tuple(f"{category}.{model}" for category in ("train", "evaluate")
                       for model in TRAIN_MODELS)
 

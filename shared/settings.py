@@ -16,6 +16,7 @@ of `shared.schema.TRAIN_MODELS`: `0.01` sets all, `"dl_us=2e-5"` one, the others
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -25,10 +26,9 @@ from typing import Any
 
 from shared import stages
 from shared.labels import TASKS
-from shared.schema import TRAIN_MODELS
+from shared.schema import DEEP_MODELS, TRAIN_MODELS
 
 STAGES = stages.NAMES
-DEEP_MODELS = ("dl_mri", "dl_us")
 # Sections of settings no one stage owns; each stage's own comes with its declaration
 _SECTIONS = {"study": stages.Section("the study"),
              "training": stages.Section("CNN stages `dsfr` and `deep` (one training engine, "
@@ -220,13 +220,16 @@ SETTINGS: tuple[Setting, ...] = (
        "`dropped` for the rest of the run", "study", within="(0, inf)"),
     _s("connect-timeout", "float", 120.0, "seconds to wait for SuperNodes to connect",
        "study", within="(0, inf)"),
-    _s("min-replies", "int", 1, "a round with fewer `ok` replies fails its stage "
-       "(`run.stages.<stage>.status: failed`, with the reason); the next stages still run",
+    _s("min-replies", "int", 1, "the fewest sites a stage's result may rest on, in every "
+       "stage: when fewer of the sites a round asks reply `ok`, or fewer are left to fit on "
+       "after sites failed or dropped, the stage fails (`run.stages.<stage>.status: failed`, "
+       "with the reason) and the next stages still run (survival keeps its curves and gives "
+       "the Cox model's reason instead); it never stops the study, `min-sites` does",
        "study", within="[1, inf)"),
     _s("resume", "bool", False, "take the stages completed by an earlier run from "
        "`OUT/checkpoint.json` (same `out-dir`)", "study"),
     _s("seed", "int", 0, "seed of every random draw: CV folds drawn at each site, CNN "
-       "initialisation and batches", "study", within="[0, inf)"),
+       "initialisation and batches", "study", within="[0, 1e18]"),
     # cohort
     _s("cohort-covariates", "names", "age,tumour_size_mm,ki67,hr_status,lesion_type",
        "numeric columns get mean ± sd and t-tests, text columns level counts and chi-square",
@@ -335,7 +338,7 @@ SETTINGS: tuple[Setting, ...] = (
        within="[0, 10]", per_model=True),
     _s("cnn-width", "float", "auto", "channel multiplier; `auto`: 1.0 when every training "
        "site has a GPU, 0.125 on CPU", "training", words={"default": None, "auto": "auto"},
-       within="(0, 4]", per_model=True),
+       within="[0.015625, 4]", per_model=True),
     _s("augment", "bool", "default", "paper 2's augmentations (MONAI)", "training",
        words=DEFAULT, per_model=True),
     _s("pretrained", "str", "", "PATH of round-0 weights, e.g. `dl_mri=resnet_18.pth`: at "
@@ -356,7 +359,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("strategy", "word", "fedavg", "the server's update rule", "training",
        choices=("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")),
     _s("proximal-mu", "float", 0.01, "FedProx's proximal term", "training",
-       within="[0, inf)"),
+       within="[0, 1000]"),
     _s("server-lr", "float", "default", "server learning rate (fedavgm, fedadagrad, "
        "fedadam, fedyogi); `default` = Flower's", "training", words=DEFAULT,
        within="(0, inf)"),
@@ -388,7 +391,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("amp", "word", "auto", "CUDA autocast: `auto` = bf16 where supported, else fp16",
        "training", choices=("auto", "bf16", "fp16", "off")),
     _s("deterministic", "bool", True, "deterministic kernels (see Devices)", "training"),
-    _s("deep-models", "names", "dl_mri,dl_us", "which deep models the `deep` stage trains",
+    _s("deep-models", "names", ",".join(DEEP_MODELS), "which deep models the `deep` stage trains",
        "training", choices=DEEP_MODELS),
     _s("deep-cv-folds", "int", 4, "paper 2's CV folds; training-site probabilities are "
        "out-of-fold", "training", within="[2, 20]"),
@@ -465,6 +468,66 @@ def value(raw: Mapping[str, Any], key: str) -> Any:
         return setting.parse(raw.get(key, setting.default))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"run config {key}: {err}") from None
+
+
+# --------------------------------------------------------------------------- stage configs
+# A stage's typed config is a frozen dataclass whose fields name their run-config key with
+# `setting(key)`: the default, type, choices and range are the key's, stated only above;
+# `config_values` reads the fields from the typed run config and `check_value` checks a
+# value against its key (e.g. a site checking what a query asked).
+
+
+def setting(key: str, *, default: bool = True) -> Any:
+    """A config dataclass field read from run-config key `key`, defaulting to the key's
+    parsed default; `default=False`: no default (the value is resolved elsewhere, e.g. over
+    a recipe)."""
+    s = BY_KEY[key]
+    meta = {"setting": key}
+    if not default:
+        return field(metadata=meta)
+    if s.per_model:
+        return field(default_factory=lambda: s.parse(s.default), metadata=meta)
+    return field(default=s.parse(s.default), metadata=meta)
+
+
+def config_values(cls: type, settings: Mapping[str, Any],
+                  model: str | None = None) -> dict[str, Any]:
+    """The values of `cls`'s `setting(...)` fields from a typed run config (`parse`); a
+    per-model key gives `model`'s value (None: `default`)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("setting")
+        if key is None:
+            continue
+        value = settings[key]
+        if BY_KEY[key].per_model:
+            if model is None:
+                raise ValueError(f"{cls.__name__}.{f.name}: {key} is per model")
+            value = value[model]
+        out[f.name] = value
+    return out
+
+
+def check_value(key: str, value: Any, *, words: bool = True) -> None:
+    """ValueError when a typed value is not one `key` allows (its choices, range, step);
+    the value a word stands for (`default` → None) passes unless `words` is False."""
+    s = BY_KEY[key]
+    if words and any(value is w or (w is not None and type(value) is type(w) and value == w)
+                     for w in s.words.values()):
+        return
+    try:
+        s._check(value)
+    except TypeError:
+        raise ValueError(f"{value!r} is not a value of {key}") from None
+
+
+def bounds(key: str) -> tuple[float | None, float | None]:
+    """The ends of a numeric key's interval (None: unbounded), e.g. for a query parameter."""
+    match = _INTERVAL.match(BY_KEY[key].within)
+    if not match:
+        return None, None
+    _, low, high, _ = match.groups()
+    return (None if low == "-inf" else float(low)), (None if high == "inf" else float(high))
 
 
 # --------------------------------------------------------------------------- documents

@@ -14,26 +14,48 @@ from typing import Any
 
 from shared import fedavg
 from shared.schema import TRAIN_MODELS, Payload
-from shared.settings import BY_KEY
+from shared.settings import bounds, check_value
 
 DSFR_UNIT = "all"
 IMAGES = {"dsfr": "mri", "dl_mri": "mri", "dl_us": "us"}  # the image each model reads
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")  # a unit or model name
 
-# Each number's range (inclusive), checked by the site (validate) and declared as the query
-# parameter's bound (shared/queries/training.py): finite values only, so no inf/NaN lr,
-# momentum or loss weight reaches the optimizer. A bound on lr or local steps does not stop
-# a batch-1 update from showing one patient (the head's ΔW/Δb is her embedding at any lr);
-# the site's min_batch_size and min_update_patients do (client/training_round.py).
-BOUNDS: dict[str, tuple[float, float]] = {
-    "width": (1 / 64, 4), "size": (8, 512), "spacing": (0, 20), "margin_mm": (0, 200),
-    "margin": (0, 1000), "folds": (2, 100), "seed": (0, 2**62), "epochs": (0, 1000),
-    "local_steps": (0, 100_000), "batch_size": (1, 4096), "lr": (0, 10),
-    "weight_decay": (0, 10), "momentum": (0, 1), "mu": (0, 1000), "smoothing": (0, 1),
-    "pos_weight": (0, 1000), "focal_alpha": (0, 1), "focal_gamma": (0, 10),
-    "round": (0, 1_000_000),
+# The run-config key (shared/settings.py) whose range or choices bound each field: a site
+# checks a query against the declaration the server parsed the run config with; `size`
+# against its model's size key. The ranges are finite, so no inf/NaN lr or loss weight
+# reaches the optimizer. A bound on lr or local steps does not stop a batch-1 update from
+# showing one patient (the head's ΔW/Δb is her embedding at any lr); the site's
+# min_batch_size and min_update_patients do (client/training_round.py).
+SETTING_OF: dict[str, str] = {
+    "width": "cnn-width", "variant": "us-variant", "spacing": "spacing",
+    "margin_mm": "roi-margin-mm", "margin": "roi-margin", "reference": "intensity-reference",
+    "seed": "seed", "epochs": "local-epochs", "local_steps": "local-steps",
+    "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
+    "weight_decay": "weight-decay", "mu": "proximal-mu", "device": "device", "amp": "amp",
+    "focal_alpha": "focal-alpha",
 }
+SIZE_SETTING = {"dsfr": "dsfr-size", "dl_mri": "mri-size", "dl_us": "us-size"}
+# The final evaluation's query says lr 0 and epochs 0 (server/training.py): zero passes too
+EVALUATION_ZERO = ("lr", "epochs")
+# Fields no run-config key sets (inclusive ranges; `folds` is the deep CV folds or DSFR's
+# 1/folds validation split)
+BOUNDS: dict[str, tuple[float, float]] = {
+    "folds": (2, 100), "momentum": (0, 1), "smoothing": (0, 1), "pos_weight": (0, 1000),
+    "focal_gamma": (0, 10), "round": (0, 1_000_000),
+}
+
+
+def query_bounds(name: str) -> tuple[float | None, float | None]:
+    """A field's (lo, hi) as its query parameter declares them (shared/queries/training.py):
+    its key's interval, the widest of the models' sizes, or BOUNDS."""
+    if name == "size":
+        ends = [bounds(key) for key in SIZE_SETTING.values()]
+        return min(lo for lo, _ in ends), max(hi for _, hi in ends)  # type: ignore[type-var]
+    if name in SETTING_OF:
+        lo, hi = bounds(SETTING_OF[name])
+        return (0.0 if name in EVALUATION_ZERO else lo), hi
+    return BOUNDS.get(name, (None, None))
 
 
 @dataclass(frozen=True)
@@ -105,27 +127,24 @@ class TrainParams:
         if any(not NAME.match(u) for u in self.units):
             raise ValueError(f"bad unit names {list(self.units)}")
         fedavg.check_dtype(self.wire)
-        for name, value, allowed in (("optimizer", self.optimizer, _choices("optimizer")),
-                                     ("strategy", self.strategy, ("fedavg", "fedprox")),
-                                     ("device", self.device, _choices("device")),
-                                     ("amp", self.amp, _choices("amp")),
-                                     ("reference", self.reference,
-                                      _choices("intensity-reference"))):
-            if value not in allowed:
-                raise ValueError(f"{name} {value!r} is not one of {list(allowed)}")
+        if self.strategy not in ("fedavg", "fedprox"):  # the sites' part of the strategies
+            raise ValueError(f"strategy {self.strategy!r} is not one of ['fedavg', 'fedprox']")
+        # each field as its run-config key allows (mri-size ≤ 160: a site's memory, 160³)
+        for name, key in (*SETTING_OF.items(), ("size", SIZE_SETTING[self.model])):
+            value = getattr(self, name)
+            if name in EVALUATION_ZERO and value == 0 and not isinstance(value, bool):
+                continue
+            try:
+                check_value(key, value, words=False)
+            except ValueError as err:
+                raise ValueError(f"training parameter {name} ({key}): {err}") from None
         for name, (lo, hi) in BOUNDS.items():
             value = getattr(self, name)
             if not lo <= value <= hi:  # NaN fails too
                 raise ValueError(f"training parameter {name} = {value!r} is outside "
                                  f"[{lo:g}, {hi:g}]")
-        if self.model == "dl_mri" and self.size > 160:  # a site's memory: 160³ per patient
-            raise ValueError("training parameter size is over 160 for dl_mri")
 
     def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported only here)
         from shared.networks import NetworkSpec
 
         return NetworkSpec(self.model, width=self.width, variant=self.variant)
-
-
-def _choices(key: str) -> tuple[str, ...]:
-    return BY_KEY[key].choices

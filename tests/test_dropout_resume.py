@@ -199,7 +199,9 @@ def test_fewer_replies_than_min_replies_fails_the_stage_not_the_study(tmp_path, 
                                                    min_replies=2))
     stage = results["run"]["stages"]["cohort"]
     assert stage["status"] == "failed"
-    assert stage["reason"] == "1 site(s) answered round 1 of 3 asked, min-replies is 2"
+    assert stage["reason"] == (
+        "1 site(s) answered round 1 of 3 asked, min-replies is 2; site-1: dropped (no reply "
+        "within round-timeout 5s); site-2: dropped (no reply within round-timeout 5s)")
     assert "cohort" not in results
     assert ran == [["site-3"]]
 

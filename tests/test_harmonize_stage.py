@@ -165,7 +165,7 @@ def test_combat_with_a_missing_covariate_names_site_column_and_patient(tmp_path:
     clinical.to_csv(folders[1] / "clinical.csv", index=False)
     results = study(folders, tmp_path / "out", **{"combat-covariates": "age"})
     status = results["radiomics"]["sites"]["site-2"]
-    assert status["status"] == "dropped"
+    assert status["status"] == "failed"  # it answered with an error: not gone (issue 27)
     assert "site-2" in status["reason"] and "'age'" in status["reason"]
     assert "patient" in status["reason"]
     assert results["radiomics"]["harmonization"]["sites"] == ["site-1", "site-3", "site-4"]

@@ -223,10 +223,8 @@ def test_the_server_leaves_out_malformed_updates() -> None:
 
 
 def test_every_plan_key_is_declared_and_its_default_parses() -> None:
-    from server.training_plan import KEYS
-    from shared.settings import BY_KEY
-
-    assert set(KEYS) <= set(BY_KEY)
+    # a Plan field names its key with shared.settings.setting(key), which fails at import
+    # for an undeclared key; tests/test_settings.py ties the keys to the training section
     for model in ("dsfr", "dl_mri", "dl_us"):
         plan_of({}, model)
 

@@ -1,9 +1,10 @@
 """CNN stage queries (client.training): setup, the weight rounds, scoring, DSFR features.
 
 The round parameters are `shared.training_params.TrainParams`' fields, declared there once
-with their ranges (`BOUNDS`, checked by TrainParams.validate); here each becomes a query
-parameter of its type and range. The site's own rules on a round (min_batch_size, the
-patients behind an update) are checked in client/training_round.py against its data.
+with their ranges (their run-config keys', `query_bounds`; checked by TrainParams.validate);
+here each becomes a query parameter of its type and range. The site's own rules on a round
+(min_batch_size, the patients behind an update) are checked in client/training_round.py
+against its data.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from shared import schema
 from shared.dp import MODES, Q_CLIP, Q_MODE, Q_SIGMA
 from shared.queries.common import COMMON, EXTRACTION, MAX_NAMES
 from shared.queries.params import Param, declared
-from shared.training_params import BOUNDS, TrainParams
+from shared.training_params import TrainParams, query_bounds
 
 _TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
 # How each field changes what a site releases: all of them change its update, except these.
@@ -23,7 +24,7 @@ _NOT_VALUE = frozenset({"device", "amp", "deterministic", "wire"})
 ROUND = tuple(
     Param(f.name, _TYPES.get(str(f.type), "names"), f"TrainParams.{f.name}",
           default=f.default, value=f.name not in _NOT_VALUE,
-          lo=BOUNDS.get(f.name, (None, None))[0], hi=BOUNDS.get(f.name, (None, None))[1],
+          lo=query_bounds(f.name)[0], hi=query_bounds(f.name)[1],
           max_items=MAX_NAMES if f.name == "units" else None)
     for f in fields(TrainParams))
 WEIGHTS = Param("w.*", "array", "the global weights of one unit (w.<unit>.<state key>)")
