@@ -108,7 +108,7 @@ def ask(folder: Path, action: str, query: dict) -> dict:
     return reply
 
 
-@settings(SETTINGS, max_examples=250)
+@settings(SETTINGS, max_examples=250, derandomize=True)  # a fixed release count
 @given(task=st.one_of(LABELLED, TASKS), names=NAMES, grid=grids(), fresh=st.booleans(),
        data=st.data())
 def histograms_release_only_coarse_cells_of_three(site, task, names, grid, fresh,
@@ -156,7 +156,7 @@ def test_histograms_release_only_coarse_cells_of_three(site) -> None:
     here, so the count holds however the tests are selected or ordered)."""
     RELEASES.clear()
     histograms_release_only_coarse_cells_of_three(site)
-    assert len(RELEASES) >= 25, len(RELEASES)
+    assert len(RELEASES) >= 50, len(RELEASES)  # 70 (derandomized)
 
 
 @SETTINGS
