@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
+from shared.labels import task_label
 from shared.networks import NetworkSpec
 from simulation.cohort import simulate_cohort
 from simulation.launcher import run_simulation
@@ -27,7 +29,9 @@ TINY = {"stages": "dsfr,deep", "rounds": "2", "local-epochs": "dsfr=2,dl_mri=1,d
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("e2e-training")
-    simulate_cohort(root / "sites", n_sites=2, n_patients=30, seed=8, effect_size=2.0,
+    # seed 3: each site has >= min_patients (10) of each label (seed 8's site-1 had 9
+    # positives, so its out-of-fold histograms were refused and the pooled AUC was one site's)
+    simulate_cohort(root / "sites", n_sites=2, n_patients=30, seed=3, effect_size=2.0,
                     image_size=24)
     out = root / "out"
     rc = run_simulation(root / "sites", out, TINY, echo=False)
@@ -114,13 +118,40 @@ def test_probabilities_and_gradcam_stay_at_the_sites(run: dict) -> None:
                    if ".delta." in k)  # bfloat16 bits
 
 
+def own_oof_auc(run: dict, model: str, sites: tuple[str, ...] = SITES) -> float:
+    """scikit-learn's AUC of the out-of-fold scores `sites` wrote for `model` (their own
+    files, never sent), against the her2-positive labels of their clinical.csv."""
+    run_id = run["results"]["run"]["run_id"]
+    frames = []
+    for site in sites:
+        folder = run["sites"] / site
+        scores = pd.read_csv(folder / "predictions" / f"{model}-{run_id}.csv")
+        clinical = pd.read_csv(folder / "clinical.csv", dtype=str, keep_default_na=False)
+        frames.append(scores.merge(clinical, on="patient_id", validate="one_to_one"))
+    rows = pd.concat(frames, ignore_index=True)
+    assert set(rows.kind) == {"out-of-fold"} and len(rows) >= 20 * len(sites)
+    y = [task_label("her2-positive", ihc, ish or None)
+         for ihc, ish in zip(rows.her2_ihc, rows.her2_ish, strict=True)]
+    return float(roc_auc_score(y, rows.score))
+
+
 def test_deep_auc_from_histograms(run: dict) -> None:
+    """Both sites release their histograms (each has >= min_patients of each label), so the
+    pooled out-of-fold AUC is there, over both, and its bound holds (or, proved exact, it
+    equals) the AUC of the sites' own scores."""
     for model in ("dl_mri", "dl_us"):
         auc = run["results"]["deep"]["models"][model]["auc"]
         assert set(auc["sites"]) == set(SITES)
         oof = auc["train_oof"]
-        if oof["auc"] is not None:
-            assert oof["auc_bound"][0] <= oof["auc"] <= oof["auc_bound"][1]
+        blocks = {SITES: oof, **{(s,): auc["sites"][s] for s in SITES}}
+        for sites, block in blocks.items():  # pooled, then each site's own
+            assert block["auc"] is not None and block["auc_sites_missing"] == [], block
+            low, high = block["auc_bound"]
+            truth = own_oof_auc(run, model, sites)
+            assert low - 1e-12 <= truth <= high + 1e-12, (sites, block, truth)
+            assert low <= block["auc"] <= high, block
+            if block["auc_exact"]:
+                assert block["auc"] == pytest.approx(truth, abs=1e-9)
         assert np.isfinite(run["results"]["deep"]["models"][model]["seconds"])
 
 

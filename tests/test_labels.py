@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
+from client.handshake import n_excluded
 from shared.labels import (
     IHC2_WITHOUT_ISH,
     POSITIVE_NOT_IN_LOW,
@@ -86,7 +88,23 @@ def test_task_her2_low(ihc: int, ish: str | None) -> None:
         task_label("her2-low", ihc, ish)
     reason = IHC2_WITHOUT_ISH if ish is None and ihc == 2 else POSITIVE_NOT_IN_LOW
     assert str(caught.value) == reason
-    assert POSITIVE_NOT_IN_LOW == "HER2-positive: not in the her2-low task"
+
+
+def test_patients_outside_the_her2_low_population_are_not_counted_as_excluded() -> None:
+    """The handshake's `n_excluded` tells the two her2-low reasons apart by their text: an
+    IHC2+ patient without ISH (equivocal) is excluded, a HER2-positive one is simply outside
+    the task's population. Every combination of the truth table, counted from the table."""
+    excluded = {}
+    for i, (ihc, ish) in enumerate(COMBINATIONS):
+        try:
+            task_label("her2-low", ihc, ish)
+        except LabelError as err:
+            excluded[f"p{i}"] = str(err)
+    session = SimpleNamespace(site=SimpleNamespace(excluded=excluded))
+    outside = [k for k, v in TRUTH.items() if v[3] == EXCLUDED]
+    equivocal = [k for k in outside if TRUTH[k][0] == EXCLUDED]
+    assert len(excluded) == len(outside) == 5 and len(equivocal) == 1
+    assert n_excluded(session) == len(equivocal)
 
 
 @pytest.mark.parametrize(("ihc", "ish"), COMBINATIONS)

@@ -43,7 +43,7 @@ SETTINGS = settings(max_examples=120, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 RELEASED_GRIDS: dict[tuple[str, str], set[tuple[float, ...]]] = {}
-RELEASES: list[str] = []  # histograms checked, over the whole run (see the last test)
+RELEASES: list[str] = []  # histograms checked by the histogram property
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +108,11 @@ def ask(folder: Path, action: str, query: dict) -> dict:
     return reply
 
 
-@settings(SETTINGS, max_examples=250)
+@settings(SETTINGS, max_examples=250, derandomize=True)  # a fixed release count
 @given(task=st.one_of(LABELLED, TASKS), names=NAMES, grid=grids(), fresh=st.booleans(),
        data=st.data())
-def test_histograms_release_only_coarse_cells_of_three(site, task, names, grid, fresh,
-                                                       data) -> None:
+def histograms_release_only_coarse_cells_of_three(site, task, names, grid, fresh,
+                                                  data) -> None:
     """With the ledger kept (one grid per patient set) or new (`fresh`: every example's
     cells are checked, not only the first grid's)."""
     folder, rows = site
@@ -151,6 +151,14 @@ def test_histograms_release_only_coarse_cells_of_three(site, task, names, grid, 
         assert len(released) <= 1, name
 
 
+def test_histograms_release_only_coarse_cells_of_three(site) -> None:
+    """The property above, not vacuous: many histograms were released and checked (counted
+    here, so the count holds however the tests are selected or ordered)."""
+    RELEASES.clear()
+    histograms_release_only_coarse_cells_of_three(site)
+    assert len(RELEASES) >= 50, len(RELEASES)  # 70 (derandomized)
+
+
 @SETTINGS
 @given(task=TASKS, names=NAMES, centres=st.lists(
     st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-1e3, 1e3)),
@@ -183,12 +191,3 @@ def test_level_tables_hold_no_small_cell(site, task, names) -> None:
             assert np.all((table == 0) | (table >= MIN_CELL)), key
         if key.startswith("numeric.") and key.endswith(".n"):
             assert value >= 10
-
-
-def test_the_histogram_property_saw_releases() -> None:
-    """The properties above are not vacuous: many histograms were released and checked
-    (run after them, in file order)."""
-    if not RELEASES:
-        pytest.skip("run alone: the histogram property did not run before")
-    print("histograms released and checked:", len(RELEASES))
-    assert len(RELEASES) >= 25

@@ -233,6 +233,18 @@ def rendered(results: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
     return validation_sections(results, out), out
 
 
+def metrics_row(page: str, model: str, site: str) -> list[str]:
+    """The cells of `site`'s row in the metrics table of `model`'s section of the page."""
+    start = page.index(f"<h3>{html.escape(model)}</h3>")
+    end = page.find("<h3>", start + 1)
+    section = page[start:end if end > 0 else len(page)]
+    table = section[section.index("<table class='metrics'>"):]
+    table = table[:table.index("</table>")]
+    rows = [r for r in table.split("<tr>") if r.startswith(f"<td>{site}<br>")]
+    assert len(rows) == 1, (model, site, rows)
+    return re.findall(r"<td>(.*?)</td>", rows[0])
+
+
 # --------------------------------------------------------------------------- tests
 
 def test_validation_section_shows_every_model_with_formatted_aucs(
@@ -246,9 +258,19 @@ def test_validation_section_shows_every_model_with_formatted_aucs(
         low, high = block["pooled"]["auc_ci"]
         assert f"{block['pooled']['auc']:.3f}<br><small class='muted'>{low:.3f}–{high:.3f}" \
             in page
+    # each site's row of each model: its AUC, or (site-3 refused the outside model's
+    # histograms) a dash and the site named as not released
+    refused = []
+    for name in results["validation"]["models"]:
         for s in SITES:
-            if block["sites"][s].get("auc") is not None:
-                assert f"{block['sites'][s]['auc']:.3f}" in page
+            entry = results["validation"][name]["sites"][s]
+            cells = metrics_row(page, name, s)
+            if entry["auc"] is None:
+                refused.append((name, s))
+                assert cells[2] == "—" and cells[-1] == s, cells
+            else:
+                assert cells[2].startswith(f"{entry['auc']:.3f}<br>"), cells
+    assert refused == [(OUTSIDE, "site-3")]
     radiomics = results["validation"]["radiomics"]["pooled"]
     assert f"{radiomics['threshold']:.3f}" in page
     assert f"{radiomics['sen']:.3f}" in page and f"{radiomics['brier']:.3f}" in page

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from server.training_plan import Plan
+from server.workflow import check_settings
 from shared import settings
-from shared.config import ConfigError, StudyConfig
+from shared.config import ConfigError, Earlier, StudyConfig
 from simulation import settings_docs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,12 +41,42 @@ def test_every_default_parses_and_checks() -> None:
     assert typed["mri-size"] is None and typed["survival-thresholds"] == {}
 
 
+class Recording(settings.Settings):
+    """Typed settings that note every key read, however it is read."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
 def test_no_config_key_is_read_outside_the_declaration() -> None:
-    for folder in ("client", "server", "shared", "simulation"):
-        for path in (ROOT / folder).glob("*.py"):
-            text = path.read_text(encoding="utf-8")
-            assert "extra.get(" not in text and ".extra[" not in text, path
-            assert "run_config[" not in text, path
+    """Every stage's configuration (the parsers the workflow runs before any site is asked)
+    reads only declared keys; an undeclared key read as `settings[key]` or through the raw
+    run config is an error naming the declaration, not a silent default."""
+    recorded = Recording(StudyConfig.from_run_config({}).settings)
+    config = StudyConfig(stages=settings.STAGES, settings=recorded)
+    check_settings(config)
+    Earlier().runs(config)
+    Earlier().threshold(config, "dlr")
+    assert recorded.read <= set(settings.BY_KEY), recorded.read - set(settings.BY_KEY)
+    assert {"cv-folds", "deep-models", "dsfr-layer", "fusion-models", "validation-bins",
+            "prediction-runs", "survival-thresholds"} <= recorded.read  # the parsers ran
+    with pytest.raises(KeyError, match="not a declared run-config key"):
+        config.settings["cv-fold"]
+    with pytest.raises(KeyError):
+        settings.value({"sites-dir": "x"}, "site-dir")
 
 
 @pytest.mark.parametrize(("raw", "message"), [
