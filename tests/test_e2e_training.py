@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.networks import NetworkSpec
+from neural.networks import NetworkSpec
 from simulation.cohort import simulate_cohort
 from simulation.launcher import run_simulation
 

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from server.transport import StudyError
+from server.core.transport import StudyError
 from server.workflow import run_study
 from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
