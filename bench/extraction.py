@@ -32,7 +32,7 @@ def plain_loop(site_dir: Path, patients: list[str]) -> float:
     import SimpleITK as sitk
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-    from client.extraction import DEFAULT_PARAMS
+    from client.local.extraction import DEFAULT_PARAMS
 
     radiomics.setVerbosity(logging.ERROR)
     extractor = RadiomicsFeatureExtractor(str(DEFAULT_PARAMS))
@@ -65,8 +65,8 @@ def machine_ceiling(site_dir: Path, patients: list[str], workers: int) -> float:
 
 
 def ours(site_dir: Path, workers: int) -> tuple[float, int]:
-    from client.extraction import extract_features
-    from client.site import load_site
+    from client.local.extraction import extract_features
+    from client.site.folder import load_site
 
     shutil.rmtree(site_dir / "cache", ignore_errors=True)
     site = load_site(site_dir, task="her2-positive", needs=("clinical", "mri"))
@@ -76,8 +76,8 @@ def ours(site_dir: Path, workers: int) -> tuple[float, int]:
 
 
 def one_size(figures: Figures, patients: int, image_size: int, workers: int) -> None:
-    from client.extraction import extract_features
-    from client.site import load_site
+    from client.local.extraction import extract_features
+    from client.site.folder import load_site
     from simulation.cohort import simulate_cohort
 
     root = Path(tempfile.mkdtemp(prefix="feddlr-bench-"))
@@ -101,7 +101,7 @@ def one_size(figures: Figures, patients: int, image_size: int, workers: int) -> 
                 f"pyradiomics called in a plain loop, {len(ids)} patients, paper parameters "
                 "(1130 features)")
     figures.add(f"{key}.ours_patients_per_s", n / ours_s,
-                f"client.extraction with {workers} workers, empty cache")
+                f"client.local.extraction with {workers} workers, empty cache")
     figures.add(f"{key}.speedup", loop_s / len(ids) * n / ours_s,
                 "ours / plain loop, patients per second; target >= 1.8 on 2 cores")
     figures.add(f"{key}.machine_ceiling", ceiling,

@@ -21,8 +21,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.progress import configure_logging
-from server.transport import GridTransport, Reply
+from server.core.progress import configure_logging
+from server.core.transport import GridTransport, Reply
 from server.workflow import StudyError, run_study
 from shared import schema
 from shared.config import ConfigError, StudyConfig

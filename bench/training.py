@@ -50,12 +50,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.figures import Figures, PeakMemory, machine
-from client.site import read_site_config
+from client.site.folder import read_site_config
+from neural.networks import NetworkSpec
 from server.workflow import run_study
 from shared import fedavg
 from shared.config import StudyConfig, stage_settings
 from shared.labels import LabelError, task_label
-from shared.networks import NetworkSpec
 from simulation.cohort import DEFAULT_IMAGE_SIZE, simulate_cohort
 from simulation.in_process import InProcessTransport
 from simulation.launcher import run_simulation

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from client.guard import EgressGuard, PolicyRefusal, Statistic
-from client.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
-from client.site import CLINICAL_CSV, SITE_ID_PATTERN, SITE_YAML, SiteError, present_needs
+from client.egress.guard import EgressGuard, PolicyRefusal, Statistic
+from client.site.folder import CLINICAL_CSV, SITE_ID_PATTERN, SITE_YAML, SiteError, present_needs
+from client.site.session import AUDIT_DIR, EGRESS_LOG, SiteSession, open_session
 from shared import queries, schema, stages
 from shared.labels import TASKS
 from shared.policy import PrivacyPolicy
@@ -40,7 +40,7 @@ def _lazy(reference: str) -> Handler:
 
 # The study's handshake, and every stage's actions as its declaration names them
 HANDLERS: dict[str, Handler] = {
-    schema.HANDSHAKE: _lazy("client.handshake:handshake"),
+    schema.HANDSHAKE: _lazy("client.stages.handshake:handshake"),
     **{action: _lazy(reference) for action, reference in stages.handlers().items()},
 }
 
@@ -57,7 +57,7 @@ def serve(site_root: Path, action: str, query: Payload, run_id: str = "") -> Pay
 
 
 def _serve_batch(site_root: Path, query: Payload, run_id: str) -> Payload:
-    """A batch (`server.in_step`): each part answered by `serve`, so each passes this site's
+    """A batch (`server.core.in_step`): each part answered by `serve`, so each passes this site's
     egress guard and is a line of its audit log on its own. The batch reply is those
     replies side by side; it adds only the parts' names and actions, which came with the
     query."""
@@ -147,7 +147,7 @@ def run_key(run_id: str, query: Payload) -> str:
 
 
 def _needs(site_root: Path, asked: list[str]) -> tuple[str, ...]:
-    """The inputs to load: `clinical` and those asked (`client.site.present_needs`)."""
+    """The inputs to load: `clinical` and those asked (`client.site.folder.present_needs`)."""
     return tuple(sorted({"clinical", *present_needs(site_root, asked)}))
 
 

@@ -7,8 +7,8 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.progress import configure_logging
-from server.transport import GridTransport
+from server.core.progress import configure_logging
+from server.core.transport import GridTransport
 from server.workflow import StudyError, record_bad_config, run_study
 from shared.config import ConfigError, StudyConfig
 

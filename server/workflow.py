@@ -11,14 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from server import checkpoint
-from server.disclosures import ledger_summary
-from server.progress import report_round
-from server.report import write_report
-from server.results import write_results
-from server.survival import needs_label as survival_needs_label
-from server.training import site_failures
-from server.transport import (
+from server.core import checkpoint
+from server.core.disclosures import ledger_summary
+from server.core.progress import report_round
+from server.core.results import write_results
+from server.core.transport import (
     Reply,
     SiteSetChanged,
     StageError,
@@ -26,7 +23,10 @@ from server.transport import (
     StudyError,
     Transport,
 )
-from server.validation import thresholds
+from server.report.page import write_report
+from server.stages.survival import needs_label as survival_needs_label
+from server.stages.validation import thresholds
+from server.training.engine import site_failures
 from shared import schema, settings, stages
 from shared.config import STAGE_NEEDS, STAGES, ConfigError, Earlier, StudyConfig
 

@@ -256,7 +256,7 @@ def local_group_histograms(x: np.ndarray, y: np.ndarray, edges: np.ndarray,
     site's coarse grid, which depends on the server's grid and the site's n only, never on
     where a patient lies inside a cell (at min_cell_count 1 cells are the non-empty bins:
     that policy releases single patients' bins). The ledger releases one grid per patient
-    set (`client.cohort`), so nested or shifted grids cannot be differenced. Missing values
+    set (`client.stages.cohort`), so nested or shifted grids cannot be differenced. Missing values
     are not counted.
     """
     x, y = _checked(x, y)

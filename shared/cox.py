@@ -66,7 +66,7 @@ def local_risk_set_sums(times: np.ndarray, events: np.ndarray, x: np.ndarray,
     consecutive event times is a sum over the patients who left the site's risk set in
     between, which can be a single patient. That is inherent to an exact federated Cox fit
     without secure aggregation; a site therefore groups its times first
-    (`released_times`, client/survival.py states the policy), so that every such
+    (`released_times`, client/stages/survival.py states the policy), so that every such
     difference and every tied-death sum is a group's.
     """
     t = np.asarray(times, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Differencing between releases: the rules of a site's disclosure ledger (`client.ledger`).
+"""Differencing between releases: the rules of a site's disclosure ledger (`client.egress.ledger`).
 
 One release passing the egress guard's per-release rules (n ≥ min_patients, cells ≥
 min_cell_count) can still give patients away next to another: the same statistic over
@@ -24,7 +24,7 @@ import numpy as np
 from shared import queries
 
 ROW_KEYS = frozenset({"rows", "fold", "run_id"})  # query keys that choose rows, not values
-# How a ledger refusal reads (client.ledger; server.disclosures counts them by these).
+# How a ledger refusal reads (client.egress.ledger; server.core.disclosures counts them by these).
 DIFFERS = "differs from an earlier release of the same statistic"
 SHIFTS = "on a grid that shifts an earlier one"
 

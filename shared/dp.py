@@ -9,7 +9,7 @@ array of a payload travels packed in one npz blob (wire/), the reply carries the
 `<unit>.delta.<key>` (not weights under the sent keys `w.<unit>.<key>`) beside validation
 statistics, several units travel in one message, and the server sends its own messages
 through the grid instead of running a Flower Strategy. So the site's training handler
-(client/dp.py) and the training engine (server/training.py) call the functions here.
+(client/local/dp.py) and the training engine (server/training/engine.py) call the functions here.
 
 What is protected: the site's whole contribution to one aggregate (client-level DP,
 add/remove one site's update; McMahan et al. 2018, Andrew et al. 2021). A *release* is one
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -233,29 +232,3 @@ def private_mean(updates: Sequence[Mapping[str, np.ndarray]], std: float,
 
 
 # --------------------------------------------------------------------------- accountant
-
-
-def epsilon(noise_multiplier: float, steps: int, delta: float) -> float | None:
-    """ε at δ after `steps` releases of the Gaussian mechanism with noise multiplier σ,
-    every site in every round (sampling rate 1): Opacus' RDP accountant. None when σ = 0 or
-    δ is not in (0, 1) (no finite guarantee); 0 for no step."""
-    if steps <= 0:
-        return 0.0
-    return epsilon_of([(noise_multiplier, steps)], delta)
-
-
-def epsilon_of(history: Iterable[tuple[float, int]], delta: float) -> float | None:
-    """ε at δ of a composition of (σ, steps) Gaussian releases (Opacus' RDPAccountant at
-    the orders `ORDERS`)."""
-    steps = [(float(s), int(n)) for s, n in history if n > 0]
-    if not steps:
-        return 0.0
-    if any(s <= 0 for s, _ in steps) or not 0 < delta < 1:
-        return None
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = [(s, 1.0, n) for s, n in steps]
-    with warnings.catch_warnings():  # at the ends of ORDERS the bound is loose, not wrong
-        warnings.simplefilter("ignore", UserWarning)
-        return float(accountant.get_epsilon(delta=delta, alphas=ORDERS))

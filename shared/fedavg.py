@@ -6,8 +6,8 @@
   mean update to its own float32 copy: with a lossy wire dtype the rounding of what the
   server sent never accumulates in the global model.
 - FedProx (Li et al., 2020) is FedAvg on the server; its proximal term μ/2·‖w − w_global‖²
-  is added to the local loss at the site (client/local_training.py).
-- FedBN (Li et al., 2021): normalization layers (their keys: `shared.networks.norm_keys`)
+  is added to the local loss at the site (client/local/local_training.py).
+- FedBN (Li et al., 2021): normalization layers (their keys: `neural.networks.norm_keys`)
   are neither sent nor averaged; each site keeps its own.
 
 Wire dtypes: float32 (as is), float16, or bfloat16. numpy has no bfloat16, so a bfloat16

@@ -130,7 +130,7 @@ def require_bounded(x: np.ndarray, y: np.ndarray, points: np.ndarray, mean: np.n
     The logistic Hessian X̃'WX̃ weighs patient i by μ_i(1 − μ_i): at a steep point (or a
     fit of separated classes) that weight sits on the few patients at the edge, and the
     matrix is theirs: refused below min_patients, the server goes on with gradient-only
-    rounds (server.radiomics FALLBACK: the same optimum, more rounds). The squared loss's
+    rounds (server.stages.radiomics FALLBACK: the same optimum, more rounds). The squared loss's
     gradient weighs by the residual magnitudes |η − y| (at θ = 0 they are y: a class sum),
     bounded as μ; its Hessian X̃'X̃ has equal weights."""
     require_gentle(points[:, 1:], _column_sd(x), bounds.max_coefficient, "a GLM point")

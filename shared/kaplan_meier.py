@@ -64,7 +64,7 @@ def local_time_table(times: np.ndarray, events: np.ndarray) -> TimeTable:
     normal here (a Kaplan–Meier curve is a sequence of unit steps); the disclosure control
     for them is the site's time binning, and the table as a whole is released only when it
     covers at least `min_patients` patients and at least `min_cell_count` events (see
-    client/survival.py). No covariate is attached to a time.
+    client/stages/survival.py). No covariate is attached to a time.
     """
     t = np.asarray(times, dtype=np.float64)
     e = np.asarray(events).astype(bool)

@@ -17,7 +17,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class DPRequirement:
     """`require_dp:` — the site releases CNN weight updates only clipped to its own
-    `clipping_norm` and noised with its own `noise_multiplier` (client/dp.py; whatever DP
+    `clipping_norm` and noised with its own `noise_multiplier` (client/local/dp.py; whatever DP
     mode or σ the server announces), and only while its privacy loss stays within
     `max_epsilon` (at δ = 1/n)."""
 
@@ -47,10 +47,10 @@ class PrivacyPolicy:
     allow_event_queries: bool = False
     max_feature_ratio: float = 0.33
     # Two releases of one statistic over patient sets S, T with 0 < |S Δ T| < this are
-    # refused (client.ledger); None: min_patients.
+    # refused (client.egress.ledger); None: min_patients.
     min_difference: int | None = None
     # Cox risk-set sums on the site's own time_bin (exact pooled Cox on it; a bin's single
-    # leaver is her row) rather than on a coarser released step (client.survival.cox_times).
+    # leaver is her row) rather than on a coarser released step (client.stages.survival.cox_times).
     allow_risk_set_differences: bool = False
     require_dp: DPRequirement | None = None
     # The largest coefficient, per standard deviation of its column at this site, of a point

@@ -54,7 +54,7 @@ VALIDATION_RANGES = "validation_ranges"
 VALIDATION_SCORES = "validation_scores"
 VALIDATION_MOMENTS = "validation_moments"
 SCORES_REFINE = "scores_refine"  # finer sub-histograms of mixed score bins (shared.refine)
-# Several independent fits' queries in one message (`server.in_step`): each part is a
+# Several independent fits' queries in one message (`server.core.in_step`): each part is a
 # query of one of the actions above, answered and audited at the site as if it came alone.
 BATCH = "batch"
 BATCH_PARTS = "batch.parts"  # key: the parts' names, in order

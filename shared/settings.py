@@ -32,7 +32,7 @@ STAGES = stages.NAMES
 # Sections of settings no one stage owns; each stage's own comes with its declaration
 _SECTIONS = {"study": stages.Section("the study"),
              "training": stages.Section("CNN stages `dsfr` and `deep` (one training engine, "
-                                        "server/training.py)", "training")}
+                                        "server/training/engine.py)", "training")}
 _SECTIONS |= {s.name: s.section for s in stages.STAGES if s.section is not None}
 SECTION_TITLES = {name: section.title for name, section in _SECTIONS.items()}
 # README tables: (heading marker, sections in it)
@@ -317,7 +317,7 @@ SETTINGS: tuple[Setting, ...] = (
        "out of the Cox cohort", "survival"),
     _s("stepwise", "word", "both", "R `step()` on AIC from the full model "
        "(`survival.cox_stepwise`)", "survival", choices=("both", "backward", "none")),
-    # CNN training (server/training.py Plan; `default` = the recipe's value)
+    # CNN training (server/training/engine.py Plan; `default` = the recipe's value)
     _s("recipe", "word", "scratch", "`scratch` (random init, CPU, the demo's time) or "
        "`paper` (each paper's, for pretrained weights on GPUs); every key below at "
        "`default` takes the recipe's value (README, \"Training the CNNs\")", "training",

@@ -2,7 +2,7 @@
 
 A declaration says everything the rest of the system needs to know of a stage:
 
-- `needs`: what it reads of a site folder (client.site NEEDS; `x?` = used where present,
+- `needs`: what it reads of a site folder (client.site.folder NEEDS; `x?` = used where present,
   `a|b` = either), the task label included where it reads it;
 - `roles`: the site roles it asks (None: every usable site);
 - `reads_earlier`: whether its runner takes what earlier stages left (`Earlier`);
@@ -18,7 +18,7 @@ A declaration says everything the rest of the system needs to know of a stage:
 Server, site and report code is named by reference ("module:function"), so this module
 imports neither: the workflow (server.workflow), the site's dispatch (client.handlers), the
 query registry (shared.queries), the settings (shared.settings) and the report
-(server.report) loop over `STAGES`. A new stage is its code plus one line here
+(server.report.page) loop over `STAGES`. A new stage is its code plus one line here
 (docs/ARCHITECTURE.md).
 """
 
@@ -69,70 +69,74 @@ def load(reference: str) -> Callable[..., Any]:
     return found
 
 
-_TRAINING = {schema.TRAIN_SETUP: "client.training:train_setup",
-             schema.TRAIN_SCORE: "client.training:train_score"}
+_TRAINING = {schema.TRAIN_SETUP: "client.stages.training:train_setup",
+             schema.TRAIN_SCORE: "client.stages.training:train_score"}
 
 
 def _rounds(*models: str) -> dict[str, str]:
     """Flower's own train/evaluate messages of the CNN models (`train.<model>`, …)."""
-    return {action: f"client.training:{action.split('.')[0]}_round"
+    return {action: f"client.stages.training:{action.split('.')[0]}_round"
             for action in schema.TRAIN_ACTIONS if action.split(".")[1] in models}
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("cohort", ("clinical", "label"), "server.cohort:run_cohort",
-          {schema.COHORT_SUMS: "client.cohort:cohort_sums",
-           schema.COHORT_SQUARES: "client.cohort:cohort_squares",
-           schema.COHORT_HISTOGRAMS: "client.cohort:cohort_histograms"},
+    Stage("cohort", ("clinical", "label"), "server.stages.cohort:run_cohort",
+          {schema.COHORT_SUMS: "client.stages.cohort:cohort_sums",
+           schema.COHORT_SQUARES: "client.stages.cohort:cohort_squares",
+           schema.COHORT_HISTOGRAMS: "client.stages.cohort:cohort_histograms"},
           queries="shared.queries.cohort", section=Section("cohort stage"),
-          report="server.report:cohort_part"),
-    Stage("radiomics", ("clinical", "label", "mri|features"), "server.radiomics:run_radiomics",
-          {schema.RADIOMICS_EXTRACT: "client.radiomics:radiomics_extract",
-           schema.RADIOMICS_COLUMNS: "client.radiomics:radiomics_columns",
-           schema.RADIOMICS_STEP: "client.radiomics:radiomics_step",
-           schema.RADIOMICS_SCREEN: "client.radiomics:radiomics_screen",
-           schema.RADIOMICS_SCORE: "client.radiomics:radiomics_score",
-           schema.RADIOMICS_COMBAT: "client.harmonize:radiomics_combat"},
+          report="server.report.page:cohort_part"),
+    Stage("radiomics", ("clinical", "label", "mri|features"),
+          "server.stages.radiomics:run_radiomics",
+          {schema.RADIOMICS_EXTRACT: "client.stages.radiomics:radiomics_extract",
+           schema.RADIOMICS_COLUMNS: "client.stages.radiomics:radiomics_columns",
+           schema.RADIOMICS_STEP: "client.stages.radiomics:radiomics_step",
+           schema.RADIOMICS_SCREEN: "client.stages.radiomics:radiomics_screen",
+           schema.RADIOMICS_SCORE: "client.stages.radiomics:radiomics_score",
+           schema.RADIOMICS_COMBAT: "client.stages.harmonize:radiomics_combat"},
           queries="shared.queries.radiomics", roles=MODEL_ROLES,
-          settings="server.radiomics:RadiomicsConfig.from_settings",
-          section=Section("radiomics stage"), report="server.report:radiomics_part"),
-    Stage("dsfr", ("clinical", "label", "mri"), "server.dsfr:run_dsfr",
-          {**_TRAINING, schema.DSFR_FEATURES: "client.training:dsfr_features", **_rounds("dsfr")},
+          settings="server.stages.radiomics:RadiomicsConfig.from_settings",
+          section=Section("radiomics stage"), report="server.report.page:radiomics_part"),
+    Stage("dsfr", ("clinical", "label", "mri"), "server.stages.dsfr:run_dsfr",
+          {**_TRAINING, schema.DSFR_FEATURES: "client.stages.training:dsfr_features",
+           **_rounds("dsfr")},
           queries="shared.queries.training", roles=MODEL_ROLES,
-          settings="server.dsfr:dsfr_settings",
+          settings="server.stages.dsfr:dsfr_settings",
           section=Section("DSFR's own head (paper 1)", "training"),
-          report="server.report_training:training_sections"),
-    Stage("deep", ("clinical", "label", "mri", "us"), "server.deep:run_deep",
+          report="server.report.training:training_sections"),
+    Stage("deep", ("clinical", "label", "mri", "us"), "server.stages.deep:run_deep",
           {**_TRAINING, **_rounds("dl_mri", "dl_us")},
           queries="shared.queries.training", roles=MODEL_ROLES,
-          settings="server.deep:deep_settings",
-          report="server.report_training:training_sections"),
-    Stage("fusion", ("clinical", "label"), "server.fusion:run_fusion",
-          {schema.FUSION_SETUP: "client.fusion:fusion_setup",
-           schema.FUSION_STEP: "client.fusion:fusion_step",
-           schema.FUSION_SCORE: "client.fusion:fusion_score"},
+          settings="server.stages.deep:deep_settings",
+          report="server.report.training:training_sections"),
+    Stage("fusion", ("clinical", "label"), "server.stages.fusion:run_fusion",
+          {schema.FUSION_SETUP: "client.stages.fusion:fusion_setup",
+           schema.FUSION_STEP: "client.stages.fusion:fusion_step",
+           schema.FUSION_SCORE: "client.stages.fusion:fusion_score"},
           queries="shared.queries.fusion", roles=MODEL_ROLES, reads_earlier=True,
-          settings="server.fusion:FusionConfig.from_settings",
-          section=Section("fusion stage"), report="server.report:fusion_part"),
-    Stage("validation", ("clinical", "label", "predictions?"), "server.validation:run_validation",
-          {schema.VALIDATION_RANGES: "client.validation:validation_ranges",
-           schema.VALIDATION_SCORES: "client.validation:validation_scores",
-           schema.VALIDATION_MOMENTS: "client.validation:validation_moments",
-           schema.SCORES_REFINE: "client.refine:scores_refine"},
+          settings="server.stages.fusion:FusionConfig.from_settings",
+          section=Section("fusion stage"), report="server.report.page:fusion_part"),
+    Stage("validation", ("clinical", "label", "predictions?"),
+          "server.stages.validation:run_validation",
+          {schema.VALIDATION_RANGES: "client.stages.validation:validation_ranges",
+           schema.VALIDATION_SCORES: "client.stages.validation:validation_scores",
+           schema.VALIDATION_MOMENTS: "client.stages.validation:validation_moments",
+           schema.SCORES_REFINE: "client.stages.refine:scores_refine"},
           queries="shared.queries.validation", roles=MODEL_ROLES, reads_earlier=True,
-          settings="server.validation:ValidationConfig.from_settings",
+          settings="server.stages.validation:ValidationConfig.from_settings",
           section=Section("validation stage"),
-          report="server.report_validation:validation_sections"),
-    # the task label only to group or adjust by `label` (server.survival.needs_label)
-    Stage("survival", ("clinical", "survival", "predictions?"), "server.survival:run_survival",
-          {schema.SURVIVAL_SETUP: "client.survival:survival_setup",
-           schema.SURVIVAL_COX: "client.survival:survival_cox",
-           schema.SURVIVAL_EVENTS: "client.survival:survival_events",
-           schema.SURVIVAL_PAIRS: "client.survival:survival_pairs",
-           schema.SURVIVAL_HISTOGRAMS: "client.survival:survival_histograms",
-           schema.SURVIVAL_BOUNDS: "client.survival:survival_bounds"},
+          report="server.report.validation:validation_sections"),
+    # the task label only to group or adjust by `label` (server.stages.survival.needs_label)
+    Stage("survival", ("clinical", "survival", "predictions?"),
+          "server.stages.survival:run_survival",
+          {schema.SURVIVAL_SETUP: "client.stages.survival:survival_setup",
+           schema.SURVIVAL_COX: "client.stages.survival:survival_cox",
+           schema.SURVIVAL_EVENTS: "client.stages.survival:survival_events",
+           schema.SURVIVAL_PAIRS: "client.stages.survival:survival_pairs",
+           schema.SURVIVAL_HISTOGRAMS: "client.stages.survival:survival_histograms",
+           schema.SURVIVAL_BOUNDS: "client.stages.survival:survival_bounds"},
           queries="shared.queries.survival", roles=("survival",), reads_earlier=True,
-          section=Section("survival stage"), report="server.report:survival_part"),
+          section=Section("survival stage"), report="server.report.page:survival_part"),
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
@@ -159,7 +163,7 @@ def handlers() -> dict[str, str]:
 
 
 # Every query action a site answers (`query.<action>` messages): the study's handshake, each
-# stage's queries and a batch of them (server.in_step). The CNN rounds travel as Flower's own
+# stage's queries and a batch of them (server.core.in_step). The CNN rounds travel as Flower's own
 # train/evaluate messages (schema.TRAIN_ACTIONS).
 ACTIONS: tuple[str, ...] = (schema.HANDSHAKE,
                             *(a for a in handlers() if a not in schema.TRAIN_ACTIONS),

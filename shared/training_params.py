@@ -1,5 +1,5 @@
-"""One CNN training round's parameters, as the server resolves them (server.training.Plan)
-and a site reads them from the query (client.training): one type for both sides.
+"""One CNN training round's parameters, as the server resolves them (server.training.engine.Plan)
+and a site reads them from the query (client.stages.training): one type for both sides.
 
 Only plain values: the model, the data path's settings, the local optimizer, the strategy's
 site part (FedProx), the wire dtype, the device wishes. No patient data; validated on both
@@ -26,7 +26,7 @@ NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")  # a unit or model name
 # against its model's size key. The ranges are finite, so no inf/NaN lr or loss weight
 # reaches the optimizer. A bound on lr or local steps does not stop a batch-1 update from
 # showing one patient (the head's ΔW/Δb is her embedding at any lr); the site's
-# min_batch_size and min_update_patients do (client/training_round.py).
+# min_batch_size and min_update_patients do (client/stages/training_round.py).
 SETTING_OF: dict[str, str] = {
     "width": "cnn-width", "variant": "us-variant", "spacing": "spacing",
     "margin_mm": "roi-margin-mm", "margin": "roi-margin", "reference": "intensity-reference",
@@ -36,7 +36,7 @@ SETTING_OF: dict[str, str] = {
     "focal_alpha": "focal-alpha",
 }
 SIZE_SETTING = {"dsfr": "dsfr-size", "dl_mri": "mri-size", "dl_us": "us-size"}
-# The final evaluation's query says lr 0 and epochs 0 (server/training.py): zero passes too
+# The final evaluation's query says lr 0 and epochs 0 (server/training/engine.py): zero passes too
 EVALUATION_ZERO = ("lr", "epochs")
 # Fields no run-config key sets (inclusive ranges; `folds` is the deep CV folds or DSFR's
 # 1/folds validation split)
@@ -92,7 +92,7 @@ class TrainParams:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     deterministic: bool = True
-    pretrained: str = ""  # PATH of the round-0 weights (shared/pretrained.py), "" = none
+    pretrained: str = ""  # PATH of the round-0 weights (neural/pretrained.py), "" = none
     train_id: str = "local"
     round: int = 0
     units: tuple[str, ...] = (DSFR_UNIT,)
@@ -144,7 +144,3 @@ class TrainParams:
                 raise ValueError(f"training parameter {name} = {value!r} is outside "
                                  f"[{lo:g}, {hi:g}]")
 
-    def spec(self) -> Any:  # shared.networks.NetworkSpec (torch is imported only here)
-        from shared.networks import NetworkSpec
-
-        return NetworkSpec(self.model, width=self.width, variant=self.variant)

@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "audit":
-        from client.audit_report import main as audit_main
+        from client.egress.audit_report import main as audit_main
 
         return audit_main(args.site_dir, args.html, args.run, args.json)
     if args.command == "simulate":
         return _simulate(args)
     if args.command == "check-site":
-        from client.check import main as check_main
+        from client.site.check import main as check_main
 
         task = ["--task", args.task] if args.task else []
         stages = ["--stages", args.stages] if args.stages else []

@@ -2,7 +2,7 @@
 line in a terminal (rich), and sparse lines when it is not one (CI logs, pipes).
 
 The study's progress reaches this process as the log lines `flwr run --stream` relays
-(`feddlr HH:MM:SS [stage] round r/R: n sites replied: …`, from `server.progress`). A round
+(`feddlr HH:MM:SS [stage] round r/R: n sites replied: …`, from `server.core.progress`). A round
 line is shown only when the stage changes, when a site did not reply `ok`, or as a
 heartbeat every `HEARTBEAT_S` seconds within a stage; a line of the same shape as the one
 shown before it (the same note for fold f1, f2, …) is shown once; stage starts and ends,

@@ -1,6 +1,6 @@
 """The in-process transport: the study's server code talking to local site folders through
 `client.handlers.serve` directly, no Flower. For unit tests of the math and for benchmarks
-that run many small studies; the real runs use server.transport.GridTransport on Flower's
+that run many small studies; the real runs use server.core.transport.GridTransport on Flower's
 Simulation or Deployment Engine. It lives in simulation/ because it holds both sides.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from client.handlers import serve
-from server.transport import Reply, record_wire, reply_from_payload, site_query
+from server.core.transport import Reply, record_wire, reply_from_payload, site_query
 from shared import schema
 from shared.schema import Payload
 

@@ -1,10 +1,11 @@
 """The pooled reference of a simulation as its own process: one "site" named `pooled` that
-holds every training site's data, trained by the same site code (client.training_round) as the
-federated sites, so the comparison measures federation and nothing else.
+holds every training site's data, trained by the same site code
+(client.stages.training_round) as the federated sites, so the comparison measures
+federation and nothing else.
 
 Only a simulation can run it: it reads the site folders under `sites-dir` directly, which
 a coordinator of a real consortium cannot. The ServerApp starts it
-(`python -m simulation.pooled_site`, server.training_backends.PooledBackend) and talks to it with
+(`python -m simulation.pooled_site`, server.training.backends.PooledBackend) and talks to it with
 payload frames on its stdin/stdout (wire.write_frame / read_frame), so the server imports no
 site code. Nothing leaves the machine, so there is no egress guard and no coarsening.
 
@@ -36,7 +37,7 @@ class PooledError(Exception):
 
 def site_folders(root: Path, sites: list[str]) -> dict[str, Path]:
     """The folder under `root` of each site id."""
-    from client.site import SiteError, read_site_config
+    from client.site.folder import SiteError, read_site_config
 
     if not root.is_dir():
         raise PooledError(f"mode=pooled reads the site folders from sites-dir ({root}), "
@@ -53,12 +54,12 @@ def site_folders(root: Path, sites: list[str]) -> dict[str, Path]:
     return folders
 
 
-def pooled_data(hello: Payload, p: TrainParams) -> Any:  # client.training_data.ModelData
+def pooled_data(hello: Payload, p: TrainParams) -> Any:  # client.local.training_data.ModelData
     """The training sites' prepared data with each site's own folds, concatenated; refused
     when a folder holds other data than the site that answered the handshake."""
-    from client import training_data
-    from client.handshake import data_hash
-    from client.session import open_session
+    from client.local import training_data
+    from client.site.session import open_session
+    from client.stages.handshake import data_hash
 
     sites = [str(s) for s in hello["sites"]]
     folders = site_folders(Path(str(hello["sites_dir"])), sites)
@@ -75,7 +76,7 @@ def pooled_data(hello: Payload, p: TrainParams) -> Any:  # client.training_data.
 
 def answer(data: Any, query: Payload, state_dir: Path) -> Payload:
     """One training or evaluation round on the pooled data, as a site's reply payload."""
-    from client import training_round
+    from client.stages import training_round
 
     action = str(query.pop("action"))
     p = TrainParams.from_query(query)
@@ -90,7 +91,7 @@ def answer(data: Any, query: Payload, state_dir: Path) -> Payload:
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     import torch
 
-    from client.local_training import pick_device
+    from client.local.local_training import pick_device
 
     hello = read_frame(stdin)
     if hello is None:

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from client.check import check_one
-from client.site import SiteError, load_site
-from server.transport import Reply, StageError
+from client.site.check import check_one
+from client.site.folder import SiteError, load_site
+from server.core.transport import Reply, StageError
 from shared.labels import LabelError, parse_ihc
 from tests.sites.realistic import EXCEL_FORMAT, excel_clinical
 
@@ -251,7 +251,7 @@ def _setup_reply(site: str, kind: dict) -> Reply:
 
 def test_a_covariate_numeric_at_one_site_and_text_at_another_names_both() -> None:
     # before: left out of the Cox design as "numeric at some sites and text at others"
-    from server.survival import check_covariate_kinds
+    from server.stages.survival import check_covariate_kinds
 
     setup = {"a": _setup_reply("a", {"kind": "numeric", "n": 30, "sum": 1800.0}),
              "b": _setup_reply("b", {"kind": "categorical", "levels": ["63,5", "70,1"]}),
@@ -264,7 +264,7 @@ def test_a_covariate_numeric_at_one_site_and_text_at_another_names_both() -> Non
 
 def test_the_cohort_stage_names_both_sites_of_a_mixed_covariate() -> None:
     # before: a log warning, and the covariate missing from the cohort table
-    from server.cohort import _split_covariates
+    from server.stages.cohort import _split_covariates
 
     replies = {"a": Reply("a", "ok", {"numeric.age.g0.n": 3}),
                "b": Reply("b", "ok", {"categorical.age.levels": ["x"]})}

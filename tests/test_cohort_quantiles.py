@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from server.transport import Reply
+from server.core.transport import Reply
 from server.workflow import run_study
 from shared import cohort, schema
 from shared.config import StudyConfig

@@ -68,9 +68,9 @@ def test_cohort_stage_equals_scipy_on_pooled_gbsg2(gbsg2_sites, tmp_path: Path) 
 def test_site_on_another_schema_major_is_refused(gbsg2_sites, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     folders, _ = gbsg2_sites
-    import client.handshake
+    import client.stages.handshake
 
-    monkeypatch.setattr(client.handshake, "SCHEMA_VERSION", "2.0")
+    monkeypatch.setattr(client.stages.handshake, "SCHEMA_VERSION", "2.0")
     config = StudyConfig(out_dir=str(tmp_path / "out"), task="label")
     with pytest.raises(StudyError, match="only 0 usable site"):
         run_study(InProcessTransport(folders), config)

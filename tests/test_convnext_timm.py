@@ -1,4 +1,4 @@
-"""The ConvNeXt V2 of shared/networks.py is timm's (same state-dict keys, shapes and forward),
+"""The ConvNeXt V2 of neural/networks.py is timm's (same state-dict keys, shapes and forward),
 and `adapt_pretrained` turns timm / MedicalNet / our own checkpoints into states that load
 with strict=True into our networks, refusing files for another model or variant."""
 
@@ -13,8 +13,8 @@ import torch
 from monai.networks.nets import resnet18
 from torch.nn import functional as F
 
-from shared import networks
-from shared.networks import (
+from neural import networks
+from neural.networks import (
     GRN,
     ConvNeXtV2,
     ConvNeXtV2Block,

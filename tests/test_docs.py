@@ -1,6 +1,6 @@
 """The repository's documents stand on their own: every path README.md and docs/*.md point
 to exists in the repository (a clone has nothing beside it), and docs/SITE.md's site.yaml
-key tables list exactly the keys client/site_config.py and shared/policy.py declare."""
+key tables list exactly the keys client/site/config.py and shared/policy.py declare."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client import site_config
+from client.site import config as site_config
 from shared.policy import DPRequirement, PrivacyPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def test_every_path_a_document_names_exists_in_the_repository(doc: Path) -> None
 
 
 def test_the_path_check_finds_a_path_outside_and_a_missing_file() -> None:
-    text = ("See `../shared/DESIGN.md`, [the design](DESIGN.md), `client/site.py`, "
+    text = ("See `../shared/DESIGN.md`, [the design](DESIGN.md), `client/site/folder.py`, "
             "`client/no_such_module.py`, `shared/glm.QuasiNewton`, `shared/glm.Nope.x`, "
             "[gone](no-such.md) and docs/NOPE.md; "
             "`<site>/audit/site.log` and [Flower](https://flower.ai) are not repo paths.")

@@ -1,4 +1,4 @@
-"""`dp=…` on the CNN weight rounds (shared/dp.py, client/dp.py, server/training.py).
+"""`dp=…` on the CNN weight rounds (shared/dp.py, client/local/dp.py, server/training/engine.py).
 
 Against outside references: Flower's own DP pieces (`fixedclipping_mod`, `LocalDpMod`,
 `DifferentialPrivacyServerSideFixedClipping`, `compute_stdv`,
@@ -26,9 +26,10 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params, compute_stdv
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.dp import LEDGER_FILE, SiteDP
-from client.session import open_session
-from server.training import ServerDP
+from client.local.dp import LEDGER_FILE, SiteDP
+from client.site.session import open_session
+from neural import accounting
+from server.training.engine import ServerDP
 from shared import dp, fedavg
 from shared.policy import DPRequirement
 from shared.schema import nest
@@ -259,12 +260,13 @@ def test_epsilon_is_opacus_rdp_accountant(sigma: float, steps: int, delta: float
     for _ in range(steps):
         accountant.step(noise_multiplier=sigma, sample_rate=1.0)
     theirs = accountant.get_epsilon(delta=delta, alphas=dp.ORDERS)
-    mine = dp.epsilon(sigma, steps, delta)
+    mine = accounting.epsilon(sigma, steps, delta)
     assert mine == pytest.approx(theirs, rel=1e-12)
     assert mine == pytest.approx(_balle_epsilon(sigma, steps, delta), rel=1e-9)
     exact = _exact_epsilon(sigma, steps, delta)
     assert exact <= mine <= 1.5 * exact  # RDP bounds the exact curve, and not loosely
-    assert dp.epsilon(0.0, steps, delta) is None and dp.epsilon(sigma, 0, delta) == 0.0
+    assert accounting.epsilon(0.0, steps, delta) is None
+    assert accounting.epsilon(sigma, 0, delta) == 0.0
 
 
 # --------------------------------------------------------------------------- the engine
@@ -357,7 +359,7 @@ def test_clipping_bounds_every_update_and_epsilon_is_the_accountants(
         assert ledger.epsilon() == pytest.approx(result["epsilon"][site], rel=1e-12)
     assert result["delta"]["overall"] == 1 / sum(n.values())
     assert result["epsilon"]["overall"] == pytest.approx(
-        dp.epsilon(0.5, ROUNDS * UNITS, 1 / sum(n.values())), rel=1e-12)
+        accounting.epsilon(0.5, ROUNDS * UNITS, 1 / sum(n.values())), rel=1e-12)
     for entry in run["result"]["rounds"]:
         for unit in ("f0", "f1"):
             info = entry["dp"][unit]
@@ -380,7 +382,7 @@ def test_a_site_that_requires_dp_refuses_plain_and_over_budget_updates(
 
     # a budget for exactly three releases at σ = 1: the fourth is refused, and said why
     n = _patients(sites / "site-1")
-    budget = (dp.epsilon(1.0, 3, 1 / n) + dp.epsilon(1.0, 4, 1 / n)) / 2
+    budget = (accounting.epsilon(1.0, 3, 1 / n) + accounting.epsilon(1.0, 4, 1 / n)) / 2
     sites = _sites(cohort, tmp_path / "b", {"site-1": budget})
     run, _ = _train(sites, tmp_path / "dp", SITES, dp="client-fixed",
                     **{"dp-noise-multiplier": 1.0})
@@ -389,11 +391,11 @@ def test_a_site_that_requires_dp_refuses_plain_and_over_budget_updates(
     last = rounds[1]["sites"]["site-1"]
     assert set(last.get("refused", {})) == {"f1"}
     assert last["refused"]["f1"].startswith(
-        f"over budget: ε would be {dp.epsilon(1.0, 4, 1 / n):.3g} (policy: ε ≤ {budget:g}")
+        f"over budget: ε would be {accounting.epsilon(1.0, 4, 1 / n):.3g} (policy: ε ≤ {budget:g}")
     assert run["result"]["dp"]["steps"]["site-1"] == 3
     ledger = SiteDP(None, None, n, sites / "site-1" / "audit" / LEDGER_FILE, tmp_path,
                     ("", "", 0))
-    assert ledger.epsilon() == pytest.approx(dp.epsilon(1.0, 3, 1 / n))
+    assert ledger.epsilon() == pytest.approx(accounting.epsilon(1.0, 3, 1 / n))
     assert ledger.epsilon() <= budget
     # a round that asks no noise (σ = 0) or server-fixed gets the site's own clipping to its
     # C and its own noise σC (σ, C: its require_dp's), never the raw update
@@ -408,7 +410,7 @@ def test_a_site_that_requires_dp_refuses_plain_and_over_budget_updates(
         sent = values["delta.a"].astype(np.float64)
         sent[0, 0] -= 0.5  # clipped to C = 0.5
         assert np.std(sent) == pytest.approx(0.8 * 0.5, rel=0.02)
-        assert site.epsilon() == pytest.approx(dp.epsilon(0.8, 1, 1 / n))
+        assert site.epsilon() == pytest.approx(accounting.epsilon(0.8, 1, 1 / n))
 
 
 def test_dp_that_clips_nothing_and_adds_no_noise_is_plain_fedavg(cohort: Path,

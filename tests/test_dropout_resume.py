@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 import server.workflow as workflow
-from server.transport import (
+from server.core.transport import (
     GridTransport,
     Reply,
     SiteSetChanged,
@@ -404,7 +404,7 @@ def test_resume_runs_everything_again_when_data_or_config_changed(tmp_path):
     rows = pd.read_csv(folders[1] / "clinical.csv")
     rows.loc[0, "age"] += 1
     rows.to_csv(folders[1] / "clinical.csv", index=False)
-    from client.session import clear_sessions
+    from client.site.session import clear_sessions
 
     clear_sessions()
     transport = CountingTransport(folders)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from client.extraction import extract_features
-from client.site import load_site
+from client.local.extraction import extract_features
+from client.site.folder import load_site
 from simulation.cohort import simulate_cohort
 from simulation.launcher import run_simulation
 

@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from shared.labels import task_label
-from shared.networks import NetworkSpec
+from neural.networks import NetworkSpec
 from simulation.cohort import simulate_cohort
 from simulation.launcher import run_simulation
 

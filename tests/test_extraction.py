@@ -1,4 +1,4 @@
-"""Site-side pyradiomics extraction (client/extraction.py) on breast1 and synthetic sites."""
+"""Site-side pyradiomics extraction (client/local/extraction.py) on breast1 and synthetic sites."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import SimpleITK as sitk
 import yaml
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from client.extraction import CACHE_DIR, DEFAULT_PARAMS, cache_key, extract_features
-from client.site import Site, load_site
+from client.local.extraction import CACHE_DIR, DEFAULT_PARAMS, cache_key, extract_features
+from client.site.folder import Site, load_site
 from simulation.cohort import simulate_cohort
 from tests.sites import realistic
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from neural.networks import NetworkSpec, norm_keys
 from shared import fedavg
-from shared.networks import NetworkSpec, norm_keys
 
 
 def random_sites(seed: int = 0, n_sites: int = 3) -> list[tuple[float, dict[str, np.ndarray]]]:

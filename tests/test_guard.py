@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.guard import SUPPRESSED, EgressGuard, Statistic, suppress_small
+from client.egress.guard import SUPPRESSED, EgressGuard, Statistic, suppress_small
 from shared.policy import PrivacyPolicy
 
 POLICY = PrivacyPolicy(min_patients=10, min_cell_count=3)

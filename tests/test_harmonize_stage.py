@@ -15,8 +15,8 @@ import yaml
 from neuroCombat import neuroCombat
 from scipy import stats
 
-from server import harmonize
-from server.transport import reply_from_payload, site_query
+from server.core.transport import reply_from_payload, site_query
+from server.stages import harmonize
 from server.workflow import run_study
 from shared import combat, schema
 from shared.config import ConfigError, StudyConfig, stage_settings
@@ -185,7 +185,8 @@ class AdjustElsewhere(InProcessTransport):
         if action != schema.RADIOMICS_COMBAT or site_query(query, next(iter(sites)))[
                 "step"] != "adjust":
             return super().ask(action, query, sites)
-        from client import handlers, session
+        from client import handlers
+        from client.site import session
 
         def fresh(root, task, needs=("clinical",)):
             return session._open_session.__wrapped__(root, task, needs,

@@ -30,7 +30,7 @@ from hypothesis.extra import numpy as hnp
 
 from client.app import app
 from client.handlers import serve
-from client.session import clear_sessions
+from client.site.session import clear_sessions
 from shared import schema
 from simulation.cohort import simulate_cohort
 from wire import read_payload, to_records

@@ -1,4 +1,4 @@
-"""The CNN data path (client/imaging.py): the ROI really crops, its physical size is the
+"""The CNN data path (client/local/imaging.py): the ROI really crops, its physical size is the
 tumour's extent plus the margin whatever the site's spacing, the tumour fills a stated
 share of the input, and the MONAI augmentations are seeded."""
 
@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from client import imaging
+from client.local import imaging
 from tests.sites import realistic
 
 BREAST1 = realistic.breast1()[0].parent  # pyradiomics' test case (tests/sites/realistic.py)

@@ -1,4 +1,4 @@
-"""Properties of the CNN data path (client/imaging.py's composed MONAI transforms) on random
+"""Properties of the CNN data path (client/local/imaging.py's composed MONAI transforms) on random
 scenes: a box tumour anywhere away from the border, random scanner spacing, common spacing,
 margin, input size and intensity reference. For each of mri_roi, us_roi and tumour_slices:
 the input has the stated shape and types, the cube's side is the tumour's largest extent
@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client import imaging
+from client.local import imaging
 
 PROPERTY = settings(max_examples=20, deadline=None, derandomize=True)
 

@@ -1,4 +1,4 @@
-"""Independent fits in step (`server.in_step`) and the batch message that carries them.
+"""Independent fits in step (`server.core.in_step`) and the batch message that carries them.
 
 The leave-one-site-out refits in step must give exactly what each refit gives alone, in as
 many rounds as the longest of them; each part of a batch must be guarded and audited at the
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from client.handlers import serve
-from server.in_step import in_step
-from server.radiomics import run_radiomics
-from server.transport import Reply, Transport, record_wire, reply_from_payload, site_query
+from server.core.in_step import in_step
+from server.core.transport import Reply, Transport, record_wire, reply_from_payload, site_query
+from server.stages.radiomics import run_radiomics
 from shared import schema
 from shared.config import StudyConfig, stage_settings
 from simulation.in_process import InProcessTransport

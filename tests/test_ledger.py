@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.handlers import serve
-from client.session import clear_sessions
-from server.rounds import pack
+from client.site.session import clear_sessions
+from server.core.rounds import pack
 from shared import cox, disclosure, schema, standardize
 from shared.folds import site_fold_count, site_folds
 from tests.splits import gbsg2, wisconsin

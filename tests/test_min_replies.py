@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.transport import (
+from server.core.transport import (
     Reply,
     SiteSetChanged,
     StudyError,

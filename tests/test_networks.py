@@ -1,4 +1,4 @@
-"""The three CNNs (shared/networks.py) have the papers' architectures."""
+"""The three CNNs (neural/networks.py) have the papers' architectures."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from monai.networks.nets import ResNet
 from torch import nn
 
-from shared import networks
-from shared.networks import (
+from neural import networks
+from neural.networks import (
     CONVNEXT_VARIANTS,
     GRN,
     ConvNeXtV2,

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client.egress.ledger import LEDGER_FILE
 from client.handlers import serve
-from client.ledger import LEDGER_FILE
-from client.session import AUDIT_DIR, clear_sessions
+from client.site.session import AUDIT_DIR, clear_sessions
 from shared import roc, schema
 from shared.labels import LabelError, task_label
 from shared.queries.bounds import max_bins

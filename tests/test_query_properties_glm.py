@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from client.handlers import serve
-from server.rounds import pack
+from server.core.rounds import pack
 from shared import glm, schema, screening
 from shared.policy import PrivacyPolicy
 from shared.queries.bounds import effective_sample_size, max_bins

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from client.handlers import serve
-from client.session import clear_sessions
+from client.site.session import clear_sessions
 from shared import schema
 from shared.kaplan_meier import bin_times
 from shared.policy import PrivacyPolicy

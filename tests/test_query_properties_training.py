@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.handlers import serve
-from client.session import clear_sessions
+from client.site.session import clear_sessions
+from neural.networks import network_of
 from shared import dp, fedavg
 from shared.training_params import TrainParams
 from simulation.cohort import simulate_cohort
@@ -61,8 +62,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def weights() -> dict[str, np.ndarray]:
     p = TrainParams.from_query(BASE)
-    return fedavg.encode({k: v.numpy() for k, v in p.spec().build(p.seed).state_dict().items()},
-                         "float32")
+    state = network_of(p).build(p.seed).state_dict()
+    return fedavg.encode({k: v.numpy() for k, v in state.items()}, "float32")
 
 
 HOSTILE_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True),

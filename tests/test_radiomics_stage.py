@@ -221,7 +221,7 @@ class DropsMidFit(InProcessTransport):
         self.steps = 0
 
     def ask(self, action, query, sites):
-        from server.transport import Reply
+        from server.core.transport import Reply
 
         sites = list(sites)
         if action == "radiomics_step" and "site-3" in sites:

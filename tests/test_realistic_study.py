@@ -30,11 +30,11 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from client import image_pair
-from client.check import main as check_main
-from client.extraction import extract_features
-from client.site import load_site
-from server.results import plain
+from client.local.extraction import extract_features
+from client.site import image_pair
+from client.site.check import main as check_main
+from client.site.folder import load_site
+from server.core.results import plain
 from server.workflow import run_study
 from shared.config import StudyConfig
 from simulation.cohort import simulate_cohort

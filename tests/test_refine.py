@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from scipy import stats
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from client.refine import release
-from client.validation import ALL, Scores
-from server import refine as server_refine
-from server.transport import Reply
+from client.stages.refine import release
+from client.stages.validation import ALL, Scores
+from server.core.transport import Reply
+from server.stages import refine as server_refine
 from server.workflow import run_study
 from shared import refine, roc, schema
 from shared import validation as val
@@ -217,7 +217,7 @@ def test_coarsened_sites_give_a_raw_score_bound_and_not_exact(tmp_path: Path) ->
 
 class Sites:
     """A transport whose sites are in memory: each answers `scores_refine` with the real
-    site half (`client.refine.release`), flattened as the egress guard flattens it."""
+    site half (`client.stages.refine.release`), flattened as the egress guard flattens it."""
 
     def __init__(self, data: list[tuple[np.ndarray, np.ndarray]], min_cell: int) -> None:
         self.data, self.min_cell = data, min_cell
@@ -243,7 +243,7 @@ class Sites:
 
 def first_cells(score: np.ndarray, y: np.ndarray, edges: np.ndarray,
                 min_cell: int) -> tuple[refine.KeyCells, ...]:
-    """A site's first-round cells, as `client.validation.validation_scores` makes them (on
+    """A site's first-round cells, as `client.stages.validation.validation_scores` makes them (on
     the grid within the site's resolution, `roc.site_edges`)."""
     bits = refine.bit_edges(edges)
     return tuple(refine.KeyCells.from_grid(*cells, bits)
@@ -328,7 +328,7 @@ def test_a_site_reads_its_scores_bit_for_bit(tmp_path: Path) -> None:
     """predictions.csv and the site's own prediction files are read as Python's float()
     reads their decimals (pandas' default parser is one ulp off for about a third of
     17-digit decimals, which would move a score across a tie or a grid edge)."""
-    from client.session import clear_sessions, open_session
+    from client.site.session import clear_sessions, open_session
 
     rng = np.random.default_rng(4)
     texts = [repr(float(v)) for v in rng.random(400)]
@@ -347,7 +347,7 @@ def test_a_site_reads_its_scores_bit_for_bit(tmp_path: Path) -> None:
         "patient_id,model,score,kind\n" + "".join(f"{p},m_b,{t},external\n"
                                                   for p, t in zip(ids, texts, strict=True)))
     clear_sessions()
-    from client.validation import site_scores
+    from client.stages.validation import site_scores
 
     session = open_session(str(folder), "label", ("clinical", "label", "predictions"))
     expect = np.array([float(t) for t in texts])

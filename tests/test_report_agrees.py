@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from server.report import write_report
+from server.report.page import write_report
 
 
 def cohort() -> dict[str, Any]:
-    """A cohort block as server/cohort.py writes it: centre-2 refused lesion_type
+    """A cohort block as server/stages/cohort.py writes it: centre-2 refused lesion_type
     (a cell below min_cell_count); two HER2-zero patients have no hr_status, three no ki67."""
     return {
         "task": "her2-low", "groups": ["HER2-zero", "HER2-low"],
@@ -87,7 +87,7 @@ LEDGER = ("differs from an earlier release of the same statistic by fewer than "
 
 def survival_results() -> dict[str, Any]:
     """centre-2's ledger refused its Cox cohort (`cox.setup`) and its KM table: the fit is
-    centre-1's 68 patients; `survival.sites` still says ok for both (server/survival.py)."""
+    centre-1's 68 patients; `survival.sites` still says ok for both (server/stages/survival.py)."""
     cox = {"covariates": ["age"], "terms": ["age"], "coef": {"age": 0.01},
            "se": {"age": 0.02}, "z": {"age": 0.5}, "hazard_ratio": {"age": 1.01},
            "ci_lower": {"age": 0.97}, "ci_upper": {"age": 1.05}, "p_value": {"age": 0.6},
@@ -134,7 +134,7 @@ def test_the_cox_section_names_the_sites_of_its_n_and_why_one_is_not(tmp_path: P
 
 
 def radiomics_block(auc: float, n: list[int]) -> dict[str, Any]:
-    """The radiomics stage's block, as server/radiomics.py writes it (AUC part: its own
+    """The radiomics stage's block, as server/stages/radiomics.py writes it (AUC part: its own
     histogram estimate, known only within its bound)."""
     entry = {"auc": auc, "bound": [0.90, 1.0], "exact": False, "n": n, "sites_missing": []}
     return {"features": {"n_extracted": 107}, "icc_filter": {"reason": "no reader 2"},

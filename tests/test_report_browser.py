@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.report import write_report
+from server.report.page import write_report
 from tests.test_report_validation import SITES, realistic_results
 
 TIMEOUT = 60  # seconds per Chromium call

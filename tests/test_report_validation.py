@@ -22,8 +22,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
-from server.report import write_report
-from server.report_validation import (
+from server.report.page import write_report
+from server.report.validation import (
     contribution_section,
     fusion_section,
     privacy_section,

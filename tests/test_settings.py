@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.training_plan import Plan
+from server.training.plan import Plan
 from server.workflow import check_settings
 from shared import settings
 from shared.config import ConfigError, Earlier, StudyConfig
@@ -153,9 +153,9 @@ def _section(*names: str) -> set[str]:
 def test_each_stage_config_reads_its_sections_keys_and_their_defaults() -> None:
     """A key added to a stage's section without a field in its config, or a field naming
     another section's key, fails here; the defaults are the declaration's, nowhere else."""
-    from server.fusion import FusionConfig
-    from server.radiomics import RadiomicsConfig
-    from server.validation import ValidationConfig
+    from server.stages.fusion import FusionConfig
+    from server.stages.radiomics import RadiomicsConfig
+    from server.stages.validation import ValidationConfig
     from shared.dp import DPConfig
 
     assert _keys(RadiomicsConfig) == _section("radiomics") | {"seed"}
@@ -164,7 +164,7 @@ def test_each_stage_config_reads_its_sections_keys_and_their_defaults() -> None:
     assert _keys(ValidationConfig) | {"prediction-runs"} == _section("validation")
     # the CNN stages: the plan, DP, and which models `deep` trains
     assert _keys(Plan) | _keys(DPConfig) | {"deep-models"} == _section("training") | {"seed"}
-    from server.dsfr import DSFR_HEAD  # DSFR's head: the radiomics config with these
+    from server.stages.dsfr import DSFR_HEAD  # DSFR's head: the radiomics config with these
 
     assert {f"dsfr-{k}" for k in DSFR_HEAD["scratch"]} == _section("dsfr")
     typed = settings.parse({})
@@ -184,7 +184,8 @@ def test_a_value_outside_its_key_is_refused_by_the_stage_config_too() -> None:
 
 
 def test_the_model_list_is_declared_once() -> None:
-    from shared import networks, schema, training_params
+    from neural import networks
+    from shared import schema, training_params
 
     assert networks.MODELS is schema.TRAIN_MODELS
     assert settings.BY_KEY["deep-models"].choices == schema.DEEP_MODELS
@@ -196,8 +197,8 @@ def test_the_model_list_is_declared_once() -> None:
 
 def test_recipe_values_in_the_settings_text_are_the_recipes() -> None:
     """The meanings quote recipe values (README, pyproject): they must be the code's."""
-    from server.dsfr import DSFR_HEAD
-    from server.training_plan import AUTO, RECIPES
+    from server.stages.dsfr import DSFR_HEAD
+    from server.training.plan import AUTO, RECIPES
 
     def meaning(key: str) -> str:
         return settings.BY_KEY[key].meaning

@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from client.check import main
-from client.site import (
+from client.site.check import main
+from client.site.folder import (
     Problem,
     SiteError,
     check_site,
@@ -305,7 +305,7 @@ def test_cli_subprocess_prints_no_traceback(site: Path) -> None:
     empty_mask(site)
     edit_clinical("p02", "her2_ihc", "abc")(site)
     write_yaml(site, site_id="BAD ID")
-    command = f"from client.check import main; raise SystemExit(main([{str(site)!r}]))"
+    command = f"from client.site.check import main; raise SystemExit(main([{str(site)!r}]))"
 
     result = subprocess.run(
         [sys.executable, "-c", command], cwd=REPO, capture_output=True, text=True, timeout=60

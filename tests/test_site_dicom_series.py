@@ -19,11 +19,12 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from client import image_pair, imaging
-from client.check import main
-from client.extraction import extract_features
-from client.site import check_site, load_site
-from client.training_data import prepare
+from client.local import imaging
+from client.local.extraction import extract_features
+from client.local.training_data import prepare
+from client.site import image_pair
+from client.site.check import main
+from client.site.folder import check_site, load_site
 from shared.training_params import TrainParams
 from tests.sites import realistic
 from tests.test_site_geometry import PARAMS

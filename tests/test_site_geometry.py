@@ -30,13 +30,14 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from client import image_pair, imaging
-from client.check import main
-from client.extraction import extract_features
-from client.radiomics import radiomics_extract
-from client.session import open_session
-from client.site import check_site, inspect_site, load_site
-from client.training_data import cnn_excluded, prepare
+from client.local import imaging
+from client.local.extraction import extract_features
+from client.local.training_data import cnn_excluded, prepare
+from client.site import image_pair
+from client.site.check import main
+from client.site.folder import check_site, inspect_site, load_site
+from client.site.session import open_session
+from client.stages.radiomics import radiomics_extract
 from shared.training_params import TrainParams
 from tests.sites import realistic
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from client.session import AUDIT_DIR, SITE_LOG, clear_sessions, open_session
+from client.site.session import AUDIT_DIR, SITE_LOG, clear_sessions, open_session
 from tests.sites import realistic
 
 LEVELS = ("realistic: clinical.csv: note: column 'hr_status': levels normalized (case, "

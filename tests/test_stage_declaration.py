@@ -34,7 +34,7 @@ TOY = '''"""A toy stage: each site's number of patients, summed at the server.""
 
 import numpy as np
 
-from client.guard import Statistic
+from client.egress.guard import Statistic
 from shared.queries.common import COMMON
 from shared.queries.params import declared
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from server import workflow
-from server.report import write_report
-from server.transport import Reply
+from server.core.transport import Reply
+from server.report.page import write_report
 from shared import schema
 from shared.config import StudyConfig
 

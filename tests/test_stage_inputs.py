@@ -24,7 +24,7 @@ from lifelines.datasets import load_rossi
 from lifelines.statistics import logrank_test
 
 from server import workflow
-from server.transport import StudyError
+from server.core.transport import StudyError
 from server.workflow import run_status, run_study
 from shared.config import StudyConfig
 from shared.kaplan_meier import bin_times
@@ -237,7 +237,7 @@ def test_earlier_results_reach_later_stages_explicitly(tmp_path: Path) -> None:
 
 
 def test_the_site_session_notices_an_edited_folder(tmp_path: Path) -> None:
-    from client.session import open_session
+    from client.site.session import open_session
 
     (folder,) = write_sites(tmp_path, gbsg2_parts()[:1])
     first = open_session(str(folder), None, ("clinical", "survival"))
@@ -273,7 +273,7 @@ def test_a_fresh_process_takes_the_loaded_site_from_the_sites_disk(
     """On a deployment every message is a new ClientApp process: the Site it loads comes from
     `<site>/cache/session/` while the folder is unchanged, and is read again when it is not
     (or when the stored file is damaged)."""
-    from client import session
+    from client.site import session
 
     (folder,) = write_sites(tmp_path, gbsg2_parts()[:1])
     loads: list[Path] = []

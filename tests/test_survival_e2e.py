@@ -40,7 +40,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def released_times(rows: pd.DataFrame, her2: pd.Series) -> np.ndarray:
-    """One site's Cox times as the default policy releases them (client.survival.cox_times):
+    """One site's Cox times as the default policy releases them (client.stages.survival.cox_times):
     its 30-day bins grouped into runs of ≥ 10 patients with 0 or ≥ 3 deaths, and 0 or ≥ 3
     of each level of the categorical covariates among both."""
     levels = [(values == level).to_numpy(float)

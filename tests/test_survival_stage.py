@@ -34,7 +34,7 @@ def write_site(root: Path, site_id: str, rows: pd.DataFrame, roles: tuple[str, .
     folder = root / site_id
     folder.mkdir(parents=True)
     # exact pooled Cox on the 30-day bins: these sites accept the risk-set differences
-    # (the default releases Cox sums on a coarser step, client.survival.cox_times)
+    # (the default releases Cox sums on a coarser step, client.stages.survival.cox_times)
     policy = {"min_patients": 10, "min_cell_count": 3, "time_bin": 30,
               "allow_event_queries": True, "allow_risk_set_differences": True, **privacy}
     (folder / "site.yaml").write_text(yaml.safe_dump(
@@ -77,7 +77,7 @@ def pooled_reference(parts: list[pd.DataFrame], time_bin: float = 30) -> pd.Data
 def released_rows(parts: list[pd.DataFrame], time_bin: float = 30,
                   categorical: tuple[str, ...] = ()) -> pd.DataFrame:
     """The pooled rows with each site's Cox times (`T`) as a default-policy site releases
-    them (client.survival.cox_times): its bins grouped into runs of ≥ 10 patients with 0 or
+    them (client.stages.survival.cox_times): its bins grouped into runs of ≥ 10 patients with 0 or
     ≥ 3 deaths, and 0 or ≥ 3 of each level of the `categorical` covariates among both."""
     frames = []
     for rows in parts:

@@ -1,4 +1,4 @@
-"""`_batches` / `local_batches` (client/local_training.py): each pass uses every sample
+"""`_batches` / `local_batches` (client/local/local_training.py): each pass uses every sample
 exactly once, with no batch of one (BatchNorm needs two), for every n mod batch size.
 
 Before issue 26 `chunks[-2] = torch.cat([chunks[-2], chunks.pop()])` popped before the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.local_training import _batches, local_batches
+from client.local.local_training import _batches, local_batches
 from shared.training_params import TrainParams
 
 

@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from client import local_training as L
-from client import training as T
-from client import training_data as D
 from client.handlers import serve
-from client.session import open_session
-from server.training import Checkpoints, train_model
-from server.training_plan import Plan
-from server.training_setup import setup
+from client.local import local_training as L
+from client.local import training_data as D
+from client.site.session import open_session
+from client.stages import training as T
+from neural.networks import network_of
+from server.training.engine import Checkpoints, train_model
+from server.training.plan import Plan
+from server.training.setup import setup
 from shared.config import StudyConfig, stage_settings
 from simulation.cohort import simulate_cohort
 from simulation.in_process import InProcessTransport
@@ -67,7 +68,7 @@ def local_training(site: Path, plan: Plan, server_momentum: float | None,
     site_id = seeded_as or session.site_id
     out = {}
     for unit in resolved.units:
-        net = resolved.spec().build(resolved.seed)
+        net = network_of(resolved).build(resolved.seed)
         momentum = None
         for r in range(1, resolved.rounds + 1):
             p = T.TrainParams.from_query({**resolved.params(), "round": r,
@@ -148,7 +149,7 @@ def test_one_site_federated_equals_local_training(sites: Path, tmp_path: Path,
 
 
 def write_weights(path: Path, seed: int) -> dict[str, np.ndarray]:
-    net = Plan.from_settings(stage_settings(TINY), "dl_mri").resolved(False).spec().build(seed)
+    net = network_of(Plan.from_settings(stage_settings(TINY), "dl_mri").resolved(False)).build(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return {k: v.numpy() for k, v in net.state_dict().items()}
@@ -184,7 +185,7 @@ def test_a_site_refuses_round_1_weights_that_are_not_its_file(sites: Path) -> No
     write_weights(sites / "site-1" / name, seed=303)
     plan = Plan.from_settings(stage_settings({**TINY, "pretrained": name}), "dl_mri")
     plan = plan.resolved(False)
-    net = plan.spec().build(plan.seed)  # the seeded init, not the file
+    net = network_of(plan).build(plan.seed)  # the seeded init, not the file
     query = {"task": "her2-positive", "needs": "mri", **plan.params(), "round": 1,
              "units": plan.units, "train_id": "abc", "pos_weight": 1.0,
              "pretrained": name}

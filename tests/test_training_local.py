@@ -1,5 +1,6 @@
-"""Site-side training pieces (client/training_round.py, client/training_scores.py) and the
-engine's configuration (server/training.py), in-process: losses, K-means feature reduction,
+"""Site-side training pieces (client/stages/training_round.py,
+client/stages/training_scores.py) and the
+engine's configuration (server/training/engine.py), in-process: losses, K-means feature reduction,
 FedProx, seeding, the guard on weight updates, and the CUDA/AMP paths (skipped, with the
 reason, without a GPU)."""
 
@@ -12,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from client import local_training as L
-from client import training_data as D
 from client.handlers import serve
-from client.training_scores import dsfr_vectors
-from server.training_plan import Plan
+from client.local import local_training as L
+from client.local import training_data as D
+from client.stages.training_scores import dsfr_vectors
+from neural.networks import network_of
+from server.training.plan import Plan
 from shared import schema
 from shared.config import ConfigError, stage_settings
 from simulation.cohort import simulate_cohort
@@ -43,7 +45,7 @@ def plan_of(values: dict, model: str) -> Plan:
 
 
 def round_query(plan: Plan, round_no: int = 1, **extra) -> dict:
-    net = plan.spec().build(plan.seed)
+    net = network_of(plan).build(plan.seed)
     query = {"task": "her2-positive", "needs": "mri" if plan.model != "dl_us" else "us",
              **plan.params(), "round": round_no, "units": plan.units, "train_id": "abc123",
              "pos_weight": 1.5, **extra}
@@ -211,7 +213,7 @@ def test_unknown_train_actions_are_refused_not_raised(site) -> None:
 
 
 def test_the_server_leaves_out_malformed_updates() -> None:
-    from server.training import _bad_update
+    from server.training.engine import _bad_update
 
     weights = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
     good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
@@ -235,7 +237,7 @@ def test_subnormals_are_flushed_only_during_the_cnn_work() -> None:
     next (hypothesis refuses to draw floats under it; exact sums lose subnormals)."""
     import torch
 
-    from client.local_training import flushing_denormals
+    from client.local.local_training import flushing_denormals
 
     tiny = torch.tensor([1e-40], dtype=torch.float32)
 

@@ -8,7 +8,7 @@ n ≡ 1 mod batch size did exactly this).
 
 The failure is injected through a `sitecustomize` module on PYTHONPATH (the test's
 environment reaches the SuperLink and the Simulation Engine's workers): it wraps
-`client.training_round._train_one` when that module is imported and raises for one site."""
+`client.stages.training_round._train_one` when that module is imported and raises for one site."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ _SITE = os.environ.get("ENV_NAME", "")
 
 class _Wrap(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "client.training_round":
+        if name != "client.stages.training_round":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -1,4 +1,4 @@
-"""Cohort table queries (client.cohort): moments and label-stratified histograms."""
+"""Cohort table queries (client.stages.cohort): moments and label-stratified histograms."""
 
 from __future__ import annotations
 

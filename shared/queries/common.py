@@ -13,7 +13,7 @@ MAX_GRID = 100_000  # edges of any grid before the site's own resolution bound
 COMMON = (
     Param("task", "str", "the classification task the labels are read for ('' = none)",
           choices=(*TASKS, ""), value=True),
-    Param("needs", "names", "the site inputs the query reads (client.site.present_needs)",
+    Param("needs", "names", "the site inputs the query reads (client.site.folder.present_needs)",
           pattern=r"[a-z_]{1,40}\??", max_items=16, value=False),
     Param("run-variant", "str", "one of several fits in a run (e.g. a LOSO fit): the key of "
           "the files the stage keeps at the site", pattern=r"[A-Za-z0-9_.-]{1,80}", value=False,

@@ -1,4 +1,4 @@
-"""Fusion stage queries (client.fusion): a logistic head on the CNNs' scores."""
+"""Fusion stage queries (client.stages.fusion): a logistic head on the CNNs' scores."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Radiomics stage queries (client.radiomics, client.rounds, client.harmonize)."""
+"""Radiomics stage queries (client.stages.radiomics, client.stages.rounds,
+client.stages.harmonize)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Survival stage queries (client.survival): Kaplan–Meier, Cox rounds, C-index."""
+"""Survival stage queries (client.stages.survival): Kaplan–Meier, Cox rounds, C-index."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from shared.queries.params import Param, declared
 MAX_TERMS = 64  # design columns of a Cox model
 MAX_TIME = 1e7  # a time on any survival grid (27,000 years in days): finite, never negative
 # A coefficient or centre beyond these is no honest Newton point; the site then bounds each β
-# per SD of its own columns (policy max_coefficient, client.survival._check_points).
+# per SD of its own columns (policy max_coefficient, client.stages.survival._check_points).
 MAX_COEFFICIENT = 1e6
 MAX_CENTER = 1e12
 BASE = (

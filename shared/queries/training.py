@@ -1,9 +1,9 @@
-"""CNN stage queries (client.training): setup, the weight rounds, scoring, DSFR features.
+"""CNN stage queries (client.stages.training): setup, the weight rounds, scoring, DSFR features.
 
 The round parameters are `shared.training_params.TrainParams`' fields, declared there once
 with their ranges (their run-config keys', `query_bounds`; checked by TrainParams.validate);
 here each becomes a query parameter of its type and range. The site's own rules on a round
-(min_batch_size, the patients behind an update) are checked in client/training_round.py
+(min_batch_size, the patients behind an update) are checked in client/stages/training_round.py
 against its data.
 """
 

@@ -1,4 +1,4 @@
-"""Validation and score-refinement queries (client.validation, client.refine)."""
+"""Validation and score-refinement queries (client.stages.validation, client.stages.refine)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.session import clear_sessions
+from client.site.session import clear_sessions
 from simulation.cohort import simulate_cohort
 
 

@@ -22,7 +22,7 @@ grid, all 22 real patients'.
 
 After the fix: a site bins in at most n / min_cell_count bins (`shared.roc.site_edges`),
 a merged cell reports its edges (`shared.roc.tile`), and over the same patients the
-ledger releases one grid only (`client.validation.pinned`): 0 classes, 0 pairs.
+ledger releases one grid only (`client.stages.validation.pinned`): 0 classes, 0 pairs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import pandas as pd
 import pytest
 
 from client.handlers import serve
-from client.session import clear_sessions
+from client.site.session import clear_sessions
 from shared import schema
 from shared.labels import LabelError, task_label
 from tests.adversarial import simulated_site

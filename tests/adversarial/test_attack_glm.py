@@ -39,8 +39,8 @@ import pytest
 import yaml
 
 from client.handlers import serve
-from client.session import clear_sessions, open_session
-from server.rounds import pack
+from client.site.session import clear_sessions, open_session
+from server.core.rounds import pack
 from shared import schema
 from simulation.cohort import simulate_cohort
 

@@ -37,9 +37,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.extraction import params_file
 from client.handlers import serve
-from client.session import clear_sessions
+from client.local.extraction import params_file
+from client.site.session import clear_sessions
 from shared import schema
 from simulation.cohort import simulate_cohort
 

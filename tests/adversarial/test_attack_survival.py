@@ -6,7 +6,7 @@ The site: `simulation.cohort` (38 patients, seed 4; 37 with a HER2 class), its s
 policy (min_patients 10, min_cell_count 3, time_bin 30, min_difference = min_patients). What
 an attacker reconstructs is compared with clinical.csv, not with refusal strings.
 
-Before the fix (commit 862bbee, where each test was run; client/survival.py and
+Before the fix (commit 862bbee, where each test was run; client/stages/survival.py and
 shared/cox.py were unchanged up to a9b9df3, which gave the same):
 - 1: one query (age declared categorical with every age 20–83 as a level, tumour size and
   ki67 numeric, HER2 class, β = 0, a grid of every 30 days) gave 37/37 complete records
@@ -41,7 +41,7 @@ import pytest
 import yaml
 
 from client.handlers import serve
-from client.session import clear_sessions
+from client.site.session import clear_sessions
 from shared import schema
 from shared.kaplan_meier import bin_times
 from shared.labels import LabelError, her2_low_status

@@ -44,8 +44,9 @@ import torch
 import yaml
 
 from client.handlers import serve
-from client.session import clear_sessions, open_session
-from client.training_data import site_data, unit_rows
+from client.local.training_data import site_data, unit_rows
+from client.site.session import clear_sessions, open_session
+from neural.networks import network_of
 from shared import dp, fedavg
 from shared.schema import nest
 from shared.training_params import TrainParams
@@ -81,7 +82,7 @@ def site(cohort: Path, tmp: Path, privacy: dict[str, Any] | None = None) -> Path
 def zeroed_head(params: dict[str, Any]) -> dict[str, np.ndarray]:
     """The network's seeded weights with the head (`fc`) zeroed, as the coordinator sends."""
     p = TrainParams.from_query(params)
-    state = {k: v.numpy().copy() for k, v in p.spec().build(p.seed).state_dict().items()}
+    state = {k: v.numpy().copy() for k, v in network_of(p).build(p.seed).state_dict().items()}
     state["fc.weight"][:] = 0
     state["fc.bias"][:] = 0
     return state
@@ -100,7 +101,7 @@ def embeddings(folder: Path, params: dict[str, Any],
     """(every training patient's embedding — the head's input — as the network computes it
     in training mode on her sample alone, her label)."""
     p = TrainParams.from_query(params)
-    net = p.spec().build(p.seed)
+    net = network_of(p).build(p.seed)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     net.train()
     seen: list[torch.Tensor] = []

@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from client.handlers import serve
-from client.session import clear_sessions
+from client.site.session import clear_sessions
 from shared import refine, roc, schema
 from shared.schema import nest
 

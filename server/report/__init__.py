@@ -1,0 +1,1 @@
+"""report.html: the page and its sections."""

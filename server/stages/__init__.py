@@ -1,0 +1,1 @@
+"""The server half of each stage: its runner (shared/stages.py names them)."""
