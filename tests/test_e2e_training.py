@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from shared.labels import task_label
 from neural.networks import NetworkSpec
+from shared.labels import task_label
 from simulation.cohort import simulate_cohort
 from simulation.launcher import run_simulation
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from client.handshake import n_excluded
+from client.stages.handshake import n_excluded
 from shared.labels import (
     IHC2_WITHOUT_ISH,
     POSITIVE_NOT_IN_LOW,
