@@ -67,7 +67,7 @@ from client.site.files import SiteFileMissing, SiteFileRefused, read_bounded, si
 from client.site.folder import FEATURES_CSV, Site, SiteError, load_site
 from client.site.image_pair import MISSING, UNREADABLE
 
-DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "shared" / "radiomics_params.yaml"
+DEFAULT_PARAMS = Path(__file__).resolve().parents[2] / "shared" / "radiomics_params.yaml"
 # Parameter presets shipped with the app, by the name a query may send (`radiomics-params`)
 PRESETS: dict[str, Path] = {"paper": DEFAULT_PARAMS}  # paper 1's: 1130 features
 PARAMS_SUFFIXES = (".yaml", ".yml")
