@@ -89,7 +89,8 @@ def test_two_stages_cannot_answer_one_action_differently(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clash = stages.Stage("clash", ("clinical",), "x:y", {schema.COHORT_SUMS: "x:z"})
     monkeypatch.setattr(stages, "STAGES", (*stages.STAGES, clash))
-    with pytest.raises(ValueError, match=r"cohort_sums.*client\.cohort:cohort_sums and x:z"):
+    clashing = r"cohort_sums.*client\.stages\.cohort:cohort_sums and x:z"
+    with pytest.raises(ValueError, match=clashing):
         stages.handlers()
 
 

@@ -202,10 +202,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        # a ServerApp process (marked by the SuperLink's port, not the root) leaves on its
+        # own once the SuperLink is gone: wait for it too before calling it left over
         deadline = time.monotonic() + 20
-        while processes(str(root)) and time.monotonic() < deadline:
+
+        def left() -> list[tuple[int, str]]:
+            return processes(str(root)) + processes(f"127.0.0.1:{port}")
+
+        while left() and time.monotonic() < deadline:
             time.sleep(0.5)
-        info["left"] = processes(str(root)) + processes(f"127.0.0.1:{port}")
+        info["left"] = left()
     return info
 
 
