@@ -55,9 +55,6 @@ class Stage:
     section: Section | None = None
     report: str | None = None
 
-    def needs_label(self) -> bool:
-        return "label" in self.needs
-
 
 def load(reference: str) -> Callable[..., Any]:
     """The object a "module:attribute[.attribute]" reference names (imported on first use,

@@ -42,7 +42,8 @@ def modules() -> dict[str, Path]:
 
 def imports(path: Path, module: str, *, top_level_only: bool = False) -> set[str]:
     """The modules `path` imports (absolute names; a `from pkg import name` counts
-    `pkg.name` where that is a module, else `pkg`)."""
+    `pkg.name` where that is a module, else `pkg`). `top_level_only`: the module body's own
+    import statements, so neither a function's import nor an `if TYPE_CHECKING:` block."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     out: set[str] = set()
@@ -51,8 +52,6 @@ def imports(path: Path, module: str, *, top_level_only: bool = False) -> set[str
             out |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
-        elif isinstance(node, ast.If) and top_level_only:  # `if TYPE_CHECKING:` is no arrow
-            continue
     return out
 
 
